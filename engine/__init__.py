@@ -1,0 +1,3 @@
+"""Game-theoretic layer pruning of causal language models (engine; never imports streamlit)."""
+
+__version__ = "0.1.0"
