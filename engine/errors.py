@@ -35,3 +35,7 @@ class ExportError(WorkbenchError):
 
 class EstimationError(WorkbenchError):
     """Too few evaluated masks for the requested fit or estimator."""
+
+
+class SamplingError(WorkbenchError):
+    """Invalid strata / remove range / scheme, or more masks asked for than exist."""
