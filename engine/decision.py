@@ -1,0 +1,248 @@
+"""Which layers to remove: rank-and-cut, beam search on a surrogate, real verification.
+
+Model-agnostic (numpy only): the surrogate is a value function
+`f(masks: bool[n, L]) -> float[n]` (score, higher = better, 1 = no loss) and real
+measurement is a callable `measure(masks: bool[n, L]) -> float[n]` of perplexities.
+Masks are `True` = layer kept, as everywhere in the engine.
+
+Contract:
+- `rank_and_cut(contributions, k)` removes the k lowest contributions (the paper's rule);
+  ties go to the lower layer index. Returns the removed layers sorted ascending.
+- `beam_search(f, L, k, ...)` searches k-subsets to remove on `f`; every beam step is ONE
+  `f` call over all (beam x remaining layer) extensions. Returns the best distinct sets.
+- `decide(...)` measures, for every k, the rank-and-cut set and the beam-search candidates
+  in ONE `measure` call over all k, and keeps the best measured set per k.
+- `measure_splits(decisions, L, measures)` re-measures the chosen sets on other splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from engine.errors import EstimationError, WorkbenchError
+
+ValueFn = Callable[[np.ndarray], np.ndarray]
+
+RANK_AND_CUT = "rank-and-cut"
+VERIFIED_SEARCH = "surrogate search + verification"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One removal set: what the surrogate predicted and (after verification) what was measured."""
+
+    removed: tuple[int, ...]  # removed layer indices, ascending
+    predicted: float  # surrogate score f(mask), higher = better
+    source: str  # "rank-and-cut" | "beam" | "rank-and-cut+beam"
+    ppl_predicted: float = float("nan")  # ppl_full / predicted
+    ppl_measured: float = float("nan")  # real perplexity (NaN until measured)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The chosen removal set for one k, with every verified candidate."""
+
+    k: int  # number of layers removed
+    removed: tuple[int, ...]  # chosen removed layers, ascending
+    kept: tuple[bool, ...]  # keep-mask over the original L layers
+    method: str  # "rank-and-cut" | "surrogate search + verification"
+    ppl_predicted: float  # ppl_full / surrogate score of the chosen set
+    ppl_measured: float  # real perplexity of the chosen set
+    ppl_full: float  # real perplexity of the unpruned model (same windows)
+    candidates: tuple[Candidate, ...]  # every set measured for this k, best measured first
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool[L] keep-mask."""
+        return np.array(self.kept, dtype=bool)
+
+    @property
+    def mask_str(self) -> str:
+        return "".join("1" if b else "0" for b in self.kept)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mask"] = self.mask_str
+        return d
+
+
+def removal_mask(removed: Iterable[int], L: int) -> np.ndarray:
+    """bool[L] keep-mask with `removed` dropped."""
+    m = np.ones(L, dtype=bool)
+    m[list(removed)] = False
+    return m
+
+
+def _check_k(k: int, L: int, n_protected: int = 0) -> None:
+    if not 0 <= k <= L - 1 - n_protected:
+        raise WorkbenchError(
+            f"cannot remove {k} of {L} layers"
+            + (f" with {n_protected} protected" if n_protected else "")
+            + f": choose k between 0 and {L - 1 - n_protected} (at least one layer must stay)."
+        )
+
+
+def _call(fn: ValueFn, masks: np.ndarray, what: str) -> np.ndarray:
+    out = np.asarray(fn(masks), dtype=float).reshape(-1)
+    if out.shape[0] != masks.shape[0]:
+        raise ValueError(f"{what} returned {out.shape[0]} values for {masks.shape[0]} masks")
+    return out
+
+
+def rank_and_cut(contributions: Sequence[float], k: int) -> tuple[int, ...]:
+    """Remove the k layers with the lowest contributions; ties go to the lower index."""
+    c = np.asarray(contributions, dtype=float)
+    if not np.all(np.isfinite(c)):
+        bad = np.flatnonzero(~np.isfinite(c)).tolist()
+        raise EstimationError(f"contributions of layers {bad} are not finite; re-run the estimator with more masks.")
+    _check_k(k, c.shape[0])
+    order = np.lexsort((np.arange(c.shape[0]), c))  # primary key: value, then layer index
+    return tuple(sorted(int(i) for i in order[:k]))
+
+
+def _top_distinct(sets: list[tuple[int, ...]], scores: np.ndarray, n: int) -> list[tuple[tuple[int, ...], float]]:
+    """Best n sets by score (NaN last); ties broken by the sorted tuple, for determinism."""
+    s = np.where(np.isfinite(scores), scores, -np.inf)
+    ranked = sorted(range(len(sets)), key=lambda i: (-s[i], sets[i]))
+    return [(sets[i], float(scores[i])) for i in ranked[:n]]
+
+
+def beam_search(
+    f: ValueFn,
+    L: int,
+    k: int,
+    beam_width: int = 8,
+    n_candidates: int = 5,
+    protect: Iterable[int] = (),
+) -> list[Candidate]:
+    """Best `n_candidates` distinct k-subsets to remove, by surrogate score (higher = better).
+
+    Greedy beam over removal sets: step t extends each of the `beam_width` best (t-1)-sets
+    by one unprotected layer; all extensions of a step go to `f` in one call. The last step
+    keeps max(beam_width, n_candidates) sets. k = 0 returns the empty set.
+    """
+    protect = frozenset(int(p) for p in protect)
+    _check_k(k, L, len(protect))
+    if beam_width < 1 or n_candidates < 1:
+        raise WorkbenchError("beam_width and n_candidates must be at least 1.")
+    if k == 0:
+        return [Candidate((), float(_call(f, np.ones((1, L), bool), "surrogate")[0]), "beam")]
+    free = [j for j in range(L) if j not in protect]
+    beam: list[tuple[int, ...]] = [()]
+    for step in range(1, k + 1):
+        ext = sorted({tuple(sorted(s + (j,))) for s in beam for j in free if j not in s})
+        masks = np.ones((len(ext), L), dtype=bool)  # (n, L)
+        for r, s in enumerate(ext):
+            masks[r, list(s)] = False
+        scores = _call(f, masks, "surrogate")
+        width = beam_width if step < k else max(beam_width, n_candidates)
+        top = _top_distinct(ext, scores, width)
+        beam = [s for s, _ in top]
+    return [Candidate(s, v, "beam") for s, v in top[:n_candidates]]
+
+
+def _ppl_from_score(ppl_full: float, score: float) -> float:
+    return ppl_full / score if score > 0 and np.isfinite(score) else float("inf")
+
+
+def decide(
+    f: ValueFn,
+    contributions: Sequence[float],
+    L: int,
+    ks: Iterable[int],
+    measure: ValueFn,
+    ppl_full: float,
+    n_verify: int = 5,
+    beam_width: int = 8,
+    protect: Iterable[int] = (),
+) -> list[Decision]:
+    """For each k, verify rank-and-cut and the top `n_verify` beam-search sets by real perplexity.
+
+    All candidate masks of all ks are predicted in one `f` call and measured in one `measure`
+    call. The chosen set is the lowest measured perplexity (non-finite counts as worst); a tie
+    keeps rank-and-cut. `method` says whether verification changed the paper's choice.
+    `n_verify=0` measures rank-and-cut alone.
+    """
+    contributions = np.asarray(contributions, dtype=float)
+    if contributions.shape != (L,):
+        raise ValueError(f"contributions has shape {contributions.shape}, expected ({L},)")
+    ks = sorted({int(k) for k in ks})
+    per_k: dict[int, dict[tuple[int, ...], str]] = {}
+    for k in ks:
+        rc = rank_and_cut(contributions, k)
+        sets = {rc: RANK_AND_CUT}
+        if n_verify > 0:
+            for c in beam_search(f, L, k, beam_width=beam_width, n_candidates=n_verify, protect=protect):
+                sets[c.removed] = "rank-and-cut+beam" if c.removed == rc else "beam"
+        per_k[k] = sets
+    rows = [(k, s) for k in ks for s in per_k[k]]
+    masks = np.stack([removal_mask(s, L) for _, s in rows]) if rows else np.ones((0, L), bool)  # (n, L)
+    predicted = _call(f, masks, "surrogate")
+    measured = _call(measure, masks, "measure")
+
+    decisions = []
+    for k in ks:
+        cands = []
+        for r, (kk, s) in enumerate(rows):
+            if kk != k:
+                continue
+            cands.append(
+                Candidate(
+                    removed=s,
+                    predicted=float(predicted[r]),
+                    source=per_k[k][s],
+                    ppl_predicted=_ppl_from_score(ppl_full, float(predicted[r])),
+                    ppl_measured=float(measured[r]),
+                )
+            )
+        # Best measured first; non-finite last; tie keeps rank-and-cut (source order), then predicted.
+        def key(c: Candidate):
+            m = c.ppl_measured if np.isfinite(c.ppl_measured) else np.inf
+            return (m, not c.source.startswith(RANK_AND_CUT), -c.predicted, c.removed)
+
+        cands.sort(key=key)
+        best = cands[0]
+        decisions.append(
+            Decision(
+                k=k,
+                removed=best.removed,
+                kept=tuple(bool(b) for b in removal_mask(best.removed, L)),
+                method=RANK_AND_CUT if best.source.startswith(RANK_AND_CUT) else VERIFIED_SEARCH,
+                ppl_predicted=best.ppl_predicted,
+                ppl_measured=best.ppl_measured,
+                ppl_full=float(ppl_full),
+                candidates=tuple(cands),
+            )
+        )
+    return decisions
+
+
+@dataclass(frozen=True)
+class SplitPerplexities:
+    """Perplexities of the full model and of each decision's chosen set on one split."""
+
+    split: str
+    ppl_full: float
+    ks: tuple[int, ...]
+    ppl: tuple[float, ...]  # aligned with ks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_splits(decisions: Sequence[Decision], L: int, measures: Mapping[str, ValueFn]) -> dict[str, SplitPerplexities]:
+    """Measure the full model and every chosen set on each split (one `measure` call per split)."""
+    masks = np.stack([np.ones(L, dtype=bool)] + [d.mask for d in decisions])  # (1 + n_decisions, L)
+    out = {}
+    for name, measure in measures.items():
+        ppl = _call(measure, masks, f"measure[{name}]")
+        out[name] = SplitPerplexities(
+            split=name,
+            ppl_full=float(ppl[0]),
+            ks=tuple(d.k for d in decisions),
+            ppl=tuple(float(p) for p in ppl[1:]),
+        )
+    return out
