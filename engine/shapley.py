@@ -1,0 +1,489 @@
+"""Layer contributions as semivalues of a value function over keep-masks.
+
+Every estimator takes a value function ``f(masks: bool[n, L]) -> float[n]`` (``True`` =
+layer kept) and calls it on large batches, never once per mask. Nothing here knows about
+models: ``f`` may be a surrogate's ``predict`` or real perplexity evaluation.
+
+A semivalue gives player ``i`` the weighted sum of its marginal contributions
+
+    phi_i = sum_{S subset of N minus i} w(|S|) * (f(S + i) - f(S)),
+
+with ``w(s)`` depending only on the size ``s`` (0..L-1) of the coalition of the *other*
+players. `Weighting` describes ``w``: Shapley, Banzhaf, weighted Banzhaf(p), and the
+paper's restricted strata. Rewriting the sum over all masks gives the closed form used by
+the exact enumeration and the regression-adjusted estimator:
+
+    phi_i = sum_m f(m) * q_i(m),   q_i(m) = w(|m| - 1) if m_i else -w(|m|).
+
+Results are `Contributions` records (frozen, ``to_dict()`` for JSON).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine.errors import EstimationError
+
+ValueFn = Callable[[np.ndarray], np.ndarray]
+
+EXACT_MAX_L = 22  # 2^22 masks: enumeration is a few seconds on a surrogate
+DEFAULT_CHUNK = 2**16
+
+
+# ---------------------------------------------------------------- records
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+@dataclass(frozen=True)
+class Contributions:
+    """One estimate of every layer's contribution.
+
+    values: float[L]; stderr: float[L] (Monte Carlo standard error, or spread over an
+    ensemble) or None for exact results; estimator: human-readable name; n_evaluations:
+    number of masks on which the value function was called; details: estimator-specific,
+    JSON-able after `to_dict`.
+    """
+
+    values: np.ndarray
+    stderr: np.ndarray | None
+    estimator: str
+    n_evaluations: int
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _jsonable(
+            {
+                "values": self.values,
+                "stderr": self.stderr,
+                "estimator": self.estimator,
+                "n_evaluations": self.n_evaluations,
+                "details": self.details,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Shapley efficiency: sum(values) should equal f(all kept) - f(none kept)."""
+
+    total: float
+    grand_minus_empty: float
+    gap: float
+
+    def to_dict(self) -> dict:
+        return _jsonable(self.__dict__)
+
+
+# ---------------------------------------------------------------- weightings
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A semivalue's weight w(s) over the size s = 0..L-1 of the other players' coalition.
+
+    kind: shapley | banzhaf | weighted_banzhaf (uses p) | restricted_strata (uses strata,
+    the kept-layer counts of the sampling strata, and stratum_probs, default uniform).
+    Build with the module constants / factories: SHAPLEY, BANZHAF, weighted_banzhaf(p),
+    restricted_strata(strata).
+    """
+
+    kind: str
+    p: float | None = None
+    strata: tuple[int, ...] | None = None
+    stratum_probs: tuple[float, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "shapley":
+            return "Shapley"
+        if self.kind == "banzhaf":
+            return "Banzhaf"
+        if self.kind == "weighted_banzhaf":
+            return f"weighted Banzhaf (p={self.p:g})"
+        return f"restricted-strata semivalue (paper; kept counts {list(self.strata)})"
+
+    def vector(self, L: int) -> np.ndarray:
+        """w(s) for s = 0..L-1, float[L]."""
+        s = np.arange(L)
+        comb = np.array([math.comb(L - 1, k) for k in range(L)], dtype=np.float64)
+        if self.kind == "shapley":
+            return 1.0 / (L * comb)
+        if self.kind == "banzhaf":
+            return np.full(L, 0.5 ** (L - 1))
+        if self.kind == "weighted_banzhaf":
+            p = float(self.p)
+            return p**s * (1.0 - p) ** (L - 1 - s)
+        if self.kind == "restricted_strata":
+            # The paper draws m with |m| = k in the strata, then compares m with i kept and
+            # with i dropped; the other players' coalition S = m minus i has size k-1 (i in m)
+            # or k (i not in m), each mask of size k having probability pi_k / C(L, k).
+            pi = self.size_distribution(L)
+            binom = np.array([math.comb(L, k) for k in range(L + 1)], dtype=np.float64)
+            return pi[s + 1] / binom[s + 1] + pi[s] / binom[s]
+        raise EstimationError(f"unknown semivalue weighting {self.kind!r}")
+
+    def size_distribution(self, L: int) -> np.ndarray:
+        """Distribution pi[k], k = 0..L, of the kept count of the masks the Monte Carlo
+        estimator draws (uniform within a size). The strata for restricted_strata; otherwise
+        pi_k proportional to C(L, k) * (w(k-1) + w(k)) / 2, which covers every size the
+        weighting uses (importance weights correct the rest)."""
+        if self.kind == "restricted_strata":
+            pi = np.zeros(L + 1)
+            probs = self.stratum_probs or tuple(1.0 / len(self.strata) for _ in self.strata)
+            for k, pk in zip(self.strata, probs):
+                pi[k] += pk
+            return pi / pi.sum()
+        w = self.vector(L)
+        wl = np.concatenate([[0.0], w])  # w(k-1), k = 0..L
+        wr = np.concatenate([w, [0.0]])  # w(k)
+        binom = np.array([math.comb(L, k) for k in range(L + 1)], dtype=np.float64)
+        pi = binom * (wl + wr) / 2.0
+        return pi / pi.sum()
+
+
+SHAPLEY = Weighting("shapley")
+BANZHAF = Weighting("banzhaf")
+
+
+def weighted_banzhaf(p: float) -> Weighting:
+    if not 0.0 < p < 1.0:
+        raise EstimationError(f"weighted Banzhaf needs 0 < p < 1, got {p}")
+    return Weighting("weighted_banzhaf", p=float(p))
+
+
+def restricted_strata(strata: Sequence[int], stratum_probs: Sequence[float] | None = None) -> Weighting:
+    """The paper's weighting: masks drawn from the given kept-layer counts (uniform over strata
+    unless stratum_probs says otherwise)."""
+    strata = tuple(int(k) for k in strata)
+    if not strata:
+        raise EstimationError("restricted strata need at least one kept-layer count")
+    if stratum_probs is not None:
+        if len(stratum_probs) != len(strata) or min(stratum_probs) < 0 or sum(stratum_probs) <= 0:
+            raise EstimationError("stratum_probs must be one non-negative number per stratum")
+        stratum_probs = tuple(float(p) for p in stratum_probs)
+    return Weighting("restricted_strata", strata=strata, stratum_probs=stratum_probs)
+
+
+def _check_strata(w: Weighting, L: int) -> None:
+    if w.kind == "restricted_strata" and not all(0 <= k <= L for k in w.strata):
+        raise EstimationError(f"strata {list(w.strata)} must be kept-layer counts between 0 and {L}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _evaluate(f: ValueFn, masks: np.ndarray, chunk: int) -> np.ndarray:
+    """f over masks in chunks of `chunk` rows, float64[n]."""
+    out = np.empty(len(masks), dtype=np.float64)
+    for a in range(0, len(masks), chunk):
+        v = np.asarray(f(masks[a : a + chunk]), dtype=np.float64).reshape(-1)
+        if len(v) != min(chunk, len(masks) - a):
+            raise EstimationError(f"value function returned {len(v)} values for {min(chunk, len(masks) - a)} masks")
+        out[a : a + chunk] = v
+    return out
+
+
+def _masks_from_codes(codes: np.ndarray, L: int) -> np.ndarray:
+    """Integer codes -> bool[n, L]; bit j of the code is layer j."""
+    return ((codes[:, None] >> np.arange(L, dtype=np.int64)[None, :]) & 1).astype(bool)
+
+
+def signed_weights(masks: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """q_i(m) = w(|m|-1) if m_i else -w(|m|), float[n, L], so that phi = sum_m f(m) q(m)."""
+    masks = np.asarray(masks, dtype=bool)
+    L = masks.shape[1]
+    size = masks.sum(axis=1)
+    w_in = np.concatenate([[0.0], w])[size]  # w(|m|-1), 0 for the empty mask
+    w_out = np.concatenate([w, [0.0]])[size]  # w(|m|), 0 for the full mask
+    return np.where(masks, w_in[:, None], -w_out[:, None])  # (n, L)
+
+
+def _random_masks_of_sizes(sizes: np.ndarray, L: int, rng: np.random.Generator) -> np.ndarray:
+    """One uniformly random mask per requested kept count, bool[n, L]."""
+    ranks = np.argsort(rng.random((len(sizes), L)), axis=1).argsort(axis=1)  # random permutation ranks
+    return ranks < sizes[:, None]
+
+
+# ---------------------------------------------------------------- semivalues
+
+
+def _exact(f: ValueFn, L: int, weighting: Weighting, chunk: int) -> Contributions:
+    if L > EXACT_MAX_L:
+        raise EstimationError(
+            f"exact enumeration of 2^{L} masks is too large (limit L <= {EXACT_MAX_L}); "
+            "use permutation_shapley or semivalue(..., n_samples=...) instead"
+        )
+    w = weighting.vector(L)
+    phi = np.zeros(L)
+    total = 1 << L
+    for start in range(0, total, chunk):
+        masks = _masks_from_codes(np.arange(start, min(start + chunk, total), dtype=np.int64), L)  # (c, L)
+        v = _evaluate(f, masks, chunk)  # (c,)
+        phi += v @ signed_weights(masks, w)  # (L,)
+    return Contributions(phi, None, f"{weighting.name}, exact (2^{L} masks)", total, {"method": "exact enumeration"})
+
+
+def _monte_carlo(f: ValueFn, L: int, weighting: Weighting, n_samples: int, seed: int, chunk: int) -> Contributions:
+    """Draw masks m by kept count ~ pi, compare m with each layer kept and dropped ((L+1)
+    evaluations per m, batched), importance-weight by w(s) / p(s)."""
+    if n_samples < 2:
+        raise EstimationError("Monte Carlo semivalue needs n_samples >= 2")
+    rng = np.random.default_rng(seed)
+    pi = weighting.size_distribution(L)
+    w = weighting.vector(L)
+    binom = np.array([math.comb(L, k) for k in range(L + 1)], dtype=np.float64)
+    s = np.arange(L)
+    p_s = pi[s + 1] / binom[s + 1] + pi[s] / binom[s]  # probability of a given coalition S of size s
+    iw = np.divide(w, p_s, out=np.zeros(L), where=p_s > 0)  # (L,) importance weight by |S|
+    uncovered = float(np.sum(w[p_s == 0] * np.array([math.comb(L - 1, k) for k in range(L)])[p_s == 0]))
+    per_draw = max(1, chunk // (L + 1))
+    terms = np.empty((n_samples, L))  # per-draw estimate of phi
+    for a in range(0, n_samples, per_draw):
+        b = min(a + per_draw, n_samples)
+        sizes = rng.choice(L + 1, size=b - a, p=pi)
+        base = _random_masks_of_sizes(sizes, L, rng)  # (c, L)
+        flipped = np.repeat(base[:, None, :], L, axis=1)  # (c, L, L): row i = base with layer i flipped
+        idx = np.arange(L)
+        flipped[:, idx, idx] = ~flipped[:, idx, idx]
+        allm = np.concatenate([base[:, None, :], flipped], axis=1).reshape(-1, L)  # (c*(L+1), L)
+        v = _evaluate(f, allm, chunk).reshape(b - a, L + 1)
+        diff = np.where(base, v[:, :1] - v[:, 1:], v[:, 1:] - v[:, :1])  # f(m+i) - f(m-i), (c, L)
+        other = sizes[:, None] - base.astype(np.int64)  # |S| = kept count of the other players
+        terms[a:b] = diff * iw[other]
+    values = terms.mean(axis=0)
+    stderr = terms.std(axis=0, ddof=1) / math.sqrt(n_samples)
+    details = {"method": "Monte Carlo", "n_samples": n_samples, "seed": seed, "size_distribution": pi}
+    if uncovered > 0:
+        details["uncovered_weight"] = uncovered
+    return Contributions(values, stderr, f"{weighting.name}, Monte Carlo ({n_samples} masks x {L + 1})",
+                         n_samples * (L + 1), details)
+
+
+def semivalue(
+    f: ValueFn,
+    L: int,
+    weighting: Weighting,
+    n_samples: int | None = None,
+    seed: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+) -> Contributions:
+    """Any semivalue of f. Exact by enumeration when n_samples is None and L <= 22;
+    otherwise Monte Carlo with n_samples base masks (default 20,000), each evaluated with
+    every layer kept and dropped, (L+1) * n_samples evaluations in chunks of `chunk`."""
+    _check_strata(weighting, L)
+    if n_samples is None and L <= EXACT_MAX_L:
+        return _exact(f, L, weighting, chunk)
+    return _monte_carlo(f, L, weighting, 20_000 if n_samples is None else int(n_samples), seed, chunk)
+
+
+def exact_shapley(f: ValueFn, L: int, chunk: int = DEFAULT_CHUNK) -> Contributions:
+    """Shapley values by enumerating all 2^L masks (L <= 22), one pass in chunks."""
+    if L > EXACT_MAX_L:
+        raise EstimationError(
+            f"exact Shapley over 2^{L} masks is too large (limit L <= {EXACT_MAX_L}); use permutation_shapley"
+        )
+    return semivalue(f, L, SHAPLEY, chunk=chunk)
+
+
+def restricted_strata_semivalue(
+    f: ValueFn, L: int, strata: Sequence[int], n_masks: int = 80_000, seed: int = 0, chunk: int = DEFAULT_CHUNK
+) -> Contributions:
+    """The paper's estimator: mean over masks m from the strata of f(m, i kept) - f(m, i dropped).
+
+    This is a restricted-strata semivalue (only coalitions near the strata count), not the
+    Shapley value. Masks are drawn with equal probability per stratum, uniform within it;
+    (L+1) * n_masks evaluations in chunks.
+    """
+    return semivalue(f, L, restricted_strata(strata), n_samples=n_masks, seed=seed, chunk=chunk)
+
+
+# ---------------------------------------------------------------- permutation sampling
+
+
+def permutation_shapley(
+    f: ValueFn,
+    L: int,
+    n_permutations: int = 2000,
+    seed: int = 0,
+    paired: bool = True,
+    chunk: int = DEFAULT_CHUNK,
+    n_checkpoints: int = 10,
+) -> Contributions:
+    """Shapley values by permutation sampling: each permutation adds the layers one at a time
+    (L+1 masks, evaluated in one batch with many others). paired=True uses each permutation
+    and its reverse (antithetic); n_permutations is then rounded up to an even number.
+
+    details['convergence'] holds the running estimate at n_checkpoints points, and
+    details['max_change_last_half'] the largest |running - final| over the second half.
+    """
+    if n_permutations < 2:
+        raise EstimationError("permutation_shapley needs n_permutations >= 2")
+    rng = np.random.default_rng(seed)
+    n_units = (n_permutations + 1) // 2 if paired else n_permutations  # independent samples
+    per_unit = 2 if paired else 1
+    units_per_chunk = max(1, chunk // ((L + 1) * per_unit))
+    steps = np.arange(L + 1)
+    unit_est = np.empty((n_units, L))  # per independent unit, estimate of phi
+    for a in range(0, n_units, units_per_chunk):
+        b = min(a + units_per_chunk, n_units)
+        ranks = np.argsort(rng.random((b - a, L)), axis=1).argsort(axis=1)  # (u, L) position of layer i
+        if paired:
+            ranks = np.stack([ranks, L - 1 - ranks], axis=1).reshape(-1, L)  # reverse permutation follows
+        masks = ranks[:, None, :] < steps[None, :, None]  # (P, L+1, L): first t layers of the order kept
+        v = _evaluate(f, masks.reshape(-1, L), chunk).reshape(len(ranks), L + 1)
+        marg = np.take_along_axis(v, ranks + 1, axis=1) - np.take_along_axis(v, ranks, axis=1)  # (P, L)
+        unit_est[a:b] = marg.reshape(b - a, per_unit, L).mean(axis=1)
+    running = np.cumsum(unit_est, axis=0) / np.arange(1, n_units + 1)[:, None]
+    values = running[-1]
+    stderr = unit_est.std(axis=0, ddof=1) / math.sqrt(n_units) if n_units > 1 else None
+    marks = sorted({max(1, round(n_units * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)})
+    half = running[n_units // 2 :]
+    details = {
+        "method": "permutation sampling" + (" (antithetic pairs)" if paired else ""),
+        "n_permutations": n_units * per_unit,
+        "seed": seed,
+        "convergence": [{"n_permutations": m * per_unit, "values": running[m - 1]} for m in marks],
+        "max_change_last_half": float(np.max(np.abs(half - values))),
+        "max_stderr": float(np.max(stderr)) if stderr is not None else None,
+    }
+    return Contributions(values, stderr, f"Shapley, permutation sampling ({n_units * per_unit} permutations)",
+                         n_units * per_unit * (L + 1), details)
+
+
+# ---------------------------------------------------------------- regression-adjusted
+
+
+def regression_adjusted(
+    masks: np.ndarray,
+    values: np.ndarray,
+    probabilities: np.ndarray,
+    fit: Callable[[np.ndarray, np.ndarray], ValueFn],
+    weighting: Weighting = SHAPLEY,
+    folds: int | np.ndarray = 5,
+    seed: int = 0,
+    surrogate_samples: int | None = None,
+    sampled_sizes: Sequence[int] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> Contributions:
+    """Regression-adjusted Monte Carlo semivalue (Witter, Liu & Musco 2025).
+
+    phi = semivalue of the surrogate game g (exact: cheap) + unbiased Monte Carlo estimate of
+    the same semivalue of the residual game r = true - g, from the evaluated masks:
+    mean over masks of q(m) r(m) / p(m), q the signed weights (see `signed_weights`).
+
+    masks bool[n, L] and values float[n] are the evaluated masks and their true scores,
+    drawn i.i.d. from a known distribution; probabilities float[n] is p(m), the chance that one
+    draw gives m (engine.sampling.mask_probability). fit(masks, values) returns a value function
+    (e.g. ``lambda X, y: make_surrogate(spec).fit(X, y).predict``). Cross-fitted: masks are split
+    into `folds` folds (an int K, or an int[n] assignment); the surrogate for fold k is fitted on
+    the other folds and only corrected with fold k's residuals, then fold estimates are averaged
+    by fold size. Using the same masks for fit and correction would bias the estimate.
+
+    Unbiased only where p(m) > 0 for every mask with nonzero weight; pass `sampled_sizes` (the
+    kept counts the sampler can produce) to get details['uncovered_weight_fraction'].
+    """
+    masks = np.asarray(masks, dtype=bool)
+    values = np.asarray(values, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n, L = masks.shape
+    if len(values) != n or len(probabilities) != n:
+        raise EstimationError("masks, values and probabilities must have the same length")
+    if np.any(~np.isfinite(values)):
+        raise EstimationError("values contain NaN/inf: map non-finite perplexities to a finite score first")
+    if np.any(~(probabilities > 0)):
+        raise EstimationError("every sampled mask needs a positive sampling probability")
+    if np.isscalar(folds):
+        k = int(folds)
+        if k < 2 or n < 2 * k:
+            raise EstimationError(f"cross-fitting with {k} folds needs k >= 2 and at least {2 * k} masks, got {n}")
+        assign = np.random.default_rng(seed).permutation(n) % k
+    else:
+        assign = np.asarray(folds, dtype=np.int64)
+        if len(assign) != n:
+            raise EstimationError("fold assignment must have one entry per mask")
+    fold_ids = np.unique(assign)
+    if len(fold_ids) < 2:
+        raise EstimationError("cross-fitting needs at least two folds")
+    _check_strata(weighting, L)
+    w = weighting.vector(L)
+
+    phi = np.zeros(L)
+    terms = np.empty((n, L))  # per-mask residual term q(m) r(m) / p(m)
+    surrogate_part = np.zeros(L)
+    n_eval = 0
+    per_fold = []
+    for k in fold_ids:
+        test = assign == k
+        g = fit(masks[~test], values[~test])
+        sv = semivalue(g, L, weighting, n_samples=surrogate_samples, seed=seed + int(k), chunk=chunk)
+        r = values[test] - _evaluate(g, masks[test], chunk)  # (n_k,)
+        t = signed_weights(masks[test], w) * (r / probabilities[test])[:, None]  # (n_k, L)
+        terms[test] = t
+        frac = test.sum() / n
+        surrogate_part += frac * sv.values
+        phi += frac * (sv.values + t.mean(axis=0))
+        n_eval += sv.n_evaluations
+        per_fold.append({"fold": int(k), "n": int(test.sum()), "residual_rms": float(np.sqrt(np.mean(r**2)))})
+    stderr = terms.std(axis=0, ddof=1) / math.sqrt(n)
+    details = {
+        "method": "regression-adjusted Monte Carlo (cross-fitted)",
+        "n_masks": n,
+        "n_folds": len(fold_ids),
+        "surrogate_part": surrogate_part,
+        "correction": phi - surrogate_part,
+        "folds": per_fold,
+        "surrogate_evaluations": n_eval,
+    }
+    if sampled_sizes is not None:
+        mass = np.array([math.comb(L, j) * (j * (w[j - 1] if j > 0 else 0) + (L - j) * (w[j] if j < L else 0))
+                         for j in range(L + 1)])  # total |q| weight of all masks of each kept count
+        covered = mass[[j for j in set(int(s) for s in sampled_sizes) if 0 <= j <= L]].sum()
+        details["uncovered_weight_fraction"] = float(1.0 - covered / mass.sum())
+    return Contributions(phi, stderr, f"{weighting.name}, regression-adjusted Monte Carlo", n, details)
+
+
+# ---------------------------------------------------------------- ensembles, checks
+
+
+def with_ensemble(estimator: Callable[[ValueFn], Contributions], members: Sequence[ValueFn]) -> Contributions:
+    """Run `estimator` (e.g. ``lambda f: exact_shapley(f, L)``) on each ensemble member's value
+    function; values = mean, stderr = standard deviation over members (the spread of the fits)."""
+    members = list(members)
+    if not members:
+        raise EstimationError("with_ensemble needs at least one value function")
+    results = [estimator(g) for g in members]
+    vals = np.stack([r.values for r in results])  # (k, L)
+    spread = vals.std(axis=0, ddof=1) if len(results) > 1 else np.zeros(vals.shape[1])
+    return Contributions(
+        vals.mean(axis=0),
+        spread,
+        f"{results[0].estimator}, mean over {len(results)} surrogates",
+        sum(r.n_evaluations for r in results),
+        {"members": vals, "member_stderr": [r.stderr for r in results], "stderr_is": "std over ensemble members"},
+    )
+
+
+def efficiency_check(values: np.ndarray, f: ValueFn, L: int) -> Efficiency:
+    """sum(values) against f(all kept) - f(none kept); a Shapley estimate should close the gap."""
+    v = _evaluate(f, np.stack([np.ones(L, bool), np.zeros(L, bool)]), 2)
+    total = float(np.sum(values))
+    return Efficiency(total, float(v[0] - v[1]), total - float(v[0] - v[1]))
