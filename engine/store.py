@@ -1,0 +1,467 @@
+"""Run stores: the only code that reads or writes the cache directory.
+
+Contract
+--------
+* One SQLite database in WAL mode per run: ``<cache_dir>/<run_id>/run.sqlite``.
+  ``cache_dir`` comes from ``--cache-dir``, else ``$LAYERPRUNE_CACHE``, else ``./cache``
+  (``config.default_cache_dir``). Nothing is ever written outside ``cache_dir``; run ids
+  are checked to be plain names (letters, digits, ``-``, ``_``).
+* Tables
+  - ``meta(key, json)``: ``run_id``, ``spec`` (the RunSpec), ``model_identity``,
+    ``model`` (name), ``data_hash``, ``data`` (source), ``n_layers``, ``ppl_full``,
+    ``created``, ``versions`` (package versions), ``schema``. Written when the run is
+    created; later stages may add keys with ``set_meta``.
+  - ``samples(rowid, mask TEXT UNIQUE, kept, ppl, score, nonfinite, seconds, created)``:
+    one row per evaluated mask, ``mask`` as ``'0101..'`` (``1`` = layer kept). Each row
+    is committed on its own as soon as the mask is evaluated, so a killed writer loses
+    at most the mask it was evaluating. A mask is never stored twice.
+  - ``artifacts(name PRIMARY KEY, json, created)``: JSON results of later stages
+    (fit metrics, contributions, decisions); ``put_artifact`` replaces by name.
+  - ``lease`` (at most one row): the writer's ``pid``, ``hostname``, ``token``,
+    ``heartbeat`` (unix time), ``target`` (masks asked for), ``status``
+    (running | finished | cancelled | failed), ``cancel`` flag, ``message``.
+* Writers: ``with store.writer(target) as w: w.add(...)``. Only one writer per run: a
+  second one gets ``StoreLocked`` (naming pid, host and how to stop it) while the first
+  is alive. The writer's background thread refreshes ``heartbeat`` every
+  ``HEARTBEAT_S``; a lease is dead once its heartbeat is older than ``LEASE_TIMEOUT_S``
+  or, on the same host, as soon as its pid is gone, and a new writer may then take it.
+  Leaving the ``with`` block sets the status: finished (normal exit), cancelled
+  (``w.cancelled`` was set or KeyboardInterrupt) or failed (any other exception).
+* Cancel: any process may call ``store.request_cancel()``; the writer sees it through
+  ``w.cancel_requested()``, which it checks between masks.
+* Readers never block the writer (WAL). ``results(since_rowid)`` returns the rows with
+  ``rowid > since_rowid`` as a list of frozen ``Sample`` records in rowid order, so a
+  poller passes the last rowid it saw and gets only new rows; ``table()`` returns the
+  same rows as numpy arrays for fitting.
+* Every call opens and closes its own connection, so a ``RunStore`` may be shared
+  between threads (Streamlit) and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import default_cache_dir
+from engine.errors import StoreError, StoreLocked
+
+SCHEMA = 1
+DB_NAME = "run.sqlite"
+HEARTBEAT_S = 2.0
+LEASE_TIMEOUT_S = 10.0
+_BUSY_TIMEOUT_MS = 10_000
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    mask TEXT NOT NULL UNIQUE,
+    kept INTEGER NOT NULL,
+    ppl REAL,
+    score REAL NOT NULL,
+    nonfinite INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, json TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pid INTEGER NOT NULL,
+    hostname TEXT NOT NULL,
+    token TEXT NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    target INTEGER,
+    status TEXT NOT NULL,
+    cancel INTEGER NOT NULL DEFAULT 0,
+    message TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One evaluated mask (a row of ``samples``)."""
+
+    rowid: int
+    mask: str  # '0101..', 1 = layer kept
+    kept: int
+    ppl: float  # NaN/inf kept as evaluated (stored NULL for NaN)
+    score: float  # ppl_full / ppl; 0 when ppl is not finite
+    nonfinite: bool
+    seconds: float
+    created: float  # unix time of the commit
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """The same rows as arrays: masks bool[n, L], the rest [n]."""
+
+    rowid: np.ndarray
+    masks: np.ndarray
+    ppl: np.ndarray
+    score: np.ndarray
+    nonfinite: np.ndarray
+    seconds: np.ndarray
+
+
+@dataclass(frozen=True)
+class Lease:
+    pid: int
+    hostname: str
+    token: str
+    started: float
+    heartbeat: float
+    target: int | None
+    status: str
+    cancel: bool
+    message: str | None
+
+    def alive(self, now: float | None = None) -> bool:
+        """True while a running writer holds it (see module contract)."""
+        if self.status != "running":
+            return False
+        now = time.time() if now is None else now
+        if now - self.heartbeat > LEASE_TIMEOUT_S:
+            return False
+        if self.hostname == socket.gethostname():
+            return _pid_exists(self.pid)
+        return True
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    path: str
+    model: str | None
+    data: str | None
+    n_layers: int | None
+    n_samples: int
+    status: str  # new | running | finished | cancelled | failed | died
+    target: int | None
+    created: float | None
+    updated: float | None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        raise StoreError(f"invalid run id {run_id!r}: use letters, digits, '-', '_' or '.'.")
+    return run_id
+
+
+class RunStore:
+    """A handle on one run's database (see the module contract)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None, run_id: str):
+        self.cache_dir = Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir()
+        self.run_id = _check_run_id(run_id)
+        self.dir = self.cache_dir / run_id
+        self.path = self.dir / DB_NAME
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, cache_dir, run_id: str, meta: dict | None = None) -> "RunStore":
+        """Open a run; create it (with ``meta``) if it does not exist yet.
+
+        Without ``meta`` the run must exist (StoreError otherwise). With ``meta`` and an
+        existing run, the stored ``run_id`` must match.
+        """
+        store = cls(cache_dir, run_id)
+        if store.exists():
+            stored = store.meta()
+            if stored.get("schema") != SCHEMA:
+                raise StoreError(
+                    f"{store.path} was written by another version of the workbench (schema "
+                    f"{stored.get('schema')}, expected {SCHEMA}); move it away or use another --cache-dir."
+                )
+            if stored.get("run_id") != run_id:
+                raise StoreError(f"{store.path} belongs to run {stored.get('run_id')!r}, not {run_id!r}.")
+            return store
+        if meta is None:
+            raise StoreError(f"no run {run_id!r} in {store.cache_dir}; run `python -m engine sample` first.")
+        store._create(meta)
+        return store
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def _create(self, meta: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._connect(write=True, create=True) as con:
+            for statement in _DDL.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+            rows = {**meta, "run_id": self.run_id, "schema": SCHEMA, "created": meta.get("created", time.time())}
+            con.executemany(
+                "INSERT OR IGNORE INTO meta(key, json) VALUES (?, ?)", [(k, _dumps(v)) for k, v in rows.items()]
+            )
+
+    @contextmanager
+    def _connect(self, write: bool = False, create: bool = False):
+        """A short-lived connection in one transaction; commits on success, rolls back on error.
+
+        write=True takes the write lock up front (BEGIN IMMEDIATE: no lock-upgrade deadlocks).
+        """
+        if not create and not self.path.is_file():
+            raise StoreError(f"run store {self.path} does not exist (was the run deleted?).")
+        try:
+            con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open run store {self.path}: {e}") from e
+        try:
+            con.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            if create:
+                con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+            con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    def _write(self):
+        return self._connect(write=True)
+
+    # -- meta and artifacts -------------------------------------------------------------
+    def meta(self) -> dict:
+        with self._connect() as con:
+            return {k: json.loads(v) for k, v in con.execute("SELECT key, json FROM meta")}
+
+    def set_meta(self, **values) -> None:
+        with self._write() as con:
+            con.executemany(
+                "INSERT OR REPLACE INTO meta(key, json) VALUES (?, ?)", [(k, _dumps(v)) for k, v in values.items()]
+            )
+
+    def put_artifact(self, name: str, obj) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO artifacts(name, json, created) VALUES (?, ?, ?)",
+                (name, _dumps(obj), time.time()),
+            )
+
+    def get_artifact(self, name: str, default=None):
+        with self._connect() as con:
+            row = con.execute("SELECT json FROM artifacts WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def artifact_names(self) -> list[str]:
+        with self._connect() as con:
+            return [r[0] for r in con.execute("SELECT name FROM artifacts ORDER BY name")]
+
+    # -- samples --------------------------------------------------------------------------
+    def count(self) -> int:
+        with self._connect() as con:
+            return con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def done_masks(self) -> set[str]:
+        with self._connect() as con:
+            return {r[0] for r in con.execute("SELECT mask FROM samples")}
+
+    def results(self, since_rowid: int = 0) -> list[Sample]:
+        """Rows with rowid > since_rowid, in rowid order, as frozen records."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT rowid, mask, kept, ppl, score, nonfinite, seconds, created FROM samples "
+                "WHERE rowid > ? ORDER BY rowid",
+                (since_rowid,),
+            ).fetchall()
+        return [
+            Sample(r[0], r[1], r[2], float("nan") if r[3] is None else r[3], r[4], bool(r[5]), r[6], r[7])
+            for r in rows
+        ]
+
+    def table(self, since_rowid: int = 0) -> SampleTable:
+        rows = self.results(since_rowid)
+        L = int(self.meta().get("n_layers") or (len(rows[0].mask) if rows else 0))
+        masks = np.array([[c == "1" for c in r.mask] for r in rows], dtype=bool).reshape(len(rows), L)
+        return SampleTable(
+            rowid=np.array([r.rowid for r in rows], dtype=np.int64),
+            masks=masks,  # (n, L)
+            ppl=np.array([r.ppl for r in rows], dtype=float),
+            score=np.array([r.score for r in rows], dtype=float),
+            nonfinite=np.array([r.nonfinite for r in rows], dtype=bool),
+            seconds=np.array([r.seconds for r in rows], dtype=float),
+        )
+
+    # -- lease -------------------------------------------------------------------------------
+    def lease(self) -> Lease | None:
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT pid, hostname, token, started, heartbeat, target, status, cancel, message FROM lease"
+            ).fetchone()
+        return None if row is None else Lease(*row[:7], bool(row[7]), row[8])
+
+    def request_cancel(self) -> bool:
+        """Ask the running writer to stop after its current mask. False if none is running."""
+        with self._write() as con:
+            cur = con.execute("UPDATE lease SET cancel = 1 WHERE status = 'running'")
+            return cur.rowcount > 0
+
+    def writer(self, target: int | None = None) -> "Writer":
+        """Take the writer lease (StoreLocked if a live writer holds it); use as a context manager."""
+        return Writer(self, target)
+
+    def summary(self) -> RunSummary:
+        meta = self.meta()
+        lease = self.lease()
+        with self._connect() as con:
+            n, last = con.execute("SELECT COUNT(*), MAX(created) FROM samples").fetchone()
+        if lease is None:
+            status = "new"
+        elif lease.status == "running" and not lease.alive():
+            status = "died"
+        else:
+            status = lease.status
+        updated = max([t for t in (last, lease.heartbeat if lease else None, meta.get("created")) if t is not None],
+                      default=None)
+        return RunSummary(
+            run_id=self.run_id,
+            path=str(self.path),
+            model=meta.get("model"),
+            data=meta.get("data"),
+            n_layers=meta.get("n_layers"),
+            n_samples=n,
+            status=status,
+            target=lease.target if lease else None,
+            created=meta.get("created"),
+            updated=updated,
+        )
+
+
+class Writer:
+    """The single writer of a run: holds the lease, heartbeats, commits one row per mask."""
+
+    def __init__(self, store: RunStore, target: int | None):
+        self.store = store
+        self.target = target
+        self.token = uuid.uuid4().hex
+        self.cancelled = False  # set by the caller when it stops on a cancel request
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Writer":
+        now = time.time()
+        with self.store._write() as con:
+            row = con.execute(
+                "SELECT pid, hostname, token, started, heartbeat, target, status, cancel, message FROM lease"
+            ).fetchone()
+            if row is not None:
+                held = Lease(*row[:7], bool(row[7]), row[8])
+                if held.alive(now):
+                    raise StoreLocked(
+                        f"run {self.store.run_id} is being written by pid {held.pid} on {held.hostname} "
+                        f"(last heartbeat {now - held.heartbeat:.0f} s ago, target {held.target} masks). "
+                        f"Wait for it, cancel it from the app, or stop it with `kill {held.pid}` on "
+                        f"{held.hostname}; a dead writer's lease expires after {LEASE_TIMEOUT_S:.0f} s."
+                    )
+            con.execute(
+                "INSERT OR REPLACE INTO lease(id, pid, hostname, token, started, heartbeat, target, status, cancel, "
+                "message) VALUES (1, ?, ?, ?, ?, ?, ?, 'running', 0, NULL)",
+                (os.getpid(), socket.gethostname(), self.token, now, now, self.target),
+            )
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.store.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self.store._write() as con:
+                    con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (time.time(), self.token))
+            except sqlite3.Error:
+                pass  # a busy database: the next beat retries; the lease only expires after LEASE_TIMEOUT_S
+
+    def cancel_requested(self) -> bool:
+        with self.store._connect() as con:
+            row = con.execute("SELECT cancel FROM lease WHERE token = ?", (self.token,)).fetchone()
+        return bool(row and row[0])
+
+    def set_target(self, target: int) -> None:
+        self.target = target
+        with self.store._write() as con:
+            con.execute("UPDATE lease SET target = ? WHERE token = ?", (target, self.token))
+
+    def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float) -> int:
+        """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced."""
+        now = time.time()
+        with self.store._write() as con:
+            holder = con.execute("SELECT token FROM lease").fetchone()
+            if holder is None or holder[0] != self.token:
+                raise StoreLocked(
+                    f"run {self.store.run_id}: this writer lost its lease (its heartbeat stopped for over "
+                    f"{LEASE_TIMEOUT_S:.0f} s and another writer took over); stopping."
+                )
+            ppl_value = None if ppl is None or np.isnan(ppl) else float(ppl)
+            cur = con.execute(
+                "INSERT OR IGNORE INTO samples(mask, kept, ppl, score, nonfinite, seconds, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now),
+            )
+            con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
+            return cur.lastrowid
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if exc_type is None:
+            status, message = ("cancelled" if self.cancelled else "finished"), None
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status, message = "cancelled", "interrupted"
+        else:
+            status, message = "failed", f"{exc_type.__name__}: {exc}"
+        try:
+            with self.store._write() as con:
+                con.execute(
+                    "UPDATE lease SET status = ?, message = ?, heartbeat = ? WHERE token = ?",
+                    (status, message, time.time(), self.token),
+                )
+        except sqlite3.Error:
+            pass  # the lease then expires by itself; never mask the original exception
+
+
+def list_runs(cache_dir=None) -> list[RunSummary]:
+    """Summaries of every run store under cache_dir, most recently updated first."""
+    root = Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for db in sorted(root.glob(f"*/{DB_NAME}")):
+        run_id = db.parent.name
+        if not _RUN_ID.match(run_id):
+            continue
+        try:
+            out.append(RunStore(root, run_id).summary())
+        except (sqlite3.Error, StoreError, json.JSONDecodeError):
+            continue  # an unreadable or foreign file is not a run
+    return sorted(out, key=lambda s: s.updated or 0.0, reverse=True)
