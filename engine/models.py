@@ -1,0 +1,278 @@
+"""Architecture adapters and model loading.
+
+An `Adapter` says, for one family of causal LMs, where the decoder `ModuleList` lives and
+which config fields count or list the layers; there is no `if "llama" in name` anywhere.
+`adapter_for(model)` picks the adapter by `config.model_type`. `load_model(spec)` loads a
+model and tokenizer (demo, local folder or hub id) and returns a `LoadedModel` in eval mode.
+
+Model identity (part of the run id):
+- hub ids: "hub:<id>@<revision or main>";
+- local folders: "local:<sha256>" over config.json's bytes and, for every weight file
+  (*.safetensors, *.bin, *.pt), its name, size and a content hash. Files up to
+  `FULL_HASH_LIMIT` bytes are hashed whole (the demo model: a few MB). Larger safetensors
+  files hash their JSON header (tensor names, dtypes, shapes, offsets) plus the size, so a
+  70 GB checkpoint is identified in milliseconds; a weight edit that keeps every shape is then
+  not detected, which is the accepted price. Larger non-safetensors files hash size + first
+  and last MiB. Modification times are never used (copies of a folder hash the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import config as cfg
+from engine.config import ModelSpec
+from engine.errors import ModelLoadError, UnsupportedArchitecture
+from engine.hub import hub_reachable
+
+FULL_HASH_LIMIT = 2 * 1024**3  # bytes; bigger weight files hash header + size (see module docstring)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where one family keeps its decoder layers and which config fields depend on them."""
+
+    family: str  # human name, e.g. "llama"
+    model_types: tuple[str, ...]  # config.model_type values handled by this adapter
+    layers_path: str  # dotted path from the CausalLM to the decoder nn.ModuleList
+    count_fields: tuple[str, ...]  # config fields counting layers (num_hidden_layers, n_layer, ...)
+    per_layer_fields: tuple[str, ...] = ()  # config fields with one entry per layer (layer_types, ...)
+
+    def _parent(self, model: nn.Module) -> tuple[nn.Module, str]:
+        *parents, leaf = self.layers_path.split(".")
+        obj = model
+        for name in parents:
+            obj = getattr(obj, name)
+        return obj, leaf
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        parent, leaf = self._parent(model)
+        return getattr(parent, leaf)
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        parent, leaf = self._parent(model)
+        setattr(parent, leaf, layers)
+
+    def config_updates(self, config: Any, kept: list[int]) -> dict[str, Any]:
+        """Config field -> value for a model that keeps only layers `kept` (original indices, ascending).
+
+        Only fields stored on the config instance are returned; derived properties (Mamba's
+        `layer_types` follows `num_hidden_layers`) update themselves.
+        """
+        stored = vars(config)
+        updates: dict[str, Any] = {f: len(kept) for f in self.count_fields if f in stored}
+        for f in self.per_layer_fields:
+            value = stored.get(f)
+            if isinstance(value, (list, tuple)):
+                updates[f] = type(value)(value[i] for i in kept)
+        return updates
+
+
+_LLAMA_LIKE = dict(layers_path="model.layers", count_fields=("num_hidden_layers",), per_layer_fields=("layer_types",))
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("llama", ("llama",), **_LLAMA_LIKE),
+    Adapter("mistral", ("mistral",), **_LLAMA_LIKE),
+    # Qwen2/Qwen3 pick each layer's attention mask by config.layer_types[position]: sub-list it.
+    Adapter("qwen2", ("qwen2",), **_LLAMA_LIKE),
+    Adapter("qwen3", ("qwen3",), **_LLAMA_LIKE),
+    Adapter("gemma", ("gemma",), **_LLAMA_LIKE),
+    Adapter("phi3", ("phi3",), **_LLAMA_LIKE),
+    Adapter("gpt2", ("gpt2",), "transformer.h", ("n_layer",)),
+    Adapter("opt", ("opt",), "model.decoder.layers", ("num_hidden_layers",)),
+    Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("num_hidden_layers",)),
+    Adapter("mamba", ("mamba",), "backbone.layers", ("num_hidden_layers",)),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model` (by config.model_type); UnsupportedArchitecture says how to add one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            try:
+                layers = adapter.layers(model)
+            except AttributeError:
+                layers = None
+            if isinstance(layers, nn.ModuleList):
+                return adapter
+            break
+    paths = sorted({a.layers_path for a in ADAPTERS})
+    raise UnsupportedArchitecture(
+        f"no architecture adapter for {type(model).__name__} (model_type {model_type!r}); looked for the "
+        f"decoder layers at {', '.join(paths)}. Supported model types: {', '.join(supported_model_types())} "
+        "(load them with AutoModelForCausalLM). To add a family, append an Adapter(family, model_types, "
+        "layers_path, count_fields, per_layer_fields) to engine.models.ADAPTERS and run tests/test_masking.py."
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for evaluation (eval mode) with what the rest of the engine needs to know."""
+
+    model: nn.Module
+    tokenizer: Any  # a transformers tokenizer (pad token set), or None for tests on integer windows
+    adapter: Adapter
+    spec: ModelSpec
+    identity: str  # "hub:<id>@<rev>" or "local:<sha256>" (see module docstring)
+    family: str
+    n_layers: int
+    n_params: int
+    device: torch.device
+
+
+def wrap_model(model: nn.Module, tokenizer: Any = None, spec: ModelSpec | None = None, identity: str = "memory") -> LoadedModel:
+    """Wrap an already-built model (tests, notebooks) as a LoadedModel; puts it in eval mode."""
+    adapter = adapter_for(model)
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        spec=spec or ModelSpec(name=type(model).__name__),
+        identity=identity,
+        family=adapter.family,
+        n_layers=len(adapter.layers(model)),
+        n_params=sum(p.numel() for p in model.parameters()),
+        device=next(model.parameters()).device,
+    )
+
+
+# ---------------------------------------------------------------- identity
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        elif path.suffix == ".safetensors":
+            n = int.from_bytes(f.read(8), "little")  # safetensors: u64 header length, then JSON header
+            h.update(f.read(n))
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()}"
+
+
+def local_identity(folder: Path) -> str:
+    """"local:<sha256>" of config.json and the weight files (see module docstring)."""
+    h = hashlib.sha256()
+    h.update((folder / "config.json").read_bytes())
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):
+            h.update(f"\n{p.name}={_file_digest(p)}".encode())
+    return "local:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def _torch_dtype(name: str):
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if name not in table:
+        raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    return table[name]
+
+
+def _device_kwargs(device: str) -> tuple[dict, str | None]:
+    """from_pretrained kwargs and the device to move to afterwards (None: device_map placed it)."""
+    if device == "auto":
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            return {}, "cuda" if torch.cuda.is_available() else "cpu"
+        return {"device_map": "auto"}, None
+    if device == "cpu":
+        return {}, "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return {}, device
+    raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+
+
+def _resolve(spec: ModelSpec) -> tuple[str, str, bool]:
+    """(what to pass to from_pretrained, identity, local_files_only)."""
+    name = spec.name
+    if name == "demo":
+        folder = cfg.DEMO_MODEL_DIR
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"the demo model is not built yet ({folder} has no config.json); "
+                "build it with `python scripts/train_demo_model.py`, or pass a local folder or hub id"
+            )
+        return str(folder), local_identity(folder), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; pass a folder saved with save_pretrained")
+        return str(path), local_identity(path), True
+    if _looks_like_path(name) or path.exists() or not _HUB_ID.match(name):
+        raise ModelLoadError(f"no such folder: {name!r}; pass an existing model folder, a hub id or --model demo")
+    identity = f"hub:{name}@{spec.revision or 'main'}"
+    return name, identity, not hub_reachable()
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model + tokenizer for `spec` (see ModelSpec); eval mode, pad token = eos when missing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, identity, local_only = _resolve(spec)
+    dtype = _torch_dtype(spec.dtype)
+    device_kwargs, move_to = _device_kwargs(spec.device)
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, local_files_only=local_only)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **common, **device_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(spec, source, local_only, e) from e
+    if move_to is not None:
+        model.to(move_to)
+    loaded = wrap_model(model, tokenizer, spec, identity)
+    if loaded.tokenizer.pad_token is None:
+        raise ModelLoadError(f"tokenizer of {spec.name!r} has neither a pad nor an eos token; add one to its files")
+    return loaded
+
+
+def _load_error(spec: ModelSpec, source: str, local_only: bool, e: Exception) -> ModelLoadError:
+    text = str(e)
+    if "trust_remote_code" in text:
+        return ModelLoadError(
+            f"model {spec.name!r} needs code shipped with it (custom architecture); it was refused. "
+            "If you trust its authors, pass --trust-remote-code (ModelSpec.trust_remote_code=True)."
+        )
+    if local_only and not Path(source).is_dir():
+        return ModelLoadError(
+            f"could not reach the Hugging Face hub for {spec.name!r} and it is not in the local cache; "
+            "pass a local folder or --model demo, or set HF_HUB_OFFLINE=0 with network"
+        )
+    return ModelLoadError(f"could not load model {spec.name!r}: {text.splitlines()[0] if text else type(e).__name__}")
