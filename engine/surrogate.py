@@ -1,0 +1,521 @@
+"""Surrogate models of the score s(m) = PPL_full / PPL(m), with held-out fit diagnostics.
+
+Inputs are numpy arrays: masks bool[n, L] (True = layer kept) and scores float[n]. Every
+surrogate follows the `Surrogate` protocol: ``fit(masks, scores) -> self`` and
+``predict(masks) -> float[n]`` (vectorised, chunked; safe on 2^20 masks).
+
+Kinds (`SurrogateSpec.kind`):
+- ``mlp``: the paper's network Linear(L, 2L) - CELU - Linear(2L, 1) - Sigmoid, MSE loss.
+  Presets: ``adam`` (default; full-batch Adam, lr 0.01, up to 3000 steps, early stopping on a
+  validation slice of the training data, best weights restored: converges at any budget) and
+  ``paper`` (the reference schedule: SGD momentum 0.9, lr 0.008, StepLR(100, x0.1), 300 epochs,
+  shuffled minibatches of 300, no validation).
+- ``ridge-pairwise``: RidgeCV on the mask and all pairwise products (second-order game).
+- ``gbt``: scikit-learn HistGradientBoostingRegressor.
+
+`Ensemble` fits k members (MLP: different init and validation split; others: bootstrap
+resamples) for error bars. `split` holds out a stratified (by kept count) test part;
+`diagnose`, `fit_with_diagnostics`, `learning_curve` and `compare` report R², Spearman and MAE
+in score space and in perplexity space (predicted PPL = ppl_full / max(score, SCORE_FLOOR)),
+overall and per kept count. Everything is seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.linear_model import RidgeCV
+
+from engine.config import SurrogateSpec
+from engine.errors import EstimationError
+
+MIN_MASKS = 8  # below this no fit or diagnostic is meaningful
+SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (PPL <= 1000 x full)
+PREDICT_CHUNK = 2**16
+KINDS = ("mlp", "ridge-pairwise", "gbt")
+PRESETS = ("adam", "paper")
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    return x
+
+
+def _check_xy(masks, scores) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(masks, dtype=bool)
+    y = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if X.ndim != 2 or len(X) != len(y):
+        raise EstimationError(f"masks must be bool[n, L] with one score each; got {X.shape} and {y.shape}")
+    if len(y) < MIN_MASKS:
+        raise EstimationError(f"a surrogate needs at least {MIN_MASKS} evaluated masks, got {len(y)}: sample more masks")
+    if not np.all(np.isfinite(y)):
+        raise EstimationError("scores contain NaN/inf: map non-finite perplexities to score 0 first (evaluate.scores)")
+    return X, y
+
+
+class Surrogate(Protocol):
+    def fit(self, masks: np.ndarray, scores: np.ndarray) -> "Surrogate": ...
+
+    def predict(self, masks: np.ndarray) -> np.ndarray: ...
+
+
+# ---------------------------------------------------------------- MLP
+
+
+class _Net(torch.nn.Module):
+    """The paper's network: Linear(L, 2L) -> CELU -> Linear(2L, 1) -> Sigmoid."""
+
+    def __init__(self, L: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(L, 2 * L), torch.nn.CELU(), torch.nn.Linear(2 * L, 1), torch.nn.Sigmoid()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, L) -> (n,)
+        return self.body(x).squeeze(-1)
+
+
+class MLPSurrogate:
+    """The paper's network. preset 'adam' (default) or 'paper' (see module docstring).
+
+    adam: full-batch Adam(lr) for up to max_steps; `val_fraction` of the training masks (chosen
+    with `seed`) is held back for early stopping with `patience` steps; the best weights are
+    restored. With fewer than 10 training masks no validation slice is taken.
+    """
+
+    def __init__(self, preset: str = "adam", seed: int = 0, lr: float | None = None, max_steps: int = 3000,
+                 patience: int = 200, val_fraction: float = 0.15, epochs: int = 300, batch_size: int = 300):
+        if preset not in PRESETS:
+            raise EstimationError(f"unknown MLP preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        self.preset, self.seed = preset, seed
+        self.lr = lr if lr is not None else (0.01 if preset == "adam" else 0.008)
+        self.max_steps, self.patience, self.val_fraction = max_steps, patience, val_fraction
+        self.epochs, self.batch_size = epochs, batch_size
+        self.net: _Net | None = None
+        self.history: dict = {}
+
+    def fit(self, masks, scores) -> "MLPSurrogate":
+        X, y = _check_xy(masks, scores)
+        Xt = torch.as_tensor(X, dtype=torch.float32)  # (n, L)
+        yt = torch.as_tensor(y, dtype=torch.float32)  # (n,)
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(self.seed)
+            self.net = _Net(X.shape[1])
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.preset == "paper":
+            self._fit_paper(Xt, yt, gen)
+        else:
+            self._fit_adam(Xt, yt, gen)
+        self.net.eval()
+        return self
+
+    def _fit_paper(self, X: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> None:
+        net = self.net
+        opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.1)
+        loss_fn = torch.nn.MSELoss()
+        for _ in range(self.epochs):
+            order = torch.randperm(len(X), generator=gen)
+            for a in range(0, len(X), self.batch_size):
+                idx = order[a : a + self.batch_size]
+                opt.zero_grad()
+                loss = loss_fn(net(X[idx]), y[idx])
+                loss.backward()
+                opt.step()
+            sched.step()
+        with torch.no_grad():
+            self.history = {"epochs": self.epochs, "train_mse": float(loss_fn(net(X), y))}
+
+    def _fit_adam(self, X: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> None:
+        net = self.net
+        n = len(X)
+        n_val = int(round(n * self.val_fraction)) if n >= 10 else 0
+        order = torch.randperm(n, generator=gen)
+        val, tr = order[:n_val], order[n_val:]
+        Xtr, ytr = X[tr], y[tr]
+        Xv, yv = (X[val], y[val]) if n_val else (Xtr, ytr)  # no slice: stop on training loss
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr)
+        loss_fn = torch.nn.MSELoss()
+        best, best_step, best_state = math.inf, 0, None
+        step = 0
+        for step in range(1, self.max_steps + 1):
+            opt.zero_grad()
+            loss = loss_fn(net(Xtr), ytr)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                v = float(loss_fn(net(Xv), yv))
+            if v < best - 1e-12:
+                best, best_step = v, step
+                best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
+            elif step - best_step >= self.patience:
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        self.history = {"steps": step, "best_step": best_step, "val_mse": best, "n_val": n_val}
+
+    def predict(self, masks) -> np.ndarray:
+        if self.net is None:
+            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
+        X = np.asarray(masks, dtype=bool)
+        out = np.empty(len(X), dtype=np.float64)
+        with torch.no_grad():
+            for a in range(0, len(X), PREDICT_CHUNK):
+                xb = torch.as_tensor(X[a : a + PREDICT_CHUNK], dtype=torch.float32)  # (c, L)
+                out[a : a + PREDICT_CHUNK] = self.net(xb).numpy()
+        return out
+
+
+# ---------------------------------------------------------------- ridge on pairwise features
+
+
+class RidgePairwiseSurrogate:
+    """RidgeCV on [m, m_i m_j (i < j)]: the best second-order game (linear + pairwise terms).
+
+    predict evaluates b + m.a + m^T B m directly (B upper-triangular), so 2^20 masks never
+    materialise the L(L-1)/2 pairwise features.
+    """
+
+    def __init__(self, seed: int = 0, alphas: Sequence[float] = tuple(np.logspace(-4, 2, 13))):
+        self.seed, self.alphas = seed, tuple(alphas)
+        self.coef_lin: np.ndarray | None = None
+        self.coef_pair: np.ndarray | None = None
+        self.intercept = 0.0
+
+    @staticmethod
+    def features(X: np.ndarray) -> np.ndarray:
+        iu, ju = np.triu_indices(X.shape[1], k=1)
+        Xf = X.astype(np.float64)
+        return np.concatenate([Xf, Xf[:, iu] * Xf[:, ju]], axis=1)  # (n, L + L(L-1)/2)
+
+    def fit(self, masks, scores) -> "RidgePairwiseSurrogate":
+        X, y = _check_xy(masks, scores)
+        L = X.shape[1]
+        model = RidgeCV(alphas=self.alphas).fit(self.features(X), y)
+        self.alpha = float(model.alpha_)
+        self.intercept = float(model.intercept_)
+        self.coef_lin = model.coef_[:L].copy()
+        B = np.zeros((L, L))
+        B[np.triu_indices(L, k=1)] = model.coef_[L:]
+        self.coef_pair = B
+        return self
+
+    def predict(self, masks) -> np.ndarray:
+        if self.coef_lin is None:
+            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
+        X = np.asarray(masks, dtype=bool)
+        out = np.empty(len(X), dtype=np.float64)
+        for a in range(0, len(X), PREDICT_CHUNK):
+            xb = X[a : a + PREDICT_CHUNK].astype(np.float64)  # (c, L)
+            out[a : a + PREDICT_CHUNK] = self.intercept + xb @ self.coef_lin + np.einsum("nj,nj->n", xb @ self.coef_pair, xb)
+        return out
+
+
+# ---------------------------------------------------------------- gradient-boosted trees
+
+
+class GBTSurrogate:
+    """scikit-learn HistGradientBoostingRegressor on the raw mask bits."""
+
+    def __init__(self, seed: int = 0, max_iter: int = 300, learning_rate: float = 0.1):
+        self.seed, self.max_iter, self.learning_rate = seed, max_iter, learning_rate
+        self.model: HistGradientBoostingRegressor | None = None
+
+    def fit(self, masks, scores) -> "GBTSurrogate":
+        X, y = _check_xy(masks, scores)
+        self.model = HistGradientBoostingRegressor(
+            max_iter=self.max_iter, learning_rate=self.learning_rate, min_samples_leaf=min(20, max(2, len(y) // 10)),
+            early_stopping=False, random_state=self.seed,
+        ).fit(X.astype(np.float32), y)
+        return self
+
+    def predict(self, masks) -> np.ndarray:
+        if self.model is None:
+            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
+        X = np.asarray(masks, dtype=bool)
+        out = np.empty(len(X), dtype=np.float64)
+        for a in range(0, len(X), PREDICT_CHUNK):
+            out[a : a + PREDICT_CHUNK] = self.model.predict(X[a : a + PREDICT_CHUNK].astype(np.float32))
+        return out
+
+
+def make_surrogate(spec: SurrogateSpec = SurrogateSpec(), seed: int | None = None, **options) -> Surrogate:
+    """An unfitted surrogate of spec.kind (and spec.preset for mlp); `options` go to its constructor."""
+    seed = spec.seed if seed is None else seed
+    if spec.kind == "mlp":
+        return MLPSurrogate(preset=spec.preset, seed=seed, **options)
+    if spec.kind == "ridge-pairwise":
+        return RidgePairwiseSurrogate(seed=seed, **options)
+    if spec.kind == "gbt":
+        return GBTSurrogate(seed=seed, **options)
+    raise EstimationError(f"unknown surrogate kind {spec.kind!r}; choose one of {', '.join(KINDS)}")
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+class Ensemble:
+    """k fitted surrogates. MLP members differ in seed (init and validation slice); other kinds
+    are fitted on bootstrap resamples. predict = mean of members."""
+
+    def __init__(self, spec: SurrogateSpec = SurrogateSpec(), k: int | None = None, **options):
+        self.spec = spec
+        self.k = spec.ensemble if k is None else k
+        if self.k < 1:
+            raise EstimationError("an ensemble needs at least one member")
+        self.options = options
+        self.members: list[Surrogate] = []
+
+    def fit(self, masks, scores) -> "Ensemble":
+        X, y = _check_xy(masks, scores)
+        self.members = []
+        for j in range(self.k):
+            seed = self.spec.seed + j
+            member = make_surrogate(self.spec, seed=seed, **self.options)
+            if self.spec.kind == "mlp":
+                member.fit(X, y)
+            else:
+                idx = np.random.default_rng(seed).integers(0, len(y), len(y)) if self.k > 1 else np.arange(len(y))
+                member.fit(X[idx], y[idx])
+            self.members.append(member)
+        return self
+
+    def predict_all(self, masks) -> np.ndarray:
+        """float[k, n]: every member's prediction."""
+        if not self.members:
+            raise EstimationError("ensemble is not fitted yet: call fit(masks, scores) first")
+        return np.stack([m.predict(masks) for m in self.members])
+
+    def predict(self, masks) -> np.ndarray:
+        return self.predict_all(masks).mean(axis=0)
+
+    def value_functions(self) -> list:
+        """Each member's predict, for shapley.with_ensemble."""
+        return [m.predict for m in self.members]
+
+
+# ---------------------------------------------------------------- split and diagnostics
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into the masks: train / test (held out). stratified: by kept-layer count."""
+
+    train: np.ndarray
+    test: np.ndarray
+    stratified: bool
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"n_train": len(self.train), "n_test": len(self.test), "stratified": self.stratified, "note": self.note}
+
+
+def split(masks, scores, holdout: float = 0.2, seed: int = 0) -> Split:
+    """Hold out ~`holdout` of each kept-count stratum (at least one mask from every stratum with
+    two or more; strata with a single mask stay in training). Falls back to an unstratified
+    random split (with a note) when stratifying leaves either side empty."""
+    X, y = _check_xy(masks, scores)
+    if not 0.0 < holdout < 1.0:
+        raise EstimationError(f"holdout must be a fraction between 0 and 1, got {holdout}")
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    counts = X.sum(axis=1)
+    train, test, singles = [], [], []
+    for k in np.unique(counts):
+        idx = rng.permutation(np.flatnonzero(counts == k))
+        if len(idx) < 2:
+            singles.append(int(k))
+            train.append(idx)
+            continue
+        n_test = min(max(int(round(len(idx) * holdout)), 1), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train_i = np.sort(np.concatenate(train)) if train else np.array([], int)
+    test_i = np.sort(np.concatenate(test)) if test else np.array([], int)
+    note = f"kept counts {singles} have a single mask and stay in training" if singles else ""
+    if len(test_i) == 0 or len(train_i) < MIN_MASKS // 2:
+        order = rng.permutation(n)
+        n_test = min(max(int(round(n * holdout)), 1), n - 1)
+        return Split(np.sort(order[n_test:]), np.sort(order[:n_test]), False,
+                     "no kept-count stratum could be split: unstratified random split")
+    return Split(train_i, test_i, True, note)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Fit quality on n masks. *_ppl: in perplexity (ppl_full / max(score, SCORE_FLOOR));
+    mape_ppl: mean |predicted - true| / true perplexity. NaN where undefined (n < 2 or constant)."""
+
+    n: int
+    r2: float
+    spearman: float
+    mae: float
+    mae_ppl: float
+    mape_ppl: float
+
+    def to_dict(self) -> dict:
+        return _jsonable(self.__dict__)
+
+
+def metrics(y_true, y_pred, ppl_full: float = 1.0) -> Metrics:
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    n = len(y)
+    if n == 0:
+        return Metrics(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((y - p) ** 2)) / ss_tot if n >= 2 and ss_tot > 0 else math.nan
+    rho = float(spearmanr(y, p).statistic) if n >= 2 and np.ptp(y) > 0 and np.ptp(p) > 0 else math.nan
+    ppl_t = ppl_full / np.maximum(y, SCORE_FLOOR)
+    ppl_p = ppl_full / np.maximum(p, SCORE_FLOOR)
+    return Metrics(n, r2, rho, float(np.mean(np.abs(y - p))), float(np.mean(np.abs(ppl_t - ppl_p))),
+                   float(np.mean(np.abs(ppl_t - ppl_p) / ppl_t)))
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Metrics overall and per kept-layer count (stratum)."""
+
+    overall: Metrics
+    per_stratum: dict  # kept count (int) -> Metrics
+
+    def to_dict(self) -> dict:
+        return {"overall": self.overall.to_dict(), "per_stratum": {str(k): m.to_dict() for k, m in self.per_stratum.items()}}
+
+
+def diagnose(masks, y_true, y_pred, ppl_full: float = 1.0) -> Diagnostics:
+    counts = np.asarray(masks, dtype=bool).sum(axis=1)
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    per = {int(k): metrics(y_true[counts == k], y_pred[counts == k], ppl_full) for k in np.unique(counts)}
+    return Diagnostics(metrics(y_true, y_pred, ppl_full), per)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """Held-out diagnostics of an ensemble fitted on the training part of a split."""
+
+    spec: SurrogateSpec
+    split: Split
+    test: Diagnostics
+    train: Metrics
+    fit_seconds: float
+    member_history: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": dict(self.spec.__dict__),
+            "split": self.split.to_dict(),
+            "test": self.test.to_dict(),
+            "train": self.train.to_dict(),
+            "fit_seconds": self.fit_seconds,
+            "member_history": _jsonable(list(self.member_history)),
+        }
+
+
+@dataclass(frozen=True)
+class FittedSurrogate:
+    ensemble: Ensemble
+    report: FitReport
+
+
+def fit_with_diagnostics(masks, scores, spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0,
+                         **options) -> FittedSurrogate:
+    """Split (spec.holdout, spec.seed), fit an Ensemble of spec.ensemble members on the training
+    part, and report held-out metrics. The returned ensemble is the one that was diagnosed."""
+    X, y = _check_xy(masks, scores)
+    sp = split(X, y, spec.holdout, spec.seed)
+    t0 = time.perf_counter()
+    ens = Ensemble(spec, **options).fit(X[sp.train], y[sp.train])
+    secs = time.perf_counter() - t0
+    report = FitReport(
+        spec, sp, diagnose(X[sp.test], y[sp.test], ens.predict(X[sp.test]), ppl_full),
+        metrics(y[sp.train], ens.predict(X[sp.train]), ppl_full), secs,
+        tuple(getattr(m, "history", {}) for m in ens.members),
+    )
+    return FittedSurrogate(ens, report)
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """Held-out metrics against the number of training masks (same test set for every size)."""
+
+    sizes: tuple[int, ...]
+    metrics: tuple[Metrics, ...]
+    n_test: int
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "metrics": [m.to_dict() for m in self.metrics], "n_test": self.n_test,
+                "note": self.note}
+
+
+def learning_curve(masks, scores, sizes: Sequence[int], spec: SurrogateSpec = SurrogateSpec(),
+                   ppl_full: float = 1.0, **options) -> LearningCurve:
+    """Fit one surrogate (seed spec.seed) on the first `size` masks of a seeded shuffle of the
+    training part, for each size (nested subsets), and score it on the same held-out part."""
+    X, y = _check_xy(masks, scores)
+    sp = split(X, y, spec.holdout, spec.seed)
+    order = np.random.default_rng(spec.seed).permutation(sp.train)
+    kept = sorted({int(s) for s in sizes if MIN_MASKS <= int(s) <= len(order)})
+    dropped = sorted({int(s) for s in sizes} - set(kept))
+    if not kept:
+        raise EstimationError(f"no size in {list(sizes)} fits: need {MIN_MASKS}..{len(order)} training masks")
+    out = []
+    for s in kept:
+        model = make_surrogate(spec, **options).fit(X[order[:s]], y[order[:s]])
+        out.append(metrics(y[sp.test], model.predict(X[sp.test]), ppl_full))
+    note = f"sizes {dropped} skipped (outside {MIN_MASKS}..{len(order)})" if dropped else ""
+    return LearningCurve(tuple(kept), tuple(out), len(sp.test), note)
+
+
+def _parse_kind(kind: str, base: SurrogateSpec) -> SurrogateSpec:
+    """'mlp', 'mlp:paper', 'ridge-pairwise', 'gbt' -> a spec."""
+    name, _, preset = kind.partition(":")
+    return replace(base, kind=name, preset=preset or base.preset)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row per surrogate kind: held-out metrics on the same split."""
+
+    rows: tuple[dict, ...]
+    split: Split
+
+    def to_dict(self) -> dict:
+        return {"rows": _jsonable(list(self.rows)), "split": self.split.to_dict()}
+
+
+def compare(masks, scores, kinds: Sequence[str] = ("mlp:adam", "mlp:paper", "ridge-pairwise", "gbt"),
+            spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0) -> Comparison:
+    """Fit each kind ('mlp:paper' picks a preset) once (seed spec.seed) on the same training part;
+    held-out metrics and fit time per kind."""
+    X, y = _check_xy(masks, scores)
+    sp = split(X, y, spec.holdout, spec.seed)
+    rows = []
+    for kind in kinds:
+        s = _parse_kind(kind, spec)
+        t0 = time.perf_counter()
+        model = make_surrogate(s).fit(X[sp.train], y[sp.train])
+        secs = time.perf_counter() - t0
+        m = metrics(y[sp.test], model.predict(X[sp.test]), ppl_full)
+        rows.append({"kind": s.kind, "preset": s.preset if s.kind == "mlp" else None, **m.__dict__,
+                     "fit_seconds": secs})
+    return Comparison(tuple(rows), sp)
