@@ -143,21 +143,24 @@ class Weighting:
 
     def size_distribution(self, L: int) -> np.ndarray:
         """Distribution pi[k], k = 0..L, of the kept count of the masks the Monte Carlo
-        estimator draws (uniform within a size). The strata for restricted_strata; otherwise
-        pi_k proportional to C(L, k) * (w(k-1) + w(k)) / 2, which covers every size the
-        weighting uses (importance weights correct the rest)."""
+        estimator draws (uniform within a count), chosen so that the coalition S = m minus i
+        has probability exactly w(|S|) for every player i: uniform counts for Shapley (from
+        1/C(L,s) + 1/C(L,s+1) = (L+1) / (L C(L-1,s))), Binomial(L, p) for (weighted) Banzhaf,
+        the strata for restricted_strata."""
+        k = np.arange(L + 1)
+        binom = np.array([math.comb(L, j) for j in k], dtype=np.float64)
+        if self.kind == "shapley":
+            return np.full(L + 1, 1.0 / (L + 1))
+        if self.kind in ("banzhaf", "weighted_banzhaf"):
+            p = 0.5 if self.kind == "banzhaf" else float(self.p)
+            return binom * p**k * (1.0 - p) ** (L - k)
         if self.kind == "restricted_strata":
             pi = np.zeros(L + 1)
             probs = self.stratum_probs or tuple(1.0 / len(self.strata) for _ in self.strata)
-            for k, pk in zip(self.strata, probs):
-                pi[k] += pk
+            for kk, pk in zip(self.strata, probs):
+                pi[kk] += pk
             return pi / pi.sum()
-        w = self.vector(L)
-        wl = np.concatenate([[0.0], w])  # w(k-1), k = 0..L
-        wr = np.concatenate([w, [0.0]])  # w(k)
-        binom = np.array([math.comb(L, k) for k in range(L + 1)], dtype=np.float64)
-        pi = binom * (wl + wr) / 2.0
-        return pi / pi.sum()
+        raise EstimationError(f"unknown semivalue weighting {self.kind!r}")
 
 
 SHAPLEY = Weighting("shapley")
@@ -244,7 +247,8 @@ def _exact(f: ValueFn, L: int, weighting: Weighting, chunk: int) -> Contribution
 
 def _monte_carlo(f: ValueFn, L: int, weighting: Weighting, n_samples: int, seed: int, chunk: int) -> Contributions:
     """Draw masks m by kept count ~ pi, compare m with each layer kept and dropped ((L+1)
-    evaluations per m, batched), importance-weight by w(s) / p(s)."""
+    evaluations per m, batched), weight by w(s) / p(s): 1 by construction of size_distribution, kept so that
+    any size distribution covering the weighting stays unbiased."""
     if n_samples < 2:
         raise EstimationError("Monte Carlo semivalue needs n_samples >= 2")
     rng = np.random.default_rng(seed)

@@ -1,0 +1,300 @@
+"""Estimators on synthetic games whose semivalues are known (closed form or brute force)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from engine.errors import EstimationError
+from engine.shapley import (
+    BANZHAF,
+    SHAPLEY,
+    Contributions,
+    efficiency_check,
+    exact_shapley,
+    permutation_shapley,
+    regression_adjusted,
+    restricted_strata,
+    restricted_strata_semivalue,
+    semivalue,
+    weighted_banzhaf,
+    with_ensemble,
+)
+
+
+def pairwise_game(L: int, seed: int = 0):
+    """f(S) = sum a_i x_i + sum_{i<j} b_ij x_i x_j; Shapley/Banzhaf: a_i + 1/2 sum_j b_ij."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=L)
+    B = np.triu(rng.normal(size=(L, L)), 1)
+
+    def f(m):
+        x = np.asarray(m, dtype=float)
+        return x @ a + np.einsum("ni,ij,nj->n", x, B, x)
+
+    return f, a, B + B.T
+
+
+def three_way_game(L: int, seed: int = 1):
+    f2, a, Bs = pairwise_game(L, seed)
+
+    def f(m):
+        x = np.asarray(m, dtype=float)
+        return f2(m) + 1.5 * x[:, 0] * x[:, 2] * x[:, 3] - 0.7 * x[:, 1] * x[:, 3] * x[:, 4] * x[:, 5]
+
+    return f
+
+
+def sigmoid_game(L: int, seed: int = 2):
+    f2, _, _ = pairwise_game(L, seed)
+    return lambda m: 1.0 / (1.0 + np.exp(-f2(m)))
+
+
+def brute_force(f, L: int, w) -> np.ndarray:
+    """sum over S not containing i of w(|S|) (f(S+i) - f(S)), one subset at a time."""
+    phi = np.zeros(L)
+    for i in range(L):
+        others = [j for j in range(L) if j != i]
+        for s in range(L):
+            for S in itertools.combinations(others, s):
+                m = np.zeros((2, L), bool)
+                m[:, list(S)] = True
+                m[0, i] = True
+                v = f(m)
+                phi[i] += w(s) * (v[0] - v[1])
+    return phi
+
+
+def shapley_w(L):
+    return lambda s: math.factorial(s) * math.factorial(L - 1 - s) / math.factorial(L)
+
+
+def strata_brute_force(f, L: int, strata) -> np.ndarray:
+    """The paper's definition: uniform over strata, uniform within a stratum, mean difference."""
+    phi = np.zeros(L)
+    for k in strata:
+        masks = np.array([[j in c for j in range(L)] for c in itertools.combinations(range(L), k)])
+        for i in range(L):
+            on, off = masks.copy(), masks.copy()
+            on[:, i], off[:, i] = True, False
+            phi[i] += np.mean(f(on) - f(off)) / len(strata)
+    return phi
+
+
+# ---------------------------------------------------------------- exact results
+
+
+def test_additive_game_every_estimator_gives_the_weights():
+    L = 8
+    a = np.random.default_rng(0).normal(size=L)
+    f = lambda m: np.asarray(m, float) @ a  # noqa: E731
+    exact = [
+        exact_shapley(f, L),
+        semivalue(f, L, BANZHAF),
+        semivalue(f, L, weighted_banzhaf(0.3)),
+        semivalue(f, L, restricted_strata([5, 6])),
+        permutation_shapley(f, L, 10, seed=0, paired=False),
+    ]
+    for c in exact:
+        np.testing.assert_allclose(c.values, a, atol=1e-10, err_msg=c.estimator)
+    mc = [semivalue(f, L, SHAPLEY, n_samples=200), restricted_strata_semivalue(f, L, [5, 6], n_masks=200)]
+    for c in mc:  # every sample's marginal is exactly a_i
+        np.testing.assert_allclose(c.values, a, atol=1e-10, err_msg=c.estimator)
+
+
+def test_pairwise_game_closed_form():
+    L = 9
+    f, a, Bs = pairwise_game(L)
+    truth = a + 0.5 * Bs.sum(axis=1)
+    np.testing.assert_allclose(exact_shapley(f, L).values, truth, atol=1e-10)
+    np.testing.assert_allclose(semivalue(f, L, BANZHAF).values, truth, atol=1e-10)  # p = 1/2: same value
+    np.testing.assert_allclose(semivalue(f, L, weighted_banzhaf(0.3)).values, a + 0.3 * Bs.sum(axis=1), atol=1e-10)
+    # antithetic pairs are exact on a pairwise game (a permutation and its reverse split each b_ij evenly)
+    np.testing.assert_allclose(permutation_shapley(f, L, 4, seed=3).values, truth, atol=1e-10)
+
+
+def test_three_way_game_against_brute_force():
+    L = 7
+    f = three_way_game(L)
+    np.testing.assert_allclose(exact_shapley(f, L).values, brute_force(f, L, shapley_w(L)), atol=1e-10)
+    np.testing.assert_allclose(semivalue(f, L, BANZHAF).values, brute_force(f, L, lambda s: 0.5 ** (L - 1)), atol=1e-10)
+    p = 0.7
+    np.testing.assert_allclose(
+        semivalue(f, L, weighted_banzhaf(p)).values, brute_force(f, L, lambda s: p**s * (1 - p) ** (L - 1 - s)), atol=1e-10
+    )
+
+
+def test_exact_matches_shap_exact_explainer():
+    shap = pytest.importorskip("shap")
+    L = 7
+    W = np.random.default_rng(4).normal(size=(L, 3))
+
+    def f(m):
+        x = np.asarray(m, dtype=float)
+        return np.tanh(x @ W).prod(axis=1) + x[:, 0] * x[:, 3] * x[:, 5]
+
+    # player absent = 0: a single all-zeros background row; explain the all-ones point
+    explainer = shap.explainers.Exact(f, shap.maskers.Independent(np.zeros((1, L)), max_samples=1))
+    expected = explainer(np.ones((1, L)), silent=True).values[0]
+    np.testing.assert_allclose(exact_shapley(f, L).values, expected, atol=1e-9)
+
+
+def test_restricted_strata_is_brute_force_over_the_strata():
+    L, strata = 7, (5, 4, 3)
+    f = three_way_game(L)
+    truth = strata_brute_force(f, L, strata)
+    np.testing.assert_allclose(semivalue(f, L, restricted_strata(strata)).values, truth, atol=1e-10)
+    mc = restricted_strata_semivalue(f, L, strata, n_masks=4000, seed=1)
+    assert "restricted-strata semivalue" in mc.estimator
+    assert mc.n_evaluations == 4000 * (L + 1)
+    assert np.all(np.abs(mc.values - truth) < 4 * mc.stderr + 1e-12)
+    # not the Shapley value: the restriction changes the numbers on a game with interactions
+    assert np.max(np.abs(truth - exact_shapley(f, L).values)) > 0.05
+
+
+def test_monte_carlo_semivalue_agrees_with_exact():
+    L = 8
+    f = sigmoid_game(L)
+    for weighting in (SHAPLEY, BANZHAF, weighted_banzhaf(0.25)):
+        exact = semivalue(f, L, weighting).values
+        mc = semivalue(f, L, weighting, n_samples=3000, seed=5)
+        assert np.all(np.abs(mc.values - exact) < 4.5 * mc.stderr + 1e-12), weighting.name
+
+
+def test_permutation_sampling_converges():
+    L = 8
+    f = sigmoid_game(L)
+    truth = exact_shapley(f, L).values
+    err = {n: np.mean([np.abs(permutation_shapley(f, L, n, seed=s, paired=False).values - truth).max()
+                       for s in range(8)]) for n in (20, 800)}
+    assert err[800] < err[20] / 3
+    c = permutation_shapley(f, L, 800, seed=9)
+    assert np.all(np.abs(c.values - truth) < 4.5 * c.stderr + 1e-12)
+    conv = c.details["convergence"]
+    assert conv[-1]["n_permutations"] == 800 and np.allclose(conv[-1]["values"], c.values)
+    assert c.details["max_change_last_half"] < 0.05
+    json.dumps(c.to_dict())
+
+
+def test_efficiency_of_exact_and_permutation_shapley():
+    L = 8
+    f = sigmoid_game(L)
+    for c in (exact_shapley(f, L), permutation_shapley(f, L, 30, seed=0)):
+        eff = efficiency_check(c.values, f, L)
+        assert abs(eff.gap) < 1e-10 and abs(eff.total - eff.grand_minus_empty) < 1e-10
+
+
+def test_estimators_call_the_value_function_in_batches():
+    L = 10
+    f0 = sigmoid_game(L)
+    sizes = []
+
+    def f(m):
+        sizes.append(len(m))
+        return f0(m)
+
+    exact_shapley(f, L)
+    assert sizes == [2**L]
+    sizes.clear()
+    permutation_shapley(f, L, 100, seed=0)
+    assert len(sizes) == 1 and sizes[0] == 100 * (L + 1)
+    sizes.clear()
+    restricted_strata_semivalue(f, L, (8, 6), n_masks=10_000, chunk=2**14)
+    assert sum(sizes) == 10_000 * (L + 1) and max(sizes) <= 2**14 and len(sizes) <= 8
+
+
+def test_large_L_needs_sampling():
+    L = 24
+    a = np.arange(L, dtype=float)
+    f = lambda m: np.asarray(m, float) @ a  # noqa: E731
+    with pytest.raises(EstimationError, match="permutation"):
+        exact_shapley(f, L)
+    c = semivalue(f, L, SHAPLEY, n_samples=50)  # falls back to Monte Carlo
+    np.testing.assert_allclose(c.values, a, atol=1e-9)
+
+
+# ---------------------------------------------------------------- regression-adjusted
+
+
+def size_uniform_draws(L, n, rng):
+    """i.i.d. masks: kept count uniform on 0..L, uniform within the count; and p(m)."""
+    k = rng.integers(0, L + 1, n)
+    masks = np.argsort(rng.random((n, L)), axis=1).argsort(axis=1) < k[:, None]
+    p = 1.0 / ((L + 1) * np.array([math.comb(L, int(j)) for j in k]))
+    return masks, p
+
+
+def test_regression_adjusted_is_unbiased_with_a_bad_surrogate():
+    L = 6
+    f = sigmoid_game(L, seed=7)
+    truth = exact_shapley(f, L).values
+    bad = lambda m: 0.2 * np.asarray(m, float)[:, ::-1] @ np.arange(L)  # noqa: E731  wrong on purpose
+    surrogate_only = exact_shapley(bad, L).values
+    assert np.max(np.abs(surrogate_only - truth)) > 0.3  # the correction has work to do
+    est = []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        masks, p = size_uniform_draws(L, 40, rng)
+        c = regression_adjusted(masks, f(masks), p, lambda X, y: bad, SHAPLEY, folds=4, seed=seed)
+        est.append(c.values)
+    est = np.array(est)
+    se = est.std(axis=0, ddof=1) / math.sqrt(len(est))
+    assert np.all(np.abs(est.mean(axis=0) - truth) < 4 * se)
+
+
+def test_regression_adjusted_cross_fits_a_learned_surrogate():
+    L = 6
+    f = sigmoid_game(L, seed=8)
+    truth = exact_shapley(f, L).values
+    fits = []
+
+    def fit_additive(X, y):  # least squares on [1, m]: data-dependent, misspecified
+        fits.append(len(y))
+        A = np.c_[np.ones(len(X)), X]
+        coef = np.linalg.lstsq(A, y, rcond=None)[0]
+        return lambda m: np.c_[np.ones(len(m)), m] @ coef
+
+    est = []
+    for seed in range(100):
+        masks, p = size_uniform_draws(L, 60, np.random.default_rng(seed))
+        c = regression_adjusted(masks, f(masks), p, fit_additive, folds=3, seed=seed, sampled_sizes=range(L + 1))
+        est.append(c.values)
+    assert fits[:3] == [40, 40, 40]  # each fold's surrogate never sees that fold
+    assert c.details["uncovered_weight_fraction"] == pytest.approx(0.0)
+    est = np.array(est)
+    se = est.std(axis=0, ddof=1) / math.sqrt(len(est))
+    assert np.all(np.abs(est.mean(axis=0) - truth) < 4 * se)
+    # stratified sampling of a few kept counts leaves most of the Shapley weight uncovered
+    c2 = regression_adjusted(masks, f(masks), p, fit_additive, folds=3, sampled_sizes=[4, 5])
+    assert c2.details["uncovered_weight_fraction"] > 0.5
+
+
+def test_regression_adjusted_rejects_bad_input():
+    masks, p = size_uniform_draws(5, 20, np.random.default_rng(0))
+    y = masks.sum(axis=1).astype(float)
+    fit = lambda X, yy: (lambda m: np.zeros(len(m)))  # noqa: E731
+    with pytest.raises(EstimationError):
+        regression_adjusted(masks, y, p, fit, folds=20)
+    with pytest.raises(EstimationError):
+        regression_adjusted(masks, np.where(np.arange(20) == 3, np.nan, y), p, fit)
+    with pytest.raises(EstimationError):
+        regression_adjusted(masks, y, np.zeros(20), fit)
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+def test_with_ensemble_mean_and_spread():
+    L = 6
+    f, a, Bs = pairwise_game(L)
+    truth = a + 0.5 * Bs.sum(axis=1)
+    members = [f, lambda m: 2 * f(m), lambda m: 3 * f(m)]
+    c = with_ensemble(lambda g: exact_shapley(g, L), members)
+    np.testing.assert_allclose(c.values, 2 * truth, atol=1e-10)
+    np.testing.assert_allclose(c.stderr, np.abs(truth), atol=1e-10)  # std of (1, 2, 3) * x is |x|
+    assert isinstance(c, Contributions) and c.n_evaluations == 3 * 2**L
+    json.dumps(c.to_dict())
