@@ -2,7 +2,7 @@
 
 Usage: python _verify_export.py JOBS.json RESULTS.json
 JOBS.json is a list of {"model_dir": str, "windows": str (a torch.save'd LongTensor (n, T)),
-"new_tokens": int}. RESULTS.json receives one dict per job (see `check_export`); a job that
+"new_tokens": int, "dtype": "float32" | "bfloat16" | ..., "device": "cpu" | "cuda:0" | ...}. RESULTS.json receives one dict per job (see `check_export`); a job that
 raises gets {"error": "..."} instead, so one broken export does not hide the others.
 
 `perplexity` is also imported in-process by engine.prune, so both sides measure the same way:
@@ -74,12 +74,13 @@ def layer_indices(model) -> list[int]:
     return sorted(found)
 
 
-def check_export(model_dir: str, windows: str, new_tokens: int = 4) -> dict:
-    """Load `model_dir` with plain transformers and measure what engine.prune compares."""
+def check_export(model_dir: str, windows: str, new_tokens: int = 4, dtype: str = "float32", device: str = "cpu") -> dict:
+    """Load `model_dir` with plain transformers (same dtype and device as the in-memory model,
+    so both sides run the same kernels) and measure what engine.prune compares."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     tokenizer_ok, tokenizer_error = True, None
     try:
         AutoTokenizer.from_pretrained(model_dir)
@@ -106,7 +107,10 @@ def main(jobs_path: str, results_path: str) -> None:
     results = []
     for job in jobs:
         try:
-            results.append(check_export(job["model_dir"], job["windows"], job.get("new_tokens", 4)))
+            results.append(
+                check_export(job["model_dir"], job["windows"], job.get("new_tokens", 4),
+                             job.get("dtype", "float32"), job.get("device", "cpu"))
+            )  # fmt: skip
         except Exception as e:
             results.append({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
     with open(results_path, "w") as fh:

@@ -27,6 +27,8 @@ Contract of `prune_model(lm, removed, out_dir, ...)`:
   given) to `rtol`, (b) generate() with the KV cache gives the same logits as a cache-free pass,
   (c) config layer count and layer indices are 0..k-1. Results go into ExportResult and the
   manifest; a failed check raises ExportError with the numbers (the folder is left for inspection).
+  The fresh process loads the export in the model's dtype on the model's device (same kernels,
+  so 1e-4 holds for bf16 too) and so briefly needs memory for a second, pruned copy there.
 """
 
 from __future__ import annotations
@@ -238,14 +240,25 @@ def _base_model(lm) -> str | None:
     return name
 
 
-def verify_exports(jobs: Sequence[tuple[Path, torch.Tensor]], new_tokens: int = 4, timeout: float = 900) -> list[dict]:
-    """Run the reload check for several exports in ONE fresh process; raw result dicts, in order."""
+def verify_exports(
+    jobs: Sequence[tuple[Path, torch.Tensor]],
+    new_tokens: int = 4,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    timeout: float = 900,
+) -> list[dict]:
+    """Run the reload check for several exports in ONE fresh process; raw result dicts, in order.
+
+    The fresh process loads each export in `dtype` on `device`: use the in-memory model's, so
+    perplexities agree to 1e-4. It holds a second copy of the (pruned) weights while it runs.
+    """
     with tempfile.TemporaryDirectory(prefix="verify-export-") as tmp:
         spec = []
         for n, (model_dir, windows) in enumerate(jobs):
             wpath = Path(tmp) / f"windows-{n}.pt"
             torch.save(windows.cpu().long().contiguous(), wpath)
-            spec.append({"model_dir": str(Path(model_dir).resolve()), "windows": str(wpath), "new_tokens": new_tokens})
+            spec.append({"model_dir": str(Path(model_dir).resolve()), "windows": str(wpath), "new_tokens": new_tokens,
+                         "dtype": str(dtype).removeprefix("torch."), "device": str(device)})  # fmt: skip
         jobs_path, results_path = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         jobs_path.write_text(json.dumps(spec))
         proc = subprocess.run(
@@ -428,7 +441,8 @@ def prune_model(
     write()
     result = None
     if verify:
-        raw = verify_exports([(out_dir, verify_windows)])[0]
+        param = next(model.parameters())
+        raw = verify_exports([(out_dir, verify_windows)], dtype=param.dtype, device=param.device)[0]
         result = judge(raw, ppl_in_memory, len(kept), expected_ppl, rtol)
         manifest["verification"] = asdict(result)
         write()
