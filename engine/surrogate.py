@@ -22,6 +22,7 @@ overall and per kept count. Everything is seeded and deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,22 @@ def _check_xy(masks, scores) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(y)):
         raise EstimationError("scores contain NaN/inf: map non-finite perplexities to score 0 first (evaluate.scores)")
     return X, y
+
+
+SINGLE_THREAD_WORK = 400_000  # n_masks * L below which the MLP fits on one thread
+
+
+@contextlib.contextmanager
+def _torch_threads(work: int):
+    """Fit small networks on one thread: measured here (2 busy cores, 240 masks x 12 layers,
+    400 Adam steps) 0.3 s on one thread against 2.7-5 s on two, same numbers. Restored after."""
+    before = torch.get_num_threads()
+    if work < SINGLE_THREAD_WORK:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Surrogate(Protocol):
@@ -120,10 +137,11 @@ class MLPSurrogate:
             torch.manual_seed(self.seed)
             self.net = _Net(X.shape[1])
         gen = torch.Generator().manual_seed(self.seed)
-        if self.preset == "paper":
-            self._fit_paper(Xt, yt, gen)
-        else:
-            self._fit_adam(Xt, yt, gen)
+        with _torch_threads(X.size):
+            if self.preset == "paper":
+                self._fit_paper(Xt, yt, gen)
+            else:
+                self._fit_adam(Xt, yt, gen)
         self.net.eval()
         return self
 
