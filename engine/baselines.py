@@ -26,7 +26,8 @@ not the output of the last layer.
 
 `lm` is a `models.LoadedModel` (uses `.model` and `.adapter.layers(model)`); `windows` is a
 `data.Windows` (uses `.input_ids`, LongTensor (n, T)); `evaluator` is an
-`evaluate.MaskEvaluator` (uses `.perplexities(masks) -> float[n]` and `.ppl_full`).
+`evaluate.MaskEvaluator` built on the same lm and windows (uses `.perplexities(masks)` and
+`.ppl_full`); pass one to reuse it across baselines, None builds one.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.data import Windows
 from engine.errors import WorkbenchError
+from engine.evaluate import MaskEvaluator
+from engine.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -79,16 +83,16 @@ class BaselineResult:
 # ---------------------------------------------------------------- helpers
 
 
-def _layers(lm) -> torch.nn.ModuleList:
+def _layers(lm: LoadedModel) -> torch.nn.ModuleList:
     return lm.adapter.layers(lm.model)
 
 
-def _input_device(lm) -> torch.device:
+def _input_device(lm: LoadedModel) -> torch.device:
     # The embedding's device, not the first parameter's: right for device_map="auto" too.
     return lm.model.get_input_embeddings().weight.device
 
 
-def _batches(windows, batch_size: int | None):
+def _batches(windows: Windows, batch_size: int | None):
     ids = windows.input_ids  # (n, T)
     step = ids.shape[0] if batch_size is None else max(1, int(batch_size))
     for i in range(0, ids.shape[0], step):
@@ -108,12 +112,8 @@ def _rank_scores(order: tuple[int, ...]) -> np.ndarray:
     return scores
 
 
-def _evaluator(lm, windows, evaluator):
-    if evaluator is not None:
-        return evaluator
-    from engine.evaluate import MaskEvaluator
-
-    return MaskEvaluator(lm, windows)
+def _evaluator(lm: LoadedModel, windows: Windows, evaluator: MaskEvaluator | None) -> MaskEvaluator:
+    return evaluator if evaluator is not None else MaskEvaluator(lm, windows)
 
 
 @contextlib.contextmanager
@@ -140,7 +140,7 @@ def _residual_capture(layers: torch.nn.ModuleList):
 
 
 @torch.no_grad()
-def stream_similarity(lm, windows, tokens: str = "all", batch_size: int | None = 8) -> dict:
+def stream_similarity(lm: LoadedModel, windows: Windows, tokens: str = "all", batch_size: int | None = 8) -> dict:
     """Mean cosine and mean angular distance between every pair of residual-stream states.
 
     Returns {"cos": float[L+1, L+1], "angular": float[L+1, L+1], "n_tokens": int}; index l is
@@ -191,7 +191,7 @@ def stream_similarity(lm, windows, tokens: str = "all", batch_size: int | None =
 # ---------------------------------------------------------------- baselines
 
 
-def block_influence(lm, windows, tokens: str = "all", batch_size: int | None = 8) -> BaselineResult:
+def block_influence(lm: LoadedModel, windows: Windows, tokens: str = "all", batch_size: int | None = 8) -> BaselineResult:
     """ShortGPT Block Influence: BI_l = 1 - mean cos(h_in_l, h_out_l); low BI is removed first."""
     t0 = time.perf_counter()
     sim = stream_similarity(lm, windows, tokens=tokens, batch_size=batch_size)
@@ -206,7 +206,7 @@ def block_influence(lm, windows, tokens: str = "all", batch_size: int | None = 8
     )
 
 
-def angular(lm, windows, tokens: str = "all", batch_size: int | None = 8) -> BaselineResult:
+def angular(lm: LoadedModel, windows: Windows, tokens: str = "all", batch_size: int | None = 8) -> BaselineResult:
     """Angular distance (Gromov et al.): for each block size n the block l..l+n-1 with the
     smallest d(l, l+n) is the one to remove (`removed(n)`, `details["blocks"][n-1]`).
 
@@ -241,7 +241,7 @@ def angular_block(result: BaselineResult, k: int) -> tuple[int, ...]:
     return result.removed(k)
 
 
-def ppl(lm, windows, evaluator=None) -> BaselineResult:
+def ppl(lm: LoadedModel, windows: Windows, evaluator: MaskEvaluator | None = None) -> BaselineResult:
     """Shortened LLaMA PPL criterion: score_l = PPL(without layer l) - PPL(full), one batched call."""
     t0 = time.perf_counter()
     ev = _evaluator(lm, windows, evaluator)
@@ -266,7 +266,7 @@ def taylor_plus_protected(n_layers: int) -> tuple[int, ...]:
     return tuple(range(n_first)) + tuple(range(n_layers - n_last, n_layers))
 
 
-def taylor(lm, windows, plus: bool = True, batch_size: int | None = None) -> BaselineResult:
+def taylor(lm: LoadedModel, windows: Windows, plus: bool = True, batch_size: int | None = None) -> BaselineResult:
     """Shortened LLaMA Taylor+: score_l = sum over layer l's parameters of |w * dLoss/dw|.
 
     dLoss/dw is the gradient of the mean next-token loss over all windows (accumulated over
@@ -321,7 +321,7 @@ def taylor(lm, windows, plus: bool = True, batch_size: int | None = None) -> Bas
     )
 
 
-def sleb(lm, windows, k_max: int | None = None, evaluator=None) -> BaselineResult:
+def sleb(lm: LoadedModel, windows: Windows, k_max: int | None = None, evaluator: MaskEvaluator | None = None) -> BaselineResult:
     """SLEB: k_max greedy rounds (default L-1); round r evaluates, in one batched call, the
     current mask with each kept layer dropped and removes the one with the lowest perplexity.
 
@@ -362,7 +362,7 @@ def sleb(lm, windows, k_max: int | None = None, evaluator=None) -> BaselineResul
     )
 
 
-def random_order(lm, windows, seed: int = 0) -> BaselineResult:
+def random_order(lm: LoadedModel, windows: Windows, seed: int = 0) -> BaselineResult:
     """A seeded uniform permutation (numpy default_rng(seed))."""
     t0 = time.perf_counter()
     order = tuple(int(i) for i in np.random.default_rng(seed).permutation(len(_layers(lm))))
@@ -375,7 +375,7 @@ def random_order(lm, windows, seed: int = 0) -> BaselineResult:
     )
 
 
-def last(lm, windows) -> BaselineResult:
+def last(lm: LoadedModel, windows: Windows) -> BaselineResult:
     """Remove from the top: L-1, L-2, ..., 0."""
     t0 = time.perf_counter()
     order = tuple(range(len(_layers(lm)) - 1, -1, -1))
@@ -403,7 +403,14 @@ BASELINES: dict[str, Callable[..., BaselineResult]] = {
 }
 
 
-def run_baseline(name: str, lm, windows, evaluator=None, k_max: int | None = None, seed: int = 0) -> BaselineResult:
+def run_baseline(
+    name: str,
+    lm: LoadedModel,
+    windows: Windows,
+    evaluator: MaskEvaluator | None = None,
+    k_max: int | None = None,
+    seed: int = 0,
+) -> BaselineResult:
     """Run the baseline `name`; each gets only the options it takes (evaluator, k_max, seed)."""
     fn = BASELINES.get(name)
     if fn is None:
