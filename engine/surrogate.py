@@ -33,6 +33,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import RidgeCV
+from threadpoolctl import threadpool_limits
 
 from engine.config import SurrogateSpec
 from engine.errors import EstimationError
@@ -76,14 +77,20 @@ SINGLE_THREAD_WORK = 400_000  # n_masks * L below which the MLP fits on one thre
 
 
 @contextlib.contextmanager
-def _torch_threads(work: int):
-    """Fit small networks on one thread: measured here (2 busy cores, 240 masks x 12 layers,
-    400 Adam steps) 0.3 s on one thread against 2.7-5 s on two, same numbers. Restored after."""
-    before = torch.get_num_threads()
-    if work < SINGLE_THREAD_WORK:
-        torch.set_num_threads(1)
-    try:
+def _few_threads(work: int):
+    """Fit small problems on one thread (torch, BLAS and OpenMP); restored afterwards.
+
+    Measured here (2 busy cores, 240 masks x 12 layers): 400 Adam steps 0.3 s on one thread
+    against 2.7-5 s on two; RidgeCV 0.02 s against up to 0.7 s; same numbers either way.
+    """
+    if work >= SINGLE_THREAD_WORK:
         yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -137,7 +144,7 @@ class MLPSurrogate:
             torch.manual_seed(self.seed)
             self.net = _Net(X.shape[1])
         gen = torch.Generator().manual_seed(self.seed)
-        with _torch_threads(X.size):
+        with _few_threads(X.size):
             if self.preset == "paper":
                 self._fit_paper(Xt, yt, gen)
             else:
@@ -227,7 +234,8 @@ class RidgePairwiseSurrogate:
     def fit(self, masks, scores) -> "RidgePairwiseSurrogate":
         X, y = _check_xy(masks, scores)
         L = X.shape[1]
-        model = RidgeCV(alphas=self.alphas).fit(self.features(X), y)
+        with _few_threads(X.size):
+            model = RidgeCV(alphas=self.alphas).fit(self.features(X), y)
         self.alpha = float(model.alpha_)
         self.intercept = float(model.intercept_)
         self.coef_lin = model.coef_[:L].copy()
@@ -259,10 +267,12 @@ class GBTSurrogate:
 
     def fit(self, masks, scores) -> "GBTSurrogate":
         X, y = _check_xy(masks, scores)
-        self.model = HistGradientBoostingRegressor(
+        model = HistGradientBoostingRegressor(
             max_iter=self.max_iter, learning_rate=self.learning_rate, min_samples_leaf=min(20, max(2, len(y) // 10)),
             early_stopping=False, random_state=self.seed,
-        ).fit(X.astype(np.float32), y)
+        )
+        with _few_threads(X.size):
+            self.model = model.fit(X.astype(np.float32), y)
         return self
 
     def predict(self, masks) -> np.ndarray:
