@@ -222,22 +222,33 @@ class RunStore:
                 "INSERT OR IGNORE INTO meta(key, json) VALUES (?, ?)", [(k, _dumps(v)) for k, v in rows.items()]
             )
 
-    @contextmanager
-    def _connect(self, write: bool = False, create: bool = False):
-        """A short-lived connection in one transaction; commits on success, rolls back on error.
-
-        write=True takes the write lock up front (BEGIN IMMEDIATE: no lock-upgrade deadlocks).
-        """
+    def _open_connection(self, create: bool = False) -> sqlite3.Connection:
         if not create and not self.path.is_file():
             raise StoreError(f"run store {self.path} does not exist (was the run deleted?).")
         try:
             con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open run store {self.path}: {e}") from e
-        try:
             con.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            # WAL + NORMAL: a commit survives a crash of this process (what matters here);
+            # only a power loss may drop the last commits. FULL costs an fsync per mask.
+            con.execute("PRAGMA synchronous=NORMAL")
             if create:
                 con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open run store {self.path}: {e}") from e
+        return con
+
+    @contextmanager
+    def _connect(self, write: bool = False, create: bool = False, con: sqlite3.Connection | None = None):
+        """One transaction; commits on success, rolls back on error.
+
+        On a short-lived connection unless `con` is given (the writer keeps its own: closing
+        the last connection checkpoints the WAL, which costs milliseconds per mask).
+        write=True takes the write lock up front (BEGIN IMMEDIATE: no lock-upgrade deadlocks).
+        """
+        own = con is None
+        if own:
+            con = self._open_connection(create)
+        try:
             con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield con
             con.execute("COMMIT")
@@ -246,7 +257,8 @@ class RunStore:
                 con.execute("ROLLBACK")
             raise
         finally:
-            con.close()
+            if own:
+                con.close()
 
     def _write(self):
         return self._connect(write=True)
@@ -368,53 +380,63 @@ class Writer:
         self.cancelled = False  # set by the caller when it stops on a cancel request
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._con: sqlite3.Connection | None = None  # this writer's connection (its thread only)
 
     def __enter__(self) -> "Writer":
         now = time.time()
-        with self.store._write() as con:
-            row = con.execute(
-                "SELECT pid, hostname, token, started, heartbeat, target, status, cancel, message FROM lease"
-            ).fetchone()
-            if row is not None:
-                held = Lease(*row[:7], bool(row[7]), row[8])
-                if held.alive(now):
-                    raise StoreLocked(
-                        f"run {self.store.run_id} is being written by pid {held.pid} on {held.hostname} "
-                        f"(last heartbeat {now - held.heartbeat:.0f} s ago, target {held.target} masks). "
-                        f"Wait for it, cancel it from the app, or stop it with `kill {held.pid}` on "
-                        f"{held.hostname}; a dead writer's lease expires after {LEASE_TIMEOUT_S:.0f} s."
-                    )
-            con.execute(
-                "INSERT OR REPLACE INTO lease(id, pid, hostname, token, started, heartbeat, target, status, cancel, "
-                "message) VALUES (1, ?, ?, ?, ?, ?, ?, 'running', 0, NULL)",
-                (os.getpid(), socket.gethostname(), self.token, now, now, self.target),
-            )
+        self._con = self.store._open_connection()
+        try:
+            with self.store._connect(write=True, con=self._con) as con:
+                row = con.execute(
+                    "SELECT pid, hostname, token, started, heartbeat, target, status, cancel, message FROM lease"
+                ).fetchone()
+                if row is not None:
+                    held = Lease(*row[:7], bool(row[7]), row[8])
+                    if held.alive(now):
+                        raise StoreLocked(
+                            f"run {self.store.run_id} is being written by pid {held.pid} on {held.hostname} "
+                            f"(last heartbeat {now - held.heartbeat:.0f} s ago, target {held.target} masks). "
+                            f"Wait for it, cancel it from the app, or stop it with `kill {held.pid}` on "
+                            f"{held.hostname}; a dead writer's lease expires after {LEASE_TIMEOUT_S:.0f} s."
+                        )
+                con.execute(
+                    "INSERT OR REPLACE INTO lease(id, pid, hostname, token, started, heartbeat, target, status, cancel, "
+                    "message) VALUES (1, ?, ?, ?, ?, ?, ?, 'running', 0, NULL)",
+                    (os.getpid(), socket.gethostname(), self.token, now, now, self.target),
+                )
+        except BaseException:
+            self._con.close()
+            raise
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.store.run_id}", daemon=True)
         self._thread.start()
         return self
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                with self.store._write() as con:
-                    con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (time.time(), self.token))
-            except sqlite3.Error:
-                pass  # a busy database: the next beat retries; the lease only expires after LEASE_TIMEOUT_S
+        con = self.store._open_connection()
+        try:
+            while not self._stop.wait(HEARTBEAT_S):
+                try:
+                    with self.store._connect(write=True, con=con):
+                        con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (time.time(), self.token))
+                except sqlite3.Error:
+                    pass  # a busy database: the next beat retries; the lease only expires after LEASE_TIMEOUT_S
+        finally:
+            con.close()
 
     def cancel_requested(self) -> bool:
-        with self.store._connect() as con:
+        with self.store._connect(con=self._con) as con:
             row = con.execute("SELECT cancel FROM lease WHERE token = ?", (self.token,)).fetchone()
         return bool(row and row[0])
 
     def set_target(self, target: int) -> None:
         self.target = target
-        with self.store._write() as con:
+        with self.store._connect(write=True, con=self._con) as con:
             con.execute("UPDATE lease SET target = ? WHERE token = ?", (target, self.token))
 
     def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float) -> int:
         """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced."""
         now = time.time()
-        with self.store._write() as con:
+        with self.store._connect(write=True, con=self._con) as con:
             holder = con.execute("SELECT token FROM lease").fetchone()
             if holder is None or holder[0] != self.token:
                 raise StoreLocked(
@@ -441,13 +463,15 @@ class Writer:
         else:
             status, message = "failed", f"{exc_type.__name__}: {exc}"
         try:
-            with self.store._write() as con:
+            with self.store._connect(write=True, con=self._con) as con:
                 con.execute(
                     "UPDATE lease SET status = ?, message = ?, heartbeat = ? WHERE token = ?",
                     (status, message, time.time(), self.token),
                 )
         except sqlite3.Error:
             pass  # the lease then expires by itself; never mask the original exception
+        finally:
+            self._con.close()
 
 
 def list_runs(cache_dir=None) -> list[RunSummary]:

@@ -1,0 +1,215 @@
+"""The workbench's stages as resumable steps: what the CLI and the app call.
+
+Each stage is one function taking frozen specs (and a cache dir) and returning a frozen
+result record with a ``to_json()`` dict; all orchestration lives here, the CLI only parses.
+Stages so far:
+
+* ``open_run(spec, cache_dir)``: load model + calibration windows, compute the run id,
+  open (or create) the run store. Shared by every stage that works on a run.
+* ``sample(spec, cache_dir)``: draw ``sample_masks(spec.sampling, L)``, skip the masks the
+  store already holds, evaluate the rest (prefix sharing), committing each one as it
+  finishes. Stops cleanly on a cancel request (checked between masks) or Ctrl-C; what was
+  evaluated stays, and running it again resumes.
+* ``info(model_spec, data_spec)``: what the model is and its perplexity on the data.
+* ``status(cache_dir)``: one dict per run store.
+
+Later stages (fit, shapley, prune, run) follow the same pattern: ``run = open_run(...)``
+(or ``RunStore.open`` when the model is not needed), read ``run.store.table()``, write
+their results with ``run.store.put_artifact(name, ...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import DataSpec, ModelSpec, RunSpec
+from engine.data import Windows, make_windows
+from engine.evaluate import MaskEvaluator, scores
+from engine.models import LoadedModel, load_model
+from engine.sampling import masks_to_strings, sample_masks
+from engine.store import RunStore, list_runs
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded in each run's meta (results depend on them)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "numpy", "engine"):
+        try:
+            out[name] = md.version(name) if name != "engine" else __import__("engine").__version__
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass
+class OpenRun:
+    """A run ready for work: the loaded model, its windows and the run store."""
+
+    spec: RunSpec
+    lm: LoadedModel
+    windows: Windows
+    run_id: str
+    store: RunStore
+
+    @property
+    def n_layers(self) -> int:
+        return self.lm.n_layers
+
+
+def open_run(spec: RunSpec, cache_dir=None) -> OpenRun:
+    """Load model and windows, derive the run id (model identity, data hash, sampling), open the store."""
+    lm = load_model(spec.model)
+    windows = make_windows(lm.tokenizer, spec.data)
+    # Check the sampling settings against L before anything is written to the cache.
+    sample_masks(dataclasses.replace(spec.sampling, n_masks=0), lm.n_layers)
+    run_id = spec.run_id(lm.identity, windows.data_hash)
+    meta = {
+        "spec": dataclasses.asdict(spec),
+        "model": spec.model.name,
+        "model_identity": lm.identity,
+        "family": lm.family,
+        "data": spec.data.source,
+        "data_hash": windows.data_hash,
+        "n_layers": lm.n_layers,
+        "versions": package_versions(),
+    }
+    store = RunStore.open(cache_dir, run_id, meta)
+    return OpenRun(spec=spec, lm=lm, windows=windows, run_id=run_id, store=store)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    run_id: str
+    store: str  # path of the run's database
+    evaluated: int  # masks evaluated by this call
+    total: int  # masks in the run's sample now stored (of `target`)
+    target: int  # masks asked for (spec.sampling.n_masks)
+    seconds: float  # wall time of this call, model loading included
+    n_layers: int
+    ppl_full: float | None
+    nonfinite: int  # masks evaluated by this call whose perplexity was NaN/inf
+    stopped: str | None  # None (done) | "cancelled" (cancel request) | "interrupted" (Ctrl-C)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Progress:
+    """tqdm bar with ETA on stderr, or (json_mode) one JSON progress line a second on stderr."""
+
+    def __init__(self, total: int, enabled: bool, json_mode: bool):
+        self.total, self.done, self.json_mode = total, 0, json_mode
+        self.enabled = enabled and total > 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if self.enabled and not json_mode:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="mask", desc="sampling", dynamic_ncols=True)
+
+    def update(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if now - self.last >= 1.0 or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate
+            line = {"event": "progress", "done": self.done, "total": self.total, "eta_s": round(eta, 1)}
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def sample(spec: RunSpec, cache_dir=None, progress: bool = True, json_mode: bool = False) -> SampleResult:
+    """Evaluate the run's first ``spec.sampling.n_masks`` masks that the store does not hold yet."""
+    t0 = time.monotonic()
+    run = open_run(spec, cache_dir)
+    store = run.store
+    masks = sample_masks(spec.sampling, run.n_layers)  # (n, L)
+    strings = masks_to_strings(masks)
+    done = store.done_masks()
+    todo = [i for i, s in enumerate(strings) if s not in done]
+    ppl_full = store.meta().get("ppl_full")
+    evaluated = nonfinite = 0
+    stopped = None
+    if todo or ppl_full is None:
+        try:
+            with store.writer(target=len(strings)) as writer:
+                evaluator = MaskEvaluator(run.lm, run.windows)
+                if ppl_full is None:
+                    ppl_full = float(evaluator.ppl_full)
+                    store.set_meta(ppl_full=ppl_full)
+                bar = _Progress(len(todo), progress, json_mode)
+                try:
+                    for index, ppl, seconds in evaluator.iter_perplexities(masks[todo]):
+                        score, flag = scores(np.array([ppl], dtype=float), ppl_full)
+                        writer.add(strings[todo[index]], float(ppl), float(score[0]), bool(flag[0]), float(seconds))
+                        evaluated += 1
+                        nonfinite += int(flag[0])
+                        bar.update()
+                        if writer.cancel_requested():
+                            writer.cancelled = True
+                            stopped = "cancelled"
+                            break
+                finally:
+                    bar.close()
+        except KeyboardInterrupt:
+            stopped = "interrupted"  # the writer recorded it; every committed row stays
+    total = len(set(strings) & store.done_masks())
+    return SampleResult(
+        run_id=run.run_id,
+        store=str(store.path),
+        evaluated=evaluated,
+        total=total,
+        target=len(strings),
+        seconds=round(time.monotonic() - t0, 3),
+        n_layers=run.n_layers,
+        ppl_full=ppl_full,
+        nonfinite=nonfinite,
+        stopped=stopped,
+    )
+
+
+def info(model_spec: ModelSpec, data_spec: DataSpec) -> dict:
+    """Model family, size, class, dtype, device, identity and its perplexity on the data's windows."""
+    lm = load_model(model_spec)
+    windows = make_windows(lm.tokenizer, data_spec)
+    ppl = float(MaskEvaluator(lm, windows).ppl_full)
+    return {
+        "model": model_spec.name,
+        "family": lm.family,
+        "model_class": type(lm.model).__name__,
+        "n_layers": lm.n_layers,
+        "n_params": lm.n_params,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "identity": lm.identity,
+        "data": data_spec.source,
+        "data_hash": windows.data_hash,
+        "n_windows": int(windows.input_ids.shape[0]),
+        "seq_len": int(windows.input_ids.shape[1]),
+        "ppl": ppl,
+    }
+
+
+def status(cache_dir=None) -> list[dict]:
+    """One dict per run store under cache_dir (see store.RunSummary), most recent first."""
+    root = Path(cache_dir) if cache_dir is not None else None
+    return [dataclasses.asdict(s) for s in list_runs(root)]

@@ -1,0 +1,212 @@
+"""`python -m engine`: JSON output, resume, kill-and-resume, and clear errors for bad input.
+
+Uses tiny random models saved with save_pretrained (byte tokenizer, no downloads).
+Most commands run in-process through cli.main (fast); the JSON-last-line and SIGKILL
+tests run real subprocesses.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, family_config
+from engine import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = " ".join(f"The quick brown fox number {i} jumps over the lazy dog near the river." for i in range(200))
+
+
+def _save(folder: Path, config) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "text.txt").write_text(TEXT)
+    (root / "short.txt").write_text("too short")
+    (root / "empty.txt").write_text("  \n")
+    _save(root / "tiny4", family_config("llama", 4))
+    _save(root / "tiny12", family_config("llama", 12))
+    from transformers import AutoConfig
+
+    bloom = AutoConfig.for_model("bloom", vocab_size=260, hidden_size=32, n_layer=2, n_head=4)
+    _save(root / "bloom", bloom)
+    return root
+
+
+def _args(files, model="tiny4", *extra, cache=None):
+    return [
+        "--model", str(files / model), "--data", str(files / "text.txt"), "--windows", "2", "--seq-len", "16",
+        "--cache-dir", str(cache or files / "cache"), *extra,
+    ]
+
+
+def _run_main(capsys, argv):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_sample_json_is_the_last_stdout_line_and_second_run_evaluates_nothing(files, tmp_path, capsys):
+    cmd = [sys.executable, "-m", "engine", "sample", *_args(files, "tiny4", "--masks", "6", "--json", cache=tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = _last_json(proc.stdout)
+    assert result["evaluated"] == 6 and result["total"] == 6 and result["n_layers"] == 4
+    assert Path(result["store"]).is_file() and Path(result["store"]).is_relative_to(tmp_path)
+    assert result["seconds"] > 0 and result["ppl_full"] > 1
+    # again, in-process: resumes, evaluates nothing; asking for more extends the same run
+    again = cli.main(["sample", *_args(files, "tiny4", "--masks", "6", "--json", cache=tmp_path)])
+    assert again == 0
+    capsys.readouterr()
+    assert cli.main(["sample", *_args(files, "tiny4", "--masks", "10", "--json", cache=tmp_path)]) == 0
+    extended = _last_json(capsys.readouterr().out)
+    assert extended["run_id"] == result["run_id"] and extended["evaluated"] == 4 and extended["total"] == 10
+
+
+def test_second_run_reports_zero(files, tmp_path, capsys):
+    argv = ["sample", *_args(files, "tiny4", "--masks", "4", "--json", cache=tmp_path)]
+    assert _run_main(capsys, argv)[0] == 0
+    code, out, _ = _run_main(capsys, argv)
+    assert code == 0 and _last_json(out)["evaluated"] == 0 and _last_json(out)["total"] == 4
+    code, out, _ = _run_main(capsys, ["status", "--cache-dir", str(tmp_path), "--json"])
+    (run,) = _last_json(out)["runs"]
+    assert run["n_samples"] == 4 and run["status"] == "finished" and run["n_layers"] == 4
+
+
+def test_info(files, capsys):
+    code, out, _ = _run_main(capsys, ["info", *_args(files, "tiny4")[:-2], "--json"])
+    info = _last_json(out)
+    assert code == 0
+    assert info["family"] == "llama" and info["n_layers"] == 4 and info["n_params"] > 0 and info["ppl"] > 1
+
+
+def _count(db: Path) -> int:
+    try:
+        con = sqlite3.connect(db, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _rows(db: Path):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT rowid, mask, created FROM samples ORDER BY rowid").fetchall()
+    finally:
+        con.close()
+
+
+def test_sigkill_halfway_then_rerun_loses_nothing_and_recomputes_nothing(files, tmp_path):
+    # 12 layers x 4 windows of 128 tokens: slow enough per mask to kill mid-run.
+    argv = [
+        "sample", "--model", str(files / "tiny12"), "--data", str(files / "text.txt"), "--windows", "4",
+        "--seq-len", "128", "--masks", "24", "--cache-dir", str(tmp_path), "--json",
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        db = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(tmp_path.glob("*/run.sqlite"))
+            if found and _count(found[0]) >= 6:
+                db = found[0]
+                break
+            time.sleep(0.01)
+        assert db is not None and proc.poll() is None, "the sample run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    before = _rows(db)
+    assert 6 <= len(before) < 24
+    rerun = subprocess.run([sys.executable, "-m", "engine", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    result = _last_json(rerun.stdout)
+    after = _rows(db)
+    assert result["evaluated"] == 24 - len(before) and result["total"] == 24
+    assert len(after) == 24 and len({m for _, m, _ in after}) == 24
+    assert after[: len(before)] == before  # same rows, same commit times: nothing recomputed
+
+
+BAD_INPUTS = {
+    "unknown model folder": (["--model", "/nonexistent/model-folder"], "model"),
+    "unsupported architecture": (["--model", "{files}/bloom"], "adapter"),
+    "too-short text": (["--data", "{files}/short.txt"], "tokens"),
+    "empty text": (["--data", "{files}/empty.txt"], "empty"),
+    "missing text file": (["--data", "{files}/nope.txt"], "no such file"),
+    "strata not integers": (["--strata", "a,b"], "integers"),
+    "strata out of range": (["--strata", "9,2"], "between 1 and 3"),
+    "remove range reversed": (["--remove-range", "0.5,0.1"], "remove-range"),
+    "paired with stratified": (["--paired"], "paired"),
+    "negative masks": (["--masks", "-3"], "--masks"),
+    "unknown option": (["--bogus"], "unrecognized"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_a_clear_error_without_traceback(case, files, tmp_path, capsys):
+    extra, expected = BAD_INPUTS[case]
+    extra = [x.format(files=files) for x in extra]
+    argv = ["sample", *_args(files, "tiny4", cache=tmp_path), *extra, "--json"]
+    code, out, err = _run_main(capsys, argv)
+    assert code != 0
+    assert "Traceback" not in err and "Traceback" not in out
+    message = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and expected.lower() in message[0].lower(), err
+    assert _last_json(out)["error"]
+    assert not list(tmp_path.glob("*/run.sqlite")), "a failed command must not create a run store"
+
+
+def test_debug_shows_the_traceback(files, tmp_path, capsys):
+    code, _, err = _run_main(capsys, ["sample", *_args(files, "tiny4", cache=tmp_path), "--strata", "9", "--debug"])
+    assert code != 0 and "Traceback" in err
+
+
+def test_unexpected_errors_say_rerun_with_debug(files, monkeypatch, capsys):
+    from engine import pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(pipeline, "status", broken)
+    code, out, err = _run_main(capsys, ["status", "--json"])
+    assert code == 1 and "kaboom" in err and "--debug" in err and "Traceback" not in err
+    assert "kaboom" in _last_json(out)["error"]
+
+
+def test_store_locked_exit_code(files, tmp_path, capsys):
+    from engine.store import RunStore
+
+    argv = ["sample", *_args(files, "tiny4", "--masks", "2", "--json", cache=tmp_path)]
+    assert _run_main(capsys, argv)[0] == 0
+    (db,) = tmp_path.glob("*/run.sqlite")
+    store = RunStore.open(tmp_path, db.parent.name)
+    with store.writer():
+        code, out, err = _run_main(capsys, argv[:-3] + ["--masks", "4", "--json"])
+    assert code == 3 and str(os.getpid()) in err and "Traceback" not in err
