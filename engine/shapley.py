@@ -258,7 +258,6 @@ def _monte_carlo(f: ValueFn, L: int, weighting: Weighting, n_samples: int, seed:
     s = np.arange(L)
     p_s = pi[s + 1] / binom[s + 1] + pi[s] / binom[s]  # probability of a given coalition S of size s
     iw = np.divide(w, p_s, out=np.zeros(L), where=p_s > 0)  # (L,) importance weight by |S|
-    uncovered = float(np.sum(w[p_s == 0] * np.array([math.comb(L - 1, k) for k in range(L)])[p_s == 0]))
     per_draw = max(1, chunk // (L + 1))
     terms = np.empty((n_samples, L))  # per-draw estimate of phi
     for a in range(0, n_samples, per_draw):
@@ -276,8 +275,6 @@ def _monte_carlo(f: ValueFn, L: int, weighting: Weighting, n_samples: int, seed:
     values = terms.mean(axis=0)
     stderr = terms.std(axis=0, ddof=1) / math.sqrt(n_samples)
     details = {"method": "Monte Carlo", "n_samples": n_samples, "seed": seed, "size_distribution": pi}
-    if uncovered > 0:
-        details["uncovered_weight"] = uncovered
     return Contributions(values, stderr, f"{weighting.name}, Monte Carlo ({n_samples} masks x {L + 1})",
                          n_samples * (L + 1), details)
 
