@@ -65,6 +65,15 @@ def _make_identity(model, family):
     return layer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: extra torch threads only contend on a shared, loaded machine (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def setup(request):
     """A 4-layer model trained to near convergence on a bigram task, layer IDENT an exact identity.
@@ -80,18 +89,13 @@ def setup(request):
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(VOCAB, generator=gen)
     opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in frozen], lr=2e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared machine
-    try:
-        model.train()
-        for _ in range(40):
-            ids = _bigram_batch(gen, perm, 8)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    model.train()
+    for _ in range(40):
+        ids = _bigram_batch(gen, perm, 8)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.zero_grad(set_to_none=True)
     lm = wrap_model(model, identity=f"trained:{family}")
     ids = _bigram_batch(gen, perm, 4)
