@@ -68,6 +68,8 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
     g.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N | auto (default %(default)s)")
     g.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16 | auto (default %(default)s)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; use 1 on a shared, busy machine)")
     return p
 
 
@@ -97,6 +99,12 @@ def _sampling_options() -> argparse.ArgumentParser:
 
 
 def model_spec(args) -> ModelSpec:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be a positive integer; got {args.threads}.")
+        from engine.pipeline import set_threads
+
+        set_threads(args.threads)
     return ModelSpec(
         name=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
         trust_remote_code=args.trust_remote_code,

@@ -51,6 +51,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def set_threads(n: int) -> None:
+    """CPU threads for torch. On an oversubscribed machine fewer threads can be much faster
+    (measured: 16-layer demo model, 2 cores at load ~9: 1 thread 8x faster than 2)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
 @dataclass
 class OpenRun:
     """A run ready for work: the loaded model, its windows and the run store."""
@@ -137,8 +145,31 @@ class _Progress:
             self.bar.close()
 
 
-def sample(spec: RunSpec, cache_dir=None, progress: bool = True, json_mode: bool = False) -> SampleResult:
-    """Evaluate the run's first ``spec.sampling.n_masks`` masks that the store does not hold yet."""
+FIRST_CHUNK = 64
+
+
+def _chunks(n: int, first: int | None):
+    """(lo, hi) slices of sizes first, 2*first, 4*first, ...; one slice when first is None."""
+    lo, size = 0, first or n
+    while lo < n:
+        yield lo, min(n, lo + size)
+        lo, size = lo + size, size * 2
+
+
+def sample(
+    spec: RunSpec, cache_dir=None, progress: bool = True, json_mode: bool = False, first_chunk: int | None = FIRST_CHUNK
+) -> SampleResult:
+    """Evaluate the run's first ``spec.sampling.n_masks`` masks that the store does not hold yet.
+
+    Masks go to the evaluator in chunks of doubling size (64, 128, 256, ... in sample order).
+    Inside a chunk the evaluator walks the masks' prefix trie, i.e. in lexicographic order of
+    kept layers, so a run stopped mid-chunk holds a *biased* part of that chunk; chunking
+    bounds this: what is stored is always the sample's first masks plus part of one chunk.
+    The price is lost prefix sharing between chunks (measured with
+    evaluate.count_prefix_computations, 2,048 stratified masks: L=16 6,854 layer calls in one
+    batch vs 9,561 chunked vs 22,592 without sharing; L=32 26,759 vs 30,323 vs 49,161).
+    ``first_chunk=None`` evaluates all masks as one batch.
+    """
     t0 = time.monotonic()
     run = open_run(spec, cache_dir)
     store = run.store
@@ -158,15 +189,19 @@ def sample(spec: RunSpec, cache_dir=None, progress: bool = True, json_mode: bool
                     store.set_meta(ppl_full=ppl_full)
                 bar = _Progress(len(todo), progress, json_mode)
                 try:
-                    for index, ppl, seconds in evaluator.iter_perplexities(masks[todo]):
-                        score, flag = scores(np.array([ppl], dtype=float), ppl_full)
-                        writer.add(strings[todo[index]], float(ppl), float(score[0]), bool(flag[0]), float(seconds))
-                        evaluated += 1
-                        nonfinite += int(flag[0])
-                        bar.update()
-                        if writer.cancel_requested():
-                            writer.cancelled = True
-                            stopped = "cancelled"
+                    for lo, hi in _chunks(len(todo), first_chunk):
+                        part = todo[lo:hi]
+                        for index, ppl, seconds in evaluator.iter_perplexities(masks[part]):
+                            score, flag = scores(np.array([ppl], dtype=float), ppl_full)
+                            writer.add(strings[part[index]], float(ppl), float(score[0]), bool(flag[0]), float(seconds))
+                            evaluated += 1
+                            nonfinite += int(flag[0])
+                            bar.update()
+                            if writer.cancel_requested():
+                                writer.cancelled = True
+                                stopped = "cancelled"
+                                break
+                        if stopped:
                             break
                 finally:
                     bar.close()

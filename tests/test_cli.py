@@ -210,3 +210,32 @@ def test_store_locked_exit_code(files, tmp_path, capsys):
     with store.writer():
         code, out, err = _run_main(capsys, argv[:-3] + ["--masks", "4", "--json"])
     assert code == 3 and str(os.getpid()) in err and "Traceback" not in err
+
+
+def test_pipeline_sample_stops_on_cancel_request_and_resumes(files, tmp_path, monkeypatch):
+    from engine import pipeline
+    from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec
+    from engine.store import RunStore, Writer
+
+    original_add = Writer.add
+
+    def add_then_cancel(self, *args, **kwargs):  # the app's Cancel button, pressed after 3 masks
+        rowid = original_add(self, *args, **kwargs)
+        if rowid == 3:
+            assert RunStore.open(self.store.cache_dir, self.store.run_id).request_cancel()
+        return rowid
+
+    monkeypatch.setattr(Writer, "add", add_then_cancel)
+    spec = RunSpec(
+        model=ModelSpec(name=str(files / "tiny12")),
+        data=DataSpec(source=str(files / "text.txt"), n_windows=2, seq_len=16),
+        sampling=SamplingSpec(n_masks=30),
+    )
+    result = pipeline.sample(spec, tmp_path, progress=False)
+    assert result.stopped == "cancelled" and result.evaluated == 3 and result.total == 3
+    store = RunStore.open(tmp_path, result.run_id)
+    assert store.lease().status == "cancelled" and store.count() == 3
+    before = store.results()
+    again = pipeline.sample(spec, tmp_path, progress=False)  # rowids > 3 now: no further cancel
+    assert again.evaluated == 27 and again.total == 30 and again.stopped is None
+    assert store.results()[:3] == before

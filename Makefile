@@ -1,0 +1,35 @@
+# Two entry points: `make run` (the main job) and `make test`. Both create .venv with
+# python3.11 if it is missing and install requirements.txt; a stamp file means an
+# unchanged requirements.txt is not reinstalled.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+
+.PHONY: install run test status clean-cache bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the app lands: sample 60 masks of the bundled demo model into ./cache (resumable).
+run: install
+	$(PY) -m engine sample --masks 60
+
+test: install
+	$(VENV)/bin/pytest -q
+
+status: install
+	$(PY) -m engine status
+
+# Benchmarks (bench/README.md): mask evaluation vs the zero-weights reference, the Shapley step
+# vs the per-mask loop, and the end-to-end CLI wall time; each prints its ratio and seconds.
+bench: install
+	$(PY) -m bench.mask_eval --threads 1
+	$(PY) -m bench.shapley_step --threads 1
+	$(PY) -m bench.run_wall -- --threads 1
