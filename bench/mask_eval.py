@@ -44,6 +44,9 @@ class MaskEvalResult:
     ratio: float  # engine masks/s over reference masks/s
     engine_seconds: float
     reference_seconds: float
+    cpu_ratio: float  # the same ratio in process CPU time (robust to a busy machine; CPU devices)
+    engine_cpu_seconds: float
+    reference_cpu_seconds: float
     engine_masks_per_s: float
     reference_masks_per_s: float
     n_masks: int
@@ -78,10 +81,10 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
     identity_err = reference.zeroed_identity_error(masks[0])
     reference.perplexity(masks[0])  # warm-up
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ref_a = reference.perplexities(masks[:half])
     sync(device)
-    ref_seconds = time.perf_counter() - t0
+    ref_seconds, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     evaluator = MaskEvaluator(lm, input_ids)
     evaluator.perplexities(masks[:2])  # warm-up
@@ -94,16 +97,17 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
                                    for j in layers]))
         head_s = median_seconds(lambda: evaluator._leaf_nll(root), unit_repeats, device)
     evaluator.layer_calls = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     eng = evaluator.perplexities(masks)
     sync(device)
-    eng_seconds = time.perf_counter() - t0
+    eng_seconds, eng_cpu = time.perf_counter() - t0, time.process_time() - c0
     layer_calls = evaluator.layer_calls
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ref_b = reference.perplexities(masks[half:])
     sync(device)
     ref_seconds += time.perf_counter() - t0
+    ref_cpu += time.process_time() - c0
     ref = np.concatenate([ref_a, ref_b])
 
     finite = np.isfinite(ref) & np.isfinite(eng)
@@ -117,6 +121,9 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
         ratio=ref_seconds / eng_seconds,
         engine_seconds=eng_seconds,
         reference_seconds=ref_seconds,
+        cpu_ratio=ref_cpu / max(eng_cpu, 1e-9),
+        engine_cpu_seconds=eng_cpu,
+        reference_cpu_seconds=ref_cpu,
         engine_masks_per_s=n / eng_seconds,
         reference_masks_per_s=n / ref_seconds,
         n_masks=n,
@@ -145,7 +152,8 @@ def report_lines(r: MaskEvalResult, title: str) -> list[str]:
         f"{title}: {r.n_masks} masks, {r.n_layers} layers, {r.n_windows} x {r.seq_len} tokens, {r.device} {r.dtype}",
         f"  engine     {r.engine_seconds:8.2f} s  {r.engine_masks_per_s:8.2f} masks/s",
         f"  reference  {r.reference_seconds:8.2f} s  {r.reference_masks_per_s:8.2f} masks/s  (zero weights, full model)",
-        f"  ratio      {r.ratio:.2f}x (engine over reference, same run)",
+        f"  ratio      {r.ratio:.2f}x (engine over reference, same run); CPU time {r.engine_cpu_seconds:.2f} s vs "
+        f"{r.reference_cpu_seconds:.2f} s: {r.cpu_ratio:.2f}x",
         f"  floor      {r.floor_seconds:8.2f} s = {r.prefix_computations} prefix computations x "
         f"{r.layer_call_seconds * 1e3:.2f} ms + {r.n_masks} x {r.head_loss_seconds * 1e3:.2f} ms head+loss; "
         f"measured/floor {r.measured_over_floor:.2f}",
