@@ -24,9 +24,12 @@ head and the loss run chunked.
 The alternative from the design notes -- running the model's forward for every layer step with
 [Inject(h), layer_j, Capture] and stopping it with an exception -- repeats embedding, mask
 and rotary construction for every layer step. Measured on the demo-shaped model (Llama, 16
-layers, hidden 192, 8 x 128 tokens, 2 shared CPU cores; `bench/prefix_mechanism.py`):
-see the numbers in that script's docstring; direct recorded calls were faster, and are
-equally general (no per-family code), so they are used here.
+layers, hidden 192, vocab 4096, 8 x 128 tokens, 24 stratified masks, 1 thread on 2 CPU cores
+shared with other jobs (load ~9); `python -m bench.prefix_mechanism 24`): independent 1409
+ms/mask (286 layer calls' worth), recorded calls 903 ms/mask, forward-step 929 ms/mask (196
+layer calls each), all three identical to the last bit. Recorded calls are faster, need no
+exception for control flow and no per-family code, so they are used here. (The timings are
+noisy on this loaded machine; the layer-call counts are exact.)
 
 `prefix_sharing=False` evaluates each mask independently through `masking.keep_only` and the
 model's own forward: a second, independent path that the tests compare against.
@@ -34,7 +37,6 @@ model's own forward: a second, independent path that the tests compare against.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data import Windows
-from engine.masking import keep_only, kept_indices, swapped_layers
+from engine.masking import keep_only, swapped_layers
 from engine.models import LoadedModel
 
 
@@ -157,7 +159,7 @@ class MaskEvaluator:
                 self._calls.append([(r.args, r.kwargs) for r in recorders])
         self._tuple_output = recorders[0].tuple_output
         self._root = torch.cat(roots) if roots else None  # (n, T, d)
-        self.ppl_full = math.exp(nll / self._n_targets)
+        self.ppl_full = self._ppl(nll)
 
     def _base(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model.base_model(input_ids=ids, use_cache=False)
@@ -227,7 +229,6 @@ class MaskEvaluator:
         t0 = time.perf_counter()
         if not self.prefix_sharing:
             for i in range(m.shape[0]):
-                kept_indices(m[i], self.n_layers)
                 with torch.inference_mode():
                     ppl = self._ppl(self._independent_nll(m[i]))
                 t1 = time.perf_counter()
