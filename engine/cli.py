@@ -19,7 +19,7 @@ import sys
 import traceback
 from typing import Callable
 
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec
+from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.errors import WorkbenchError
 
 
@@ -131,9 +131,61 @@ def run_spec(args) -> RunSpec:
     return RunSpec(model=model_spec(args), data=data_spec(args), sampling=sampling)
 
 
+def _surrogate_options() -> argparse.ArgumentParser:
+    d = SurrogateSpec()
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("surrogate")
+    g.add_argument("--surrogate", default=d.kind, choices=("mlp", "ridge-pairwise", "gbt"),
+                   help="surrogate model (default %(default)s: the paper's network)")
+    g.add_argument("--preset", default=d.preset, choices=("adam", "paper"),
+                   help="mlp training: adam (converges at any budget) or paper (the reference schedule)")
+    g.add_argument("--holdout", type=float, default=d.holdout, help="held-out fraction (default %(default)s)")
+    g.add_argument("--ensemble", type=int, default=d.ensemble, help="surrogates fitted for error bars (default %(default)s)")
+    g.add_argument("--surrogate-seed", type=int, default=d.seed, help="(default %(default)s)")
+    return p
+
+
+def _method_options() -> argparse.ArgumentParser:
+    from engine.method import ESTIMATORS
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("contributions and pruning")
+    g.add_argument("--estimator", default="paper", choices=tuple(ESTIMATORS),
+                   help="; ".join(f"{k}: {v}" for k, v in ESTIMATORS.items()))
+    g.add_argument("--remove", type=int, default=None, help="number of layers to remove (default: L/4)")
+    g.add_argument("--out", default=None, help="export folder for the pruned model (must be empty or new)")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
+    g.add_argument("--eval-data", action="append", default=[],
+                   help="held-out text measured before/after pruning (repeatable; demo data adds demo-test, demo-ood)")
+    return p
+
+
+def _baseline_options() -> argparse.ArgumentParser:
+    from engine.baselines import BASELINES
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("baseline")
+    g.add_argument("--method", required=True, choices=tuple(BASELINES), help="the criterion to run")
+    g.add_argument("--k-max", type=int, default=None, help="sleb: rounds to run (default L-1)")
+    g.add_argument("--baseline-seed", type=int, default=0, help="random: the seed (default %(default)s)")
+    return p
+
+
+def surrogate_spec(args) -> SurrogateSpec:
+    if not 0 < args.holdout < 1:
+        raise UsageError(f"--holdout must be a fraction between 0 and 1; got {args.holdout}.")
+    if args.ensemble < 1:
+        raise UsageError(f"--ensemble must be >= 1; got {args.ensemble}.")
+    return SurrogateSpec(kind=args.surrogate, preset=args.preset, holdout=args.holdout, ensemble=args.ensemble,
+                         seed=args.surrogate_seed)
+
+
 # ------------------------------------------------------------------ commands
 _COMMANDS: dict[str, tuple[str, tuple[str, ...], Callable]] = {}
-_OPTION_GROUPS = {"model": _model_options, "data": _data_options, "sampling": _sampling_options}
+_OPTION_GROUPS = {
+    "model": _model_options, "data": _data_options, "sampling": _sampling_options,
+    "surrogate": _surrogate_options, "method": _method_options, "baseline": _baseline_options,
+}
 
 
 def command(name: str, help: str, options: tuple[str, ...] = ()):
@@ -165,6 +217,59 @@ def _status(args) -> dict:
     from engine import pipeline
 
     return {"runs": pipeline.status(args.cache_dir)}
+
+
+@command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve",
+         ("model", "data", "sampling", "surrogate"))
+def _fit(args) -> dict:
+    from engine import pipeline
+
+    return pipeline.fit(run_spec(args), surrogate_spec(args), args.cache_dir,
+                        compare_kinds=("mlp:adam", "mlp:paper", "ridge-pairwise", "gbt"))
+
+
+@command("shapley", "per-layer contributions on the surrogate (choose the estimator)",
+         ("model", "data", "sampling", "surrogate", "method"))
+def _shapley(args) -> dict:
+    from engine import pipeline
+
+    return pipeline.contributions(run_spec(args), surrogate_spec(args), args.estimator, args.cache_dir)
+
+
+def _remove(args, spec: RunSpec) -> int:
+    if args.remove is not None:
+        return args.remove
+    from engine.models import load_model
+
+    return max(1, load_model(spec.model).n_layers // 4)
+
+
+@command("prune", "decide which layers to remove from the run's samples and export the pruned model",
+         ("model", "data", "sampling", "surrogate", "method"))
+def _prune(args) -> dict:
+    from engine import pipeline
+
+    spec = run_spec(args)
+    return pipeline.prune(spec, surrogate_spec(args), args.estimator, _remove(args, spec), args.out, args.overwrite,
+                          tuple(args.eval_data), args.cache_dir)
+
+
+@command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",
+         ("model", "data", "sampling", "surrogate", "method"))
+def _run(args) -> dict:
+    from engine import pipeline
+
+    spec = run_spec(args)
+    return pipeline.run_all(spec, surrogate_spec(args), args.estimator, _remove(args, spec), args.out, args.overwrite,
+                            tuple(args.eval_data), args.cache_dir, progress=True, json_mode=args.json)
+
+
+@command("baselines", "a static pruning criterion (ShortGPT, angular, PPL, Taylor+, SLEB, random, last)",
+         ("model", "data", "baseline"))
+def _baselines(args) -> dict:
+    from engine import pipeline
+
+    return pipeline.baseline(model_spec(args), data_spec(args), args.method, k_max=args.k_max, seed=args.baseline_seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

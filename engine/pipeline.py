@@ -30,10 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import DataSpec, ModelSpec, RunSpec
+from engine import method
+from engine.config import DataSpec, ModelSpec, RunSpec, SurrogateSpec
+from engine.baselines import run_baseline
 from engine.data import Windows, make_windows
+from engine.errors import EstimationError, WorkbenchError
 from engine.evaluate import MaskEvaluator, scores
 from engine.models import LoadedModel, load_model
+from engine.prune import check_export_folder
 from engine.sampling import masks_to_strings, sample_masks
 from engine.store import RunStore, list_runs
 
@@ -157,7 +161,12 @@ def _chunks(n: int, first: int | None):
 
 
 def sample(
-    spec: RunSpec, cache_dir=None, progress: bool = True, json_mode: bool = False, first_chunk: int | None = FIRST_CHUNK
+    spec: RunSpec,
+    cache_dir=None,
+    progress: bool = True,
+    json_mode: bool = False,
+    first_chunk: int | None = FIRST_CHUNK,
+    run: OpenRun | None = None,
 ) -> SampleResult:
     """Evaluate the run's first ``spec.sampling.n_masks`` masks that the store does not hold yet.
 
@@ -168,10 +177,11 @@ def sample(
     The price is lost prefix sharing between chunks (measured with
     evaluate.count_prefix_computations, 2,048 stratified masks: L=16 6,854 layer calls in one
     batch vs 9,561 chunked vs 22,592 without sharing; L=32 26,759 vs 30,323 vs 49,161).
-    ``first_chunk=None`` evaluates all masks as one batch.
+    ``first_chunk=None`` evaluates all masks as one batch. Pass ``run`` (from `open_run`) to
+    reuse a loaded model instead of loading it again.
     """
     t0 = time.monotonic()
-    run = open_run(spec, cache_dir)
+    run = run or open_run(spec, cache_dir)
     store = run.store
     masks = sample_masks(spec.sampling, run.n_layers)  # (n, L)
     strings = masks_to_strings(masks)
@@ -248,3 +258,81 @@ def status(cache_dir=None) -> list[dict]:
     """One dict per run store under cache_dir (see store.RunSummary), most recent first."""
     root = Path(cache_dir) if cache_dir is not None else None
     return [dataclasses.asdict(s) for s in list_runs(root)]
+
+
+# ---------------------------------------------------------------- stage 2: the method (engine.method)
+
+
+def _samples_run(spec: RunSpec, cache_dir) -> OpenRun:
+    """Open an existing run for the analysis stages; refuse to create an empty one by accident."""
+    run = open_run(spec, cache_dir)
+    if run.store.count() == 0:
+        raise EstimationError(
+            f"run {run.run_id} has no evaluated masks yet. Run `python -m engine sample` with the same "
+            "model, data and sampling options first (or `python -m engine run`, which samples too)."
+        )
+    return run
+
+
+def fit(spec: RunSpec, surrogate: SurrogateSpec, cache_dir=None, compare_kinds: tuple[str, ...] = ()) -> dict:
+    """Fit the surrogate on the run's samples; held-out diagnostics and learning curve."""
+    run = _samples_run(spec, cache_dir)
+    f = method.fit(run, surrogate, curve=True, compare_kinds=compare_kinds)
+    return {"run_id": run.run_id, **method.fit_headline(f), **f.summary}
+
+
+def contributions(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, cache_dir=None,
+                  n_masks: int = 80_000, n_permutations: int = 2_000) -> dict:
+    """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
+    run = _samples_run(spec, cache_dir)
+    f = method.fit(run, surrogate, curve=False)
+    c = method.contributions(run, f, estimator, n_masks=n_masks, n_permutations=n_permutations, seed=surrogate.seed)
+    out = c.to_dict()
+    return {
+        "run_id": run.run_id,
+        "estimator": c.estimator,
+        "contributions": out["values"],
+        "stderr": out["stderr"],
+        "ranking": [int(i) for i in np.argsort(c.values, kind="stable")],  # least important first
+        "n_evaluations": c.n_evaluations,
+        "efficiency": out["details"].get("efficiency"),
+        "r2": method.fit_headline(f).get("r2"),
+    }
+
+
+def prune(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, out_dir=None,
+          overwrite: bool = False, eval_data: tuple[str, ...] = (), cache_dir=None, run: OpenRun | None = None,
+          sample_result: SampleResult | None = None) -> dict:
+    """fit -> contributions -> decide (k = 1..remove) -> export (if out_dir) on the run's samples."""
+    t0 = time.monotonic()
+    run = run or _samples_run(spec, cache_dir)
+    evaluated = sample_result.evaluated if sample_result else 0
+    result = method.run_method(run, evaluated, surrogate, estimator, remove, out_dir, overwrite, eval_data, t0)
+    return result.to_json()
+
+
+def run_all(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, out_dir=None,
+            overwrite: bool = False, eval_data: tuple[str, ...] = (), cache_dir=None, progress: bool = True,
+            json_mode: bool = False) -> dict:
+    """The whole method in one resumable command: sample -> fit -> contributions -> decide -> export."""
+    t0 = time.monotonic()
+    if out_dir is not None:
+        check_export_folder(out_dir, overwrite)  # fail before minutes of sampling, not after
+    run = open_run(spec, cache_dir)
+    sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run)
+    if sampled.stopped:
+        raise WorkbenchError(
+            f"sampling was {sampled.stopped} after {sampled.total}/{sampled.target} masks; everything evaluated is "
+            "kept in the run store. Run the same command again to resume."
+        )
+    result = prune(spec, surrogate, estimator, remove, out_dir, overwrite, eval_data, cache_dir, run, sampled)
+    result["seconds"] = round(time.monotonic() - t0, 3)
+    return result
+
+
+def baseline(model_spec: ModelSpec, data_spec: DataSpec, name: str, k_max: int | None = None, seed: int = 0) -> dict:
+    """One static criterion on the calibration windows: per-layer scores and removal order."""
+    lm = load_model(model_spec)
+    windows = make_windows(lm.tokenizer, data_spec)
+    result = run_baseline(name, lm, windows, k_max=k_max, seed=seed)
+    return {"model": model_spec.name, "data": data_spec.source, "n_layers": lm.n_layers, **result.to_json()}

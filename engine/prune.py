@@ -188,16 +188,15 @@ def pruned_view(model: nn.Module, adapter, kept: Sequence[int]):
             setattr(mod, attr, v)
 
 
-def _prepare_folder(out_dir: Path, overwrite: bool) -> set[str]:
-    """Make `out_dir` ready; returns names of files that were there and are kept."""
+def check_export_folder(out_dir, overwrite: bool) -> list[str]:
+    """Raise ExportError unless `out_dir` may receive an export; changes nothing on disk.
+
+    Returns the file names a previous export listed (what overwrite would replace)."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file; choose a folder path for the export.")
-    if not out_dir.exists():
-        out_dir.mkdir(parents=True)
-        return set()
-    present = {p.name for p in out_dir.iterdir()}
-    if not present:
-        return set()
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return []
     if not overwrite:
         raise ExportError(f"{out_dir} is not empty; choose an empty folder or pass overwrite (--overwrite) to replace a previous export.")
     manifest = out_dir / MANIFEST
@@ -207,9 +206,20 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> set[str]:
             "overwrite only replaces previous exports. Choose an empty or new folder."
         )
     try:
-        listed = json.loads(manifest.read_text())["files"]
+        return list(json.loads(manifest.read_text())["files"])
     except (ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{manifest} is unreadable ({e}); delete the folder yourself or choose another.") from e
+
+
+def _prepare_folder(out_dir: Path, overwrite: bool) -> set[str]:
+    """Make `out_dir` ready; returns names of files that were there and are kept."""
+    listed = check_export_folder(out_dir, overwrite)
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        return set()
+    present = {p.name for p in out_dir.iterdir()}
+    if not present:
+        return set()
     for name in set(listed) | {MANIFEST}:
         p = out_dir / Path(name).name  # file names only: nothing outside the folder
         if p.is_file() or p.is_symlink():

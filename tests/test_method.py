@@ -1,0 +1,125 @@
+"""The method's stages on a real (tiny) run: fit -> contributions -> decide -> export, and `engine run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import byte_tokenizer, family_config
+from engine import cli, method, pipeline
+from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
+from engine.errors import EstimationError, WorkbenchError
+
+TEXT = " ".join(f"Layer {i} of the model reads the stream and writes a small update back." for i in range(300))
+L = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("method")
+    (root / "text.txt").write_text(TEXT)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(family_config("llama", L)).save_pretrained(root / "tiny")
+    byte_tokenizer().save_pretrained(root / "tiny")
+    spec = RunSpec(
+        model=ModelSpec(name=str(root / "tiny")),
+        data=DataSpec(source=str(root / "text.txt"), n_windows=2, seq_len=16),
+        sampling=SamplingSpec(scheme="size-uniform", n_masks=48, seed=0),
+    )
+    pipeline.sample(spec, cache_dir=root / "cache", progress=False)
+    run = pipeline.open_run(spec, root / "cache")
+    return root, spec, run
+
+
+def test_fit_reports_heldout_metrics_and_saves_them(setup):
+    _, _, run = setup
+    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=2))
+    head = method.fit_headline(f)
+    assert set(head) >= {"r2", "spearman", "mae", "mae_ppl"}
+    saved = run.store.get_artifact("fit")
+    assert saved["n_masks"] == 48 and "learning_curve" in saved
+    assert saved["report"]["test"]["overall"]["n"] == len(f.fitted.report.split.test)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "exact", "permutation", "banzhaf", "regression-adjusted"])
+def test_every_estimator_gives_one_value_per_layer_with_error_bars(setup, estimator):
+    _, _, run = setup
+    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=2), curve=False)
+    c = method.contributions(run, f, estimator, n_masks=2000, n_permutations=100)
+    assert c.values.shape == (L,) and np.all(np.isfinite(c.values))
+    assert c.stderr is not None and c.stderr.shape == (L,)
+    assert run.store.get_artifact(f"contributions:{estimator}")["values"] == pytest.approx(list(c.values))
+    if estimator == "paper":
+        assert "restricted-strata semivalue" in c.estimator
+    if estimator == "exact":  # efficiency on the surrogate holds exactly for exact Shapley
+        assert abs(c.details["efficiency"]["gap"]) < 1e-6
+
+
+def test_unknown_estimator_is_a_clear_error(setup):
+    _, _, run = setup
+    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=1), curve=False)
+    with pytest.raises(WorkbenchError, match="choose one of"):
+        method.contributions(run, f, "magic")
+
+
+def test_too_few_masks_says_how_to_get_more(setup, tmp_path):
+    root, spec, _ = setup
+    small = RunSpec(spec.model, spec.data, SamplingSpec(scheme="size-uniform", n_masks=3, seed=5))
+    pipeline.sample(small, cache_dir=tmp_path, progress=False)
+    run = pipeline.open_run(small, tmp_path)
+    with pytest.raises(EstimationError, match="engine sample"):
+        method.fit(run)
+
+
+def test_decide_measures_every_k_and_chosen_set_is_best_measured(setup):
+    _, _, run = setup
+    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=2), curve=False)
+    c = method.contributions(run, f, "exact")
+    ds = method.decide(run, f, c, [1, 2, 3], n_verify=3)
+    assert [d.k for d in ds.items] == [1, 2, 3]
+    for d in ds.items:
+        assert len(d.removed) == d.k
+        assert d.ppl_measured == min(x.ppl_measured for x in d.candidates)
+    with pytest.raises(WorkbenchError, match="1..5"):
+        method.decide(run, f, c, [L], n_verify=1)
+
+
+def test_run_command_end_to_end_json_and_export_reloads(setup, tmp_path, capsys):
+    root, spec, _ = setup
+    out = tmp_path / "pruned"
+    argv = [
+        "run", "--model", spec.model.name, "--data", spec.data.source, "--windows", "2", "--seq-len", "16",
+        "--scheme", "size-uniform", "--masks", "48", "--cache-dir", str(root / "cache"), "--threads", "1",
+        "--surrogate", "ridge-pairwise", "--ensemble", "2", "--estimator", "exact",
+        "--remove", "2", "--out", str(out), "--json",
+    ]
+    code = cli.main(argv)
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["evaluated"] == 0  # the fixture's run already holds all 48 masks: resumed, not redone
+    for key in ("r2", "spearman", "contributions", "estimator", "removed", "ppl_full", "ppl_predicted",
+                "ppl_measured", "out"):
+        assert key in result
+    assert len(result["contributions"]) == L and len(result["removed"]) == 2
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    assert manifest["removed_layers"] == result["removed"]
+    assert result["verification"]["ppl_reloaded"] == pytest.approx(result["ppl_measured"], rel=1e-4)
+    # Exporting again into the same, now non-empty, folder is refused without --overwrite.
+    code = cli.main(argv)
+    assert code != 0
+    assert "--overwrite" in capsys.readouterr().err
