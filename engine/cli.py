@@ -306,6 +306,10 @@ def _human(name: str, result) -> str:
         if r["stopped"]:
             line += f"\nstopped ({r['stopped']}); run the same command again to resume."
         return line
+    from engine.report import SUMMARIES
+
+    if name in SUMMARIES:
+        return SUMMARIES[name](result)
     return "\n".join(f"{k:12} {v}" for k, v in result.items())
 
 

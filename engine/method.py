@@ -147,9 +147,10 @@ def contributions(
         result = _regression_adjusted(run, f, seed)
     else:
         raise WorkbenchError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
-    if estimator in ("exact", "permutation", "regression-adjusted"):
-        eff = shapley.efficiency_check(result.values, f.predict, L)
-        result = dataclasses.replace(result, details={**result.details, "efficiency": eff.to_dict()})
+    # Efficiency holds for Shapley values (not for Banzhaf or the restricted-strata semivalue):
+    # shown for all, so the gap itself tells how far a semivalue is from sharing out f(1) - f(0).
+    eff = shapley.efficiency_check(result.values, f.predict, L)
+    result = dataclasses.replace(result, details={**result.details, "efficiency": eff.to_dict()})
     run.store.put_artifact(f"contributions:{estimator}", {"key": estimator, **result.to_dict()})
     return result
 
@@ -288,6 +289,7 @@ class RunResult:
     by_k: tuple = ()
     out: str | None = None
     verification: dict | None = field(default=None, hash=False)
+    efficiency: dict | None = field(default=None, hash=False)
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -338,11 +340,12 @@ def run_method(
         heldout=heldout,
         by_k=tuple(
             {"k": x.k, "removed": list(x.removed), "ppl_predicted": x.ppl_predicted, "ppl_measured": x.ppl_measured,
-             "method": x.method}
+             "method": x.method, "heldout": {name: sp.ppl[list(sp.ks).index(x.k)] for name, sp in ds.splits.items()}}
             for x in ds.items
         ),
         out=None if exported is None else str(exported.out_dir),
         verification=None if exported is None or exported.verification is None
         else dataclasses.asdict(exported.verification),
+        efficiency=c.details.get("efficiency"),
         seconds=round(time.monotonic() - t0, 3),
     )

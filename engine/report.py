@@ -1,0 +1,105 @@
+"""Plain-text summaries of the CLI's JSON results (what a person reads in a terminal).
+
+Pure functions from the result dicts of engine.pipeline to strings; no computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _num(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a" if x is None else str(x)
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _bar(value: float, top: float, width: int = 30) -> str:
+    if not (top > 0 and math.isfinite(value)):
+        return ""
+    return "#" * max(0, round(width * max(value, 0.0) / top))
+
+
+def contributions_table(values, stderr=None) -> str:
+    """One line per layer: index, value, error bar, rank (1 = least important), a text bar."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    top = max((abs(v) for v in values), default=0.0)
+    lines = [f"{'layer':>5} {'value':>10} {'± err':>9} {'rank':>5}"]
+    for i, v in enumerate(values):
+        err = "" if stderr is None or stderr[i] is None else f"{stderr[i]:9.4f}"
+        lines.append(f"{i:>5} {v:10.4f} {err:>9} {rank[i]:>5}  {_bar(v, top)}")
+    return "\n".join(lines)
+
+
+def fit_summary(r: dict) -> str:
+    rep = r["report"]
+    spec, test = rep["spec"], rep["test"]["overall"]
+    lines = [
+        f"surrogate {spec['kind']}" + (f"/{spec['preset']}" if spec["kind"] == "mlp" else "")
+        + f", ensemble of {spec['ensemble']}, fitted on {len(rep['split']['train'])} of {r['n_masks']} masks",
+        f"held-out ({test['n']} masks): R² {_num(test['r2'])}  Spearman {_num(test['spearman'])}  "
+        f"MAE {_num(test['mae'], 4)} (score)  MAE {_num(test['mae_ppl'], 2)} (perplexity, "
+        f"{_num(100 * test['mape_ppl'], 1)}% relative)",
+        "per stratum (kept layers): "
+        + ", ".join(f"{k}: R² {_num(m['r2'], 2)}" for k, m in sorted(rep["test"]["per_stratum"].items(),
+                                                                     key=lambda kv: -int(kv[0]))),
+    ]
+    if "learning_curve" in r:
+        lc = r["learning_curve"]
+        pts = ", ".join(f"{n}: {_num(m['r2'], 3)}" for n, m in zip(lc["sizes"], lc["metrics"]))
+        lines.append(f"learning curve (training masks: held-out R²): {pts}")
+    if "comparison" in r:
+        lines.append("comparison on the same split:")
+        for row in r["comparison"]["rows"]:
+            name = row["kind"] + (f"/{row['preset']}" if row.get("preset") else "")
+            lines.append(f"  {name:16} R² {_num(row['r2'])}  Spearman {_num(row['spearman'])}  "
+                         f"MAE {_num(row['mae'], 4)}  fit {_num(row['fit_seconds'], 2)} s")
+    return "\n".join(lines)
+
+
+def shapley_summary(r: dict) -> str:
+    lines = [f"{r['estimator']}  ({r['n_evaluations']:,} surrogate evaluations)",
+             contributions_table(r["contributions"], r.get("stderr"))]
+    eff = r.get("efficiency")
+    if eff:
+        lines.append(f"efficiency: sum of values {eff['total']:.4f} vs f(all kept) - f(none kept) "
+                     f"{eff['grand_minus_empty']:.4f} (gap {eff['gap']:.2e})")
+    lines.append("least important first: " + " ".join(map(str, r["ranking"])))
+    return "\n".join(lines)
+
+
+def run_summary(r: dict) -> str:
+    lines = [
+        f"run {r['run_id']}: {r['n_masks']} masks ({r['evaluated']} evaluated now); surrogate held-out "
+        f"R² {_num(r['r2'])}, Spearman {_num(r['spearman'])}",
+        f"contributions: {r['estimator']}",
+        contributions_table(r["contributions"], r.get("contributions_stderr")),
+        "",
+        f"{'k':>3}  {'removed':24} {'predicted':>10} {'measured':>10}  method",
+    ]
+    for d in r["by_k"]:
+        lines.append(f"{d['k']:>3}  {str(d['removed']):24} {_num(d['ppl_predicted'], 2):>10} "
+                     f"{_num(d['ppl_measured'], 2):>10}  {d['method']}")
+    lines.append(f"calibration perplexity: full {_num(r['ppl_full'], 2)} -> pruned {_num(r['ppl_measured'], 2)} "
+                 f"(predicted {_num(r['ppl_predicted'], 2)}), removing {list(r['removed'])}")
+    for name, h in r.get("heldout", {}).items():
+        lines.append(f"{name}: full {_num(h['ppl_full'], 2)} -> pruned {_num(h['ppl_pruned'], 2)}")
+    if r.get("out"):
+        v = r.get("verification") or {}
+        lines.append(f"exported to {r['out']} (reloaded in a fresh process: ppl {_num(v.get('ppl_reloaded'), 4)}, "
+                     f"generate with KV cache {'ok' if v.get('ok') else 'FAILED'})")
+    lines.append(f"{_num(r['seconds'], 1)} s")
+    return "\n".join(lines)
+
+
+def baseline_summary(r: dict) -> str:
+    return "\n".join([
+        f"{r['method']} on {r['model']} / {r['data']} ({_num(r['seconds'], 1)} s); higher score = more important",
+        contributions_table(r["scores"]),
+        "removal order: " + " ".join(map(str, r["order"])),
+    ])
+
+
+SUMMARIES = {"fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
+             "baselines": baseline_summary}
