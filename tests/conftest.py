@@ -6,8 +6,16 @@ Nothing is downloaded: models are built with AutoConfig.for_model + from_config 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models gain nothing from torch's thread pool, and on a 2-core machine shared with other
+# work the pool's spinning threads made tests up to 8x slower (measured): one thread, for this
+# process and for the CLI/app subprocesses the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt", "gpt_neox", "mamba")
 VOCAB = 260  # 256 byte tokens + a few specials
