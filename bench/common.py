@@ -25,17 +25,18 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, repeats: int, device) -> float:
-    """Median wall time of `fn()` over `repeats` calls (after one untimed call)."""
+def median_seconds(fn, repeats: int, device) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds of `fn()` over `repeats` calls (after one untimed call)."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return float(np.median(wall)), float(np.median(cpu))
 
 
 def emit(lines: list[str], result: dict, json_mode: bool) -> dict:

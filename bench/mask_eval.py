@@ -58,6 +58,10 @@ class MaskEvalResult:
     head_loss_seconds: float  # median time of one final norm + head + loss on all windows
     floor_seconds: float  # prefix_computations x layer call + n_masks x head+loss
     measured_over_floor: float
+    layer_call_cpu_seconds: float  # the same three in process CPU time
+    head_loss_cpu_seconds: float
+    floor_cpu_seconds: float
+    measured_over_floor_cpu: float
     max_rel_diff: float  # engine vs reference perplexities
     tolerance: float
     agree: bool
@@ -93,9 +97,10 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
     root = evaluator._root  # (n, T, d): embedding output
     layers = [0, lm.n_layers // 2, lm.n_layers - 1]
     with torch.inference_mode():  # as in the engine's own loop
-        layer_s = float(np.median([median_seconds(lambda j=j: evaluator._layer(j, root), unit_repeats, device)
-                                   for j in layers]))
-        head_s = median_seconds(lambda: evaluator._leaf_nll(root), unit_repeats, device)
+        layer_t = np.array([median_seconds(lambda j=j: evaluator._layer(j, root), unit_repeats, device)
+                            for j in layers])  # (3, wall/cpu)
+        layer_s, layer_cpu = np.median(layer_t, axis=0)
+        head_s, head_cpu = median_seconds(lambda: evaluator._leaf_nll(root), unit_repeats, device)
     evaluator.layer_calls = 0
     t0, c0 = time.perf_counter(), time.process_time()
     eng = evaluator.perplexities(masks)
@@ -117,6 +122,7 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
     tol = TOLERANCE.get(dtype, 1e-2)
     count = count_prefix_computations(masks)
     floor = count * layer_s + n * head_s
+    floor_cpu = count * layer_cpu + n * head_cpu
     return MaskEvalResult(
         ratio=ref_seconds / eng_seconds,
         engine_seconds=eng_seconds,
@@ -131,10 +137,14 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
         kept_layers=int(masks.sum()),
         prefix_computations=count,
         layer_calls=layer_calls,
-        layer_call_seconds=layer_s,
+        layer_call_seconds=float(layer_s),
         head_loss_seconds=head_s,
-        floor_seconds=floor,
-        measured_over_floor=eng_seconds / floor,
+        floor_seconds=float(floor),
+        measured_over_floor=float(eng_seconds / floor),
+        layer_call_cpu_seconds=float(layer_cpu),
+        head_loss_cpu_seconds=head_cpu,
+        floor_cpu_seconds=float(floor_cpu),
+        measured_over_floor_cpu=float(eng_cpu / max(floor_cpu, 1e-9)),
         max_rel_diff=max_rel,
         tolerance=tol,
         agree=same_nonfinite and max_rel <= tol,
@@ -157,6 +167,8 @@ def report_lines(r: MaskEvalResult, title: str) -> list[str]:
         f"  floor      {r.floor_seconds:8.2f} s = {r.prefix_computations} prefix computations x "
         f"{r.layer_call_seconds * 1e3:.2f} ms + {r.n_masks} x {r.head_loss_seconds * 1e3:.2f} ms head+loss; "
         f"measured/floor {r.measured_over_floor:.2f}",
+        f"  CPU floor  {r.floor_cpu_seconds:8.2f} s = {r.prefix_computations} x {r.layer_call_cpu_seconds * 1e3:.2f} ms + "
+        f"{r.n_masks} x {r.head_loss_cpu_seconds * 1e3:.2f} ms; measured/floor in CPU time {r.measured_over_floor_cpu:.2f}",
         f"  layer calls {r.layer_calls} (kept layers without sharing {r.kept_layers})",
         f"  perplexities agree: {r.agree} (max relative difference {r.max_rel_diff:.2e}, tolerance {r.tolerance:g}); "
         f"zeroed layer |out - in| max {r.zeroed_identity_max_abs:g}",
