@@ -1,0 +1,16 @@
+"""The workbench app: `streamlit run app.py`. Pages live in pages/; engine/ does the work.
+
+Every page reads the chosen RunSpec from st.session_state (set on Setup, or by selecting a run on
+Sampling); long jobs (sampling) run as `python -m engine sample` subprocesses.
+"""
+
+import streamlit as st
+
+st.set_page_config(page_title="Layer pruning workbench", page_icon=":scissors:", layout="wide")
+
+PAGES = [
+    st.Page("pages/setup.py", title="Setup", icon=":material/tune:", default=True),
+    st.Page("pages/sampling.py", title="Sampling", icon=":material/play_circle:"),
+]
+
+st.navigation(PAGES).run()

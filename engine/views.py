@@ -1,0 +1,194 @@
+"""Pure helpers the Streamlit pages use: tables, commands and summaries (no streamlit, no model).
+
+Contracts:
+* ``spec_from_dict(d)`` rebuilds a RunSpec from ``dataclasses.asdict`` (what a run's meta stores),
+  so a run started from the CLI can be selected and analysed in the app.
+* ``sample_command(spec, cache_dir, threads)`` is the argv of ``python -m engine sample`` for a spec
+  (the app launches sampling as a subprocess with it).
+* ``samples_frame(rows)`` turns ``store.Sample`` records into a DataFrame with a ``stratum`` column.
+* ``progress(rows, target)`` -> done, target, rate (masks/s) and ETA (s) from the rows' commit times.
+* ``save_upload(cache_dir, name, data, max_bytes)`` stores an uploaded calibration file inside the
+  cache dir (content-addressed, never outside it) and returns its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec
+from engine.errors import DataError
+
+UPLOAD_SUFFIXES = (".txt", ".jsonl")
+UPLOADS_DIR = "uploads"
+
+
+def spec_from_dict(d: dict) -> RunSpec:
+    """Inverse of dataclasses.asdict(RunSpec) (lists from JSON become tuples again)."""
+    s = dict(d.get("sampling", {}))
+    for key in ("strata", "remove_range"):
+        if s.get(key) is not None:
+            s[key] = tuple(s[key])
+    return RunSpec(model=ModelSpec(**d.get("model", {})), data=DataSpec(**d.get("data", {})), sampling=SamplingSpec(**s))
+
+
+def spec_to_dict(spec: RunSpec) -> dict:
+    return asdict(spec)
+
+
+def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list[str]:
+    """argv for `python -m engine sample` reproducing `spec` (same run id as the app computes)."""
+    m, d, s = spec.model, spec.data, spec.sampling
+    argv = [sys.executable, "-m", "engine", "sample", "--json", "--cache-dir", str(cache_dir),
+            "--model", m.name, "--dtype", m.dtype, "--device", m.device,
+            "--data", d.source, "--text-field", d.text_field, "--windows", str(d.n_windows),
+            "--seq-len", str(d.seq_len), "--data-seed", str(d.seed),
+            "--masks", str(s.n_masks), "--scheme", s.scheme, "--seed", str(s.seed)]
+    if m.revision:
+        argv += ["--revision", m.revision]
+    if m.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if s.strata is not None:
+        argv += ["--strata", ",".join(str(k) for k in s.strata)]
+    if s.remove_range is not None:
+        argv += ["--remove-range", f"{s.remove_range[0]},{s.remove_range[1]}"]
+    if s.paired:
+        argv.append("--paired")
+    if threads:
+        argv += ["--threads", str(int(threads))]
+    return argv
+
+
+SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created"]
+
+
+def samples_frame(rows) -> pd.DataFrame:
+    """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels."""
+    df = pd.DataFrame([asdict(r) for r in rows], columns=SAMPLE_COLUMNS)
+    df["stratum"] = df["kept"].map(lambda k: f"kept {int(k)}")
+    return df
+
+
+def stratum_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Masks per kept-layer count, largest count first."""
+    out = df.groupby("kept").size().rename("masks").reset_index().sort_values("kept", ascending=False)
+    return out.reset_index(drop=True)
+
+
+def progress(created: list[float], target: int | None) -> dict:
+    """done / target / rate (masks per second over the commits so far) / eta_s (None if unknown)."""
+    done = len(created)
+    rate = eta = None
+    if done >= 2 and created[-1] > created[0]:
+        rate = (done - 1) / (created[-1] - created[0])
+        if target:
+            eta = max(0, target - done) / rate
+    frac = min(1.0, done / target) if target else 0.0
+    return {"done": done, "target": target, "fraction": frac, "rate": rate, "eta_s": eta}
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (the app's launcher check; the store has its own)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def runs_frame(runs: list[dict]) -> pd.DataFrame:
+    """pipeline.status() rows as a table for display."""
+    cols = ["run_id", "status", "n_samples", "target", "n_layers", "model", "data"]
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
+
+
+def save_upload(cache_dir, name: str, data: bytes, max_bytes: int) -> Path:
+    """Save an uploaded calibration file as <cache_dir>/uploads/<sha>.<suffix>; DataError if refused."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in UPLOAD_SUFFIXES:
+        raise DataError(f"upload a .txt or .jsonl file; got {name!r}.")
+    if len(data) > max_bytes:
+        raise DataError(f"{name} is {len(data) / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB.")
+    if not data.strip():
+        raise DataError(f"{name} is empty; upload a file with text in it.")
+    folder = Path(cache_dir).resolve() / UPLOADS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    if not path.exists():
+        tmp = path.with_name(path.name + f".{os.getpid()}.partial")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- analysis tables
+
+
+def fit_frames(masks: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, ppl_full: float,
+               floor: float = 1e-3) -> pd.DataFrame:
+    """Held-out predictions in perplexity space: true, predicted, residual (log ratio), stratum."""
+    kept = np.asarray(masks, bool).sum(axis=1)  # (n,)
+    ppl_t = ppl_full / np.maximum(np.asarray(y_true, float), floor)
+    ppl_p = ppl_full / np.maximum(np.asarray(y_pred, float), floor)
+    return pd.DataFrame({"kept": kept, "stratum": [f"kept {k}" for k in kept], "ppl_true": ppl_t,
+                         "ppl_predicted": ppl_p, "log_residual": np.log(ppl_p / ppl_t)})
+
+
+def learning_curve_frame(lc: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"train_masks": n, **m} for n, m in zip(lc["sizes"], lc["metrics"])])
+
+
+def comparison_frame(comparison: dict) -> pd.DataFrame:
+    cols = ["kind", "preset", "r2", "spearman", "mae", "mae_ppl", "mape_ppl", "fit_seconds"]
+    return pd.DataFrame(comparison["rows"])[cols]
+
+
+def contributions_frame(values, stderr=None) -> pd.DataFrame:
+    """Per layer: contribution, its error bar, and rank (1 = most important)."""
+    v = np.asarray(values, float)
+    se = np.full_like(v, np.nan) if stderr is None else np.asarray([np.nan if x is None else x for x in stderr], float)
+    order = np.argsort(-v, kind="stable")
+    rank = np.empty(len(v), int)
+    rank[order] = np.arange(1, len(v) + 1)
+    return pd.DataFrame({"layer": np.arange(len(v)), "contribution": v, "stderr": se, "rank": rank})
+
+
+def rank_agreement(contribs, baseline_scores) -> float:
+    """Spearman correlation between two per-layer importance vectors (higher = more important in both)."""
+    a = np.asarray(contribs, float)
+    b = np.asarray([np.nan if x is None else x for x in baseline_scores], float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def decisions_frame(decisions: dict) -> pd.DataFrame:
+    """The `decisions` artifact as one row per k: predicted and measured perplexity, removed layers."""
+    rows = [{"k": d["k"], "ppl_predicted": d["ppl_predicted"], "ppl_measured": d["ppl_measured"],
+             "method": d["method"], "removed": ", ".join(str(i) for i in d["removed"])}
+            for d in decisions["decisions"]]
+    return pd.DataFrame(rows)
+
+
+def mask_from_removed(removed, L: int) -> np.ndarray:
+    m = np.ones(L, dtype=bool)
+    m[list(removed)] = False
+    return m
