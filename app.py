@@ -11,6 +11,9 @@ st.set_page_config(page_title="Layer pruning workbench", page_icon=":scissors:",
 PAGES = [
     st.Page("pages/setup.py", title="Setup", icon=":material/tune:", default=True),
     st.Page("pages/sampling.py", title="Sampling", icon=":material/play_circle:"),
+    st.Page("pages/surrogate.py", title="Surrogate", icon=":material/model_training:"),
+    st.Page("pages/shapley.py", title="Shapley", icon=":material/bar_chart:"),
+    st.Page("pages/prune.py", title="Prune & export", icon=":material/content_cut:"),
 ]
 
 st.navigation(PAGES).run()
