@@ -1,6 +1,7 @@
 """Setup: model, calibration data, windows, strata, masks, seed, device, dtype -> the session's RunSpec."""
 
 import dataclasses
+from pathlib import Path
 
 import streamlit as st
 
@@ -16,7 +17,8 @@ max_mib = int(st.get_option("server.maxUploadSize"))
 st.subheader("Model")
 kinds = ["Demo model (bundled 16-layer Llama)", "Hugging Face hub id", "Local folder"]
 is_demo = current.model.name == "demo"
-kind = st.radio("Source", kinds, index=0 if is_demo else 1, horizontal=True, key="model_kind")
+kind_index = 0 if is_demo else 2 if Path(current.model.name).expanduser().is_dir() else 1
+kind = st.radio("Source", kinds, index=kind_index, horizontal=True, key="model_kind")
 if kind == kinds[0]:
     model_name = "demo"
 else:

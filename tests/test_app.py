@@ -1,0 +1,193 @@
+"""AppTest for every page of the workbench against a small demo run made once per session.
+
+The run (24 masks, 4 windows x 64 tokens of the bundled demo model and text) is created inside
+the test session in a temporary cache dir passed to the app through $LAYERPRUNE_CACHE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine import views
+from engine.config import DEMO_MODEL_DIR, DataSpec, ModelSpec, RunSpec, SamplingSpec
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+SPEC = RunSpec(data=DataSpec(n_windows=4, seq_len=64), sampling=SamplingSpec(n_masks=24, seed=3))  # model set below
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").is_file(), reason="demo model not built yet")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(cache_dir, run_id) of a 24-mask demo run; the app sees the cache via $LAYERPRUNE_CACHE."""
+    from engine import pipeline
+
+    global SPEC
+    cache = tmp_path_factory.mktemp("cache")
+    # A private copy of the demo model: the run id hashes the weights, so it must not change mid-session.
+    model = tmp_path_factory.mktemp("model") / "demo-lm"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    SPEC = dataclasses.replace(SPEC, model=ModelSpec(name=str(model)))
+    saved = {k: os.environ.get(k) for k in ("LAYERPRUNE_CACHE", "LAYERPRUNE_THREADS", "OMP_NUM_THREADS")}
+    os.environ.update(LAYERPRUNE_CACHE=str(cache), LAYERPRUNE_THREADS="1", OMP_NUM_THREADS="1")
+    pipeline.set_threads(1)
+    result = pipeline.sample(SPEC, cache, progress=False)
+    assert result.total == 24
+    yield cache, result.run_id
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _app(page: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["spec"] = SPEC
+    at.run()
+    assert not at.exception
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, at.exception
+    return at
+
+
+def _button(at, label: str):
+    matches = [b for b in at.button if b.label == label]
+    assert matches, f"no button {label!r}: {[b.label for b in at.button]}"
+    return matches[0]
+
+
+def _metrics(at) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def _charts(at) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_setup_loads_model_and_shows_facts(demo_run):
+    at = _app()
+    assert at.title[0].value == "Setup"
+    _button(at, "Load model").click().run()
+    assert not at.exception
+    m = _metrics(at)
+    assert m["family"] == "llama" and m["layers"] == "16"
+    assert float(m["baseline perplexity"]) > 1
+    assert at.session_state["spec"].data.n_windows == SPEC.data.n_windows  # widgets start from the session spec
+
+
+def test_setup_shows_workbench_errors_without_traceback(demo_run, tmp_path):
+    at = _app()
+    at.radio(key="model_kind").set_value("Local folder").run()
+    at.text_input(key="model_name").set_value(str(tmp_path / "missing")).run()
+    _button(at, "Load model").click().run()
+    assert not at.exception
+    assert at.error and "missing" in at.error[0].value
+
+
+def test_sampling_lists_and_watches_the_run(demo_run):
+    cache, run_id = demo_run
+    at = _app("sampling")
+    assert run_id in list(at.dataframe[0].value["run_id"])
+    m = _metrics(at)
+    assert m["samples"] == "24" and m["status"] == "finished"
+    assert _charts(at) == 1  # perplexity vs kept layers
+    assert len(at.dataframe) == 3  # runs, counts per stratum, latest samples
+
+
+def test_sampling_start_never_launches_a_second_writer(demo_run):
+    cache, run_id = demo_run
+    from engine.store import RunStore
+
+    store = RunStore(cache, run_id)
+    with store.writer(target=24):
+        at = _app("sampling")
+        _button(at, "Start").click().run()
+        assert not at.exception
+        assert any("already running" in i.value for i in at.info), ([i.value for i in at.info], store.lease())
+        assert not (store.dir / "launcher.json").exists()
+        assert _metrics(at)["status"] == "running"
+
+
+def test_surrogate_fit_metrics_and_charts(demo_run):
+    at = _app("surrogate")
+    at.number_input[0].set_value(2)  # ensemble members
+    _button(at, "Fit").click().run()
+    assert not at.exception
+    m = _metrics(at)
+    assert {"held-out R²", "Spearman", "MAE (score)", "MAE (perplexity)"} <= set(m)
+    assert _charts(at) == 3  # predicted vs true, residuals by stratum, learning curve
+
+
+def test_shapley_contributions_baselines_and_csv(demo_run):
+    at = _app("shapley")
+    at.selectbox[0].set_value("exact")
+    _button(at, "Compute contributions").click().run()
+    assert not at.exception
+    assert "exact" in _metrics(at)["estimator"].lower()
+    assert "efficiency gap" in _metrics(at)
+    assert _charts(at) == 1
+    ranks = at.dataframe[0].value
+    assert sorted(ranks["rank"]) == list(range(1, 17))
+    assert at.get("download_button")
+    at.multiselect(key="baselines").set_value(["last"]).run()
+    _button(at, "Run baselines").click().run()
+    assert not at.exception
+    assert _charts(at) == 2
+    assert "spearman vs shapley" in at.dataframe[1].value.columns
+
+
+def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
+    at = _app("surrogate")
+    at.number_input[0].set_value(1)  # one surrogate: Prune reuses the session's fit (keeps the test short)
+    _button(at, "Fit").click().run()
+    at.switch_page("pages/prune.py").run()
+    at.number_input[0].set_value(2)
+    _button(at, "Decide").click().run()
+    assert not at.exception
+    m = _metrics(at)
+    assert float(m["measured, 2 removed"]) > 0 and "predicted perplexity" in m
+    assert _charts(at) == 1
+    _button(at, "Measure").click().run()
+    assert not at.exception
+    assert float(_metrics(at)["measured perplexity"]) == pytest.approx(float(m["measured, 2 removed"]), rel=1e-6)
+    out = tmp_path / "export"
+    at.text_input[0].set_value(str(out))
+    _button(at, "Export pruned model").click().run()
+    assert not at.exception
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    assert len(manifest["removed_layers"]) == 2
+    assert at.success and "passed" in at.success[0].value
+    _button(at, "Export pruned model").click().run()  # non-empty folder without overwrite: refused
+    assert at.error and "not empty" in at.error[0].value
+
+
+def test_sample_command_reproduces_the_spec(tmp_path):
+    from engine.cli import build_parser, run_spec
+
+    spec = RunSpec(sampling=SamplingSpec(n_masks=7, strata=(14, 12), seed=5), data=DataSpec(n_windows=3))
+    argv = views.sample_command(spec, tmp_path, threads=1)
+    args = build_parser().parse_args(argv[3:])
+    assert run_spec(args) == spec and args.cache_dir == str(tmp_path)
+    assert views.spec_from_dict(json.loads(json.dumps(views.spec_to_dict(spec)))) == spec
+
+
+def test_save_upload_stays_in_cache_and_checks_size(tmp_path):
+    from engine.errors import DataError
+
+    path = views.save_upload(tmp_path, "../../evil.txt", b"hello world", max_bytes=100)
+    assert path.parent == (tmp_path / "uploads").resolve() and path.read_bytes() == b"hello world"
+    with pytest.raises(DataError, match="limit"):
+        views.save_upload(tmp_path, "a.txt", b"x" * 101, max_bytes=100)
+    with pytest.raises(DataError, match=".txt or .jsonl"):
+        views.save_upload(tmp_path, "a.exe", b"x", max_bytes=100)
+
