@@ -1,0 +1,124 @@
+"""Ground truth and comparison benchmark on a tiny saved Llama (4 layers, 16 masks)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import ground_truth as gtm
+from engine.config import DataSpec, ModelSpec
+from engine.data import make_windows
+from engine.errors import WorkbenchError
+from engine.evaluate import MaskEvaluator, scores
+from engine.models import load_model
+from engine import shapley
+from tests.conftest import build_tiny_lm, byte_tokenizer
+
+L = 4
+WINDOWS, SEQ = 3, 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Saved tiny Llama + byte tokenizer, calibration/test/ood texts, and its ground truth."""
+    root = tmp_path_factory.mktemp("compare")
+    lm = build_tiny_lm("llama", n_layers=L, seed=3, tokenizer=byte_tokenizer())
+    lm.model.save_pretrained(root / "model")
+    lm.tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    words = ["layer", "mask", "prune", "token", "shapley", "model", "the", "of", "a", "value"]
+    for name in ("cal", "test", "ood"):
+        (root / f"{name}.txt").write_text(" ".join(rng.choice(words, 400)))
+    torch.set_num_threads(1)
+    gt = gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, out=root / "gt.npz", progress=False)
+    return root, gt
+
+
+def _direct(root, masks):
+    lm = load_model(ModelSpec(name=str(root / "model")))
+    windows = make_windows(lm.tokenizer, DataSpec(source=str(root / "cal.txt"), n_windows=WINDOWS, seq_len=SEQ))
+    ev = MaskEvaluator(lm, windows, prefix_sharing=False)
+    return ev.perplexities(masks), ev.ppl_full
+
+
+def test_codes_round_trip_and_match_shapley_encoding():
+    codes = np.arange(16)
+    masks = gtm.codes_to_masks(codes, L)
+    np.testing.assert_array_equal(gtm.mask_codes(masks), codes)
+    np.testing.assert_array_equal(masks, shapley._masks_from_codes(codes, L))
+    np.testing.assert_array_equal(gtm.popcount(codes), masks.sum(axis=1))
+    assert len(gtm.all_codes(L, k_max=1)) == 1 + L
+
+
+def test_ground_truth_agrees_with_direct_evaluation(tiny):
+    root, gt = tiny
+    assert gt.complete and len(gt.codes) == 16
+    masks = gtm.codes_to_masks(gt.codes, L)
+    ppl, ppl_full = _direct(root, masks)  # independent path: keep_only + the model's own forward
+    np.testing.assert_allclose(gt.ppl, ppl, rtol=1e-5)
+    assert gt.ppl_full == pytest.approx(ppl_full, rel=1e-6)
+    # saved and reloaded identically
+    again = gtm.load(root / "gt.npz")
+    np.testing.assert_array_equal(again.ppl, gt.ppl)
+    assert again.meta["data_hash"] == gt.meta["data_hash"] and again.analysis == gt.analysis
+
+
+def test_lookup_value_function_and_analysis(tiny):
+    root, gt = tiny
+    rng = np.random.default_rng(1)
+    masks = rng.random((10, L)) < 0.5  # (10, L)
+    expected = scores(gt.ppl[gtm.mask_codes(masks)], gt.ppl_full)[0]
+    np.testing.assert_allclose(gt.value_function()(masks), expected)
+    np.testing.assert_allclose(gt.lookup_ppl(masks[:3]), _direct(root, masks[:3])[0], rtol=1e-5)
+    # exact Shapley of the lookup game equals the brute-force permutation average
+    f = gt.value_function()
+    import itertools
+
+    phi = np.zeros(L)
+    for perm in itertools.permutations(range(L)):
+        m = np.zeros(L, bool)
+        for i in perm:
+            before = f(m[None])[0]
+            m[i] = True
+            phi[i] += f(m[None])[0] - before
+    np.testing.assert_allclose(gt.analysis["shapley"], phi / 24, atol=1e-10)
+    # optimum: the lowest perplexity among masks with k removed
+    for k in (1, 2):
+        sel = gtm.popcount(gt.codes) == L - k
+        best = gt.optimum(k)[0]
+        assert best[1] == pytest.approx(np.nanmin(gt.ppl[sel]))
+        assert gt.analysis["optimum"][str(k)][0]["removed"] == list(best[0])
+
+
+def test_restricted_table_refuses_missing_masks(tiny, tmp_path):
+    root, gt = tiny
+    part = gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, k_max=1, out=tmp_path / "k1.npz",
+                     progress=False)
+    assert not part.complete and len(part.codes) == 1 + L and "shapley" not in part.analysis
+    np.testing.assert_allclose(part.lookup_ppl(np.eye(L, dtype=bool) == 0), gt.lookup_ppl(np.eye(L, dtype=bool) == 0))
+    with pytest.raises(WorkbenchError, match="k-max"):
+        part.lookup_ppl(np.array([[True, False, False, True]]))
+
+
+def test_workers_resume_from_parts(tiny, tmp_path):
+    root, gt = tiny
+    out = tmp_path / "w.npz"
+    two = gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, out=out, workers=2, progress=False)
+    np.testing.assert_allclose(two.ppl, gt.ppl, rtol=1e-6)
+    parts = sorted(out.with_suffix(".parts").glob("part_*.npz"))
+    assert len(parts) == 16  # one file per chunk: 11 patterns with <= 2 removed + 5 with more
+    lm, windows, fp = gtm._load(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, 0, None)
+    chunks = gtm.plan(L, None, 1)[0]
+    stats = gtm.evaluate_chunks(lm, windows, chunks, out.with_suffix(".parts"), fp, progress=False)
+    assert stats["evaluated"] == 0 and stats["reused"] == 16
