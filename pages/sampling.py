@@ -61,6 +61,7 @@ def _start(run, n_masks: int) -> None:
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it exits (no zombie)
     (store.dir / LAUNCHER).write_text(json.dumps({"pid": proc.pid, "started": time.time(), "argv": argv}))
     st.toast(f"Sampling started (pid {proc.pid}).")
+    st.rerun()  # redraw from the top: the runs table now lists this run
 
 
 st.title("Sampling")

@@ -40,7 +40,7 @@ if st.button("Compute contributions", type="primary"):
                                                 "spec": SurrogateSpec(), "fit": fitted}
         c = method.contributions(run, fit_state["fit"], estimator, n_masks=int(budget),
                                  n_permutations=max(1, int(budget) // run.n_layers), seed=fit_state["spec"].seed)
-    st.session_state.contributions = {"run_id": run.run_id, "estimator": estimator, **c.to_dict()}
+    st.session_state.contributions = {"run_id": run.run_id, "key": estimator, **c.to_dict()}
 
 result = st.session_state.get("contributions")
 if not result or result["run_id"] != run.run_id:
@@ -48,12 +48,13 @@ if not result or result["run_id"] != run.run_id:
     if saved is None:
         st.info("Press Compute contributions.")
         st.stop()
-    result = {"run_id": run.run_id, "estimator": estimator, **saved}
+    result = {"run_id": run.run_id, **saved}  # the artifact holds "key" (the estimator name) too
     st.caption("showing the contributions saved in the run store")
 
 df = views.contributions_frame(result["values"], result["stderr"])
+st.caption(result["estimator"])
 c1, c2, c3 = st.columns(3)
-c1.metric("estimator", result["estimator"])
+c1.metric("estimator", LABELS.get(result["key"], result["key"]), help=result["estimator"])
 c2.metric("surrogate evaluations", f"{result['n_evaluations']:,}")
 eff = (result.get("details") or {}).get("efficiency")
 if eff:
