@@ -70,6 +70,10 @@ def current_run_id() -> str | None:
 def analysis_run() -> pipeline.OpenRun:
     """The opened run for the analysis pages; stops the page with a hint when it has no samples."""
     run = open_run()
+    chosen = st.session_state.get("selected_run")
+    if chosen and chosen != run.run_id:
+        st.warning(f"Run `{chosen}` was selected, but its model or data files have changed since it was made, so "
+                   f"these settings now identify run `{run.run_id}`. Sample this run, or restore the files.")
     st.session_state.run_id = run.run_id
     n = run.store.count()
     if n < 8:

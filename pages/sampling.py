@@ -77,7 +77,7 @@ if runs:
     if watched != _ui.current_run_id() and st.button(f"Use run {watched}'s settings"):
         meta = _ui.store_for(watched).meta()
         st.session_state.spec = views.spec_from_dict(meta["spec"])
-        st.session_state.run_id = watched
+        st.session_state.run_id = st.session_state.selected_run = watched
         st.rerun()
 else:
     watched = None
@@ -92,6 +92,7 @@ resume = c3.button("Resume")
 cancel = c4.button("Cancel")
 if start or resume:
     run = _ui.open_run(spec)
+    st.session_state.selected_run = None
     st.session_state.run_id = run.run_id
     st.session_state.watch_target = int(n_masks)
     _start(run, int(n_masks))

@@ -34,7 +34,10 @@ trust = c4.checkbox("trust_remote_code", value=current.model.trust_remote_code,
 
 st.subheader("Calibration data")
 sources = ["Demo text", "Upload (.txt / .jsonl)", "Local path", "Hugging Face preset"]
-data_kind = st.radio("Source", sources, horizontal=True, key="data_kind")
+PRESETS = ["wikitext2", "ptb", "c4", "bookcorpus"]
+src = current.data.source
+data_index = 0 if src == "demo" else 3 if src in PRESETS else 1 if Path(src).parent.name == views.UPLOADS_DIR else 2
+data_kind = st.radio("Source", sources, index=data_index, horizontal=True, key="data_kind")
 source = current.data.source if data_kind != sources[0] else "demo"
 if data_kind == sources[1]:
     up = st.file_uploader(f"Calibration file (at most {max_mib} MiB)", type=["txt", "jsonl"])
@@ -45,7 +48,7 @@ if data_kind == sources[1]:
 elif data_kind == sources[2]:
     source = st.text_input("Path to a .txt or .jsonl file", value="" if source == "demo" else source)
 elif data_kind == sources[3]:
-    source = st.selectbox("Preset", ["wikitext2", "ptb", "c4", "bookcorpus"])
+    source = st.selectbox("Preset", PRESETS, index=PRESETS.index(source) if source in PRESETS else 0)
 c1, c2, c3, c4 = st.columns(4)
 n_windows = c1.number_input("windows", 1, 4096, current.data.n_windows)
 seq_len = c2.number_input("tokens per window", 8, 32768, current.data.seq_len)
@@ -57,17 +60,21 @@ c1, c2, c3 = st.columns(3)
 scheme = c1.selectbox("scheme", ["stratified", "size-uniform"], index=["stratified", "size-uniform"].index(current.sampling.scheme))
 n_masks = c2.number_input("number of masks", 0, 1_000_000, current.sampling.n_masks)
 seed = c3.number_input("sampling seed", 0, 2**31 - 1, current.sampling.seed)
-strata_mode = st.radio("strata", ["paper's strata (scaled to L)", "kept-layer counts", "removal range"], horizontal=True)
+STRATA_MODES = ["paper's strata (scaled to L)", "kept-layer counts", "removal range"]
+mode_index = 1 if current.sampling.strata else 2 if current.sampling.remove_range else 0
+strata_mode = st.radio("strata", STRATA_MODES, index=mode_index, horizontal=True)
 strata = remove_range = None
 if strata_mode == "kept-layer counts":
-    text = st.text_input("kept-layer counts (comma separated)", value="14,12,10")
+    text = st.text_input("kept-layer counts (comma separated)",
+                         value=",".join(map(str, current.sampling.strata or (14, 12, 10))))
     try:
         strata = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         st.error(f"expected comma-separated integers such as 14,12,10; got {text!r}.")
         st.stop()
 elif strata_mode == "removal range":
-    remove_range = tuple(st.slider("fraction of layers removed", 0.0, 1.0, (0.1, 0.4), 0.05))
+    remove_range = tuple(st.slider("fraction of layers removed", 0.0, 1.0,
+                                   tuple(current.sampling.remove_range or (0.1, 0.4)), 0.05))
 paired = st.checkbox("paired (size-uniform: also each mask's complement)", value=current.sampling.paired)
 n_threads = st.number_input("CPU threads (0 = torch's choice)", 0, 256, _ui.threads())
 

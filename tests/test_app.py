@@ -85,6 +85,20 @@ def test_setup_loads_model_and_shows_facts(demo_run):
     assert at.session_state["spec"].data.n_windows == SPEC.data.n_windows  # widgets start from the session spec
 
 
+def test_setup_keeps_the_session_spec(demo_run, tmp_path):
+    """Visiting Setup must not reset a spec chosen elsewhere (a CLI run selected on Sampling)."""
+    global SPEC
+    saved = SPEC
+    upload = views.save_upload(tmp_path, "cal.txt", b"some calibration text " * 50, max_bytes=2**20)
+    SPEC = RunSpec(model=saved.model, data=DataSpec(source=str(upload), n_windows=3, seq_len=32, seed=2),
+                   sampling=SamplingSpec(n_masks=9, strata=(15, 11), seed=4))
+    try:
+        at = _app()
+        assert at.session_state["spec"] == SPEC
+    finally:
+        SPEC = saved
+
+
 def test_setup_shows_workbench_errors_without_traceback(demo_run, tmp_path):
     at = _app()
     at.radio(key="model_kind").set_value("Local folder").run()
