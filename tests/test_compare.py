@@ -122,3 +122,70 @@ def test_workers_resume_from_parts(tiny, tmp_path):
     chunks = gtm.plan(L, None, 1)[0]
     stats = gtm.evaluate_chunks(lm, windows, chunks, out.with_suffix(".parts"), fp, progress=False)
     assert stats["evaluated"] == 0 and stats["reused"] == 16
+
+
+@pytest.fixture(scope="module")
+def tiny6(tmp_path_factory):
+    """A trained-looking 6-layer tiny Llama (64 masks) with its ground truth, for the comparison."""
+    root = tmp_path_factory.mktemp("compare6")
+    lm = build_tiny_lm("llama", n_layers=6, seed=4, tokenizer=byte_tokenizer())
+    lm.model.save_pretrained(root / "model")
+    lm.tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(1)
+    words = ["layer", "mask", "prune", "token", "shapley", "model", "the", "of", "a", "value"]
+    for name in ("cal", "test", "ood"):
+        (root / f"{name}.txt").write_text(" ".join(rng.choice(words, 400)))
+    torch.set_num_threads(1)
+    gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, out=root / "gt.npz", progress=False)
+    return root
+
+
+def test_lookup_evaluator_and_run_store(tiny6, tmp_path):
+    from bench import compare
+    from engine.config import RunSpec, SamplingSpec
+
+    gt = gtm.load(tiny6 / "gt.npz")
+    ev = compare.LookupEvaluator(gt)
+    masks = gtm.codes_to_masks(np.array([63, 62, 31, 5]), 6)
+    np.testing.assert_array_equal(ev.perplexities(masks), gt.ppl[[63, 62, 31, 5]])
+    assert ev.ppl_full == gt.ppl_full and ev.n_masks == 4
+    run = compare.lookup_run(gt, RunSpec(sampling=SamplingSpec(n_masks=20)), tmp_path)
+    table = run.store.table()
+    assert len(table.rowid) == 20
+    np.testing.assert_allclose(table.ppl, gt.lookup_ppl(table.masks))
+    np.testing.assert_allclose(table.score, gt.ppl_full / table.ppl)
+
+
+def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
+    from bench import compare
+
+    out = tmp_path / "results"
+    args = ["--quick", "--ground-truth", str(tiny6 / "gt.npz"), "--model", str(tiny6 / "model"),
+            "--data", str(tiny6 / "cal.txt"), "--windows", str(WINDOWS), "--seq-len", str(SEQ),
+            "--eval-data", str(tiny6 / "test.txt"), str(tiny6 / "ood.txt"), "--ks", "1", "2", "3",
+            "--n-masks", "24", "--fidelity-n", "16", "24", "--estimators", "paper", "exact", "regression-adjusted",
+            "--ensemble", "2", "--mc-masks", "4000", "--fidelity-estimators", "paper",
+            "--out", str(out), "--json"]
+    result = compare.main(args)
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["ks"] == [1, 2, 3]
+    for name in ("compare.md", "compare.csv", "fidelity.csv", "compare.png", "fidelity.png"):
+        assert (out / name).stat().st_size > 0
+    gt = gtm.load(tiny6 / "gt.npz")
+    rows = {(r["method"], r["k"]): r for r in result["rows"]}
+    methods = {m for m, _ in rows}
+    assert {"shapley:paper", "shapley:paper:rank-and-cut", "shapley:exact", "sleb", "last", "optimum"} <= methods
+    for k in (1, 2, 3):
+        # nothing beats the optimum on calibration, and the optimum is the ground truth's
+        assert min(r["ppl_calibration"] for (m, kk), r in rows.items() if kk == k) == pytest.approx(
+            rows[("optimum", k)]["ppl_calibration"])
+        assert rows[("optimum", k)]["ppl_calibration"] == pytest.approx(gt.optimum(k)[0][1])
+        assert rows[("last", k)]["removed"] == " ".join(str(i) for i in range(6 - k, 6))
+    # held-out perplexities are real measurements: the full-model value differs from calibration
+    assert result["ppl_full"][str(tiny6 / "test.txt")] != pytest.approx(gt.ppl_full)
+    fid = result["fidelity"]
+    assert {(r["n"], r["seed"], r["estimator"]) for r in fid} == {
+        (n, s, "paper") for n in (16, 24) for s in (0, 1)}
+    for r in fid:
+        assert -1 <= r["spearman"] <= 1 and r["rel_l2"] >= 0 and 0 <= r["precision_verified_k2"] <= 1
+    assert len(result["verdict"]) == 3 * 3

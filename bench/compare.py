@@ -1,0 +1,445 @@
+"""Removal sets of every method against the optimum, and estimator fidelity against exact values.
+
+    .venv/bin/python -m bench.compare [--quick] [--ground-truth bench/data/ground_truth_demo.npz]
+        [--model demo] [--data demo] [--windows 8] [--seq-len 128] [--eval-data demo-test demo-ood]
+        [--ks 2 4 6 8] [--n-masks 256] [--fidelity-n 64 128 256 512 1024] [--seeds 0 1 2]
+        [--out bench/results] [--threads 1] [--json]
+
+Needs the ground truth of the same model and calibration windows (`python -m bench.ground_truth`):
+with it, evaluating a calibration mask is a table lookup, so the Shapley pipeline's sampling, its
+decision verification, the perplexity baseline and SLEB cost no model call, and the fidelity
+study costs only surrogate fits. The model runs only for the gradient/activation baselines and
+for the held-out splits (one prefix-shared call per split with every chosen set).
+
+1. Comparison, for each k: calibration and held-out perplexity of
+   * the Shapley pipeline (`engine.method` stages: `SamplingSpec()` masks, `fit`, `contributions`)
+     for every estimator in `method.ESTIMATORS`, both its rank-and-cut set and the set
+     `decision.decide` picks (rank-and-cut + surrogate beam search, verified on calibration);
+   * every baseline in `baselines.BASELINES`;
+   * the optimum (lowest calibration perplexity over all C(L, k) sets, from the ground truth).
+2. Fidelity, for each n and seed: Spearman and relative L2 error of the estimated values against
+   the exact values of the real game (the exact restricted-strata semivalue for the paper's
+   estimator and for regression-adjusted on stratified samples, which targets it; exact Shapley
+   for the Shapley estimators), and precision of the chosen removal sets against the optimal ones.
+
+Writes compare.md, compare.csv, fidelity.csv, compare.png and fidelity.png under --out; with
+--json the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench import ground_truth as gtm
+from engine import decision as decision_lib
+from engine import method, shapley
+from engine.baselines import BASELINES, run_baseline
+from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
+from engine.errors import WorkbenchError
+from engine.evaluate import scores
+from engine.sampling import masks_to_strings, sample_masks
+from engine.store import RunStore
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIDELITY_ESTIMATORS = ("paper", "exact", "permutation", "regression-adjusted")
+# Which exact value each estimator estimates on a stratified run (method._regression_adjusted
+# targets the restricted-strata semivalue there, not Shapley).
+TARGET = {"paper": "strata", "regression-adjusted": "strata", "exact": "shapley", "permutation": "shapley",
+          "banzhaf": "banzhaf"}
+
+
+# ---------------------------------------------------------------- the real game as a lookup
+
+
+class LookupEvaluator:
+    """The two members of `MaskEvaluator` that the ppl and SLEB baselines use (`ppl_full`,
+    `perplexities`), answered from the ground truth instead of running the model."""
+
+    def __init__(self, gt: gtm.GroundTruth):
+        self.gt = gt
+        self.ppl_full = gt.ppl_full
+        self.n_masks = 0
+
+    def perplexities(self, masks) -> np.ndarray:
+        masks = np.asarray(masks, dtype=bool)
+        self.n_masks += len(masks)
+        return self.gt.lookup_ppl(masks)
+
+
+@dataclass
+class LookupRun:
+    """What `method.fit` and `method.contributions` read from a `pipeline.OpenRun` (spec, n_layers,
+    store), with the store filled from the ground truth instead of by `pipeline.sample`."""
+
+    spec: RunSpec
+    n_layers: int
+    store: RunStore
+    run_id: str
+
+
+def lookup_run(gt: gtm.GroundTruth, spec: RunSpec, cache_dir: Path) -> LookupRun:
+    """A run store holding `sample_masks(spec.sampling, L)` with their ground-truth perplexities:
+    what `pipeline.sample` would have stored, rows in sample order."""
+    L = gt.n_layers
+    masks = sample_masks(spec.sampling, L)  # (n, L)
+    ppl = gt.lookup_ppl(masks)
+    score, flag = scores(ppl, gt.ppl_full)
+    run_id = spec.run_id(gt.meta["model_identity"], gt.meta["data_hash"])
+    store = RunStore.open(cache_dir, run_id, {"spec": dataclasses.asdict(spec), "n_layers": L, "source": "lookup"})
+    store.set_meta(ppl_full=gt.ppl_full)
+    done = store.done_masks()
+    with store.writer(target=len(masks)) as w:
+        for s, p, sc, fl in zip(masks_to_strings(masks), ppl, score, flag):
+            if s not in done:
+                w.add(s, float(p), float(sc), bool(fl), 0.0)
+    return LookupRun(spec, L, store, run_id)
+
+
+# ---------------------------------------------------------------- the Shapley pipeline
+
+
+def pipeline_sets(run: LookupRun, gt: gtm.GroundTruth, estimators, ks, seed: int = 0,
+                  surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = 80_000) -> tuple[dict, dict]:
+    """({(method name, k): removed set}, {estimator: Contributions}) for every estimator: its
+    rank-and-cut set and the set `decision.decide` verifies as best on calibration (lookup).
+    Defaults are the pipeline's (`SurrogateSpec()`, `method.contributions` defaults)."""
+    f = method.fit(run, dataclasses.replace(surrogate, seed=seed), curve=False)
+    sets, contribs = {}, {}
+    for est in estimators:
+        c = method.contributions(run, f, est, n_masks=mc_masks, seed=seed)
+        contribs[est] = c
+        decided = decision_lib.decide(f.predict, c.values, gt.n_layers, ks, gt.lookup_ppl, gt.ppl_full)
+        for d in decided:
+            sets[(f"shapley:{est}", d.k)] = d.removed
+            sets[(f"shapley:{est}:rank-and-cut", d.k)] = decision_lib.rank_and_cut(c.values, d.k)
+    return sets, contribs
+
+
+def baseline_sets(lm, windows, gt: gtm.GroundTruth, ks, names=tuple(BASELINES)) -> dict:
+    out = {}
+    for name in names:
+        r = run_baseline(name, lm, windows, evaluator=LookupEvaluator(gt), k_max=max(ks), seed=0)
+        for k in ks:
+            out[(name, k)] = r.removed(k)
+    return out
+
+
+# ---------------------------------------------------------------- fidelity
+
+
+def _agreement(est: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(est, exact).statistic)
+    return rho, float(np.linalg.norm(est - exact) / np.linalg.norm(exact))
+
+
+def fidelity(gt: gtm.GroundTruth, ns, seeds, ks, estimators, cache_dir: Path, progress: bool = True,
+             surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = 80_000) -> list[dict]:
+    """One row per (n, seed, estimator): agreement with the exact values, precision vs the optimum per k."""
+    if "shapley" not in gt.analysis:
+        raise WorkbenchError("the fidelity study needs the complete ground truth (every mask, no --k-max); "
+                             "rebuild it or pass --fidelity-n with no value to skip the study.")
+    exact = {"shapley": np.array(gt.analysis["shapley"]), "strata": np.array(gt.analysis["strata_semivalue"]),
+             "banzhaf": shapley.semivalue(gt.value_function(), gt.n_layers, shapley.BANZHAF).values}
+    optimum = {k: set(gt.optimum(k)[0][0]) for k in ks}
+    rows = []
+    for n in ns:
+        for seed in seeds:
+            t0 = time.monotonic()
+            spec = RunSpec(sampling=SamplingSpec(n_masks=n, seed=seed))
+            run = lookup_run(gt, spec, cache_dir / f"n{n}_s{seed}")
+            sets, contribs = pipeline_sets(run, gt, estimators, ks, seed, surrogate, mc_masks)
+            for est in estimators:
+                values = contribs[est].values
+                row = {"n": n, "seed": seed, "estimator": est, "target": TARGET[est]}
+                for name, ref in exact.items():
+                    row[f"spearman_{name}"], row[f"rel_l2_{name}"] = _agreement(values, ref)
+                row["spearman"] = row[f"spearman_{TARGET[est]}"]
+                row["rel_l2"] = row[f"rel_l2_{TARGET[est]}"]
+                for k in ks:
+                    for kind, key in (("verified", f"shapley:{est}"), ("rank_cut", f"shapley:{est}:rank-and-cut")):
+                        chosen = sets[(key, k)]
+                        row[f"precision_{kind}_k{k}"] = len(optimum[k] & set(chosen)) / k
+                        row[f"ppl_{kind}_k{k}"] = float(gt.lookup_ppl(decision_lib.removal_mask(chosen, gt.n_layers)[None])[0])
+                rows.append(row)
+            if progress:
+                print(f"fidelity n={n} seed={seed}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- held-out measurement
+
+
+def measure(lm, data: DataSpec, removal_sets: list[tuple[int, ...]]) -> tuple[dict, float]:
+    """({removed set: perplexity}, ppl_full) on `data`, all sets in one prefix-shared call."""
+    from engine.data import make_windows
+    from engine.evaluate import MaskEvaluator
+
+    ev = MaskEvaluator(lm, make_windows(lm.tokenizer, data))
+    masks = np.stack([decision_lib.removal_mask(s, lm.n_layers) for s in removal_sets])  # (n, L)
+    return dict(zip(removal_sets, ev.perplexities(masks))), float(ev.ppl_full)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3f}" if np.isfinite(x) else "inf"
+
+
+def comparison_tables(rows: list[dict], ks, splits, full: dict) -> list[str]:
+    lines = []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["k"]): r for r in rows}
+    for split in splits:
+        lines += [f"### Perplexity on {split} (full model {full[split]:.3f})", "",
+                  "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(_fmt(by[(m, k)][f"ppl_{split}"]) for k in ks) + " |")
+        lines.append("")
+    return lines
+
+
+def verdict(rows: list[dict], ks, splits, pipeline: str = "shapley:paper") -> tuple[list[str], list[dict]]:
+    """Per k and held-out split: the pipeline vs the best baseline and vs the optimum."""
+    by = {(r["method"], r["k"]): r for r in rows}
+    baselines = [m for m in dict.fromkeys(r["method"] for r in rows) if m in BASELINES]
+    out, lines = [], ["| k | split | pipeline | best baseline | pipeline / best baseline | optimum | pipeline / optimum |",
+                      "|---:|---|---:|---|---:|---:|---:|"]
+    for k in ks:
+        for split in splits:
+            p = by[(pipeline, k)][f"ppl_{split}"]
+            best = min(baselines, key=lambda b: by[(b, k)][f"ppl_{split}"])
+            b = by[(best, k)][f"ppl_{split}"]
+            o = by[("optimum", k)][f"ppl_{split}"]
+            out.append({"k": k, "split": split, "pipeline": p, "best_baseline": best, "baseline": b, "optimum": o,
+                        "vs_baseline": p / b, "vs_optimum": p / o})
+            lines.append(f"| {k} | {split} | {_fmt(p)} | {best} {_fmt(b)} | {p / b:.4f} | {_fmt(o)} | {p / o:.4f} |")
+    return lines, out
+
+
+def fidelity_table(rows: list[dict], ks) -> list[str]:
+    lines = ["| estimator (target) | n | Spearman | rel. L2 | " + " | ".join(f"prec. k={k}" for k in ks) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(ks)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["estimator"], r["n"]), []).append(r)
+    for (est, n), rs in groups.items():
+        def ms(key):
+            v = np.array([r[key] for r in rs], dtype=float)
+            return f"{v.mean():.3f} ± {v.std():.3f}"
+        lines.append(f"| {est} ({rs[0]['target']}) | {n} | {ms('spearman')} | {ms('rel_l2')} | "
+                     + " | ".join(ms(f"precision_verified_k{k}") for k in ks) + " |")
+    return lines
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plots(out: Path, rows: list[dict], fid: list[dict], ks, splits) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4.5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for m in methods:
+            y = [next(r[f"ppl_{split}"] for r in rows if r["method"] == m and r["k"] == k) for k in ks]
+            style = dict(lw=2.5, color="black") if m == "optimum" else dict(lw=1.2)
+            if m.endswith("rank-and-cut"):
+                style["ls"] = ":"
+            ax.plot(ks, y, marker="o", label=m, **style)
+        ax.set_yscale("log")
+        ax.set_xlabel("layers removed (k)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(split)
+    axes[0][-1].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+    files.append(str(out / "compare.png"))
+    if fid:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        for est in dict.fromkeys(r["estimator"] for r in fid):
+            ns = sorted({r["n"] for r in fid if r["estimator"] == est})
+            for ax, key in zip(axes, ("spearman", "rel_l2", f"precision_verified_k{ks[len(ks) // 2]}")):
+                v = [np.array([r[key] for r in fid if r["estimator"] == est and r["n"] == n]) for n in ns]
+                ax.errorbar(ns, [x.mean() for x in v], yerr=[x.std() for x in v], marker="o", capsize=3,
+                            label=f"{est} vs {TARGET[est]}")
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("evaluated masks n")
+                ax.set_title(key)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "fidelity.png", dpi=110)
+        plt.close(fig)
+        files.append(str(out / "fidelity.png"))
+    return files
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    import torch
+
+    from engine.data import make_windows
+    from engine.models import load_model
+
+    t0 = time.monotonic()
+    torch.set_num_threads(args.threads)
+    gt = gtm.load(args.ground_truth)
+    lm = load_model(ModelSpec(name=args.model))
+    data = DataSpec(source=args.data, n_windows=args.windows, seq_len=args.seq_len, seed=args.data_seed)
+    windows = make_windows(lm.tokenizer, data)
+    if (lm.identity, windows.data_hash) != (gt.meta["model_identity"], gt.meta["data_hash"]):
+        raise WorkbenchError(
+            f"{args.ground_truth} was computed for another model or other calibration windows "
+            f"({gt.meta['model_identity']}, data {gt.meta['data_hash']}); rerun bench.ground_truth with the same "
+            "--model/--data/--windows/--seq-len."
+        )
+    L, ks = gt.n_layers, sorted(args.ks or [max(1, round(L * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        t = time.monotonic()
+        spec = RunSpec(model=ModelSpec(name=args.model), data=data, sampling=SamplingSpec(n_masks=args.n_masks))
+        surrogate = SurrogateSpec(ensemble=args.ensemble)
+        sets, contribs = pipeline_sets(lookup_run(gt, spec, Path(tmp) / "main"), gt, args.estimators, ks, 0,
+                                       surrogate, args.mc_masks)
+        timings["pipeline"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+        sets.update(baseline_sets(lm, windows, gt, ks, args.baselines))
+        timings["baselines"] = round(time.monotonic() - t, 1)
+        for k in ks:
+            sets[("optimum", k)] = gt.optimum(k)[0][0]
+        t = time.monotonic()
+        fid = fidelity(gt, args.fidelity_n, args.seeds, ks, args.fidelity_estimators, Path(tmp) / "fid",
+                       not args.json, surrogate, args.mc_masks) if args.fidelity_n else []
+        timings["fidelity"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
+    distinct = sorted(set(sets.values()))
+    heldout, full = {}, {"calibration": gt.ppl_full}
+    for name in args.eval_data:
+        heldout[name], full[name] = measure(lm, dataclasses.replace(data, source=name), distinct)
+    timings["heldout"] = round(time.monotonic() - t, 1)
+    splits = ["calibration", *args.eval_data]
+    rows = []
+    for (m, k), removed in sets.items():
+        row = {"method": m, "k": k, "removed": " ".join(map(str, removed)),
+               "ppl_calibration": float(gt.lookup_ppl(decision_lib.removal_mask(removed, L)[None])[0])}
+        for name in args.eval_data:
+            row[f"ppl_{name}"] = float(heldout[name][removed])
+        rows.append(row)
+    order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in sets))}
+    rows.sort(key=lambda r: (order[r["method"]], r["k"]))
+    vlines, vrows = verdict(rows, ks, splits)
+    md = [f"# Layer removal on {gt.meta['model']} (L={L}): every method against the optimum", "",
+          f"Ground truth: {len(gt.codes)} masks, {gt.meta['n_windows']} x {gt.meta['seq_len']} calibration tokens "
+          f"({gt.meta['data']}), computed {gt.meta['date']}. Shapley pipeline: {args.n_masks} stratified masks "
+          "(perplexities looked up in the ground truth), default surrogate; `shapley:<estimator>` is the set "
+          "`decision.decide` keeps (rank-and-cut and beam candidates verified on calibration), "
+          "`shapley:<estimator>:rank-and-cut` the paper's rule alone. `optimum` is the best set on calibration, "
+          "measured on every split.", "",
+          f"Command: `python -m bench.compare {' '.join(args.argv)}`", "",
+          "## Shapley pipeline (paper estimator, verified) vs best baseline and optimum", "", *vlines, "",
+          "## All methods", "", *comparison_tables(rows, ks, splits, full)]
+    if "shapley" in gt.analysis:
+        md += ["## Exact values of the real game", "", "| layer | " + " | ".join(map(str, range(L))) + " |",
+               "|---|" + "---:|" * L,
+               "| Shapley | " + " | ".join(f"{x:.4f}" for x in gt.analysis["shapley"]) + " |",
+               "| strata semivalue | " + " | ".join(f"{x:.4f}" for x in gt.analysis["strata_semivalue"]) + " |",
+               "| paper estimate (n=%d) | " % args.n_masks
+               + " | ".join(f"{x:.4f}" for x in contribs["paper"].values) + " |", ""]
+    if fid:
+        md += ["## Estimator fidelity (mean ± std over seeds %s)" % list(args.seeds), "",
+               "Target: `strata` = exact restricted-strata semivalue of the real game, `shapley` = exact Shapley "
+               "values of the real game. Precision = |chosen ∩ optimal| / k for the verified set.", "",
+               *fidelity_table(fid, ks), ""]
+    timings["total"] = round(time.monotonic() - t0, 1)
+    md += [f"Seconds: {json.dumps(timings)}", ""]
+    (out / "compare.md").write_text("\n".join(md))
+    write_csv(out / "compare.csv", rows)
+    write_csv(out / "fidelity.csv", fid)
+    files = plots(out, rows, fid, ks, splits)
+    return {"ks": ks, "verdict": vrows, "rows": rows, "fidelity": fid, "ppl_full": full, "seconds": timings,
+            "files": [str(out / "compare.md"), str(out / "compare.csv"), str(out / "fidelity.csv"), *files]}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smaller study: fidelity n 64 128, seeds 0 1, paper + regression-adjusted only")
+    p.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
+    p.add_argument("--model", default="demo")
+    p.add_argument("--data", default="demo")
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--eval-data", nargs="*", default=None, help="held-out splits (default demo-test demo-ood)")
+    p.add_argument("--ks", type=int, nargs="*", default=None, help="default L/8, L/4, 3L/8, L/2")
+    p.add_argument("--n-masks", type=int, default=SamplingSpec().n_masks)
+    p.add_argument("--fidelity-n", type=int, nargs="*", default=None)
+    p.add_argument("--seeds", type=int, nargs="*", default=None)
+    p.add_argument("--estimators", nargs="*", default=list(method.ESTIMATORS))
+    p.add_argument("--fidelity-estimators", nargs="*", default=None)
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES))
+    p.add_argument("--ensemble", type=int, default=SurrogateSpec().ensemble, help="surrogate ensemble members")
+    p.add_argument("--mc-masks", type=int, default=80_000, help="Monte Carlo masks of the paper's estimator")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    if a.eval_data is None:
+        a.eval_data = ["demo-test", "demo-ood"] if a.data == "demo" else []
+    if a.fidelity_n is None:
+        a.fidelity_n = [64, 128] if a.quick else [64, 128, 256, 512, 1024]
+    if a.seeds is None:
+        a.seeds = [0, 1] if a.quick else [0, 1, 2]
+    if a.fidelity_estimators is None:
+        a.fidelity_estimators = ["paper", "regression-adjusted"] if a.quick else list(FIDELITY_ESTIMATORS)
+    for name in [*a.estimators, *a.fidelity_estimators]:
+        if name not in method.ESTIMATORS:
+            p.error(f"unknown estimator {name!r}; choose from {', '.join(method.ESTIMATORS)}")
+    if "paper" not in a.estimators:
+        p.error("--estimators must include 'paper' (the pipeline the comparison is about)")
+    return a
+
+
+def main(argv=None) -> dict:
+    from bench.common import emit
+
+    a = parse(argv)
+    result = run(a)
+    lines = [Path(result["files"][0]).read_text()]
+    return emit(lines, result, a.json)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
