@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from engine import method, views
@@ -64,9 +65,15 @@ c2.metric(f"measured, {k} removed", f"{d.ppl_measured:.3f}", delta=f"{d.ppl_meas
           delta_color="inverse")
 c3.metric("predicted", f"{d.ppl_predicted:.3f}")
 st.write(f"Removed layers: **{', '.join(map(str, d.removed))}** ({d.method})")
-long = table.melt(id_vars=["k"], value_vars=["ppl_predicted", "ppl_measured"], var_name="", value_name="perplexity")
-st.plotly_chart(px.line(long, x="k", y="perplexity", color="", markers=True, log_y=True,
-                        title="Perplexity vs layers removed"), key="ppl_vs_k")
+long = table.melt(id_vars=["k"], value_vars=["ppl_predicted", "ppl_measured"], var_name="series",
+                  value_name="perplexity")
+fig = px.line(long, x="k", y="perplexity", color="series", markers=True, log_y=True,
+              title="Perplexity vs layers removed (chosen set per k)")
+ks = list(table["k"])  # a trace, not add_hline: hline shapes take log10 units on a log axis
+fig.add_trace(go.Scatter(x=ks, y=[d.ppl_full] * len(ks), mode="lines", name="full model",
+                         line=dict(dash="dot", color="gray")))
+fig.update_xaxes(dtick=1)
+st.plotly_chart(fig, key="ppl_vs_k")
 st.dataframe(table, hide_index=True, width="stretch")
 for name, sp in ds.splits.items():
     st.caption(f"{name}: full {sp.ppl_full:.3f} -> " + ", ".join(f"k={a}: {b:.3f}" for a, b in zip(sp.ks, sp.ppl)))
