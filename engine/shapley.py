@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine.errors import EstimationError
+from engine.jsonable import jsonable
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
 
@@ -35,22 +36,6 @@ DEFAULT_CHUNK = 2**16
 
 
 # ---------------------------------------------------------------- records
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 @dataclass(frozen=True)
@@ -70,7 +55,7 @@ class Contributions:
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _jsonable(
+        return jsonable(
             {
                 "values": self.values,
                 "stderr": self.stderr,
@@ -90,7 +75,7 @@ class Efficiency:
     gap: float
 
     def to_dict(self) -> dict:
-        return _jsonable(self.__dict__)
+        return jsonable(self.__dict__)
 
 
 # ---------------------------------------------------------------- weightings

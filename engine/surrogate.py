@@ -37,28 +37,13 @@ from threadpoolctl import threadpool_limits
 
 from engine.config import SurrogateSpec
 from engine.errors import EstimationError
+from engine.jsonable import jsonable
 
 MIN_MASKS = 8  # below this no fit or diagnostic is meaningful
 SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (PPL <= 1000 x full)
 PREDICT_CHUNK = 2**16
 KINDS = ("mlp", "ridge-pairwise", "gbt")
 PRESETS = ("adam", "paper")
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    return x
 
 
 def _check_xy(masks, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -400,7 +385,7 @@ class Metrics:
     mape_ppl: float
 
     def to_dict(self) -> dict:
-        return _jsonable(self.__dict__)
+        return jsonable(self.__dict__)
 
 
 def metrics(y_true, y_pred, ppl_full: float = 1.0) -> Metrics:
@@ -454,7 +439,7 @@ class FitReport:
             "test": self.test.to_dict(),
             "train": self.train.to_dict(),
             "fit_seconds": self.fit_seconds,
-            "member_history": _jsonable(list(self.member_history)),
+            "member_history": jsonable(list(self.member_history)),
         }
 
 
@@ -528,7 +513,7 @@ class Comparison:
     split: Split
 
     def to_dict(self) -> dict:
-        return {"rows": _jsonable(list(self.rows)), "split": self.split.to_dict()}
+        return {"rows": jsonable(list(self.rows)), "split": self.split.to_dict()}
 
 
 def compare(masks, scores, kinds: Sequence[str] = ("mlp:adam", "mlp:paper", "ridge-pairwise", "gbt"),

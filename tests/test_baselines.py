@@ -65,15 +65,6 @@ def _make_identity(model, family):
     return layer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: extra torch threads only contend on a shared, loaded machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def setup(request):
     """A 4-layer model trained to near convergence on a bigram task, layer IDENT an exact identity.

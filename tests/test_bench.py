@@ -16,14 +16,6 @@ from tests.conftest import build_tiny_lm, byte_tokenizer
 MASKS = np.array([[1, 0, 1, 1], [1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=bool)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A saved 4-layer Llama + byte tokenizer, and a text file to calibrate on."""

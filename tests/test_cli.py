@@ -33,16 +33,6 @@ def _save(folder: Path, config) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, busy machine: torch's thread pool only adds contention
-    (measured: a 32x64 linear took 60 ms with 2 threads at load 9)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -21,10 +21,7 @@ from engine.models import load_model
 
 @pytest.fixture(scope="module")
 def demo():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small model on a shared machine: one thread is fastest
-    yield load_model(ModelSpec(name="demo"))
-    torch.set_num_threads(before)
+    return load_model(ModelSpec(name="demo"))
 
 
 def test_the_demo_assets_are_complete():

@@ -18,14 +18,6 @@ TEXT = " ".join(f"Layer {i} of the model reads the stream and writes a small upd
 L = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM
