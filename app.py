@@ -6,6 +6,8 @@ Sampling); long jobs (sampling) run as `python -m engine sample` subprocesses.
 
 import streamlit as st
 
+from engine.views import bench_results_dir
+
 st.set_page_config(page_title="Layer pruning workbench", page_icon=":scissors:", layout="wide")
 
 PAGES = [
@@ -15,5 +17,7 @@ PAGES = [
     st.Page("pages/shapley.py", title="Shapley", icon=":material/bar_chart:"),
     st.Page("pages/prune.py", title="Prune & export", icon=":material/content_cut:"),
 ]
+if (bench_results_dir() / "compare.csv").is_file():  # only when bench.compare has written its results
+    PAGES.append(st.Page("pages/comparison.py", title="Comparison", icon=":material/leaderboard:"))
 
 st.navigation(PAGES).run()

@@ -192,3 +192,28 @@ def mask_from_removed(removed, L: int) -> np.ndarray:
     m = np.ones(L, dtype=bool)
     m[list(removed)] = False
     return m
+
+
+# ---------------------------------------------------------------- benchmark results (bench/compare.py output)
+
+
+def bench_results_dir() -> Path:
+    """Where `python -m bench.compare` writes compare.csv / fidelity.csv ($LAYERPRUNE_BENCH_RESULTS overrides)."""
+    default = Path(__file__).resolve().parents[1] / "bench" / "results"
+    return Path(os.environ.get("LAYERPRUNE_BENCH_RESULTS", default))
+
+
+def comparison_long(df: pd.DataFrame) -> pd.DataFrame:
+    """compare.csv (method, k, ppl_<split>...) -> one row per (method, k, split) with its perplexity."""
+    splits = [c for c in df.columns if c.startswith("ppl_")]
+    long = df.melt(id_vars=["method", "k"], value_vars=splits, var_name="split", value_name="perplexity")
+    long["split"] = long["split"].str.removeprefix("ppl_")
+    return long
+
+
+def fidelity_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """fidelity.csv -> mean and std over seeds of every metric, per estimator and n."""
+    metrics = [c for c in df.columns if c not in ("n", "seed", "estimator", "target")]
+    g = df.groupby(["estimator", "target", "n"])[metrics].agg(["mean", "std"])
+    g.columns = [f"{m}_{s}" for m, s in g.columns]
+    return g.reset_index()

@@ -205,3 +205,21 @@ def test_save_upload_stays_in_cache_and_checks_size(tmp_path):
     with pytest.raises(DataError, match=".txt or .jsonl"):
         views.save_upload(tmp_path, "a.exe", b"x", max_bytes=100)
 
+
+
+def test_comparison_page_only_with_bench_results(demo_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_BENCH_RESULTS", str(tmp_path))
+    at = _app()
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("pages/comparison.py")  # not in the navigation without results: no placeholder page
+    rows = ["method,k,ppl_calibration,ppl_demo-test"]
+    for m, base in (("shapley:paper", 50.0), ("last", 70.0), ("optimum", 45.0)):
+        rows += [f"{m},{k},{base + 3 * k},{base + 5 * k}" for k in (2, 4)]
+    (tmp_path / "compare.csv").write_text("\n".join(rows) + "\n")
+    fid = ["n,seed,estimator,target,spearman,rel_l2"]
+    fid += [f"{n},{s},paper,strata,{0.5 + n / 1000},{1 - n / 1000}" for n in (64, 256) for s in (0, 1)]
+    (tmp_path / "fidelity.csv").write_text("\n".join(fid) + "\n")
+    at = _app("comparison")
+    assert at.title[0].value == "Comparison"
+    assert _charts(at) == 2  # benchmark curves and fidelity curve
+    assert list(at.dataframe[0].value["method"]) == ["last", "optimum", "shapley:paper"]
