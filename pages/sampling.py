@@ -69,9 +69,17 @@ spec = _ui.spec()
 runs = pipeline.status(_ui.cache_dir())
 ids = [r["run_id"] for r in runs]
 
+
+
+@st.fragment(run_every=3)
+def runs_table() -> None:
+    """The cache's runs, refreshed while the page is open (a CLI run appears without a reload)."""
+    st.dataframe(views.runs_frame(pipeline.status(_ui.cache_dir())), hide_index=True, width="stretch")
+
+
 st.subheader("Runs in the cache")
 if runs:
-    st.dataframe(views.runs_frame(runs), hide_index=True, width="stretch")
+    runs_table()
     watched = st.selectbox("Watch run", ids, index=ids.index(_ui.current_run_id()) if _ui.current_run_id() in ids else 0,
                            key="watch_run")
     if watched != _ui.current_run_id() and st.button(f"Use run {watched}'s settings"):
