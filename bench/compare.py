@@ -147,11 +147,14 @@ def _agreement(est: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
 def fidelity(gt: gtm.GroundTruth, ns, seeds, ks, estimators, cache_dir: Path, progress: bool = True,
              surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = 80_000) -> list[dict]:
     """One row per (n, seed, estimator): agreement with the exact values, precision vs the optimum per k."""
-    if "shapley" not in gt.analysis:
-        raise WorkbenchError("the fidelity study needs the complete ground truth (every mask, no --k-max); "
-                             "rebuild it or pass --fidelity-n with no value to skip the study.")
-    exact = {"shapley": np.array(gt.analysis["shapley"]), "strata": np.array(gt.analysis["strata_semivalue"]),
-             "banzhaf": shapley.semivalue(gt.value_function(), gt.n_layers, shapley.BANZHAF).values}
+    exact = {name: np.array(gt.analysis[key]) for name, key in (("shapley", "shapley"), ("strata", "strata_semivalue"))
+             if key in gt.analysis}
+    if gt.complete:
+        exact["banzhaf"] = shapley.semivalue(gt.value_function(), gt.n_layers, shapley.BANZHAF).values
+    missing = sorted({TARGET[e] for e in estimators} - set(exact))
+    if missing:
+        raise WorkbenchError(f"the ground truth (k_max={gt.k_max}) is too small for the exact {missing} values; "
+                             "rebuild it without --k-max, or choose --fidelity-estimators paper regression-adjusted.")
     optimum = {k: set(gt.optimum(k)[0][0]) for k in ks}
     rows = []
     for n in ns:

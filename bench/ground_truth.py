@@ -110,11 +110,19 @@ class GroundTruth:
             )
         return self.ppl[idx]
 
-    def value_function(self):
-        """f(masks) -> score = ppl_full / ppl (non-finite -> 0): the real game as a lookup."""
+    def value_function(self, fill: float | None = None):
+        """f(masks) -> score = ppl_full / ppl (non-finite -> 0): the real game as a lookup.
+
+        fill=None: a mask not in the table raises; otherwise it gets the score `fill` (for exact
+        semivalues whose weights vanish on the masks a --k-max table lacks; see `analyse`)."""
 
         def f(masks):
-            return scores(self.lookup_ppl(masks), self.ppl_full)[0]
+            if fill is None:
+                return scores(self.lookup_ppl(masks), self.ppl_full)[0]
+            codes = mask_codes(masks)
+            idx = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+            found = self.codes[idx] == codes
+            return np.where(found, scores(self.ppl[idx], self.ppl_full)[0], fill)
 
         return f
 
@@ -162,10 +170,16 @@ def analyse(gt: GroundTruth, strata: tuple[int, ...] | None = None, top: int = 3
     out: dict = {"strata": list(strata), "optimum": {}}
     if gt.complete:
         sh = shapley.exact_shapley(f, L)
-        rs = shapley.semivalue(f, L, shapley.restricted_strata(strata))
         out["shapley"] = [float(x) for x in sh.values]
-        out["strata_semivalue"] = [float(x) for x in rs.values]
         out["shapley_ranking"] = [int(i) for i in np.argsort(sh.values, kind="stable")]  # least important first
+    # phi_i = sum_m f(m) q_i(m) with q_i(m) = w(|m|-1) or -w(|m|): a kept count s matters only when
+    # w(s-1) or w(s) is nonzero, so the strata semivalue is exact on a table that holds those counts.
+    weighting = shapley.restricted_strata(strata)
+    w = np.concatenate([[0.0], weighting.vector(L), [0.0]])  # w[s + 1] = w(s), zero outside 0..L-1
+    needed = [s for s in range(L + 1) if w[s] != 0 or w[s + 1] != 0]
+    if min(needed) >= L - gt.k_max:
+        rs = shapley.semivalue(gt.value_function(fill=0.0), L, weighting)
+        out["strata_semivalue"] = [float(x) for x in rs.values]
         out["strata_ranking"] = [int(i) for i in np.argsort(rs.values, kind="stable")]
     for k in range(1, min(gt.k_max, L - 1) + 1):
         best = gt.optimum(k, top)
@@ -290,7 +304,10 @@ def _load(model: str, data: str, n_windows: int, seq_len: int, seed: int, k_max:
     windows = make_windows(lm.tokenizer, DataSpec(source=data, n_windows=n_windows, seq_len=seq_len, seed=seed))
     if k_max is not None and not 1 <= k_max <= lm.n_layers:
         raise WorkbenchError(f"--k-max must be between 1 and {lm.n_layers}; got {k_max}.")
-    fingerprint = stable_hash({"model": lm.identity, "data": windows.data_hash, "k_max": k_max})
+    # Parts are keyed by model and windows only (each part's codes are compared on reading), so a
+    # --k-max run reuses the parts of a full run. The constant "k_max": None keeps parts written
+    # by the first version of this script valid.
+    fingerprint = stable_hash({"model": lm.identity, "data": windows.data_hash, "k_max": None})
     return lm, windows, fingerprint
 
 
@@ -342,6 +359,7 @@ def summary_lines(gt: GroundTruth) -> list[str]:
              f"{gt.meta.get('seconds')} s wall ({gt.meta.get('evaluation_seconds')} s summed over parts)"]
     if "shapley" in a:
         lines.append("exact Shapley (real game): " + " ".join(f"{x:.4f}" for x in a["shapley"]))
+    if "strata_semivalue" in a:
         lines.append(f"exact restricted-strata semivalue (kept {a['strata']}): "
                      + " ".join(f"{x:.4f}" for x in a["strata_semivalue"]))
     for k, best in a.get("optimum", {}).items():

@@ -189,3 +189,15 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
     for r in fid:
         assert -1 <= r["spearman"] <= 1 and r["rel_l2"] >= 0 and 0 <= r["precision_verified_k2"] <= 1
     assert len(result["verdict"]) == 3 * 3
+
+
+def test_strata_semivalue_from_a_k_max_table_equals_the_complete_one(tiny, tmp_path):
+    root, gt = tiny
+    # L=4: strata (3, 2) weigh kept counts 1..4 only, i.e. at most 3 removed
+    part = gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, k_max=3, out=tmp_path / "k3.npz",
+                     progress=False)
+    assert not part.complete and "shapley" not in part.analysis
+    np.testing.assert_allclose(part.analysis["strata_semivalue"], gt.analysis["strata_semivalue"], rtol=1e-12)
+    small = gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, k_max=2, out=tmp_path / "k2.npz",
+                      progress=False)
+    assert "strata_semivalue" not in small.analysis  # kept count 1 is weighted but missing
