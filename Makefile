@@ -17,9 +17,12 @@ $(STAMP): requirements.txt | $(PY)
 
 install: $(STAMP)
 
-# Until the app lands: sample 60 masks of the bundled demo model into ./cache (resumable).
+# The workbench app on the bundled demo model (Setup -> Sampling -> Surrogate -> Shapley -> Prune).
+# Streamlit prints the URL; PORT=8502 make run to use another port.
+PORT ?= 8501
 run: install
-	$(PY) -m engine sample --masks 60
+	@echo "Layer-pruning workbench: open http://localhost:$(PORT) in a browser (Ctrl-C stops it)."
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: install
 	$(VENV)/bin/pytest -q
