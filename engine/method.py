@@ -178,6 +178,11 @@ def _regression_adjusted(run, f: Fit, seed: int) -> shapley.Contributions:
     )
 
 
+def measure(run, masks) -> np.ndarray:
+    """Real calibration perplexities of keep-masks bool[n, L] (the what-if "Measure" button)."""
+    return MaskEvaluator(run.lm, run.windows).perplexities(np.atleast_2d(np.asarray(masks, dtype=bool)))
+
+
 # ---------------------------------------------------------------- decision
 
 

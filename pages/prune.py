@@ -9,7 +9,6 @@ import streamlit as st
 
 from engine import method, views
 from engine.config import SurrogateSpec
-from engine.evaluate import MaskEvaluator
 from engine.prune import MANIFEST, zip_export
 from engine.surrogate import SCORE_FLOOR
 from pages import _ui
@@ -87,7 +86,7 @@ c1, c2 = st.columns(2)
 c1.metric("predicted perplexity", f"{d.ppl_full / max(score, SCORE_FLOOR):.3f}", help=f"surrogate score {score:.4f}")
 if c2.button("Measure"):
     with _ui.shown_errors(), st.spinner("Evaluating the mask..."):
-        st.session_state.measured = (tuple(removed), float(MaskEvaluator(run.lm, run.windows).perplexities(mask[None])[0]))
+        st.session_state.measured = (tuple(removed), float(method.measure(run, mask)[0]))
 measured = st.session_state.get("measured")
 if measured and measured[0] == tuple(removed):
     c2.metric("measured perplexity", f"{measured[1]:.3f}")
