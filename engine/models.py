@@ -244,7 +244,9 @@ def _resolve(spec: ModelSpec) -> tuple[str, str, bool]:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model + tokenizer for `spec` (see ModelSpec); eval mode, pad token = eos when missing."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar drowns the CLI's own output
     source, identity, local_only = _resolve(spec)
     dtype = _torch_dtype(spec.dtype)
     device_kwargs, move_to = _device_kwargs(spec.device)

@@ -305,6 +305,8 @@ def prune(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, 
           sample_result: SampleResult | None = None) -> dict:
     """fit -> contributions -> decide (k = 1..remove) -> export (if out_dir) on the run's samples."""
     t0 = time.monotonic()
+    if out_dir is not None:
+        check_export_folder(out_dir, overwrite)  # before any model is loaded
     run = run or _samples_run(spec, cache_dir)
     evaluated = sample_result.evaluated if sample_result else 0
     result = method.run_method(run, evaluated, surrogate, estimator, remove, out_dir, overwrite, eval_data, t0)
