@@ -321,7 +321,8 @@ def run(args) -> dict:
             f"({gt.meta['model_identity']}, data {gt.meta['data_hash']}); rerun bench.ground_truth with the same "
             "--model/--data/--windows/--seq-len."
         )
-    L, ks = gt.n_layers, sorted(args.ks or [max(1, round(L * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)])
+    L = gt.n_layers
+    ks = sorted(set(args.ks or [max(1, round(L * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -162,7 +162,7 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
     out = tmp_path / "results"
     args = ["--quick", "--ground-truth", str(tiny6 / "gt.npz"), "--model", str(tiny6 / "model"),
             "--data", str(tiny6 / "cal.txt"), "--windows", str(WINDOWS), "--seq-len", str(SEQ),
-            "--eval-data", str(tiny6 / "test.txt"), str(tiny6 / "ood.txt"), "--ks", "1", "2", "3",
+            "--eval-data", str(tiny6 / "test.txt"), str(tiny6 / "ood.txt"),  # default ks: L/8..L/2 -> 1 2 3
             "--n-masks", "24", "--fidelity-n", "16", "24", "--estimators", "paper", "exact", "regression-adjusted",
             "--ensemble", "2", "--mc-masks", "4000", "--fidelity-estimators", "paper",
             "--out", str(out), "--json"]
