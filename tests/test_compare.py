@@ -189,6 +189,8 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
     for r in fid:
         assert -1 <= r["spearman"] <= 1 and r["rel_l2"] >= 0 and 0 <= r["precision_verified_k2"] <= 1
     assert len(result["verdict"]) == 3 * 3
+    md = (out / "compare.md").read_text()
+    assert "Held-out spread" in md and "rank-and-cut sets" in md and "above the optimum" in md
 
 
 def test_strata_semivalue_from_a_k_max_table_equals_the_complete_one(tiny, tmp_path):
