@@ -73,6 +73,25 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+WORDS = ["layer", "mask", "prune", "token", "shapley", "model", "the", "of", "a", "value"]
+
+
+def save_tiny_llama(folder, n_layers: int = 4, seed: int = 0):
+    """A tiny random Llama + byte tokenizer saved with save_pretrained (a `--model` folder)."""
+    lm = build_tiny_lm("llama", n_layers=n_layers, seed=seed, tokenizer=byte_tokenizer())
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_words(path, n: int, seed: int = 0):
+    """A text file of n seeded random words from WORDS (calibration text for tiny models)."""
+    import numpy as np
+
+    path.write_text(" ".join(np.random.default_rng(seed).choice(WORDS, n)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return byte_tokenizer()

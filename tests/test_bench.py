@@ -11,7 +11,7 @@ import torch
 from bench import gpu_mask_eval, mask_eval, run_wall, shapley_step
 from bench.common import ZeroingReference
 from engine.evaluate import MaskEvaluator, count_prefix_computations
-from tests.conftest import build_tiny_lm, byte_tokenizer
+from tests.conftest import build_tiny_lm, save_tiny_llama, write_words
 
 MASKS = np.array([[1, 0, 1, 1], [1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=bool)
 
@@ -20,12 +20,8 @@ MASKS = np.array([[1, 0, 1, 1], [1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1,
 def tiny_folder(tmp_path_factory):
     """A saved 4-layer Llama + byte tokenizer, and a text file to calibrate on."""
     root = tmp_path_factory.mktemp("bench")
-    lm = build_tiny_lm("llama", n_layers=4, seed=0, tokenizer=byte_tokenizer())
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    words = ["layer", "mask", "prune", "token", "shapley", "model", "the", "of", "a", "value"]
-    (root / "text.txt").write_text(" ".join(rng.choice(words, 800)))
+    save_tiny_llama(root / "model", n_layers=4, seed=0)
+    write_words(root / "text.txt", 800, seed=0)
     return root
 
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from bench import ground_truth as gtm
 from engine.config import DataSpec, ModelSpec
@@ -15,32 +14,19 @@ from engine.errors import WorkbenchError
 from engine.evaluate import MaskEvaluator, scores
 from engine.models import load_model
 from engine import shapley
-from tests.conftest import build_tiny_lm, byte_tokenizer
+from tests.conftest import save_tiny_llama, write_words
 
 L = 4
 WINDOWS, SEQ = 3, 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Saved tiny Llama + byte tokenizer, calibration/test/ood texts, and its ground truth."""
     root = tmp_path_factory.mktemp("compare")
-    lm = build_tiny_lm("llama", n_layers=L, seed=3, tokenizer=byte_tokenizer())
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    words = ["layer", "mask", "prune", "token", "shapley", "model", "the", "of", "a", "value"]
-    for name in ("cal", "test", "ood"):
-        (root / f"{name}.txt").write_text(" ".join(rng.choice(words, 400)))
-    torch.set_num_threads(1)
+    save_tiny_llama(root / "model", n_layers=L, seed=3)
+    for i, name in enumerate(("cal", "test", "ood")):
+        write_words(root / f"{name}.txt", 400, seed=i)
     gt = gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, out=root / "gt.npz", progress=False)
     return root, gt
 
@@ -128,14 +114,9 @@ def test_workers_resume_from_parts(tiny, tmp_path):
 def tiny6(tmp_path_factory):
     """A trained-looking 6-layer tiny Llama (64 masks) with its ground truth, for the comparison."""
     root = tmp_path_factory.mktemp("compare6")
-    lm = build_tiny_lm("llama", n_layers=6, seed=4, tokenizer=byte_tokenizer())
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(1)
-    words = ["layer", "mask", "prune", "token", "shapley", "model", "the", "of", "a", "value"]
-    for name in ("cal", "test", "ood"):
-        (root / f"{name}.txt").write_text(" ".join(rng.choice(words, 400)))
-    torch.set_num_threads(1)
+    save_tiny_llama(root / "model", n_layers=6, seed=4)
+    for i, name in enumerate(("cal", "test", "ood")):
+        write_words(root / f"{name}.txt", 400, seed=10 + i)
     gtm.build(str(root / "model"), str(root / "cal.txt"), WINDOWS, SEQ, out=root / "gt.npz", progress=False)
     return root
 
