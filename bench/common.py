@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 
@@ -37,6 +38,17 @@ def median_seconds(fn, repeats: int, device) -> tuple[float, float]:
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return float(np.median(wall)), float(np.median(cpu))
+
+
+def run_script(main) -> None:
+    """Entry point of every bench script: a WorkbenchError prints its message (no traceback), exit 2."""
+    from engine.errors import WorkbenchError
+
+    try:
+        main()
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def emit(lines: list[str], result: dict, json_mode: bool) -> dict:

@@ -45,6 +45,7 @@ from engine import decision as decision_lib
 from engine import method, shapley
 from engine.baselines import BASELINES, run_baseline
 from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
+from bench.common import run_script
 from engine.errors import WorkbenchError
 from engine.evaluate import scores
 from engine.sampling import masks_to_strings, sample_masks
@@ -489,8 +490,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

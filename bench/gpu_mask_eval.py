@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.common import emit
+from bench.common import emit, run_script
 from bench.mask_eval import compare, report_lines
 from engine.config import ModelSpec, SamplingSpec
 from engine.models import wrap_model
@@ -101,4 +101,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import shapley
+from bench.common import run_script
 from engine.errors import WorkbenchError
 from engine.evaluate import scores
 from engine.sampling import default_strata
@@ -398,8 +399,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

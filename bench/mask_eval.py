@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bench.common import ZeroingReference, emit, median_seconds, sync
+from bench.common import ZeroingReference, emit, median_seconds, sync, run_script
 from engine.config import DataSpec, ModelSpec, SamplingSpec
 from engine.data import make_windows
 from engine.evaluate import MaskEvaluator, count_prefix_computations
@@ -203,4 +203,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit
+from bench.common import emit, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_OPTIONS = ("--out", "--output", "--output-dir", "--out-dir", "--export-dir")
@@ -100,4 +100,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

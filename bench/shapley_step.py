@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import emit
+from bench.common import emit, run_script
 from engine.sampling import default_strata
 from engine.shapley import DEFAULT_CHUNK, restricted_strata_semivalue
 from engine.surrogate import MLPSurrogate
@@ -143,4 +143,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
