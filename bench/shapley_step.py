@@ -4,20 +4,25 @@ L = 32, strata keeping 30, 27, 24, 21, 18 layers, 80,000 base masks, surrogate =
 (Linear(32, 64) - CELU - Linear(64, 1) - Sigmoid) with random init (one Adam step on random data:
 the timing does not depend on the weights).
 
-  engine     engine.shapley.restricted_strata_semivalue(surrogate.predict, ...): (L+1) masks per
-             base mask, evaluated in large batches.
+  engine     engine.shapley.restricted_strata_semivalue(surrogate, ...): the surrogate is the
+             value function; its flip_values kernel gives each base mask and its L one-layer
+             flips without building the flipped masks (engine/surrogate.py).
+  generic    the same estimator on surrogate.predict alone: (L+1) masks per base mask built and
+             predicted in large batches (what any value function without a kernel gets).
   reference  REFERENCE APPROACH (the paper's public code, reimplemented here for comparison):
              for each layer i and each base mask m, f(m with i kept) - f(m with i dropped) as two
              separate network calls of batch 1 (.item() each). Timed on `--subset` base masks
              and extrapolated linearly to all of them.
 Agreement: the reference loop runs on exactly the base masks the engine drew for a
-`--subset`-mask estimate (recorded from the value-function calls); both estimates must agree.
+`--subset`-mask estimate (recorded from its flip_values calls); both estimates must agree.
+Each side is timed `--repeats` times (default 3); the medians are reported.
 
-Wall time on a machine shared with other jobs mostly measures waiting for a core, so the
-process CPU time of both sides (use --threads 1) is reported next to it.
+The engine uses torch's threads (--threads N to set them; the reference loop's batch-1 calls
+cannot use more than one core). Wall time on a machine shared with other jobs mostly measures
+waiting for a core, so process CPU time is reported next to it.
 
 Run: .venv/bin/python -m bench.shapley_step [--masks 80000] [--subset 500] [--layers 32]
-     [--chunk 65536] [--threads N] [--json]
+     [--chunk 65536] [--threads N] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -59,21 +64,36 @@ def reference_loop(net: torch.nn.Module, base_masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def engine_base_masks(predict, L: int, strata, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run the engine's estimator on n base masks; return (its values, the base masks it drew).
+class Recording:
+    """A surrogate as a value function that records the base masks the estimator draws."""
 
-    The estimator evaluates each base mask followed by its L one-layer flips, so the base masks
-    are every (L+1)-th row of what it passes to the value function.
-    """
-    seen = []
+    def __init__(self, surrogate: MLPSurrogate):
+        self.surrogate, self.bases = surrogate, []
 
-    def recording(masks):
-        seen.append(np.array(masks, dtype=bool))
-        return predict(masks)
+    def __call__(self, masks):
+        return self.surrogate(masks)
 
+    def flip_values(self, base):
+        self.bases.append(np.array(base, dtype=bool))
+        return self.surrogate.flip_values(base)
+
+
+def engine_base_masks(surrogate: MLPSurrogate, L: int, strata, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run the engine's estimator on n base masks; return (its values, the base masks it drew)."""
+    recording = Recording(surrogate)
     est = restricted_strata_semivalue(recording, L, strata, n_masks=n, seed=seed)
-    rows = np.concatenate(seen).reshape(n, L + 1, L)  # (n, L+1, L)
-    return est.values, rows[:, 0]
+    return est.values, np.concatenate(recording.bases)
+
+
+def timed(fn, repeats: int) -> tuple[object, float, float]:
+    """(result, wall seconds, process CPU seconds) of fn(): the medians over `repeats` runs."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return out, float(np.median(walls)), float(np.median(cpus))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="masks per value-function call (engine's default)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--repeats", type=int, default=3, help="each side is timed this often; medians are reported")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -94,16 +115,17 @@ def main(argv=None) -> dict:
     L = args.layers
     strata = default_strata(L)  # 32 -> (30, 27, 24, 21, 18), the paper's
     surrogate = random_surrogate(L)
-    restricted_strata_semivalue(surrogate.predict, L, strata, n_masks=100, seed=1)  # warm-up
+    restricted_strata_semivalue(surrogate, L, strata, n_masks=100, seed=1)  # warm-up
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    full = restricted_strata_semivalue(surrogate.predict, L, strata, n_masks=args.masks, seed=0, chunk=args.chunk)
-    engine_s, engine_cpu = time.perf_counter() - t0, time.process_time() - c0
+    def engine_step(f):
+        return restricted_strata_semivalue(f, L, strata, n_masks=args.masks, seed=0, chunk=args.chunk)
 
-    sub_values, base = engine_base_masks(surrogate.predict, L, strata, args.subset, seed=0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    ref_values = reference_loop(surrogate.net, base)
-    ref_subset_s, ref_subset_cpu = time.perf_counter() - t0, time.process_time() - c0
+    full, engine_s, engine_cpu = timed(lambda: engine_step(surrogate), args.repeats)
+    generic, generic_s, generic_cpu = timed(lambda: engine_step(surrogate.predict), args.repeats)
+
+    sub_values, base = engine_base_masks(surrogate, L, strata, args.subset, seed=0)
+    with torch.no_grad():
+        ref_values, ref_subset_s, ref_subset_cpu = timed(lambda: reference_loop(surrogate.net, base), args.repeats)
     ref_s = ref_subset_s * args.masks / args.subset  # linear in the number of base masks
     ref_cpu = ref_subset_cpu * args.masks / args.subset
     max_abs = float(np.max(np.abs(sub_values - ref_values)))
@@ -119,6 +141,10 @@ def main(argv=None) -> dict:
         "cpu_ratio": ref_cpu / engine_cpu,
         "engine_cpu_seconds": engine_cpu,
         "reference_cpu_seconds": ref_cpu,
+        "generic_seconds": generic_s,
+        "generic_cpu_seconds": generic_cpu,
+        "generic_ratio": ref_s / generic_s,
+        "max_abs_diff_engine_vs_generic": float(np.max(np.abs(full.values - generic.values))),
         "chunk": args.chunk,
         "n_masks": args.masks,
         "n_layers": L,
@@ -132,7 +158,9 @@ def main(argv=None) -> dict:
     }
     lines = [
         f"shapley_step: L={L}, strata {list(strata)}, {args.masks} base masks, paper MLP (random init)",
-        f"  engine     {engine_s:10.2f} s  ({full.n_evaluations} masks in batches)",
+        f"  engine     {engine_s:10.3f} s  ({full.n_evaluations} masks through the surrogate's flip kernel, "
+        f"{torch.get_num_threads()} threads)",
+        f"  generic    {generic_s:10.3f} s  (the same masks built and predicted in batches: {ref_s / generic_s:.0f}x)",
         f"  reference  {ref_s:10.2f} s  extrapolated from {ref_subset_s:.2f} s on {args.subset} base masks "
         f"({2 * L * args.subset} batch-1 calls)",
         f"  ratio      {result['ratio']:.0f}x wall (engine over reference, same run); CPU time "

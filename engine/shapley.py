@@ -2,7 +2,13 @@
 
 Every estimator takes a value function ``f(masks: bool[n, L]) -> float[n]`` (``True`` =
 layer kept) and calls it on large batches, never once per mask. Nothing here knows about
-models: ``f`` may be a surrogate's ``predict`` or real perplexity evaluation.
+models: ``f`` may be a fitted surrogate (surrogates are callable) or real perplexity evaluation.
+
+A value function may also offer ``f.flip_values(base: bool[n, L]) -> float[n, L+1]``: f at each
+base mask (column 0) and at the base with layer i flipped (column 1 + i). The Monte Carlo
+semivalues need exactly these L + 1 values per base mask; a surrogate whose structure makes
+them cheap (the paper's MLP: its first layer is affine in the mask) then never builds the
+(n, L + 1, L) flipped masks. `flip_values` below is the one entry point and the definition.
 
 A semivalue gives player ``i`` the weighted sum of its marginal contributions
 
@@ -32,7 +38,8 @@ from engine.jsonable import jsonable
 ValueFn = Callable[[np.ndarray], np.ndarray]
 
 EXACT_MAX_L = 22  # 2^22 masks: enumeration is a few seconds on a surrogate
-DEFAULT_CHUNK = 2**16
+DEFAULT_CHUNK = 2**16  # masks per value-function call
+DRAW_BLOCK = 2**16  # base masks drawn (and passed to flip_values) at a time by the Monte Carlo estimators
 
 
 # ---------------------------------------------------------------- records
@@ -190,6 +197,30 @@ def _evaluate(f: ValueFn, masks: np.ndarray, chunk: int) -> np.ndarray:
     return out
 
 
+def flip_values(f: ValueFn, base: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """f at each base mask and at each one-layer flip of it, float64[n, L+1]: column 0 is
+    f(base), column 1 + i is f(base with layer i flipped). Uses ``f.flip_values`` when f has
+    one; otherwise builds the flipped masks, (L + 1) * n evaluations in chunks of `chunk`."""
+    base = np.asarray(base, dtype=bool)
+    n, L = base.shape
+    fast = getattr(f, "flip_values", None)
+    if fast is not None:
+        v = np.asarray(fast(base), dtype=np.float64)
+        if v.shape != (n, L + 1):
+            raise EstimationError(f"flip_values returned shape {v.shape} for {n} base masks of {L} layers")
+        return v
+    out = np.empty((n, L + 1), dtype=np.float64)
+    idx = np.arange(L)
+    per_block = max(1, chunk // (L + 1))
+    for a in range(0, n, per_block):
+        b = base[a : a + per_block]  # (c, L)
+        flipped = np.repeat(b[:, None, :], L, axis=1)  # (c, L, L): row i = base with layer i flipped
+        flipped[:, idx, idx] = ~flipped[:, idx, idx]
+        allm = np.concatenate([b[:, None, :], flipped], axis=1).reshape(-1, L)  # (c*(L+1), L)
+        out[a : a + len(b)] = _evaluate(f, allm, chunk).reshape(len(b), L + 1)
+    return out
+
+
 def _masks_from_codes(codes: np.ndarray, L: int) -> np.ndarray:
     """Integer codes -> bool[n, L]; bit j of the code is layer j."""
     return ((codes[:, None] >> np.arange(L, dtype=np.int64)[None, :]) & 1).astype(bool)
@@ -206,9 +237,24 @@ def signed_weights(masks: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _random_masks_of_sizes(sizes: np.ndarray, L: int, rng: np.random.Generator) -> np.ndarray:
-    """One uniformly random mask per requested kept count, bool[n, L]."""
-    ranks = np.argsort(rng.random((len(sizes), L)), axis=1).argsort(axis=1)  # random permutation ranks
-    return ranks < sizes[:, None]
+    """One uniformly random mask per requested kept count, bool[n, L].
+
+    Floyd's sampling algorithm, vectorised over rows: each row picks its smaller side (the
+    kept or the dropped layers, d = min(k, L - k)) in d steps; step j draws t in [0, j] and
+    takes t, or j if t is taken already. Twice as fast as ranking random keys (the paper's
+    strata keep most layers, so d is small)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = len(sizes)
+    d = np.minimum(sizes, L - sizes)  # (n,) layers each row picks
+    order = np.argsort(-d, kind="stable")  # rows by d, largest first: the rows of a step are a prefix
+    n_active = np.searchsorted(-d[order], -np.arange(L + 1), side="right")  # rows with d >= r, r = 0..L
+    picked = np.zeros(n * L, dtype=bool)  # flat (n, L)
+    for j in range(L - int(d.max(initial=0)), L):
+        offsets = order[: n_active[L - j]] * L  # rows still picking at this step
+        t = rng.integers(0, j + 1, size=len(offsets))
+        t = np.where(picked[offsets + t], j, t)
+        picked[offsets + t] = True
+    return picked.reshape(n, L) ^ (sizes > L - sizes)[:, None]  # rows that picked dropped layers: complement
 
 
 # ---------------------------------------------------------------- semivalues
@@ -243,20 +289,18 @@ def _monte_carlo(f: ValueFn, L: int, weighting: Weighting, n_samples: int, seed:
     s = np.arange(L)
     p_s = pi[s + 1] / binom[s + 1] + pi[s] / binom[s]  # probability of a given coalition S of size s
     iw = np.divide(w, p_s, out=np.zeros(L), where=p_s > 0)  # (L,) importance weight by |S|
-    per_draw = max(1, chunk // (L + 1))
+    # by the base's kept count k: weight of f(m+i) - f(m-i) = -(v_i - v_0) * iw(k - 1) for a
+    # kept layer i (|S| = k - 1), +(v_i - v_0) * iw(k) for a dropped one (|S| = k)
+    w_kept = -np.concatenate([[0.0], iw])  # (L+1,)
+    w_dropped = np.concatenate([iw, [0.0]])  # (L+1,)
     terms = np.empty((n_samples, L))  # per-draw estimate of phi
-    for a in range(0, n_samples, per_draw):
-        b = min(a + per_draw, n_samples)
+    for a in range(0, n_samples, DRAW_BLOCK):  # draws do not depend on `chunk`: same seed, same masks
+        b = min(a + DRAW_BLOCK, n_samples)
         sizes = rng.choice(L + 1, size=b - a, p=pi)
         base = _random_masks_of_sizes(sizes, L, rng)  # (c, L)
-        flipped = np.repeat(base[:, None, :], L, axis=1)  # (c, L, L): row i = base with layer i flipped
-        idx = np.arange(L)
-        flipped[:, idx, idx] = ~flipped[:, idx, idx]
-        allm = np.concatenate([base[:, None, :], flipped], axis=1).reshape(-1, L)  # (c*(L+1), L)
-        v = _evaluate(f, allm, chunk).reshape(b - a, L + 1)
-        diff = np.where(base, v[:, :1] - v[:, 1:], v[:, 1:] - v[:, :1])  # f(m+i) - f(m-i), (c, L)
-        other = sizes[:, None] - base.astype(np.int64)  # |S| = kept count of the other players
-        terms[a:b] = diff * iw[other]
+        v = flip_values(f, base, chunk)  # (c, L+1): f(base), f(base with layer i flipped)
+        np.subtract(v[:, 1:], v[:, :1], out=terms[a:b])
+        terms[a:b] *= np.where(base, w_kept[sizes][:, None], w_dropped[sizes][:, None])
     values = terms.mean(axis=0)
     stderr = terms.std(axis=0, ddof=1) / math.sqrt(n_samples)
     details = {"method": "Monte Carlo", "n_samples": n_samples, "seed": seed, "size_distribution": pi}

@@ -14,8 +14,10 @@ from engine.shapley import (
     BANZHAF,
     SHAPLEY,
     Contributions,
+    _random_masks_of_sizes,
     efficiency_check,
     exact_shapley,
+    flip_values,
     permutation_shapley,
     regression_adjusted,
     restricted_strata,
@@ -205,6 +207,66 @@ def test_estimators_call_the_value_function_in_batches():
     sizes.clear()
     restricted_strata_semivalue(f, L, (8, 6), n_masks=10_000, chunk=2**14)
     assert sum(sizes) == 10_000 * (L + 1) and max(sizes) <= 2**14 and len(sizes) <= 8
+
+
+def test_flip_values_is_f_at_the_base_and_each_one_layer_flip():
+    L = 7
+    f = sigmoid_game(L)
+    base = np.random.default_rng(0).random((50, L)) < 0.5
+    v = flip_values(f, base, chunk=16)
+    assert v.shape == (50, L + 1)
+    np.testing.assert_array_equal(v[:, 0], f(base))
+    for i in range(L):
+        flipped = base.copy()
+        flipped[:, i] = ~flipped[:, i]
+        np.testing.assert_allclose(v[:, 1 + i], f(flipped), rtol=1e-12)
+
+
+def test_monte_carlo_uses_flip_values_and_its_draws_do_not_depend_on_chunk():
+    L = 9
+    f0 = sigmoid_game(L)
+    calls = []
+
+    class WithFlips:
+        def __call__(self, masks):
+            raise AssertionError("the Monte Carlo estimator should go through flip_values")
+
+        def flip_values(self, base):
+            calls.append(len(base))
+            return flip_values(f0, base)
+
+    plain = restricted_strata_semivalue(f0, L, (7, 5), n_masks=3000, seed=3)
+    fast = restricted_strata_semivalue(WithFlips(), L, (7, 5), n_masks=3000, seed=3)
+    small_chunks = restricted_strata_semivalue(f0, L, (7, 5), n_masks=3000, seed=3, chunk=50)
+    assert calls == [3000]
+    np.testing.assert_array_equal(fast.values, plain.values)
+    np.testing.assert_allclose(small_chunks.values, plain.values, rtol=0, atol=1e-12)
+
+    class WrongShape:
+        def __call__(self, masks):
+            return np.zeros(len(masks))
+
+        def flip_values(self, base):
+            return np.zeros((len(base), L))
+
+    with pytest.raises(EstimationError, match="flip_values returned shape"):
+        restricted_strata_semivalue(WrongShape(), L, (7, 5), n_masks=10)
+
+
+def test_random_masks_of_sizes_are_uniform_subsets_of_the_asked_size():
+    from scipy.stats import chisquare
+
+    L, n = 6, 30_000
+    rng = np.random.default_rng(0)
+    sizes = rng.permutation(np.repeat([0, 2, 4, 6], n))  # mixed rows: kept side (2) and dropped side (4)
+    masks = _random_masks_of_sizes(sizes, L, rng)
+    np.testing.assert_array_equal(masks.sum(axis=1), sizes)
+    codes = masks @ (1 << np.arange(L))
+    for k in (2, 4):
+        counts = np.bincount(codes[sizes == k], minlength=1 << L)
+        counts = counts[[c for c in range(1 << L) if bin(c).count("1") == k]]  # the C(6, k) = 15 subsets
+        assert len(counts) == 15 and counts.min() > 0
+        assert chisquare(counts).pvalue > 1e-4  # deterministic seed; a biased sampler fails by far
 
 
 def test_large_L_needs_sampling():

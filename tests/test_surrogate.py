@@ -6,10 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine.config import SurrogateSpec
 from engine.errors import EstimationError
+from engine.shapley import flip_values, restricted_strata_semivalue
 from engine.surrogate import (
+    FLIP_BLOCK,
+    FLIP_MAX_WEIGHT,
     SCORE_FLOOR,
     Ensemble,
     compare,
@@ -95,6 +99,40 @@ def test_predict_is_chunked_and_vectorised():
         out = model.predict(big)
         assert out.shape == (len(big),)
         np.testing.assert_allclose(out[-5:], model.predict(big[-5:]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["trained", "huge weights", "extreme pre-activations"])
+def test_mlp_flip_values_equal_predict_on_the_flipped_masks(case):
+    rng = np.random.default_rng(1)
+    X, y = rng.random((64, L)) < 0.7, rng.random(64)
+    model = make_surrogate(SurrogateSpec(kind="mlp"), max_steps=50).fit(X, y)
+    with torch.no_grad():
+        first, second = model.net.body[0], model.net.body[2]
+        if case == "huge weights":  # beyond FLIP_MAX_WEIGHT: the per-element exponential path
+            first.weight.mul_(3 * FLIP_MAX_WEIGHT / float(first.weight.abs().max()))
+            second.weight.mul_(0.01)
+        if case == "extreme pre-activations":  # |z0| > 60: the clamped exponentials
+            first.bias.copy_(torch.tensor([80.0, -80.0] * L))
+            second.weight.mul_(0.01)
+    base = rng.random((2 * FLIP_BLOCK + 3, L)) < 0.6  # a partial last block
+    fast = model.flip_values(base)
+    slow = flip_values(model.predict, base)  # builds the flipped masks and calls predict
+    assert fast.shape == (len(base), L + 1)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6)
+    assert np.ptp(slow[:, 1:]) > 1e-3  # the flips do change the prediction: the comparison means something
+
+
+def test_surrogates_are_value_functions_and_the_paper_estimator_uses_the_kernel():
+    rng = np.random.default_rng(2)
+    X, y = rng.random((64, L)) < 0.7, rng.random(64)
+    model = make_surrogate(SurrogateSpec(kind="mlp"), max_steps=50).fit(X, y)
+    np.testing.assert_array_equal(model(X), model.predict(X))
+    via_kernel = restricted_strata_semivalue(model, L, (10, 8), n_masks=4000, seed=0)
+    via_predict = restricted_strata_semivalue(model.predict, L, (10, 8), n_masks=4000, seed=0)
+    np.testing.assert_allclose(via_kernel.values, via_predict.values, rtol=0, atol=1e-7)
+    ens = Ensemble(SurrogateSpec(kind="ridge-pairwise", ensemble=2)).fit(X, y)
+    np.testing.assert_array_equal(ens(X), ens.predict(X))
+    assert all(callable(m) for m in ens.value_functions())
 
 
 def test_ridge_pairwise_recovers_a_pairwise_game():
