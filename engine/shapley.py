@@ -293,16 +293,22 @@ def _monte_carlo(f: ValueFn, L: int, weighting: Weighting, n_samples: int, seed:
     # kept layer i (|S| = k - 1), +(v_i - v_0) * iw(k) for a dropped one (|S| = k)
     w_kept = -np.concatenate([[0.0], iw])  # (L+1,)
     w_dropped = np.concatenate([iw, [0.0]])  # (L+1,)
-    terms = np.empty((n_samples, L))  # per-draw estimate of phi
+    mean, m2 = np.zeros(L), np.zeros(L)  # running mean and sum of squared deviations of the per-draw terms
     for a in range(0, n_samples, DRAW_BLOCK):  # draws do not depend on `chunk`: same seed, same masks
         b = min(a + DRAW_BLOCK, n_samples)
         sizes = rng.choice(L + 1, size=b - a, p=pi)
         base = _random_masks_of_sizes(sizes, L, rng)  # (c, L)
         v = flip_values(f, base, chunk)  # (c, L+1): f(base), f(base with layer i flipped)
-        np.subtract(v[:, 1:], v[:, :1], out=terms[a:b])
-        terms[a:b] *= np.where(base, w_kept[sizes][:, None], w_dropped[sizes][:, None])
-    values = terms.mean(axis=0)
-    stderr = terms.std(axis=0, ddof=1) / math.sqrt(n_samples)
+        terms = np.subtract(v[:, 1:], v[:, :1])  # (c, L) per-draw estimate of phi
+        terms *= np.where(base, w_kept[sizes][:, None], w_dropped[sizes][:, None])
+        n_b = b - a
+        mean_b = terms.sum(axis=0) / n_b
+        m2_b = np.einsum("ij,ij->j", terms, terms) - n_b * mean_b**2
+        delta = mean_b - mean  # Chan et al.'s pairwise update: exact for any split into blocks
+        mean += delta * (n_b / b)
+        m2 += m2_b + delta**2 * (a * n_b / b)
+    values = mean
+    stderr = np.sqrt(np.maximum(m2, 0.0) / (n_samples - 1) / n_samples)
     details = {"method": "Monte Carlo", "n_samples": n_samples, "seed": seed, "size_distribution": pi}
     return Contributions(values, stderr, f"{weighting.name}, Monte Carlo ({n_samples} masks x {L + 1})",
                          n_samples * (L + 1), details)

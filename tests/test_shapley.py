@@ -253,6 +253,41 @@ def test_monte_carlo_uses_flip_values_and_its_draws_do_not_depend_on_chunk():
         restricted_strata_semivalue(WrongShape(), L, (7, 5), n_masks=10)
 
 
+def test_monte_carlo_mean_and_stderr_over_blocks_equal_the_direct_formula(monkeypatch):
+    import engine.shapley as shapley_module
+
+    monkeypatch.setattr(shapley_module, "DRAW_BLOCK", 700)  # 2500 draws: three full blocks and a partial one
+    L, strata, n = 8, (6, 3), 2500
+    f0 = sigmoid_game(L)
+    seen = []
+
+    class Recording:
+        def __call__(self, masks):
+            return f0(masks)
+
+        def flip_values(self, base):
+            seen.append((base.copy(), flip_values(f0, base)))
+            return seen[-1][1]
+
+    est = restricted_strata_semivalue(Recording(), L, strata, n_masks=n, seed=5)
+    base = np.concatenate([b for b, _ in seen])
+    v = np.concatenate([x for _, x in seen])
+    w = restricted_strata(strata)
+    terms = np.empty((n, L))  # f(m + i) - f(m - i), weighted as the estimator documents it
+    pi, weights = w.size_distribution(L), w.vector(L)
+    binom = np.array([math.comb(L, k) for k in range(L + 1)], dtype=float)
+    s = np.arange(L)
+    p_s = pi[s + 1] / binom[s + 1] + pi[s] / binom[s]
+    iw = np.divide(weights, p_s, out=np.zeros(L), where=p_s > 0)
+    k = base.sum(axis=1)
+    for r in range(n):
+        for i in range(L):
+            d = v[r, 1 + i] - v[r, 0]
+            terms[r, i] = -d * iw[k[r] - 1] if base[r, i] else d * iw[k[r]]
+    np.testing.assert_allclose(est.values, terms.mean(axis=0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(est.stderr, terms.std(axis=0, ddof=1) / math.sqrt(n), rtol=1e-9)
+
+
 def test_random_masks_of_sizes_are_uniform_subsets_of_the_asked_size():
     from scipy.stats import chisquare
 
