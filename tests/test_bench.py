@@ -84,7 +84,7 @@ def test_shapley_step_agrees_with_reference_loop(capsys):
 
 def test_engine_base_masks_are_from_the_strata():
     s = shapley_step.random_surrogate(8)
-    values, base = shapley_step.engine_base_masks(s.predict, 8, (7, 6, 5), 50, seed=3)
+    values, base = shapley_step.engine_base_masks(s, 8, (7, 6, 5), 50, seed=3)
     assert base.shape == (50, 8) and set(base.sum(axis=1)) <= {7, 6, 5}
     np.testing.assert_allclose(shapley_step.reference_loop(s.net, base), values, atol=1e-7)
 
