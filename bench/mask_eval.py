@@ -12,8 +12,12 @@ Also reported: the floor for the prefix-sharing approach, count_prefix_computati
 (time of one layer call) + n_masks x (time of one head + loss), the engine's measured time over
 that floor, and the engine's layer_calls (must equal the count).
 
+With --reference-masks N the reference runs on N evenly spaced masks only and its time is
+scaled by n / N: its work per mask does not depend on the mask (every layer always runs), so
+larger mask counts (where prefix sharing saves more) can be compared in reasonable time.
+
 Run: .venv/bin/python -m bench.mask_eval [--masks 256] [--model demo] [--windows 8]
-     [--seq-len 128] [--device cpu] [--dtype float32] [--threads N] [--json]
+     [--seq-len 128] [--device cpu] [--dtype float32] [--threads N] [--reference-masks N] [--json]
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ class MaskEvalResult:
 
     ratio: float  # engine masks/s over reference masks/s
     engine_seconds: float
-    reference_seconds: float
+    reference_seconds: float  # for all n masks (scaled from reference_masks when fewer ran)
+    reference_masks: int  # masks the reference actually ran (n unless --reference-masks)
+    reference_seconds_measured: float
     cpu_ratio: float  # the same ratio in process CPU time (robust to a busy machine; CPU devices)
     engine_cpu_seconds: float
     reference_cpu_seconds: float
@@ -73,20 +79,28 @@ class MaskEvalResult:
     dtype: str
 
 
-def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_repeats: int = 5) -> MaskEvalResult:
-    """Evaluate `masks` with the engine and the reference on `input_ids` (n, T); time both."""
+def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_repeats: int = 5,
+            reference_masks: int | None = None) -> MaskEvalResult:
+    """Evaluate `masks` with the engine and the reference on `input_ids` (n, T); time both.
+
+    reference_masks: run the reference on only this many masks (evenly spaced) and scale its
+    time by n / reference_masks. Valid because the reference's work does not depend on the
+    mask (it always runs every layer); the spread of its per-mask times is reported."""
     device = lm.device
     masks = np.asarray(masks, dtype=bool)
     n = len(masks)
-    half = n // 2
     dtype = next(lm.model.parameters()).dtype
+    n_ref = n if not reference_masks or reference_masks >= n else reference_masks
+    ref_idx = np.linspace(0, n - 1, n_ref).round().astype(int)  # the masks the reference runs
+    ref_masks = masks[ref_idx]
+    half = n_ref // 2
 
     reference = ZeroingReference(lm, input_ids)
     identity_err = reference.zeroed_identity_error(masks[0])
     reference.perplexity(masks[0])  # warm-up
 
     t0, c0 = time.perf_counter(), time.process_time()
-    ref_a = reference.perplexities(masks[:half])
+    ref_a = reference.perplexities(ref_masks[:half])
     sync(device)
     ref_seconds, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
 
@@ -109,15 +123,18 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
     layer_calls = evaluator.layer_calls
 
     t0, c0 = time.perf_counter(), time.process_time()
-    ref_b = reference.perplexities(masks[half:])
+    ref_b = reference.perplexities(ref_masks[half:])
     sync(device)
     ref_seconds += time.perf_counter() - t0
     ref_cpu += time.process_time() - c0
     ref = np.concatenate([ref_a, ref_b])
+    ref_measured = ref_seconds
+    ref_seconds, ref_cpu = ref_seconds * n / n_ref, ref_cpu * n / n_ref  # = measured when n_ref == n
 
-    finite = np.isfinite(ref) & np.isfinite(eng)
-    same_nonfinite = bool(np.array_equal(np.isfinite(ref), np.isfinite(eng)))
-    rel = np.abs(eng[finite] - ref[finite]) / np.abs(ref[finite])
+    eng_on_ref = eng[ref_idx]
+    finite = np.isfinite(ref) & np.isfinite(eng_on_ref)
+    same_nonfinite = bool(np.array_equal(np.isfinite(ref), np.isfinite(eng_on_ref)))
+    rel = np.abs(eng_on_ref[finite] - ref[finite]) / np.abs(ref[finite])
     max_rel = float(rel.max()) if rel.size else 0.0
     tol = TOLERANCE.get(dtype, 1e-2)
     count = count_prefix_computations(masks)
@@ -127,6 +144,8 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
         ratio=ref_seconds / eng_seconds,
         engine_seconds=eng_seconds,
         reference_seconds=ref_seconds,
+        reference_masks=n_ref,
+        reference_seconds_measured=ref_measured,
         cpu_ratio=ref_cpu / max(eng_cpu, 1e-9),
         engine_cpu_seconds=eng_cpu,
         reference_cpu_seconds=ref_cpu,
@@ -161,7 +180,9 @@ def report_lines(r: MaskEvalResult, title: str) -> list[str]:
     return [
         f"{title}: {r.n_masks} masks, {r.n_layers} layers, {r.n_windows} x {r.seq_len} tokens, {r.device} {r.dtype}",
         f"  engine     {r.engine_seconds:8.2f} s  {r.engine_masks_per_s:8.2f} masks/s",
-        f"  reference  {r.reference_seconds:8.2f} s  {r.reference_masks_per_s:8.2f} masks/s  (zero weights, full model)",
+        f"  reference  {r.reference_seconds:8.2f} s  {r.reference_masks_per_s:8.2f} masks/s  (zero weights, full model"
+        + (")" if r.reference_masks == r.n_masks else
+           f"; {r.reference_seconds_measured:.2f} s measured on {r.reference_masks} of the masks, scaled)"),
         f"  ratio      {r.ratio:.2f}x (engine over reference, same run); CPU time {r.engine_cpu_seconds:.2f} s vs "
         f"{r.reference_cpu_seconds:.2f} s: {r.cpu_ratio:.2f}x",
         f"  floor      {r.floor_seconds:8.2f} s = {r.prefix_computations} prefix computations x "
@@ -185,6 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--reference-masks", type=int, default=0,
+                   help="run the reference on this many (evenly spaced) masks and scale its time (0 = all)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     return p.parse_args(argv)
 
@@ -197,7 +220,7 @@ def main(argv=None) -> dict:
     lm = load_model(ModelSpec(name=args.model, dtype=args.dtype, device=args.device))
     windows = make_windows(lm.tokenizer, DataSpec(source=args.data, n_windows=args.windows, seq_len=args.seq_len))
     masks = sample_masks(SamplingSpec(n_masks=args.masks, seed=0), lm.n_layers)  # (n, L)
-    r = compare(lm, windows.input_ids, masks)
+    r = compare(lm, windows.input_ids, masks, reference_masks=args.reference_masks or None)
     result = {"bench": "mask_eval", "model": args.model, "threads": torch.get_num_threads(), **asdict(r)}
     return emit(report_lines(r, f"mask_eval ({args.model})"), result, args.json)
 

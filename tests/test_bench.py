@@ -55,6 +55,14 @@ def test_compare_counts_layer_calls_and_agrees():
     assert r.floor_seconds == pytest.approx(r.prefix_computations * r.layer_call_seconds + 6 * r.head_loss_seconds)
 
 
+def test_compare_scales_a_reference_run_on_a_subset():
+    lm = build_tiny_lm("llama", n_layers=4, seed=2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    r = mask_eval.compare(lm, ids, MASKS, unit_repeats=1, reference_masks=3)
+    assert r.reference_masks == 3 and r.n_masks == len(MASKS) and r.agree
+    assert r.reference_seconds == pytest.approx(r.reference_seconds_measured * len(MASKS) / 3)
+
+
 def test_mask_eval_main_prints_json_last(tiny_folder, capsys):
     out = mask_eval.main(["--model", str(tiny_folder / "model"), "--data", str(tiny_folder / "text.txt"),
                           "--masks", "6", "--windows", "2", "--seq-len", "16", "--json"])
