@@ -10,7 +10,8 @@ before and after the engine, so a drift in machine load affects both sides alike
 
 Also reported: the floor for the prefix-sharing approach, count_prefix_computations(masks) x
 (time of one layer call) + n_masks x (time of one head + loss), the engine's measured time over
-that floor, and the engine's layer_calls (must equal the count).
+that floor, the bound reference / floor (the best ratio any prefix-sharing evaluator can reach
+on these masks with these kernels), and the engine's layer_calls (must equal the count).
 
 With --reference-masks N the reference runs on N evenly spaced masks only and its time is
 scaled by n / N: its work per mask does not depend on the mask (every layer always runs), so
@@ -68,6 +69,8 @@ class MaskEvalResult:
     head_loss_cpu_seconds: float
     floor_cpu_seconds: float
     measured_over_floor_cpu: float
+    ratio_bound: float  # reference / floor: the best ratio prefix sharing can reach on these masks
+    ratio_bound_cpu: float
     max_rel_diff: float  # engine vs reference perplexities
     tolerance: float
     agree: bool
@@ -164,6 +167,8 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
         head_loss_cpu_seconds=head_cpu,
         floor_cpu_seconds=float(floor_cpu),
         measured_over_floor_cpu=float(eng_cpu / max(floor_cpu, 1e-9)),
+        ratio_bound=float(ref_seconds / floor),
+        ratio_bound_cpu=float(ref_cpu / max(floor_cpu, 1e-9)),
         max_rel_diff=max_rel,
         tolerance=tol,
         agree=same_nonfinite and max_rel <= tol,
@@ -190,6 +195,8 @@ def report_lines(r: MaskEvalResult, title: str) -> list[str]:
         f"measured/floor {r.measured_over_floor:.2f}",
         f"  CPU floor  {r.floor_cpu_seconds:8.2f} s = {r.prefix_computations} x {r.layer_call_cpu_seconds * 1e3:.2f} ms + "
         f"{r.n_masks} x {r.head_loss_cpu_seconds * 1e3:.2f} ms; measured/floor in CPU time {r.measured_over_floor_cpu:.2f}",
+        f"  bound      reference / floor = {r.ratio_bound:.2f}x wall, {r.ratio_bound_cpu:.2f}x CPU: the most that "
+        f"counting allows on these masks (no overhead at all)",
         f"  layer calls {r.layer_calls} (kept layers without sharing {r.kept_layers})",
         f"  perplexities agree: {r.agree} (max relative difference {r.max_rel_diff:.2e}, tolerance {r.tolerance:g}); "
         f"zeroed layer |out - in| max {r.zeroed_identity_max_abs:g}",
