@@ -17,8 +17,8 @@ Agreement: the reference loop runs on exactly the base masks the engine drew for
 `--subset`-mask estimate (recorded from its flip_values calls); both estimates must agree.
 Each side is timed `--repeats` times (default 3); the medians are reported.
 
-The engine uses torch's threads (--threads N to set them; the reference loop's batch-1 calls
-cannot use more than one core). Wall time on a machine shared with other jobs mostly measures
+The engine uses the default thread pools of torch and numpy's BLAS (--threads N limits both;
+the reference loop's batch-1 calls cannot use more than one core). Wall time on a machine shared with other jobs mostly measures
 waiting for a core, so process CPU time is reported next to it.
 
 Run: .venv/bin/python -m bench.shapley_step [--masks 80000] [--subset 500] [--layers 32]
@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from bench.common import emit, run_script
 from engine.sampling import default_strata
@@ -110,8 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads:  # torch's threads and the BLAS/OpenMP pools numpy uses
         torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     L = args.layers
     strata = default_strata(L)  # 32 -> (30, 27, 24, 21, 18), the paper's
     surrogate = random_surrogate(L)

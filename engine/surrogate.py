@@ -111,66 +111,6 @@ class _Net(torch.nn.Module):
         return self.body(x).squeeze(-1)
 
 
-FLIP_BLOCK = 256  # base masks per block of the flip kernel: (256, L, 2L) float32 = 2 MiB at L = 32 (about L2)
-FLIP_CALL = 8192  # base masks per kernel call: its (n, 2L) set-up arrays stay in cache
-FLIP_MAX_WEIGHT = 20.0  # first-layer |weight| up to which the factored exponential is exact in float32
-
-
-def _mlp_flip_values(net: _Net, base: np.ndarray, out: np.ndarray) -> None:
-    """Writes the paper's network at each base mask and its L one-layer flips into out,
-    float64[n, L+1] (column 0 = base, column 1 + i = layer i flipped); equal to predict on the
-    flipped masks (float32 rounding).
-
-    Written by hand because no library evaluates a network on single-bit perturbations: the
-    first layer is affine in the mask, so flipping layer i moves the pre-activation z0 of the
-    base by s_i W[:, i] (s_i = +1 if layer i was dropped, -1 if kept); the first-layer matmul
-    runs once per base mask instead of L + 1 times. CELU is then evaluated without an
-    exponential per element: celu(x) + 1 = min(max(x + 1, 1), e^x) and
-    e^(z0 + s W) = e^z0 * e^(s W), so exponentials are taken once per base mask and once per
-    weight, and each (base, flip, unit) element costs an add, a gather, a multiply and a clamp.
-    """
-    lin1, celu, lin2 = net.body[0], net.body[1], net.body[2]
-    if celu.alpha != 1.0:
-        raise EstimationError("the flip kernel assumes CELU(alpha=1), the paper's network")
-    n, L = base.shape
-    with torch.inference_mode():
-        W = lin1.weight.T.contiguous()  # (L, H)
-        w2, b2 = lin2.weight[0], lin2.bias[0]  # (H,), ()
-        M = torch.from_numpy(np.ascontiguousarray(base, dtype=bool))  # (n, L)
-        Mf = M.to(torch.float32)
-        S = torch.rsub(Mf, 1.0, alpha=2.0)  # (n, L): 1 - 2m; +1 = dropped in the base (a flip adds it), -1 = kept
-        Z0 = torch.addmm(lin1.bias, Mf, W)  # (n, H) pre-activation of each base mask
-        v = torch.empty(n, L + 1)  # (n, L+1) second-layer sums: base, then each flip
-        X = torch.empty(FLIP_BLOCK, L, W.shape[1])  # (B, L, H) work block, reused
-        if float(W.abs().max()) <= FLIP_MAX_WEIGHT:
-            # |x| beyond 40 is out of reach of the clamped side: e^(-60 +- 20) < 4e-18 (celu = -1 in
-            # float32) and e^(60 +- 20) > 2e17 (never the minimum below)
-            E0 = Z0.clamp(-60.0, 60.0).exp_()  # (n, H)
-            Z0 += 1.0  # (n, H): z0 + 1
-            one = torch.ones(1, 1, 1)
-            torch.mv(torch.clamp(Z0, min=one[0], max=E0), w2, out=v[:, 0])  # sum of celu(z0) + 1
-            table = torch.cat([torch.exp(W), torch.exp(-W)])  # (2L, H): row i adds layer i, row L + i drops it
-            rows = torch.add(torch.arange(L), M, alpha=L).reshape(-1)  # (n*L,) table row of each flip
-            G = torch.empty(FLIP_BLOCK * L, W.shape[1])  # (B*L, H)
-            flips = torch.empty(FLIP_BLOCK, L)
-            for a in range(0, n, FLIP_BLOCK):
-                c = min(FLIP_BLOCK, n - a)
-                x = torch.addcmul(Z0[a : a + c, None, :], S[a : a + c, :, None], W[None], out=X[:c])  # (c, L, H): x + 1
-                g = torch.index_select(table, 0, rows[a * L : (a + c) * L], out=G[: c * L]).view(c, L, -1)
-                g.mul_(E0[a : a + c, None, :])  # e^x
-                torch.clamp(x, min=one, max=g, out=x)  # min(max(x + 1, 1), e^x) = celu(x) + 1
-                v[a : a + c, 1:] = torch.matmul(x, w2, out=flips[:c])
-            v -= w2.sum()  # the "+ 1" of every unit
-        else:  # huge weights: exponentials per element (same values, about twice the time)
-            torch.mv(torch.nn.functional.celu(Z0), w2, out=v[:, 0])
-            flips = torch.empty(FLIP_BLOCK, L)
-            for a in range(0, n, FLIP_BLOCK):
-                c = min(FLIP_BLOCK, n - a)
-                x = torch.addcmul(Z0[a : a + c, None, :], S[a : a + c, :, None], W[None], out=X[:c])  # (c, L, H)
-                v[a : a + c, 1:] = torch.matmul(torch.nn.functional.celu_(x), w2, out=flips[:c])
-        torch.sigmoid(v.add_(b2), out=torch.from_numpy(out))
-
-
 class MLPSurrogate(_ValueFunction):
     """The paper's network. preset 'adam' (default) or 'paper' (see module docstring).
 
@@ -263,14 +203,20 @@ class MLPSurrogate(_ValueFunction):
         return out
 
     def flip_values(self, base) -> np.ndarray:
-        """predict at each base mask and its L one-layer flips, float64[n, L+1] (engine.shapley.flip_values)."""
+        """predict at each base mask and its L one-layer flips, float64[n, L+1] (column 0 = base,
+        column 1 + i = layer i flipped), without building the flipped masks: see
+        engine/flip_kernel.py. engine.shapley's Monte Carlo estimators use it."""
+        from engine.flip_kernel import mlp_flip_values  # numba loads on first use, not on import
+
         if self.net is None:
             raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
-        base = np.asarray(base, dtype=bool)
-        out = np.empty((len(base), base.shape[1] + 1), dtype=np.float64)
-        for a in range(0, len(base), FLIP_CALL):
-            _mlp_flip_values(self.net, base[a : a + FLIP_CALL], out[a : a + FLIP_CALL])
-        return out
+        lin1, celu, lin2 = self.net.body[0], self.net.body[1], self.net.body[2]
+        if celu.alpha != 1.0:
+            raise EstimationError("the flip kernel assumes CELU(alpha=1), the paper's network")
+        with torch.no_grad():
+            W1, b1 = lin1.weight.numpy(), lin1.bias.numpy()  # (H, L), (H,)
+            w2, b2 = lin2.weight[0].numpy(), float(lin2.bias[0])  # (H,), ()
+            return mlp_flip_values(W1, b1, w2, b2, np.asarray(base, dtype=bool))
 
 
 # ---------------------------------------------------------------- ridge on pairwise features

@@ -11,9 +11,8 @@ import torch
 from engine.config import SurrogateSpec
 from engine.errors import EstimationError
 from engine.shapley import flip_values, restricted_strata_semivalue
+from engine.flip_kernel import FACTORED_MAX_WEIGHT, FLIP_CALL
 from engine.surrogate import (
-    FLIP_BLOCK,
-    FLIP_MAX_WEIGHT,
     SCORE_FLOOR,
     Ensemble,
     compare,
@@ -108,13 +107,13 @@ def test_mlp_flip_values_equal_predict_on_the_flipped_masks(case):
     model = make_surrogate(SurrogateSpec(kind="mlp"), max_steps=50).fit(X, y)
     with torch.no_grad():
         first, second = model.net.body[0], model.net.body[2]
-        if case == "huge weights":  # beyond FLIP_MAX_WEIGHT: the per-element exponential path
-            first.weight.mul_(3 * FLIP_MAX_WEIGHT / float(first.weight.abs().max()))
+        if case == "huge weights":  # beyond FACTORED_MAX_WEIGHT: the per-element exponential path
+            first.weight.mul_(3 * FACTORED_MAX_WEIGHT / float(first.weight.abs().max()))
             second.weight.mul_(0.01)
         if case == "extreme pre-activations":  # |z0| > 60: the clamped exponentials
             first.bias.copy_(torch.tensor([80.0, -80.0] * L))
             second.weight.mul_(0.01)
-    base = rng.random((2 * FLIP_BLOCK + 3, L)) < 0.6  # a partial last block
+    base = rng.random((FLIP_CALL + 3, L)) < 0.6  # a partial last call
     fast = model.flip_values(base)
     slow = flip_values(model.predict, base)  # builds the flipped masks and calls predict
     assert fast.shape == (len(base), L + 1)
