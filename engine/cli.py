@@ -19,7 +19,7 @@ import sys
 import traceback
 from typing import Callable
 
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
+from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.errors import WorkbenchError
 
 
@@ -96,6 +96,22 @@ def _sampling_options() -> argparse.ArgumentParser:
     g.add_argument("--paired", action="store_true", help="size-uniform: also evaluate each mask's complement")
     g.add_argument("--seed", type=int, default=d.seed, help="mask sampling seed (default %(default)s)")
     return p
+
+
+def _evaluation_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("evaluation (speed and memory only; the same perplexities)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="calibration windows per layer call (default: all at once; lower it if memory runs out)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (a one-time compile of seconds to minutes, then fused kernels)")
+    return p
+
+
+def eval_spec(args) -> EvalSpec:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}.")
+    return EvalSpec(batch_size=args.batch_size, compile=args.compile)
 
 
 def model_spec(args) -> ModelSpec:
@@ -183,7 +199,7 @@ def surrogate_spec(args) -> SurrogateSpec:
 # ------------------------------------------------------------------ commands
 _COMMANDS: dict[str, tuple[str, tuple[str, ...], Callable]] = {}
 _OPTION_GROUPS = {
-    "model": _model_options, "data": _data_options, "sampling": _sampling_options,
+    "model": _model_options, "data": _data_options, "sampling": _sampling_options, "evaluation": _evaluation_options,
     "surrogate": _surrogate_options, "method": _method_options, "baseline": _baseline_options,
 }
 
@@ -198,11 +214,13 @@ def command(name: str, help: str, options: tuple[str, ...] = ()):
     return register
 
 
-@command("sample", "evaluate sampled layer masks into the run store (resumable)", ("model", "data", "sampling"))
+@command("sample", "evaluate sampled layer masks into the run store (resumable)",
+         ("model", "data", "sampling", "evaluation"))
 def _sample(args) -> dict:
     from engine import pipeline
 
-    return pipeline.sample(run_spec(args), args.cache_dir, progress=True, json_mode=args.json).to_json()
+    return pipeline.sample(run_spec(args), args.cache_dir, progress=True, json_mode=args.json,
+                           evaluation=eval_spec(args)).to_json()
 
 
 @command("info", "describe a model and its perplexity on the calibration windows", ("model", "data"))
@@ -255,13 +273,14 @@ def _prune(args) -> dict:
 
 
 @command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",
-         ("model", "data", "sampling", "surrogate", "method"))
+         ("model", "data", "sampling", "evaluation", "surrogate", "method"))
 def _run(args) -> dict:
     from engine import pipeline
 
     spec = run_spec(args)
     return pipeline.run_all(spec, surrogate_spec(args), args.estimator, _remove(args, spec), args.out, args.overwrite,
-                            tuple(args.eval_data), args.cache_dir, progress=True, json_mode=args.json)
+                            tuple(args.eval_data), args.cache_dir, progress=True, json_mode=args.json,
+                            evaluation=eval_spec(args))
 
 
 @command("baselines", "a static pruning criterion (ShortGPT, angular, PPL, Taylor+, SLEB, random, last)",

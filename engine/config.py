@@ -82,6 +82,15 @@ class SurrogateSpec:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    """How masks are evaluated: speed and memory only, never which numbers come out, so it is
+    not part of the run id (a run sampled with one setting can be resumed with another)."""
+
+    batch_size: int | None = None  # windows per layer call; None = all at once (lower it if activations do not fit)
+    compile: bool = False  # torch.compile each decoder layer: a one-time compile, then fused kernels
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """What identifies a run store: the model, the calibration data and how masks are sampled.
 

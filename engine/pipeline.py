@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import method
-from engine.config import DataSpec, ModelSpec, RunSpec, SurrogateSpec
+from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SurrogateSpec
 from engine.baselines import run_baseline
 from engine.data import Windows, make_windows
 from engine.errors import EstimationError, WorkbenchError
@@ -167,6 +167,7 @@ def sample(
     json_mode: bool = False,
     first_chunk: int | None = FIRST_CHUNK,
     run: OpenRun | None = None,
+    evaluation: EvalSpec = EvalSpec(),
 ) -> SampleResult:
     """Evaluate the run's first ``spec.sampling.n_masks`` masks that the store does not hold yet.
 
@@ -178,7 +179,8 @@ def sample(
     evaluate.count_prefix_computations, 2,048 stratified masks: L=16 6,854 layer calls in one
     batch vs 9,561 chunked vs 22,592 without sharing; L=32 26,759 vs 30,323 vs 49,161).
     ``first_chunk=None`` evaluates all masks as one batch. Pass ``run`` (from `open_run`) to
-    reuse a loaded model instead of loading it again.
+    reuse a loaded model instead of loading it again; ``evaluation`` sets the evaluator's
+    windows per layer call and torch.compile (same numbers either way).
     """
     t0 = time.monotonic()
     run = run or open_run(spec, cache_dir)
@@ -193,7 +195,8 @@ def sample(
     if todo or ppl_full is None:
         try:
             with store.writer(target=len(strings)) as writer:
-                evaluator = MaskEvaluator(run.lm, run.windows)
+                evaluator = MaskEvaluator(run.lm, run.windows, batch_size=evaluation.batch_size,
+                                          compile=evaluation.compile)
                 if ppl_full is None:
                     ppl_full = float(evaluator.ppl_full)
                     store.set_meta(ppl_full=ppl_full)
@@ -315,13 +318,13 @@ def prune(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, 
 
 def run_all(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, out_dir=None,
             overwrite: bool = False, eval_data: tuple[str, ...] = (), cache_dir=None, progress: bool = True,
-            json_mode: bool = False) -> dict:
+            json_mode: bool = False, evaluation: EvalSpec = EvalSpec()) -> dict:
     """The whole method in one resumable command: sample -> fit -> contributions -> decide -> export."""
     t0 = time.monotonic()
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # fail before minutes of sampling, not after
     run = open_run(spec, cache_dir)
-    sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run)
+    sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run, evaluation=evaluation)
     if sampled.stopped:
         raise WorkbenchError(
             f"sampling was {sampled.stopped} after {sampled.total}/{sampled.target} masks; everything evaluated is "

@@ -82,6 +82,24 @@ def test_sample_json_is_the_last_stdout_line_and_second_run_evaluates_nothing(fi
     assert extended["run_id"] == result["run_id"] and extended["evaluated"] == 4 and extended["total"] == 10
 
 
+def test_evaluation_options_change_speed_not_numbers(files, tmp_path, capsys):
+    """--batch-size 1 (one window per layer call) fills the same run with the same perplexities."""
+    from engine.store import RunStore
+
+    stores = []
+    for extra, cache in (((), tmp_path / "a"), (("--batch-size", "1"), tmp_path / "b")):
+        code, out, _ = _run_main(capsys, ["sample", *_args(files, "tiny4", "--masks", "5", "--json", *extra, cache=cache)])
+        assert code == 0
+        stores.append(_last_json(out))
+    assert stores[0]["run_id"] == stores[1]["run_id"]
+    tables = [RunStore(cache, r["run_id"]).table() for r, cache in zip(stores, (tmp_path / "a", tmp_path / "b"))]
+    order = [sorted(range(len(t.rowid)), key=lambda i: t.masks[i].tobytes()) for t in tables]
+    ppl = [t.ppl[o] for t, o in zip(tables, order)]
+    torch.testing.assert_close(torch.tensor(ppl[0]), torch.tensor(ppl[1]), rtol=1e-5, atol=0)
+    code, _, err = _run_main(capsys, ["sample", *_args(files, "tiny4", "--batch-size", "0", cache=tmp_path / "c")])
+    assert code != 0 and "--batch-size must be a positive integer" in err
+
+
 def test_second_run_reports_zero(files, tmp_path, capsys):
     argv = ["sample", *_args(files, "tiny4", "--masks", "4", "--json", cache=tmp_path)]
     assert _run_main(capsys, argv)[0] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -45,6 +46,16 @@ def test_batch_size_and_loss_chunks_do_not_change_results(tiny_lm, tiny_windows)
     small = MaskEvaluator(lm, tiny_windows, batch_size=2, loss_chunk_elems=260 * 7)
     np.testing.assert_allclose(small.perplexities(masks), ref, rtol=1e-5)
     np.testing.assert_allclose(MaskEvaluator(lm, tiny_windows, batch_size=1).ppl_full, ref[0], rtol=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layers_give_the_same_perplexities(tiny_lm, tiny_windows):
+    lm = tiny_lm("llama")
+    masks = random_masks(4, 6, seed=2)
+    eager = MaskEvaluator(lm, tiny_windows).perplexities(masks)
+    compiled = MaskEvaluator(lm, tiny_windows, compile=True)
+    np.testing.assert_allclose(compiled.perplexities(masks), eager, rtol=1e-4)
+    assert compiled.layer_calls == count_prefix_computations(masks)
 
 
 def test_iter_yields_every_index_once(tiny_lm, tiny_windows):
