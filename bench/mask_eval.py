@@ -18,7 +18,8 @@ scaled by n / N: its work per mask does not depend on the mask (every layer alwa
 larger mask counts (where prefix sharing saves more) can be compared in reasonable time.
 
 Run: .venv/bin/python -m bench.mask_eval [--masks 256] [--model demo] [--windows 8]
-     [--seq-len 128] [--device cpu] [--dtype float32] [--threads N] [--reference-masks N] [--json]
+     [--seq-len 128] [--device cpu] [--dtype float32] [--threads N] [--reference-masks N]
+     [--compile] [--json]
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class MaskEvalResult:
     measured_over_floor_cpu: float
     ratio_bound: float  # reference / floor: the best ratio prefix sharing can reach on these masks
     ratio_bound_cpu: float
+    compiled: bool  # engine layers through torch.compile
+    compile_seconds: float  # its one-time compilation (warm-up, not in engine_seconds)
     max_rel_diff: float  # engine vs reference perplexities
     tolerance: float
     agree: bool
@@ -83,12 +86,14 @@ class MaskEvalResult:
 
 
 def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_repeats: int = 5,
-            reference_masks: int | None = None) -> MaskEvalResult:
+            reference_masks: int | None = None, compile: bool = False) -> MaskEvalResult:
     """Evaluate `masks` with the engine and the reference on `input_ids` (n, T); time both.
 
     reference_masks: run the reference on only this many masks (evenly spaced) and scale its
     time by n / reference_masks. Valid because the reference's work does not depend on the
-    mask (it always runs every layer); the spread of its per-mask times is reported."""
+    mask (it always runs every layer).
+    compile: the engine's layers through torch.compile; the compilation happens in the warm-up
+    and is reported as compile_seconds, outside the timed evaluation."""
     device = lm.device
     masks = np.asarray(masks, dtype=bool)
     n = len(masks)
@@ -107,8 +112,13 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
     sync(device)
     ref_seconds, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-    evaluator = MaskEvaluator(lm, input_ids)
-    evaluator.perplexities(masks[:2])  # warm-up
+    t0 = time.perf_counter()
+    evaluator = MaskEvaluator(lm, input_ids, compile=compile)
+    with torch.inference_mode():  # warm-up; with compile=True this compiles every layer
+        for j in range(lm.n_layers):
+            evaluator._layer(j, evaluator._root)
+    evaluator.perplexities(masks[:2])
+    compile_seconds = time.perf_counter() - t0 if compile else 0.0
     # Unit costs for the floor. The private pieces are the engine's own steps: one layer call
     # (_layer, on all windows) and one leaf (_leaf_nll: final norm + head + loss).
     root = evaluator._root  # (n, T, d): embedding output
@@ -169,6 +179,8 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
         measured_over_floor_cpu=float(eng_cpu / max(floor_cpu, 1e-9)),
         ratio_bound=float(ref_seconds / floor),
         ratio_bound_cpu=float(ref_cpu / max(floor_cpu, 1e-9)),
+        compiled=compile,
+        compile_seconds=compile_seconds,
         max_rel_diff=max_rel,
         tolerance=tol,
         agree=same_nonfinite and max_rel <= tol,
@@ -184,7 +196,8 @@ def compare(lm: LoadedModel, input_ids: torch.Tensor, masks: np.ndarray, unit_re
 def report_lines(r: MaskEvalResult, title: str) -> list[str]:
     return [
         f"{title}: {r.n_masks} masks, {r.n_layers} layers, {r.n_windows} x {r.seq_len} tokens, {r.device} {r.dtype}",
-        f"  engine     {r.engine_seconds:8.2f} s  {r.engine_masks_per_s:8.2f} masks/s",
+        f"  engine     {r.engine_seconds:8.2f} s  {r.engine_masks_per_s:8.2f} masks/s"
+        + (f"  (torch.compile; {r.compile_seconds:.1f} s compiling in the warm-up, not included)" if r.compiled else ""),
         f"  reference  {r.reference_seconds:8.2f} s  {r.reference_masks_per_s:8.2f} masks/s  (zero weights, full model"
         + (")" if r.reference_masks == r.n_masks else
            f"; {r.reference_seconds_measured:.2f} s measured on {r.reference_masks} of the masks, scaled)"),
@@ -213,6 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--compile", action="store_true", help="engine layers through torch.compile (needs a C++ compiler)")
     p.add_argument("--reference-masks", type=int, default=0,
                    help="run the reference on this many (evenly spaced) masks and scale its time (0 = all)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
@@ -227,7 +241,7 @@ def main(argv=None) -> dict:
     lm = load_model(ModelSpec(name=args.model, dtype=args.dtype, device=args.device))
     windows = make_windows(lm.tokenizer, DataSpec(source=args.data, n_windows=args.windows, seq_len=args.seq_len))
     masks = sample_masks(SamplingSpec(n_masks=args.masks, seed=0), lm.n_layers)  # (n, L)
-    r = compare(lm, windows.input_ids, masks, reference_masks=args.reference_masks or None)
+    r = compare(lm, windows.input_ids, masks, reference_masks=args.reference_masks or None, compile=args.compile)
     result = {"bench": "mask_eval", "model": args.model, "threads": torch.get_num_threads(), **asdict(r)}
     return emit(report_lines(r, f"mask_eval ({args.model})"), result, args.json)
 
