@@ -94,6 +94,9 @@ def main(argv=None) -> dict:
              f"  wall       {wall:8.2f} s   peak RSS {peak_mb:.0f} MiB   exit code {proc.returncode}",
              f"  reported   {inner if inner is not None else float('nan'):8.2f} s (the command's own 'seconds'); "
              f"ratio wall/reported {result['ratio'] or float('nan'):.2f}"]
+    stages = (child or {}).get("stage_seconds") if isinstance(child, dict) else None
+    if stages:
+        lines.append("  stages     " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
     if not ok:
         lines.append("  FAILED: " + (proc.stderr.strip().splitlines() or ["no stderr"])[-1])
     return emit(lines, result, args.json)

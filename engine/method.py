@@ -296,6 +296,7 @@ class RunResult:
     verification: dict | None = field(default=None, hash=False)
     efficiency: dict | None = field(default=None, hash=False)
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict, hash=False)  # fit, contributions, decide, export
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -316,11 +317,20 @@ def run_method(
 
     `evaluated` is what the caller's sampling step added (reported, not used)."""
     t0 = time.monotonic() if t0 is None else t0
-    f = fit(run, surrogate)
-    c = contributions(run, f, estimator, seed=surrogate.seed)
-    ds = decide(run, f, c, range(1, remove + 1), eval_splits=eval_splits_for(run.spec.data, eval_splits))
+    stages: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t = time.monotonic()
+        out = fn()
+        stages[name] = round(time.monotonic() - t, 3)
+        return out
+
+    f = timed("fit", lambda: fit(run, surrogate))
+    c = timed("contributions", lambda: contributions(run, f, estimator, seed=surrogate.seed))
+    ds = timed("decide", lambda: decide(run, f, c, range(1, remove + 1),
+                                        eval_splits=eval_splits_for(run.spec.data, eval_splits)))
     d = ds.for_k(remove)
-    exported = export(run, ds, remove, out_dir, f.summary, overwrite) if out_dir else None
+    exported = timed("export", lambda: export(run, ds, remove, out_dir, f.summary, overwrite)) if out_dir else None
     head = fit_headline(f)
     heldout = {}
     for name, sp in ds.splits.items():
@@ -353,4 +363,5 @@ def run_method(
         else dataclasses.asdict(exported.verification),
         efficiency=c.details.get("efficiency"),
         seconds=round(time.monotonic() - t0, 3),
+        stage_seconds=stages,
     )

@@ -332,6 +332,7 @@ def run_all(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int
         )
     result = prune(spec, surrogate, estimator, remove, out_dir, overwrite, eval_data, cache_dir, run, sampled)
     result["seconds"] = round(time.monotonic() - t0, 3)
+    result["stage_seconds"] = {"sample": sampled.seconds, **result["stage_seconds"]}
     return result
 
 

@@ -108,6 +108,9 @@ def test_run_command_end_to_end_json_and_export_reloads(setup, tmp_path, capsys)
                 "ppl_measured", "out"):
         assert key in result
     assert len(result["contributions"]) == L and len(result["removed"]) == 2
+    stages = result["stage_seconds"]
+    assert list(stages) == ["sample", "fit", "contributions", "decide", "export"]
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= result["seconds"] + 1e-3
     manifest = json.loads((out / "pruning_manifest.json").read_text())
     assert manifest["removed_layers"] == result["removed"]
     assert result["verification"]["ppl_reloaded"] == pytest.approx(result["ppl_measured"], rel=1e-4)
