@@ -105,13 +105,21 @@ def _evaluation_options() -> argparse.ArgumentParser:
                    help="calibration windows per layer call (default: all at once; lower it if memory runs out)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (a one-time compile of seconds to minutes, then fused kernels)")
+    order = g.add_mutually_exclusive_group()
+    order.add_argument("--single-pass", dest="single_pass", action="store_true", default=None,
+                       help="one prefix-trie walk over all pending masks: fewest layer calls; a run stopped midway "
+                            "holds a biased part of the sample (default for run)")
+    order.add_argument("--chunked", dest="single_pass", action="store_false",
+                       help="doubling chunks in sample order: a run stopped midway holds an unbiased part "
+                            "(default for sample, which the app streams)")
     return p
 
 
-def eval_spec(args) -> EvalSpec:
+def eval_spec(args, single_pass_default: bool) -> EvalSpec:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer; got {args.batch_size}.")
-    return EvalSpec(batch_size=args.batch_size, compile=args.compile)
+    single_pass = single_pass_default if args.single_pass is None else args.single_pass
+    return EvalSpec(batch_size=args.batch_size, compile=args.compile, single_pass=single_pass)
 
 
 def model_spec(args) -> ModelSpec:
@@ -220,7 +228,7 @@ def _sample(args) -> dict:
     from engine import pipeline
 
     return pipeline.sample(run_spec(args), args.cache_dir, progress=True, json_mode=args.json,
-                           evaluation=eval_spec(args)).to_json()
+                           evaluation=eval_spec(args, single_pass_default=False)).to_json()
 
 
 @command("info", "describe a model and its perplexity on the calibration windows", ("model", "data"))
@@ -280,7 +288,7 @@ def _run(args) -> dict:
     spec = run_spec(args)
     return pipeline.run_all(spec, surrogate_spec(args), args.estimator, _remove(args, spec), args.out, args.overwrite,
                             tuple(args.eval_data), args.cache_dir, progress=True, json_mode=args.json,
-                            evaluation=eval_spec(args))
+                            evaluation=eval_spec(args, single_pass_default=True))
 
 
 @command("baselines", "a static pruning criterion (ShortGPT, angular, PPL, Taylor+, SLEB, random, last)",

@@ -111,6 +111,7 @@ class SampleResult:
     ppl_full: float | None
     nonfinite: int  # masks evaluated by this call whose perplexity was NaN/inf
     stopped: str | None  # None (done) | "cancelled" (cancel request) | "interrupted" (Ctrl-C)
+    layer_calls: int = 0  # decoder-layer calls this call made (prefix sharing: fewer than kept layers)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,9 +181,12 @@ def sample(
     batch vs 9,561 chunked vs 22,592 without sharing; L=32 26,759 vs 30,323 vs 49,161).
     ``first_chunk=None`` evaluates all masks as one batch. Pass ``run`` (from `open_run`) to
     reuse a loaded model instead of loading it again; ``evaluation`` sets the evaluator's
-    windows per layer call and torch.compile (same numbers either way).
+    windows per layer call, torch.compile and ``single_pass`` (= ``first_chunk=None``); the
+    numbers are the same either way.
     """
     t0 = time.monotonic()
+    if evaluation.single_pass:
+        first_chunk = None
     run = run or open_run(spec, cache_dir)
     store = run.store
     masks = sample_masks(spec.sampling, run.n_layers)  # (n, L)
@@ -192,6 +196,7 @@ def sample(
     ppl_full = store.meta().get("ppl_full")
     evaluated = nonfinite = 0
     stopped = None
+    evaluator = None
     if todo or ppl_full is None:
         try:
             with store.writer(target=len(strings)) as writer:
@@ -232,6 +237,7 @@ def sample(
         ppl_full=ppl_full,
         nonfinite=nonfinite,
         stopped=stopped,
+        layer_calls=evaluator.layer_calls if evaluator is not None else 0,
     )
 
 
@@ -318,8 +324,11 @@ def prune(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, 
 
 def run_all(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, out_dir=None,
             overwrite: bool = False, eval_data: tuple[str, ...] = (), cache_dir=None, progress: bool = True,
-            json_mode: bool = False, evaluation: EvalSpec = EvalSpec()) -> dict:
-    """The whole method in one resumable command: sample -> fit -> contributions -> decide -> export."""
+            json_mode: bool = False, evaluation: EvalSpec = EvalSpec(single_pass=True)) -> dict:
+    """The whole method in one resumable command: sample -> fit -> contributions -> decide -> export.
+
+    Sampling is one pass by default (EvalSpec.single_pass): nothing is fitted before every mask
+    is in, so the order masks are stored in does not matter and the fewest layer calls win."""
     t0 = time.monotonic()
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # fail before minutes of sampling, not after

@@ -100,6 +100,32 @@ def test_evaluation_options_change_speed_not_numbers(files, tmp_path, capsys):
     assert code != 0 and "--batch-size must be a positive integer" in err
 
 
+def test_single_pass_makes_the_counted_layer_calls_and_the_same_numbers(files, tmp_path, capsys):
+    """sample --single-pass walks one trie over all masks; the default walks doubling chunks."""
+    from engine.config import SamplingSpec
+    from engine.evaluate import count_prefix_computations
+    from engine.pipeline import FIRST_CHUNK, _chunks
+    from engine.sampling import sample_masks
+    from engine.store import RunStore
+
+    n = 100  # two chunks: 64 + 36
+    masks = sample_masks(SamplingSpec(n_masks=n), 12)
+    results = {}
+    for flag in ("--single-pass", "--chunked"):
+        cache = tmp_path / flag.strip("-")
+        code, out, _ = _run_main(capsys, ["sample", *_args(files, "tiny12", "--masks", str(n), "--json", flag, cache=cache)])
+        assert code == 0
+        r = _last_json(out)
+        table = RunStore(cache, r["run_id"]).table()
+        results[flag] = (r, dict(zip(map(bytes, table.masks.astype("u1")), table.ppl)))
+    assert results["--single-pass"][0]["layer_calls"] == count_prefix_computations(masks)
+    chunked_calls = sum(count_prefix_computations(masks[a:b]) for a, b in _chunks(n, FIRST_CHUNK))
+    assert results["--chunked"][0]["layer_calls"] == chunked_calls > count_prefix_computations(masks)
+    one, chunked = results["--single-pass"][1], results["--chunked"][1]
+    assert one.keys() == chunked.keys()
+    assert all(abs(one[k] - chunked[k]) <= 1e-5 * chunked[k] for k in one)
+
+
 def test_second_run_reports_zero(files, tmp_path, capsys):
     argv = ["sample", *_args(files, "tiny4", "--masks", "4", "--json", cache=tmp_path)]
     assert _run_main(capsys, argv)[0] == 0
