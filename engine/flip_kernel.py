@@ -34,7 +34,20 @@ FACTORED_MAX_WEIGHT = 20.0
 Z_CLAMP = 60.0
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
+def _jit(**options):
+    """numba.njit with the on-disk cache when numba finds a writable place for it (next to this
+    file or in the user's cache directory); otherwise it compiles once per process."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, boundscheck=False, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install)
+            return numba.njit(nogil=True, boundscheck=False, **options)(fn)
+
+    return wrap
+
+
+@_jit(fastmath=True)
 def _factored(base, Z1, E0, W2, E2, w2, out):  # pragma: no cover - compiled; tested through mlp_flip_values
     """out[b, i] = sum_j w2[j] * (celu(x) + 1), x = pre-activation of base b with layer i flipped.
 
@@ -57,7 +70,7 @@ def _factored(base, Z1, E0, W2, E2, w2, out):  # pragma: no cover - compiled; te
             out[b, i] = acc
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit()
 def _direct(base, Z0, W2, w2, out):  # pragma: no cover - compiled; tested through mlp_flip_values
     """out[b, i] = sum_j w2[j] * celu(x), one exponential per element (any weights)."""
     n, L = base.shape
