@@ -89,7 +89,27 @@ class Surrogate(Protocol):
 
 
 class _ValueFunction:
-    """Makes a fitted surrogate a value function for engine.shapley: ``s(masks) == s.predict(masks)``."""
+    """Base of the surrogates: ``predict`` checks the fit and runs ``_predict_chunk`` over chunks of
+    PREDICT_CHUNK masks; ``s(masks) == s.predict(masks)``, so a fitted surrogate is a value
+    function for engine.shapley."""
+
+    def _is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    def _predict_chunk(self, X: np.ndarray) -> np.ndarray:  # bool (c, L) -> float (c,)
+        raise NotImplementedError
+
+    def _require_fitted(self) -> None:
+        if not self._is_fitted():
+            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
+
+    def predict(self, masks) -> np.ndarray:
+        self._require_fitted()
+        X = np.asarray(masks, dtype=bool)
+        out = np.empty(len(X), dtype=np.float64)
+        for a in range(0, len(X), PREDICT_CHUNK):
+            out[a : a + PREDICT_CHUNK] = self._predict_chunk(X[a : a + PREDICT_CHUNK])
+        return out
 
     def __call__(self, masks) -> np.ndarray:
         return self.predict(masks)
@@ -191,16 +211,12 @@ class MLPSurrogate(_ValueFunction):
             net.load_state_dict(best_state)
         self.history = {"steps": step, "best_step": best_step, "val_mse": best, "n_val": n_val}
 
-    def predict(self, masks) -> np.ndarray:
-        if self.net is None:
-            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
-        X = np.asarray(masks, dtype=bool)
-        out = np.empty(len(X), dtype=np.float64)
+    def _is_fitted(self) -> bool:
+        return self.net is not None
+
+    def _predict_chunk(self, X: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            for a in range(0, len(X), PREDICT_CHUNK):
-                xb = torch.as_tensor(X[a : a + PREDICT_CHUNK], dtype=torch.float32)  # (c, L)
-                out[a : a + PREDICT_CHUNK] = self.net(xb).numpy()
-        return out
+            return self.net(torch.as_tensor(X, dtype=torch.float32)).numpy()  # (c, L) -> (c,)
 
     def flip_values(self, base) -> np.ndarray:
         """predict at each base mask and its L one-layer flips, float64[n, L+1] (column 0 = base,
@@ -208,8 +224,7 @@ class MLPSurrogate(_ValueFunction):
         engine/flip_kernel.py. engine.shapley's Monte Carlo estimators use it."""
         from engine.flip_kernel import mlp_flip_values  # numba loads on first use, not on import
 
-        if self.net is None:
-            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
+        self._require_fitted()
         lin1, celu, lin2 = self.net.body[0], self.net.body[1], self.net.body[2]
         if celu.alpha != 1.0:
             raise EstimationError("the flip kernel assumes CELU(alpha=1), the paper's network")
@@ -254,15 +269,12 @@ class RidgePairwiseSurrogate(_ValueFunction):
         self.coef_pair = B
         return self
 
-    def predict(self, masks) -> np.ndarray:
-        if self.coef_lin is None:
-            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
-        X = np.asarray(masks, dtype=bool)
-        out = np.empty(len(X), dtype=np.float64)
-        for a in range(0, len(X), PREDICT_CHUNK):
-            xb = X[a : a + PREDICT_CHUNK].astype(np.float64)  # (c, L)
-            out[a : a + PREDICT_CHUNK] = self.intercept + xb @ self.coef_lin + np.einsum("nj,nj->n", xb @ self.coef_pair, xb)
-        return out
+    def _is_fitted(self) -> bool:
+        return self.coef_lin is not None
+
+    def _predict_chunk(self, X: np.ndarray) -> np.ndarray:
+        xb = X.astype(np.float64)  # (c, L)
+        return self.intercept + xb @ self.coef_lin + np.einsum("nj,nj->n", xb @ self.coef_pair, xb)
 
 
 # ---------------------------------------------------------------- gradient-boosted trees
@@ -285,14 +297,11 @@ class GBTSurrogate(_ValueFunction):
             self.model = model.fit(X.astype(np.float32), y)
         return self
 
-    def predict(self, masks) -> np.ndarray:
-        if self.model is None:
-            raise EstimationError("surrogate is not fitted yet: call fit(masks, scores) first")
-        X = np.asarray(masks, dtype=bool)
-        out = np.empty(len(X), dtype=np.float64)
-        for a in range(0, len(X), PREDICT_CHUNK):
-            out[a : a + PREDICT_CHUNK] = self.model.predict(X[a : a + PREDICT_CHUNK].astype(np.float32))
-        return out
+    def _is_fitted(self) -> bool:
+        return self.model is not None
+
+    def _predict_chunk(self, X: np.ndarray) -> np.ndarray:
+        return self.model.predict(X.astype(np.float32))
 
 
 def make_surrogate(spec: SurrogateSpec = SurrogateSpec(), seed: int | None = None, **options) -> Surrogate:
