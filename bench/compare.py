@@ -13,7 +13,7 @@ for the held-out splits (one prefix-shared call per split with every chosen set)
 
 1. Comparison, for each k: calibration and held-out perplexity of
    * the Shapley pipeline (`engine.method` stages: `SamplingSpec()` masks, `fit`, `contributions`)
-     for every estimator in `method.ESTIMATORS`, both its rank-and-cut set and the set
+     for every estimator in `ESTIMATORS`, both its rank-and-cut set and the set
      `decision.decide` picks (rank-and-cut + surrogate beam search, verified on calibration);
    * every baseline in `baselines.BASELINES`;
    * the optimum (lowest calibration perplexity over all C(L, k) sets, from the ground truth).
@@ -33,9 +33,7 @@ import csv
 import dataclasses
 import json
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,19 +42,21 @@ from bench import ground_truth as gtm
 from engine import decision as decision_lib
 from engine import method, shapley
 from engine.baselines import BASELINES, run_baseline
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from bench.common import run_script
+from engine.config import DataSpec, MethodSpec, ModelSpec, SamplingSpec, SurrogateSpec
 from engine.errors import WorkbenchError
-from engine.evaluate import scores
-from engine.sampling import masks_to_strings, sample_masks
-from engine.store import RunStore
+from engine.estimators import (
+    BANZHAF_VALUE, ESTIMATORS, PAPER_MASKS, SHAPLEY_VALUE, STRATA_SEMIVALUE, estimand,
+)
+from engine.sampling import sample_masks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIDELITY_ESTIMATORS = ("paper", "exact", "permutation", "regression-adjusted")
 # Which exact value each estimator estimates on a stratified run (method._regression_adjusted
 # targets the restricted-strata semivalue there, not Shapley).
-TARGET = {"paper": "strata", "regression-adjusted": "strata", "exact": "shapley", "permutation": "shapley",
-          "banzhaf": "banzhaf"}
+# Which exact value each estimator estimates on a stratified run (the registry's estimand).
+_TARGET_NAMES = {SHAPLEY_VALUE: "shapley", STRATA_SEMIVALUE: "strata", BANZHAF_VALUE: "banzhaf"}
+TARGET = {name: _TARGET_NAMES[estimand(name, SamplingSpec())] for name in ESTIMATORS}
 
 
 # ---------------------------------------------------------------- the real game as a lookup
@@ -77,50 +77,38 @@ class LookupEvaluator:
         return self.gt.lookup_ppl(masks)
 
 
-@dataclass
-class LookupRun:
-    """What `method.fit` and `method.contributions` read from a `pipeline.OpenRun` (spec, n_layers,
-    store), with the store filled from the ground truth instead of by `pipeline.sample`."""
-
-    spec: RunSpec
-    n_layers: int
-    store: RunStore
-    run_id: str
+def lookup_samples(gt: gtm.GroundTruth, sampling: SamplingSpec) -> method.Samples:
+    """`sample_masks(sampling, L)` with their ground-truth perplexities: what `pipeline.sample` would
+    have stored, in sample order, as the record every stage-2 function takes."""
+    masks = sample_masks(sampling, gt.n_layers)  # (n, L)
+    return method.Samples.from_perplexities(masks, gt.lookup_ppl(masks), gt.ppl_full, sampling)
 
 
-def lookup_run(gt: gtm.GroundTruth, spec: RunSpec, cache_dir: Path) -> LookupRun:
-    """A run store holding `sample_masks(spec.sampling, L)` with their ground-truth perplexities:
-    what `pipeline.sample` would have stored, rows in sample order."""
-    L = gt.n_layers
-    masks = sample_masks(spec.sampling, L)  # (n, L)
-    ppl = gt.lookup_ppl(masks)
-    score, flag = scores(ppl, gt.ppl_full)
-    run_id = spec.run_id(gt.meta["model_identity"], gt.meta["data_hash"])
-    store = RunStore.open(cache_dir, run_id, {"spec": dataclasses.asdict(spec), "n_layers": L, "source": "lookup"})
-    store.set_meta(ppl_full=gt.ppl_full)
-    done = store.done_masks()
-    with store.writer(target=len(masks)) as w:
-        for s, p, sc, fl in zip(masks_to_strings(masks), ppl, score, flag):
-            if s not in done:
-                w.add(s, float(p), float(sc), bool(fl), 0.0)
-    return LookupRun(spec, L, store, run_id)
+def method_spec(estimator: str, L: int, seed: int = 0, surrogate: SurrogateSpec = SurrogateSpec(),
+                mc_masks: int = PAPER_MASKS) -> MethodSpec:
+    """The pipeline's defaults, with `seed` for the surrogate and the Monte Carlo draws and the paper
+    estimator's Monte Carlo masks set by `mc_masks` (each with all L flips)."""
+    budget = mc_masks * (L + 1) if estimator == "paper" and mc_masks != PAPER_MASKS else None
+    return MethodSpec(surrogate=dataclasses.replace(surrogate, seed=seed), estimator=estimator, budget=budget,
+                      mc_seed=seed)
 
 
 # ---------------------------------------------------------------- the Shapley pipeline
 
 
-def pipeline_sets(run: LookupRun, gt: gtm.GroundTruth, estimators, ks, seed: int = 0,
-                  surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = 80_000) -> tuple[dict, dict]:
+def pipeline_sets(samples: method.Samples, gt: gtm.GroundTruth, estimators, ks, seed: int = 0,
+                  surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = PAPER_MASKS) -> tuple[dict, dict]:
     """({(method name, k): removed set}, {estimator: Contributions}) for every estimator: its
-    rank-and-cut set and the set `decision.decide` verifies as best on calibration (lookup).
-    Defaults are the pipeline's (`SurrogateSpec()`, `method.contributions` defaults)."""
-    f = method.fit(run, dataclasses.replace(surrogate, seed=seed), curve=False)
+    rank-and-cut set and the set the verified decision keeps on calibration (lookup).
+    The same method functions, with the same defaults, as engine.pipeline."""
+    L = gt.n_layers
+    f = method.fit(samples, dataclasses.replace(surrogate, seed=seed), curve=False)
     sets, contribs = {}, {}
     for est in estimators:
-        c = method.contributions(run, f, est, n_masks=mc_masks, seed=seed)
+        mspec = method_spec(est, L, seed, surrogate, mc_masks)
+        c = method.contributions(samples, f, mspec)
         contribs[est] = c
-        decided = decision_lib.decide(f.predict, c.values, gt.n_layers, ks, gt.lookup_ppl, gt.ppl_full)
-        for d in decided:
+        for d in method.decide(f, c, ks, gt.lookup_ppl, spec=mspec).items:
             sets[(f"shapley:{est}", d.k)] = d.removed
             sets[(f"shapley:{est}:rank-and-cut", d.k)] = decision_lib.rank_and_cut(c.values, d.k)
     return sets, contribs
@@ -145,8 +133,8 @@ def _agreement(est: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     return rho, float(np.linalg.norm(est - exact) / np.linalg.norm(exact))
 
 
-def fidelity(gt: gtm.GroundTruth, ns, seeds, ks, estimators, cache_dir: Path, progress: bool = True,
-             surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = 80_000) -> list[dict]:
+def fidelity(gt: gtm.GroundTruth, ns, seeds, ks, estimators, progress: bool = True,
+             surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = PAPER_MASKS) -> list[dict]:
     """One row per (n, seed, estimator): agreement with the exact values, precision vs the optimum per k."""
     exact = {name: np.array(gt.analysis[key]) for name, key in (("shapley", "shapley"), ("strata", "strata_semivalue"))
              if key in gt.analysis}
@@ -161,9 +149,8 @@ def fidelity(gt: gtm.GroundTruth, ns, seeds, ks, estimators, cache_dir: Path, pr
     for n in ns:
         for seed in seeds:
             t0 = time.monotonic()
-            spec = RunSpec(sampling=SamplingSpec(n_masks=n, seed=seed))
-            run = lookup_run(gt, spec, cache_dir / f"n{n}_s{seed}")
-            sets, contribs = pipeline_sets(run, gt, estimators, ks, seed, surrogate, mc_masks)
+            samples = lookup_samples(gt, SamplingSpec(n_masks=n, seed=seed))
+            sets, contribs = pipeline_sets(samples, gt, estimators, ks, seed, surrogate, mc_masks)
             for est in estimators:
                 values = contribs[est].values
                 row = {"n": n, "seed": seed, "estimator": est, "target": TARGET[est]}
@@ -349,28 +336,27 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
-    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
-        t = time.monotonic()
-        spec = RunSpec(model=ModelSpec(name=args.model), data=data, sampling=SamplingSpec(n_masks=args.n_masks))
-        surrogate = SurrogateSpec(ensemble=args.ensemble)
-        sets, contribs = pipeline_sets(lookup_run(gt, spec, Path(tmp) / "main"), gt, args.estimators, ks, 0,
-                                       surrogate, args.mc_masks)
-        timings["pipeline"] = round(time.monotonic() - t, 1)
-        t = time.monotonic()
-        sets.update(baseline_sets(lm, windows, gt, ks, args.baselines))
-        timings["baselines"] = round(time.monotonic() - t, 1)
-        near = {k: [r for r, _ in gt.optimum(k, top=args.near)] for k in ks}  # best calibration sets
-        for k in ks:
-            # The paper's rule on the exact values of the real game: what rank-and-cut gives with no
-            # estimation error at all (separates the rule's limits from the estimator's).
-            for name, key in (("exact Shapley", "shapley"), ("exact strata semivalue", "strata_semivalue")):
-                if key in gt.analysis:
-                    sets[(f"rank-and-cut on {name}", k)] = decision_lib.rank_and_cut(gt.analysis[key], k)
-            sets[("optimum", k)] = near[k][0]
-        t = time.monotonic()
-        fid = fidelity(gt, args.fidelity_n, args.seeds, ks, args.fidelity_estimators, Path(tmp) / "fid",
-                       not args.json, surrogate, args.mc_masks) if args.fidelity_n else []
-        timings["fidelity"] = round(time.monotonic() - t, 1)
+    # Everything is computed in memory from the ground truth: no run store.
+    t = time.monotonic()
+    surrogate = SurrogateSpec(ensemble=args.ensemble)
+    sets, contribs = pipeline_sets(lookup_samples(gt, SamplingSpec(n_masks=args.n_masks)), gt, args.estimators,
+                                   ks, 0, surrogate, args.mc_masks)
+    timings["pipeline"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
+    sets.update(baseline_sets(lm, windows, gt, ks, args.baselines))
+    timings["baselines"] = round(time.monotonic() - t, 1)
+    near = {k: [r for r, _ in gt.optimum(k, top=args.near)] for k in ks}  # best calibration sets
+    for k in ks:
+        # The paper's rule on the exact values of the real game: what rank-and-cut gives with no
+        # estimation error at all (separates the rule's limits from the estimator's).
+        for name, key in (("exact Shapley", "shapley"), ("exact strata semivalue", "strata_semivalue")):
+            if key in gt.analysis:
+                sets[(f"rank-and-cut on {name}", k)] = decision_lib.rank_and_cut(gt.analysis[key], k)
+        sets[("optimum", k)] = near[k][0]
+    t = time.monotonic()
+    fid = fidelity(gt, args.fidelity_n, args.seeds, ks, args.fidelity_estimators,
+                   not args.json, surrogate, args.mc_masks) if args.fidelity_n else []
+    timings["fidelity"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     distinct = sorted(set(sets.values()) | {r for k in ks for r in near[k]})
     heldout, full = {}, {"calibration": gt.ppl_full}
@@ -453,11 +439,11 @@ def parse(argv=None):
     p.add_argument("--n-masks", type=int, default=SamplingSpec().n_masks)
     p.add_argument("--fidelity-n", type=int, nargs="*", default=None)
     p.add_argument("--seeds", type=int, nargs="*", default=None)
-    p.add_argument("--estimators", nargs="*", default=list(method.ESTIMATORS))
+    p.add_argument("--estimators", nargs="*", default=list(ESTIMATORS))
     p.add_argument("--fidelity-estimators", nargs="*", default=None)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES))
     p.add_argument("--ensemble", type=int, default=SurrogateSpec().ensemble, help="surrogate ensemble members")
-    p.add_argument("--mc-masks", type=int, default=80_000, help="Monte Carlo masks of the paper's estimator")
+    p.add_argument("--mc-masks", type=int, default=PAPER_MASKS, help="Monte Carlo masks of the paper's estimator")
     p.add_argument("--near", type=int, default=10, help="near-optimal calibration sets measured on held-out splits")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=1)
@@ -473,8 +459,8 @@ def parse(argv=None):
     if a.fidelity_estimators is None:
         a.fidelity_estimators = ["paper", "regression-adjusted"] if a.quick else list(FIDELITY_ESTIMATORS)
     for name in [*a.estimators, *a.fidelity_estimators]:
-        if name not in method.ESTIMATORS:
-            p.error(f"unknown estimator {name!r}; choose from {', '.join(method.ESTIMATORS)}")
+        if name not in ESTIMATORS:
+            p.error(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
     if "paper" not in a.estimators:
         p.error("--estimators must include 'paper' (the pipeline the comparison is about)")
     return a

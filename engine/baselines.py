@@ -234,13 +234,6 @@ def angular(lm: LoadedModel, windows: Windows, tokens: str = "all", batch_size: 
     )
 
 
-def angular_block(result: BaselineResult, k: int) -> tuple[int, ...]:
-    """The contiguous block of k layers the angular criterion removes."""
-    if result.method != "angular":
-        raise WorkbenchError(f"angular_block needs an angular result, got {result.method!r}.")
-    return result.removed(k)
-
-
 def ppl(lm: LoadedModel, windows: Windows, evaluator: MaskEvaluator | None = None) -> BaselineResult:
     """Shortened LLaMA PPL criterion: score_l = PPL(without layer l) - PPL(full), one batched call."""
     t0 = time.perf_counter()

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.errors import WorkbenchError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 DEMO_MODEL_DIR = ASSETS_DIR / "demo-lm"
@@ -44,41 +46,149 @@ def stable_hash(obj, n: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+class SpecError(WorkbenchError):
+    """A setting out of range (a negative count, a fraction outside 0..1, an unparsable list).
+
+    `field` names the spec field when one is at fault, so each front end can say it in its own
+    words: `worded(label)` gives the message with the CLI flag or the app's label in front."""
+
+    def __init__(self, message: str, field: str | None = None, requirement: str = ""):
+        super().__init__(message)
+        self.field, self.requirement = field, requirement
+
+    def worded(self, label: str) -> str:
+        return f"{label} {self.requirement}" if self.requirement else str(self)
+
+
+def option(default, help: str, flag: str | None = None, parse=None, registry: str | None = None,
+           off_flag: str | None = None, choices: tuple[str, ...] | None = None):
+    """A spec field that is also a command-line option and an app input.
+
+    `flag`: the CLI spelling (default ``--field-name``); `parse`: str -> value for non-scalar
+    types; `registry`: ``"module:NAME"`` of a dict whose keys are the allowed values (imported
+    only when that command's parser is built); `off_flag`: for a ``bool | None`` field, the flag
+    that sets False (None means "the command's default"). The CLI builds its options from these
+    (engine/cli.py) and the app's argv is generated back from a spec (`spec_argv`), so a new
+    setting is one field here.
+    """
+    meta = {"help": help, "flag": flag, "parse": parse, "registry": registry, "off_flag": off_flag,
+            "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """'14,12,10' -> (14, 12, 10); SpecError on anything else (shared by the CLI and the app)."""
+    try:
+        values = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise SpecError(f"expected comma-separated integers such as 14,12,10; got {text!r}.")
+    return values
+
+
+def parse_fraction_pair(text: str) -> tuple[float, float]:
+    """'0.1,0.4' -> (0.1, 0.4); SpecError on anything else."""
+    try:
+        lo, hi = (float(x) for x in str(text).split(","))
+    except ValueError:
+        raise SpecError(f"expected two fractions such as 0.1,0.4; got {text!r}.") from None
+    return lo, hi
+
+
+def _at_least(name: str, value, low) -> None:
+    if value is not None and value < low:
+        need = "must be a positive integer" if low == 1 else f"must be at least {low}"
+        raise SpecError(f"{name.replace('_', ' ')} {need}; got {value}.", name, f"{need}; got {value}.")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = "demo"  # "demo", a Hugging Face hub id, or a local folder
-    revision: str | None = None  # hub revision (branch, tag or commit); None = default branch
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto (device_map="auto", needs accelerate)
-    trust_remote_code: bool = False  # run code shipped with the model: off unless asked
+    name: str = option("demo", "demo, a local folder (save_pretrained) or a hub id", flag="--model")
+    revision: str | None = option(None, "hub revision (branch, tag or commit)")
+    dtype: str = option("float32", "weights dtype", choices=("float32", "bfloat16", "float16", "auto"))
+    device: str = option("cpu", "cpu | cuda | cuda:N | auto (device_map=auto, needs accelerate)")
+    trust_remote_code: bool = option(False, "run Python code shipped with the model (off unless you trust it)")
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str = "demo"  # demo | demo-test | demo-ood | path/to.txt | path/to.jsonl | wikitext2 | ptb | c4 | bookcorpus
-    n_windows: int = 8  # number of calibration windows
-    seq_len: int = 128  # tokens per window
-    seed: int = 0  # which windows are drawn from the token stream
-    text_field: str = "text"  # field read from each .jsonl record or dataset row
+    source: str = option("demo", "demo | demo-test | demo-ood | file.txt | file.jsonl | wikitext2 | ptb | c4 | "
+                         "bookcorpus", flag="--data")
+    n_windows: int = option(8, "calibration windows", flag="--windows")
+    seq_len: int = option(128, "tokens per window")
+    seed: int = option(0, "which windows are drawn from the token stream", flag="--data-seed")
+    text_field: str = option("text", "field read from each .jsonl record or dataset row")
+
+    def __post_init__(self):
+        _at_least("n_windows", self.n_windows, 1)
+        _at_least("seq_len", self.seq_len, 2)
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    scheme: str = "stratified"  # stratified (paper) | size-uniform (coalition sizes uniform on 0..L)
-    n_masks: int = 256  # masks in the run (the store may already hold some)
-    strata: tuple[int, ...] | None = None  # kept-layer counts; None = the paper's strata scaled to L
-    remove_range: tuple[float, float] | None = None  # alternative to strata: fraction of layers removed (lo, hi)
-    paired: bool = False  # size-uniform only: also evaluate each mask's complement
-    seed: int = 0
+    scheme: str = option("stratified", "stratified (the paper) | size-uniform (coalition sizes uniform on 0..L)",
+                         choices=("stratified", "size-uniform"))
+    n_masks: int = option(256, "masks in the run (the store may already hold some)", flag="--masks")
+    strata: tuple[int, ...] | None = option(None, "kept-layer counts, e.g. 14,12,10 (default: the paper's, "
+                                            "scaled to L)", parse=parse_ints)
+    remove_range: tuple[float, float] | None = option(None, "alternative to strata: fractions of layers removed, "
+                                                      "e.g. 0.1,0.4", parse=parse_fraction_pair)
+    paired: bool = option(False, "size-uniform: also evaluate each mask's complement")
+    seed: int = option(0, "mask sampling seed")
+
+    def __post_init__(self):
+        _at_least("n_masks", self.n_masks, 0)
 
 
 @dataclass(frozen=True)
 class SurrogateSpec:
-    kind: str = "mlp"  # mlp (the paper's network) | ridge-pairwise | gbt
-    preset: str = "adam"  # mlp only: adam (converges at any budget) | paper (the reference schedule)
-    holdout: float = 0.2  # fraction held out, stratified by kept-layer count
-    ensemble: int = 5  # fits with different seeds, for error bars
-    seed: int = 0
+    kind: str = option("mlp", "surrogate model", flag="--surrogate", registry="engine.surrogate:SURROGATES")
+    preset: str = option("adam", "mlp training: adam (converges at any budget) | paper (the reference schedule)",
+                         choices=("adam", "paper"))
+    holdout: float = option(0.2, "fraction held out, stratified by kept-layer count")
+    ensemble: int = option(5, "surrogates fitted with different seeds (one component of the error bars)")
+    seed: int = option(0, "surrogate initialisation and held-out split", flag="--surrogate-seed")
+
+    def __post_init__(self):
+        if not 0 < self.holdout < 1:
+            need = f"must be a fraction between 0 and 1; got {self.holdout}."
+            raise SpecError(f"the held-out fraction {need}", "holdout", need)
+        _at_least("ensemble", self.ensemble, 1)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Stage 2: which surrogate, which estimator with what budget, and how layers are chosen.
+
+    `budget` is counted in value-function evaluations (surrogate calls) for every estimator;
+    None = the estimator's default (estimators.ESTIMATORS[name].default_budget). `mc_seed`
+    seeds the estimator's Monte Carlo draws, independently of the surrogate's seed.
+    """
+
+    surrogate: SurrogateSpec = field(default_factory=SurrogateSpec)
+    estimator: str = option("paper", "contribution estimator", registry="engine.estimators:ESTIMATORS")
+    budget: int | None = option(None, "value-function evaluations for Monte Carlo estimators (default: the "
+                                "estimator's own)")
+    mc_seed: int = option(0, "seed of the estimator's Monte Carlo draws")
+    remove: int | None = option(None, "number of layers to remove (default: L/4)")
+    decision: str = option("verified", "verified: measure rank-and-cut and the surrogate's best sets, keep the "
+                           "best measured | rank-and-cut: the paper's rule", choices=("verified", "rank-and-cut"))
+    n_verify: int = option(5, "surrogate-best candidate sets measured per k (verified decision)")
+
+    def __post_init__(self):
+        _at_least("budget", self.budget, 1)
+        _at_least("remove", self.remove, 1)
+        _at_least("n_verify", self.n_verify, 0)
+
+    def key(self, *parts: str) -> dict:
+        """The fields that decide a result of the given stage (for spec-keyed artifacts)."""
+        d = {"surrogate": dataclasses.asdict(self.surrogate)}
+        if "contributions" in parts or "decisions" in parts:
+            d.update(estimator=self.estimator, budget=self.budget, mc_seed=self.mc_seed)
+        if "decisions" in parts:
+            d.update(decision=self.decision, n_verify=self.n_verify)
+        return d
 
 
 @dataclass(frozen=True)
@@ -86,12 +196,20 @@ class EvalSpec:
     """How masks are evaluated: speed and memory only, never which numbers come out, so it is
     not part of the run id (a run sampled with one setting can be resumed with another)."""
 
-    batch_size: int | None = None  # windows per layer call; None = all at once (lower it if activations do not fit)
-    compile: bool = False  # torch.compile each decoder layer: a one-time compile, then fused kernels
-    # One prefix-trie walk over all pending masks: the fewest layer calls (256 default masks on 16
-    # layers: 1,381 instead of 1,694), but masks are stored in trie order, so a run stopped midway
-    # holds a biased part of the sample. False: doubling chunks in sample order (pipeline.sample).
-    single_pass: bool = False
+    batch_size: int | None = option(None, "calibration windows per layer call (default: all at once; lower it if "
+                                    "memory runs out)")
+    compile: bool = option(False, "torch.compile each decoder layer (a one-time compile, then fused kernels)")
+    # One prefix-trie walk over all pending masks: the fewest layer calls, but masks are stored in
+    # trie order, so a run stopped midway holds a biased part of the sample. False: doubling chunks
+    # in sample order (pipeline.sample). None: the command's default (run: True, sample: False).
+    single_pass: bool | None = option(None, "one prefix-trie walk over all pending masks: fewest layer calls; a run "
+                                      "stopped midway holds a biased part of the sample (default for run)",
+                                      off_flag="--chunked")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice; 1 on a busy machine)")
+
+    def __post_init__(self):
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("threads", self.threads, 1)
 
 
 @dataclass(frozen=True)
@@ -119,3 +237,34 @@ class RunSpec:
 
     def run_id(self, model_identity: str, data_hash: str) -> str:
         return stable_hash(self.identity(model_identity, data_hash))
+
+
+def spec_argv(spec) -> list[str]:
+    """The command-line options that rebuild `spec` (fields equal to their defaults are left out).
+
+    Inverse of the CLI's option parsing (engine/cli.py builds options from the same fields), so
+    the app launches `python -m engine ...` with exactly the spec on screen."""
+    argv: list[str] = []
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            argv += spec_argv(value)
+            continue
+        if "help" not in f.metadata or value == _default(f):
+            continue
+        flag = option_flag(f)
+        if isinstance(value, bool):
+            argv.append(flag if value else f.metadata["off_flag"])
+        elif isinstance(value, tuple):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def option_flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default

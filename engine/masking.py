@@ -17,11 +17,12 @@ uses the layer's own `layer_idx`) stay with their layer, as they would in a dele
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch import nn
 
+from engine import _verify_export
 from engine.models import Adapter, LoadedModel
 
 
@@ -33,29 +34,53 @@ def kept_indices(mask, n_layers: int) -> list[int]:
     return [int(i) for i in np.flatnonzero(m)]
 
 
+# Per-layer index attributes set at construction (Llama/Qwen `self_attn.layer_idx`, GPT-2 `attn`,
+# NeoX `attention`, OPT `self_attn`, Mamba block and `mixer`): renumbered for export. Defined in
+# the standalone reload-check script, which checks them in a process without the engine.
+LAYER_INDEX_ATTRS = _verify_export.LAYER_INDEX_ATTRS
+
+
 @contextlib.contextmanager
-def swapped_layers(model: nn.Module, adapter: Adapter, layers: nn.ModuleList, config_updates: dict) -> Iterator[None]:
-    """Temporarily install `layers` as the decoder list and set `config_updates`; always restored."""
+def swapped_layers(model: nn.Module, adapter: Adapter, layers: nn.ModuleList, config_updates: dict,
+                   renumber: Sequence[int] | None = None) -> Iterator[int]:
+    """Temporarily install `layers` as the decoder list and set `config_updates` ({field: (before,
+    after)}); with `renumber` (the original index of each installed layer) the layers' index
+    attributes become 0..k-1. Yields the number of renumbered attributes; always restored."""
     original = adapter.layers(model)
     config = model.config
     saved = {k: vars(config)[k] for k in config_updates}
+    touched: list[tuple[nn.Module, str, int]] = []
     adapter.set_layers(model, layers)
     try:
-        for k, v in config_updates.items():
-            setattr(config, k, v)
-        yield
+        for k, (_, after) in config_updates.items():
+            setattr(config, k, after)
+        for j, i in enumerate(renumber or ()):
+            for mod in layers[j].modules():
+                for attr in LAYER_INDEX_ATTRS:
+                    v = mod.__dict__.get(attr)
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        touched.append((mod, attr, v))
+                        setattr(mod, attr, v - i + j)  # keeps any offset (1-based numbering)
+        yield len(touched)
     finally:
+        for mod, attr, v in touched:
+            setattr(mod, attr, v)
         for k, v in saved.items():
             setattr(config, k, v)
         adapter.set_layers(model, original)
 
 
 @contextlib.contextmanager
-def keep_only(lm_or_model: LoadedModel | nn.Module, adapter: Adapter, mask) -> Iterator[nn.Module]:
-    """Inside the block the model runs only the layers where `mask` is True; yields the model."""
+def keep_only(lm_or_model: LoadedModel | nn.Module, adapter: Adapter, mask, renumber: bool = False
+              ) -> Iterator[nn.Module]:
+    """Inside the block the model runs only the layers where `mask` is True; yields the model.
+
+    `renumber=True` also renumbers the kept layers' index attributes: the model is then exactly
+    the pruned model an export saves (engine.prune uses this; evaluation does not need it)."""
     model = lm_or_model.model if isinstance(lm_or_model, LoadedModel) else lm_or_model
     layers = adapter.layers(model)
     kept = kept_indices(mask, len(layers))
     sub = nn.ModuleList([layers[i] for i in kept])
-    with swapped_layers(model, adapter, sub, adapter.config_updates(model.config, kept)):
+    updates = adapter.config_updates(model.config, kept, len(layers))
+    with swapped_layers(model, adapter, sub, updates, renumber=kept if renumber else None):
         yield model

@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ from engine import config as cfg
 from engine.config import ModelSpec
 from engine.errors import ModelLoadError, UnsupportedArchitecture
 from engine.hub import hub_reachable
+
+# Layer-count and per-layer fields that any family may store (adapters add their own).
+COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+PER_LAYER_FIELDS = ("layer_types",)
 
 FULL_HASH_LIMIT = 2 * 1024**3  # bytes; bigger weight files hash header + size (see module docstring)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -62,19 +66,43 @@ class Adapter:
         parent, leaf = self._parent(model)
         setattr(parent, leaf, layers)
 
-    def config_updates(self, config: Any, kept: list[int]) -> dict[str, Any]:
-        """Config field -> value for a model that keeps only layers `kept` (original indices, ascending).
+    def config_updates(self, config: Any, kept: Sequence[int], L: int) -> dict[str, tuple[Any, Any]]:
+        """{field: (before, after)} for an L-layer model that keeps only layers `kept` (original indices, ascending).
 
-        Only fields stored on the config instance are returned; derived properties (Mamba's
-        `layer_types` follows `num_hidden_layers`) update themselves.
+        The one rule for "this config with only these layers", shared by masked evaluation and by
+        export: every layer-count field (the adapter's plus COUNT_FIELDS) becomes len(kept);
+        per-layer lists (the adapter's plus PER_LAYER_FIELDS) are sub-selected; Qwen's
+        `max_window_layers` (layer i slides iff i >= it) becomes the number of kept layers below
+        it, so every kept layer keeps its attention type. Only fields stored on the config
+        instance are touched: aliases (GPT-2 num_hidden_layers -> n_layer) and derived properties
+        (Mamba's layer_types follows num_hidden_layers) update themselves. A count or list that
+        disagrees with the model's layer count raises ModelLoadError (inconsistent checkpoint).
         """
         stored = vars(config)
-        updates: dict[str, Any] = {f: len(kept) for f in self.count_fields if f in stored}
-        for f in self.per_layer_fields:
-            value = stored.get(f)
+        updates: dict[str, tuple[Any, Any]] = {}
+        for name in dict.fromkeys(self.count_fields + COUNT_FIELDS):
+            value = stored.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if value != L:
+                    raise ModelLoadError(f"config.{name} = {value} but the model has {L} layers; the checkpoint is "
+                                         "inconsistent.")
+                updates[name] = (value, len(kept))
+        for name in dict.fromkeys(self.per_layer_fields + PER_LAYER_FIELDS):
+            value = stored.get(name)
             if isinstance(value, (list, tuple)):
-                updates[f] = type(value)(value[i] for i in kept)
+                if len(value) != L:
+                    raise ModelLoadError(f"config.{name} has {len(value)} entries but the model has {L} layers.")
+                updates[name] = (value, type(value)(value[i] for i in kept))
+        mwl = stored.get("max_window_layers")
+        if isinstance(mwl, int) and not isinstance(mwl, bool):
+            updates["max_window_layers"] = (mwl, sum(1 for i in kept if i < mwl))
         return updates
+
+
+def unhandled_layer_fields(config: Any, updates: dict, L: int) -> list[str]:
+    """List fields of length L that `Adapter.config_updates` does not know how to update."""
+    return [k for k, v in config.to_dict().items()
+            if isinstance(v, list) and len(v) == L and k not in updates and k not in getattr(config, "attribute_map", {})]
 
 
 _LLAMA_LIKE = dict(layers_path="model.layers", count_fields=("num_hidden_layers",), per_layer_fields=("layer_types",))

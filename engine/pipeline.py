@@ -1,28 +1,30 @@
-"""The workbench's stages as resumable steps: what the CLI and the app call.
+"""The one orchestrator: every stage as a resumable step over a run store.
 
-Each stage is one function taking frozen specs (and a cache dir) and returning a frozen
-result record with a ``to_json()`` dict; all orchestration lives here, the CLI only parses.
-Stages so far:
+The CLI, the app's pages and the benchmarks call these functions and nothing below them, so
+the same specs give the same numbers everywhere. Each function takes frozen specs
+(engine.config), returns a JSON-able dict (the CLI's ``--json`` line) and stores what it
+computed in the run's store:
 
-* ``open_run(spec, cache_dir)``: load model + calibration windows, compute the run id,
-  open (or create) the run store. Shared by every stage that works on a run.
-* ``sample(spec, cache_dir)``: draw ``sample_masks(spec.sampling, L)``, skip the masks the
-  store already holds, evaluate the rest (prefix sharing), committing each one as it
-  finishes. Stops cleanly on a cancel request (checked between masks) or Ctrl-C; what was
-  evaluated stays, and running it again resumes.
-* ``info(model_spec, data_spec)``: what the model is and its perplexity on the data.
-* ``status(cache_dir)``: one dict per run store.
+* ``open_run(spec, cache_dir)``: load model and calibration windows, derive the run id,
+  open (or create) the run store.
+* ``sample(spec, cache_dir)``: evaluate the run's first ``n_masks`` masks that the store lacks,
+  committing each as it finishes; cancel and Ctrl-C stop cleanly, a rerun resumes.
+* ``fit`` / ``contributions`` / ``decide`` / ``export`` / ``prune`` / ``run_all``: stage 2
+  (engine.method's pure functions) on the run's samples. Results are artifacts keyed by the
+  spec that produced them (``fit:<hash>``, ``contributions:<hash>``, ``decisions:<hash>``;
+  `artifact_name`), each holding its ``spec`` and the ``n_masks`` it saw, so a result for one
+  spec never replaces another's and a reader can tell a stale result (fewer masks than the
+  store now holds) from a current one. ``stored(run, stage, method_spec)`` reads them.
+* ``info``, ``baseline``, ``measure``, ``status``.
 
-Later stages (fit, shapley, prune, run) follow the same pattern: ``run = open_run(...)``
-(or ``RunStore.open`` when the model is not needed), read ``run.store.table()``, write
-their results with ``run.store.put_artifact(name, ...)``.
+Imports of torch-backed modules are inside the functions: ``python -m engine status`` and
+``--help`` import this module without loading torch, scikit-learn or scipy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -30,37 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import method
-from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SurrogateSpec
-from engine.baselines import run_baseline
-from engine.data import Windows, make_windows
+from engine.config import DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, stable_hash
 from engine.errors import EstimationError, WorkbenchError
-from engine.evaluate import MaskEvaluator, scores
-from engine.models import LoadedModel, load_model
-from engine.prune import check_export_folder
-from engine.sampling import masks_to_strings, sample_masks
 from engine.store import RunStore, list_runs
 
 
-def package_versions() -> dict[str, str]:
-    """Versions recorded in each run's meta (results depend on them)."""
-    import importlib.metadata as md
+def set_threads(n: int | None) -> None:
+    """CPU threads for torch (None: torch's choice). On an oversubscribed machine fewer threads
+    can be much faster; bench/README.md has the figures."""
+    if n:
+        import torch
 
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "numpy", "engine"):
-        try:
-            out[name] = md.version(name) if name != "engine" else __import__("engine").__version__
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
-def set_threads(n: int) -> None:
-    """CPU threads for torch. On an oversubscribed machine fewer threads can be much faster
-    (measured: 16-layer demo model, 2 cores at load ~9: 1 thread 8x faster than 2)."""
-    import torch
-
-    torch.set_num_threads(n)
+        torch.set_num_threads(int(n))
 
 
 @dataclass
@@ -68,8 +51,8 @@ class OpenRun:
     """A run ready for work: the loaded model, its windows and the run store."""
 
     spec: RunSpec
-    lm: LoadedModel
-    windows: Windows
+    lm: object  # models.LoadedModel
+    windows: object  # data.Windows
     run_id: str
     store: RunStore
 
@@ -78,8 +61,14 @@ class OpenRun:
         return self.lm.n_layers
 
 
-def open_run(spec: RunSpec, cache_dir=None) -> OpenRun:
+def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec()) -> OpenRun:
     """Load model and windows, derive the run id (model identity, data hash, sampling), open the store."""
+    from engine.data import make_windows
+    from engine.models import load_model
+    from engine.prune import package_versions
+    from engine.sampling import sample_masks
+
+    set_threads(evaluation.threads)
     lm = load_model(spec.model)
     windows = make_windows(lm.tokenizer, spec.data)
     # Check the sampling settings against L before anything is written to the cache.
@@ -184,10 +173,13 @@ def sample(
     windows per layer call, torch.compile and ``single_pass`` (= ``first_chunk=None``); the
     numbers are the same either way.
     """
+    from engine.evaluate import MaskEvaluator, scores
+    from engine.sampling import masks_to_strings, sample_masks
+
     t0 = time.monotonic()
     if evaluation.single_pass:
         first_chunk = None
-    run = run or open_run(spec, cache_dir)
+    run = run or open_run(spec, cache_dir, evaluation)
     store = run.store
     masks = sample_masks(spec.sampling, run.n_layers)  # (n, L)
     strings = masks_to_strings(masks)
@@ -241,8 +233,13 @@ def sample(
     )
 
 
-def info(model_spec: ModelSpec, data_spec: DataSpec) -> dict:
+def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = EvalSpec()) -> dict:
     """Model family, size, class, dtype, device, identity and its perplexity on the data's windows."""
+    from engine.data import make_windows
+    from engine.evaluate import MaskEvaluator
+    from engine.models import load_model
+
+    set_threads(evaluation.threads)
     lm = load_model(model_spec)
     windows = make_windows(lm.tokenizer, data_spec)
     ppl = float(MaskEvaluator(lm, windows).ppl_full)
@@ -269,85 +266,356 @@ def status(cache_dir=None) -> list[dict]:
     return [dataclasses.asdict(s) for s in list_runs(root)]
 
 
-# ---------------------------------------------------------------- stage 2: the method (engine.method)
+# ---------------------------------------------------------------- stage 2: spec-keyed artifacts
+
+STAGES = ("fit", "contributions", "decisions")
 
 
-def _samples_run(spec: RunSpec, cache_dir) -> OpenRun:
-    """Open an existing run for the analysis stages; refuse to create an empty one by accident."""
-    run = open_run(spec, cache_dir)
-    if run.store.count() == 0:
+def artifact_name(stage: str, method: MethodSpec) -> str:
+    """``<stage>:<hash of the spec fields that decide it>``: a fit depends on the surrogate only,
+    contributions also on estimator, budget and seed, decisions also on the decision rule."""
+    return f"{stage}:{stable_hash(method.key(stage))}"
+
+
+def stored(run, stage: str, method: MethodSpec) -> dict | None:
+    """The stored result of `stage` for `method` on `run` (an OpenRun or a RunStore), or None.
+    The dict has ``stale: True`` when the store now holds more masks than the result saw."""
+    store = getattr(run, "store", run)
+    art = store.get_artifact(artifact_name(stage, method))
+    if art is None:
+        return None
+    return {**art, "stale": art.get("n_masks") != store.count()}
+
+
+def _put(run: OpenRun, stage: str, method: MethodSpec, n_masks: int, result: dict) -> dict:
+    art = {"stage": stage, "spec": method.key(stage), "n_masks": int(n_masks), **result}
+    run.store.put_artifact(artifact_name(stage, method), art)
+    return art
+
+
+def samples(run: OpenRun):
+    """The run's evaluated masks as a method.Samples (EstimationError when there are too few)."""
+    from engine.method import Samples
+
+    table = run.store.table()
+    ppl_full = run.store.meta().get("ppl_full")
+    if len(table.rowid) == 0 or ppl_full is None:
         raise EstimationError(
             f"run {run.run_id} has no evaluated masks yet. Run `python -m engine sample` with the same "
-            "model, data and sampling options first (or `python -m engine run`, which samples too)."
-        )
-    return run
+            "model, data and sampling options first (or `python -m engine run`, which samples too).")
+    return Samples(table.masks, table.score, table.ppl, table.nonfinite, float(ppl_full),
+                   run.spec.sampling).require()
 
 
-def fit(spec: RunSpec, surrogate: SurrogateSpec, cache_dir=None, compare_kinds: tuple[str, ...] = ()) -> dict:
-    """Fit the surrogate on the run's samples; held-out diagnostics and learning curve."""
-    run = _samples_run(spec, cache_dir)
-    f = method.fit(run, surrogate, curve=True, compare_kinds=compare_kinds)
-    return {"run_id": run.run_id, **method.fit_headline(f), **f.summary}
+_FITS: dict[tuple, object] = {}  # (run_id, n_masks, surrogate hash) -> method.Fit; a few, for the app
+_FITS_MAX = 4
 
 
-def contributions(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, cache_dir=None,
-                  n_masks: int = 80_000, n_permutations: int = 2_000) -> dict:
-    """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
-    run = _samples_run(spec, cache_dir)
-    f = method.fit(run, surrogate, curve=False)
-    c = method.contributions(run, f, estimator, n_masks=n_masks, n_permutations=n_permutations, seed=surrogate.seed)
+def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = False):
+    """The fitted surrogate for `method.surrogate` on the run's current samples (fitting is seeded
+    and deterministic, so a refit gives the same ensemble). Writes the fit artifact when it adds
+    something (first fit, new masks, a learning curve or comparison not stored yet)."""
+    from engine import method as method_lib
+    from engine.surrogate import variants
+
+    s = samples(run)
+    key = (run.run_id, s.n, stable_hash(method.key("fit")))
+    f = _FITS.get(key)
+    have = f.summary if f is not None else {}
+    if f is None or (curve and "learning_curve" not in have) or (compare and "comparison" not in have):
+        f = method_lib.fit(s, method.surrogate, curve=curve or "learning_curve" in have,
+                           compare_kinds=variants() if compare or "comparison" in have else ())
+        _FITS.pop(key, None)
+        _FITS[key] = f
+        while len(_FITS) > _FITS_MAX:
+            _FITS.pop(next(iter(_FITS)))
+    old = stored(run, "fit", method)
+    if old is None or old["stale"] or set(f.summary) - set(old):
+        _put(run, "fit", method, s.n, _fit_json(run, f))
+    return f
+
+
+def _fit_json(run: OpenRun, f) -> dict:
+    return {"run_id": run.run_id, **f.headline, **f.summary}
+
+
+def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compare: bool = False,
+        run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+    """Fit the surrogate on the run's samples: held-out R², Spearman, MAE, per stratum, learning curve
+    (and a comparison of every registered surrogate when `compare`)."""
+    run = run or open_run(spec, cache_dir, evaluation)
+    t = time.monotonic()
+    f = _fit(run, method, curve=True, compare=compare)
+    return {**_fit_json(run, f), "seconds": round(time.monotonic() - t, 3)}
+
+
+def _contributions(run: OpenRun, method: MethodSpec):
+    """(Fit, Contributions) for `method`; the contributions artifact is written."""
+    from engine import method as method_lib
+
+    f = _fit(run, method)
+    c = method_lib.contributions(f.samples, f, method)
+    _put(run, "contributions", method, f.samples.n, _contributions_json(run, f, c, method.estimator))
+    return f, c
+
+
+def _contributions_json(run: OpenRun, f, c, estimator: str) -> dict:
     out = c.to_dict()
     return {
         "run_id": run.run_id,
+        "key": estimator,  # the registry name (`estimator` is the descriptive one)
         "estimator": c.estimator,
+        "estimand": out["details"].get("estimand"),
+        "budget": out["details"].get("budget"),
         "contributions": out["values"],
         "stderr": out["stderr"],
         "ranking": [int(i) for i in np.argsort(c.values, kind="stable")],  # least important first
         "n_evaluations": c.n_evaluations,
         "efficiency": out["details"].get("efficiency"),
-        "r2": method.fit_headline(f).get("r2"),
+        "r2": f.headline.get("r2"),
+        "details": out["details"],
     }
 
 
-def prune(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, out_dir=None,
-          overwrite: bool = False, eval_data: tuple[str, ...] = (), cache_dir=None, run: OpenRun | None = None,
-          sample_result: SampleResult | None = None) -> dict:
+def contributions(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None,
+                  run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+    """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
+    run = run or open_run(spec, cache_dir, evaluation)
+    t = time.monotonic()
+    f, c = _contributions(run, method)
+    art = stored(run, "contributions", method)
+    return {**{k: v for k, v in art.items() if k not in ("stage", "stale")}, "seconds": round(time.monotonic() - t, 3)}
+
+
+def _measure_fn(run: OpenRun, data: DataSpec | None = None):
+    """Real perplexities of keep-masks on the run's windows (or on `data`'s windows)."""
+    from engine.data import make_windows
+    from engine.evaluate import MaskEvaluator
+
+    windows = run.windows if data is None else make_windows(run.lm.tokenizer, data)
+    return MaskEvaluator(run.lm, windows).perplexities
+
+
+def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = ()):
+    from engine import method as method_lib
+
+    f, c = _contributions(run, method)
+    splits = method_lib.eval_splits_for(run.spec.data, tuple(eval_data))
+    measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
+    ds = method_lib.decide(f, c, ks, _measure_fn(run), measures, method)
+    _put(run, "decisions", method, f.samples.n, {"run_id": run.run_id, "ks": [d.k for d in ds.items],
+                                                 "splits_measured": list(splits), **ds.to_dict()})
+    return f, c, ds
+
+
+def default_remove(method: MethodSpec, n_layers: int) -> int:
+    """The number of layers to remove: the spec's, else a quarter of the layers (at least one)."""
+    return method.remove if method.remove is not None else max(1, n_layers // 4)
+
+
+def decide(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, eval_data: tuple[str, ...] = (),
+           run: OpenRun | None = None) -> dict:
+    """Decide which layers to remove for k = 1..remove; stored as the decisions artifact."""
+    run = run or open_run(spec, cache_dir)
+    _, _, ds = _decide(run, method, range(1, default_remove(method, run.n_layers) + 1), eval_data)
+    return stored(run, "decisions", method)
+
+
+def measure(run: OpenRun, masks) -> list[float]:
+    """Real calibration perplexities of keep-masks bool[n, L] (the app's what-if "Measure")."""
+    return [float(x) for x in _measure_fn(run)(np.atleast_2d(np.asarray(masks, dtype=bool)))]
+
+
+def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: bool = False, cache_dir=None,
+           run: OpenRun | None = None) -> dict:
+    """Export the model without `removed` (default: the decision for k = method.remove) to `out_dir`,
+    with manifest and model card, verified by a reload in a fresh process."""
+    from engine.prune import check_export_folder
+
+    check_export_folder(out_dir, overwrite)  # before any model is loaded
+    run = run or open_run(spec, cache_dir)
+    if removed is not None:
+        return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed)
+    k = default_remove(method, run.n_layers)
+    _, _, ds = _decide(run, method, range(1, k + 1))
+    return _export(run, method, out_dir, overwrite, ds, k)
+
+
+def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: int, removed=None) -> dict:
+    from engine.decision import removal_mask
+    from engine.prune import prune_model
+
+    art = stored(run, "fit", method) or {}
+    if removed is None:
+        d = ds.for_k(k)
+        removed, measured, predicted, rule = d.removed, d.ppl_measured, d.ppl_predicted, d.method
+        heldout = {name: {"before": sp.ppl_full, "after": sp.ppl[list(sp.ks).index(k)]}
+                   for name, sp in ds.splits.items() if k in sp.ks}
+        c = ds.contributions
+    else:
+        removed = tuple(sorted(int(i) for i in removed))
+        measured = measure(run, removal_mask(removed, run.n_layers))[0]
+        predicted, rule, heldout = None, "chosen by hand", {}
+        c = None
+    ppl_full = float(run.store.meta().get("ppl_full") or _measure_fn(run)(removal_mask((), run.n_layers)[None])[0])
+    extra = {
+        "method": rule,
+        "estimator": None if c is None else c.estimator,
+        "contributions": None if c is None else [float(x) for x in c.values],
+        "contributions_stderr": None if c is None or c.stderr is None else [float(x) for x in c.stderr],
+        "perplexities": {"calibration": {"before": ppl_full, "after": measured}, **heldout},
+        "ppl_predicted": predicted,
+        "surrogate": (art.get("report") or {}).get("test", {}),
+        "method_spec": dataclasses.asdict(method),
+        "run_id": run.run_id,
+        "data": run.spec.data.source,
+        "data_hash": run.windows.data_hash,
+        "seeds": {"sampling": run.spec.sampling.seed, "data": run.spec.data.seed},
+        "n_masks_evaluated": int(run.store.count()),
+    }
+    result = prune_model(run.lm, removed, out_dir, manifest_extra=extra, overwrite=overwrite,
+                         verify_windows=run.windows.input_ids, expected_ppl=measured)
+    out = {"run_id": run.run_id, "out": str(result.out_dir), "k": len(removed), "removed": list(removed),
+           "ppl_full": ppl_full, "ppl_measured": measured,
+           "verification": None if result.verification is None else dataclasses.asdict(result.verification)}
+    run.store.put_artifact("export", out)
+    return out
+
+
+def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwrite: bool = False,
+          eval_data: tuple[str, ...] = (), cache_dir=None, run: OpenRun | None = None, sampled=None,
+          evaluation: EvalSpec = EvalSpec()) -> dict:
     """fit -> contributions -> decide (k = 1..remove) -> export (if out_dir) on the run's samples."""
+    from engine.method import check_ks
+    from engine.prune import check_export_folder
+
     t0 = time.monotonic()
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # before any model is loaded
-    run = run or _samples_run(spec, cache_dir)
-    evaluated = sample_result.evaluated if sample_result else 0
-    result = method.run_method(run, evaluated, surrogate, estimator, remove, out_dir, overwrite, eval_data, t0)
-    return result.to_json()
+    run = run or open_run(spec, cache_dir, evaluation)
+    remove = default_remove(method, run.n_layers)
+    check_ks([remove], run.n_layers)
+    stages: dict[str, float] = {}
+    t = time.monotonic()
+    f = _fit(run, method)
+    stages["fit"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    f, c = _contributions(run, method)
+    stages["contributions"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    _, _, ds = _decide(run, method, range(1, remove + 1), eval_data)
+    stages["decide"] = round(time.monotonic() - t, 3)
+    exported = None
+    if out_dir is not None:
+        t = time.monotonic()
+        exported = _export(run, method, out_dir, overwrite, ds, remove)
+        stages["export"] = round(time.monotonic() - t, 3)
+    d = ds.for_k(remove)
+    head = f.headline
+    return {
+        "run_id": run.run_id,
+        "store": str(run.store.path),
+        "n_masks": int(f.samples.n),
+        "evaluated": int(sampled.evaluated) if sampled else 0,
+        "r2": float(head["r2"]),
+        "spearman": float(head["spearman"]),
+        "fit": head,
+        "estimator": c.estimator,
+        "estimand": c.details.get("estimand"),
+        "contributions": [float(x) for x in c.values],
+        "contributions_stderr": None if c.stderr is None else [float(x) for x in c.stderr],
+        "removed": [int(i) for i in d.removed],
+        "method": d.method,
+        "ppl_full": float(d.ppl_full),
+        "ppl_predicted": float(d.ppl_predicted),
+        "ppl_measured": float(d.ppl_measured),
+        "heldout": {name: {"ppl_full": sp.ppl_full, "ppl_pruned": sp.ppl[list(sp.ks).index(remove)]}
+                    for name, sp in ds.splits.items()},
+        "by_k": [{"k": x.k, "removed": list(x.removed), "ppl_predicted": x.ppl_predicted,
+                  "ppl_measured": x.ppl_measured, "method": x.method,
+                  "heldout": {name: sp.ppl[list(sp.ks).index(x.k)] for name, sp in ds.splits.items()}}
+                 for x in ds.items],
+        "out": None if exported is None else exported["out"],
+        "verification": None if exported is None else exported["verification"],
+        "efficiency": c.details.get("efficiency"),
+        "method_spec": dataclasses.asdict(method),
+        "seconds": round(time.monotonic() - t0, 3),
+        "stage_seconds": stages,
+    }
 
 
-def run_all(spec: RunSpec, surrogate: SurrogateSpec, estimator: str, remove: int, out_dir=None,
-            overwrite: bool = False, eval_data: tuple[str, ...] = (), cache_dir=None, progress: bool = True,
-            json_mode: bool = False, evaluation: EvalSpec = EvalSpec(single_pass=True)) -> dict:
+def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwrite: bool = False,
+            eval_data: tuple[str, ...] = (), cache_dir=None, progress: bool = True, json_mode: bool = False,
+            evaluation: EvalSpec = EvalSpec()) -> dict:
     """The whole method in one resumable command: sample -> fit -> contributions -> decide -> export.
 
-    Sampling is one pass by default (EvalSpec.single_pass): nothing is fitted before every mask
-    is in, so the order masks are stored in does not matter and the fewest layer calls win."""
+    Sampling is one pass unless `evaluation.single_pass` is False: nothing is fitted before every
+    mask is in, so the order masks are stored in does not matter and the fewest layer calls win."""
+    from engine.method import check_ks
+    from engine.prune import check_export_folder
+
     t0 = time.monotonic()
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # fail before minutes of sampling, not after
-    run = open_run(spec, cache_dir)
+    if evaluation.single_pass is None:
+        evaluation = dataclasses.replace(evaluation, single_pass=True)
+    run = open_run(spec, cache_dir, evaluation)
+    check_ks([default_remove(method, run.n_layers)], run.n_layers)  # before sampling, not after
     sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run, evaluation=evaluation)
     if sampled.stopped:
         raise WorkbenchError(
             f"sampling was {sampled.stopped} after {sampled.total}/{sampled.target} masks; everything evaluated is "
             "kept in the run store. Run the same command again to resume."
         )
-    result = prune(spec, surrogate, estimator, remove, out_dir, overwrite, eval_data, cache_dir, run, sampled)
+    result = prune(spec, method, out_dir, overwrite, eval_data, cache_dir, run, sampled)
     result["seconds"] = round(time.monotonic() - t0, 3)
     result["stage_seconds"] = {"sample": sampled.seconds, **result["stage_seconds"]}
     return result
 
 
-def baseline(model_spec: ModelSpec, data_spec: DataSpec, name: str, k_max: int | None = None, seed: int = 0) -> dict:
+def baseline(model_spec: ModelSpec, data_spec: DataSpec, name: str, k_max: int | None = None, seed: int = 0,
+             evaluation: EvalSpec = EvalSpec()) -> dict:
     """One static criterion on the calibration windows: per-layer scores and removal order."""
+    from engine.baselines import run_baseline
+    from engine.data import make_windows
+    from engine.models import load_model
+
+    set_threads(evaluation.threads)
     lm = load_model(model_spec)
     windows = make_windows(lm.tokenizer, data_spec)
     result = run_baseline(name, lm, windows, k_max=k_max, seed=seed)
     return {"model": model_spec.name, "data": data_spec.source, "n_layers": lm.n_layers, **result.to_json()}
+
+
+def heldout_predictions(run: OpenRun, method: MethodSpec) -> dict:
+    """The fit's held-out masks with true and predicted scores (for predicted-vs-true plots)."""
+    f = _fit(run, method)
+    test = f.fitted.report.split.test
+    s = f.samples
+    return {"masks": s.masks[test].tolist(), "true": s.scores[test].tolist(),
+            "predicted": f.predict(s.masks[test]).tolist(), "ppl_full": s.ppl_full}
+
+
+def predict_ppl(run: OpenRun, method: MethodSpec, masks) -> list[float]:
+    """Surrogate-predicted perplexities of keep-masks bool[n, L] (the what-if editor)."""
+    from engine.surrogate import SCORE_FLOOR
+
+    f = _fit(run, method)
+    score = f.predict(np.atleast_2d(np.asarray(masks, dtype=bool)))
+    return [float(f.samples.ppl_full / max(x, SCORE_FLOOR)) for x in score]
+
+
+def run_baseline(run: OpenRun, name: str) -> dict:
+    """A static criterion on the run's model and windows, stored as artifact ``baseline:<name>``."""
+    from engine.baselines import run_baseline as run_one
+
+    out = run_one(name, run.lm, run.windows).to_json()
+    run.store.put_artifact(f"baseline:{name}", out)
+    return out
+
+
+def estimand(estimator: str, design) -> str:
+    """What `estimator` estimates on a run sampled with `design` (see engine.estimators)."""
+    from engine.estimators import estimand as of
+
+    return of(estimator, design)

@@ -51,14 +51,13 @@ from torch import nn
 
 import engine
 from engine import _verify_export
-from engine.errors import ExportError
+from engine.errors import ExportError, ModelLoadError
+from engine.masking import LAYER_INDEX_ATTRS, keep_only
+from engine.models import unhandled_layer_fields
 
 MANIFEST = "pruning_manifest.json"
 MODEL_CARD = "README.md"
 VERIFY_SCRIPT = Path(_verify_export.__file__).resolve()
-COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-PER_LAYER_FIELDS = ("layer_types",)
-LAYER_INDEX_ATTRS = _verify_export.LAYER_INDEX_ATTRS
 # Keys prune_model writes itself; manifest_extra may not override them.
 RESERVED_KEYS = (
     "format", "created", "base_model", "family", "model_type", "architecture", "n_layers_original",
@@ -124,68 +123,26 @@ def _kept_from_removed(removed: Iterable[int], L: int) -> tuple[tuple[int, ...],
     return kept, rem
 
 
-def config_updates(config, adapter, kept: Sequence[int], L: int) -> tuple[dict, list[str]]:
-    """New values for every layer-dependent config field, and length-L lists nothing updates.
-
-    Returns ({field: (before, after)}, unhandled_field_names).
-    """
-    # Only fields stored on the instance: aliases (GPT-2 num_hidden_layers -> n_layer) and derived
-    # properties (Mamba's layer_types follows num_hidden_layers) update themselves.
-    stored = vars(config)
-    updates: dict[str, tuple] = {}
-    counts = tuple(getattr(adapter, "count_fields", ())) + COUNT_FIELDS
-    lists = tuple(getattr(adapter, "per_layer_fields", ())) + PER_LAYER_FIELDS
-    for name in dict.fromkeys(counts):
-        value = stored.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value != L:
-                raise ExportError(f"config.{name} = {value} but the model has {L} layers; the checkpoint is inconsistent.")
-            updates[name] = (value, len(kept))
-    for name in dict.fromkeys(lists):
-        value = stored.get(name)
-        if isinstance(value, (list, tuple)):
-            if len(value) != L:
-                raise ExportError(f"config.{name} has {len(value)} entries but the model has {L} layers.")
-            updates[name] = (value, type(value)(value[i] for i in kept))
-    mwl = stored.get("max_window_layers")
-    if isinstance(mwl, int) and not isinstance(mwl, bool):
-        updates["max_window_layers"] = (mwl, sum(1 for i in kept if i < mwl))
-    unhandled = [
-        k for k, v in config.to_dict().items()
-        if isinstance(v, list) and len(v) == L and k not in updates and k not in getattr(config, "attribute_map", {})
-    ]  # fmt: skip
-    return updates, unhandled
-
-
 @contextmanager
 def pruned_view(model: nn.Module, adapter, kept: Sequence[int]):
     """Inside: `model` IS the pruned model (layers deleted, indices renumbered, config edited).
 
     Yields (config_changes {field: (before, after)}, unhandled list fields, renumbered count).
-    No weight is copied; the original layer list, indices and config values return in `finally`.
+    No weight is copied; everything returns in `finally` (masking.keep_only does the surgery).
     """
-    layers = adapter.layers(model)
-    L = len(layers)
-    updates, unhandled = config_updates(model.config, adapter, kept, L)
-    touched: list[tuple[nn.Module, str, int]] = []
+    L = len(adapter.layers(model))
+    mask = np.zeros(L, dtype=bool)
+    mask[list(kept)] = True
     try:
-        for j, i in enumerate(kept):
-            for mod in layers[i].modules():
-                for attr in LAYER_INDEX_ATTRS:
-                    v = mod.__dict__.get(attr)
-                    if isinstance(v, int) and not isinstance(v, bool):
-                        touched.append((mod, attr, v))
-                        setattr(mod, attr, v - i + j)  # keeps any offset (1-based numbering)
-        for name, (_, after) in updates.items():
-            setattr(model.config, name, after)
-        adapter.set_layers(model, nn.ModuleList([layers[i] for i in kept]))
-        yield updates, unhandled, len(touched)
-    finally:
-        adapter.set_layers(model, layers)
-        for name, (before, _) in updates.items():
-            setattr(model.config, name, before)
-        for mod, attr, v in touched:
-            setattr(mod, attr, v)
+        updates = adapter.config_updates(model.config, list(kept), L)
+    except ModelLoadError as e:
+        raise ExportError(str(e)) from e
+    unhandled = unhandled_layer_fields(model.config, updates, L)
+    with keep_only(model, adapter, mask, renumber=True):
+        n_renumbered = sum(
+            1 for j, i in enumerate(kept) for mod in adapter.layers(model)[j].modules() for a in LAYER_INDEX_ATTRS
+            if isinstance(mod.__dict__.get(a), int) and not isinstance(mod.__dict__.get(a), bool))
+        yield updates, unhandled, n_renumbered
 
 
 def check_export_folder(out_dir, overwrite: bool) -> list[str]:
@@ -227,7 +184,8 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> set[str]:
     return {p.name for p in out_dir.iterdir()}
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
+    """Versions recorded in run metas and export manifests (results depend on them)."""
     import transformers
 
     v = {"engine": engine.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -437,7 +395,7 @@ def prune_model(
         "config_changes": {k: {"before": b, "after": a} for k, (b, a) in updates.items()},
         "unhandled_per_layer_fields": unhandled,
         "renumbered_attributes": n_renumbered,
-        "versions": _versions(),
+        "versions": package_versions(),
         "verification": None,
     }
     manifest = {**{k: v for k, v in extra.items()}, **manifest}

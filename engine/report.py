@@ -37,12 +37,12 @@ def fit_summary(r: dict) -> str:
     spec, test = rep["spec"], rep["test"]["overall"]
     lines = [
         f"surrogate {spec['kind']}" + (f"/{spec['preset']}" if spec["kind"] == "mlp" else "")
-        + f", ensemble of {spec['ensemble']}, fitted on {len(rep['split']['train'])} of {r['n_masks']} masks",
+        + f", ensemble of {spec['ensemble']}, fitted on {rep['split']['n_train']} of {r['n_masks']} masks",
         f"held-out ({test['n']} masks): R² {_num(test['r2'])}  Spearman {_num(test['spearman'])}  "
         f"MAE {_num(test['mae'], 4)} (score)  MAE {_num(test['mae_ppl'], 2)} (perplexity, "
         f"{_num(100 * test['mape_ppl'], 1)}% relative)",
         "per stratum (kept layers): "
-        + ", ".join(f"{k}: R² {_num(m['r2'], 2)}" for k, m in sorted(rep["test"]["per_stratum"].items(),
+        + ", ".join(f"{k}: R² {_num(m['r2'], 2)} (n={m['n']})" for k, m in sorted(rep["test"]["per_stratum"].items(),
                                                                      key=lambda kv: -int(kv[0]))),
     ]
     if "learning_curve" in r:
@@ -59,12 +59,15 @@ def fit_summary(r: dict) -> str:
 
 
 def shapley_summary(r: dict) -> str:
-    lines = [f"{r['estimator']}  ({r['n_evaluations']:,} surrogate evaluations)",
+    lines = [f"{r['estimator']}  ({r['n_evaluations']:,} surrogate evaluations, {r.get('n_masks', '?')} evaluated "
+             f"masks)", f"estimates the {r.get('estimand') or 'contribution'} of each layer; ± err: "
+             + (r.get("details") or {}).get("stderr_is", "Monte Carlo standard error"),
              contributions_table(r["contributions"], r.get("stderr"))]
     eff = r.get("efficiency")
     if eff:
         lines.append(f"efficiency: sum of values {eff['total']:.4f} vs f(all kept) - f(none kept) "
-                     f"{eff['grand_minus_empty']:.4f} (gap {eff['gap']:.2e})")
+                     f"{eff['grand_minus_empty']:.4f} (gap {eff['gap']:.2e}; Shapley values close this gap, "
+                     "other semivalues need not)")
     lines.append("least important first: " + " ".join(map(str, r["ranking"])))
     return "\n".join(lines)
 
@@ -101,5 +104,35 @@ def baseline_summary(r: dict) -> str:
     ])
 
 
-SUMMARIES = {"fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
+def status_summary(result: dict) -> str:
+    runs = result["runs"]
+    if not runs:
+        return "no runs yet (python -m engine sample ...)"
+    head = f"{'run_id':14} {'status':10} {'samples':>9} {'L':>3}  model / data"
+    rows = [
+        f"{r['run_id']:14} {r['status']:10} {r['n_samples']:>5}/{r['target'] or '-':<4}"
+        f"{r['n_layers'] or '-':>3}  {r['model']} / {r['data']}"
+        for r in runs
+    ]
+    return "\n".join([head, *rows])
+
+
+def sample_summary(r: dict) -> str:
+    line = (f"run {r['run_id']}: evaluated {r['evaluated']} masks in {r['seconds']:.1f} s; "
+            f"{r['total']}/{r['target']} done; PPL(full) {_num(r['ppl_full'])}; store {r['store']}")
+    if r["nonfinite"]:
+        line += f"\n{r['nonfinite']} masks gave a non-finite perplexity (score 0)."
+    if r["stopped"]:
+        line += f"\nstopped ({r['stopped']}); run the same command again to resume."
+    return line
+
+
+def info_summary(r: dict) -> str:
+    return (f"{r['model']}: {r['family']} ({r['model_class']}), {r['n_layers']} layers, {r['n_params'] / 1e6:.2f} M "
+            f"parameters, {r['dtype']} on {r['device']}\n"
+            f"perplexity {_num(r['ppl'])} on {r['n_windows']} x {r['seq_len']} tokens of {r['data']} "
+            f"(hash {r['data_hash']})")
+
+
+SUMMARIES = {"status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
              "baselines": baseline_summary}

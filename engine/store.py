@@ -137,7 +137,7 @@ class Lease:
         if now - self.heartbeat > LEASE_TIMEOUT_S:
             return False
         if self.hostname == socket.gethostname():
-            return _pid_exists(self.pid)
+            return pid_alive(self.pid)
         return True
 
 
@@ -155,7 +155,8 @@ class RunSummary:
     updated: float | None
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host (the lease check; the app's launcher check)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -427,11 +428,6 @@ class Writer:
         with self.store._connect(con=self._con) as con:
             row = con.execute("SELECT cancel FROM lease WHERE token = ?", (self.token,)).fetchone()
         return bool(row and row[0])
-
-    def set_target(self, target: int) -> None:
-        self.target = target
-        with self.store._connect(write=True, con=self._con) as con:
-            con.execute("UPDATE lease SET target = ? WHERE token = ?", (target, self.token))
 
     def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float) -> int:
         """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced."""

@@ -26,7 +26,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ from engine.jsonable import jsonable
 MIN_MASKS = 8  # below this no fit or diagnostic is meaningful
 SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (PPL <= 1000 x full)
 PREDICT_CHUNK = 2**16
-KINDS = ("mlp", "ridge-pairwise", "gbt")
 PRESETS = ("adam", "paper")
 
 
@@ -304,16 +303,50 @@ class GBTSurrogate(_ValueFunction):
         return self.model.predict(X.astype(np.float32))
 
 
+@dataclass(frozen=True)
+class SurrogateKind:
+    """One registered surrogate: `make(seed, preset, **options)` returns an unfitted Surrogate."""
+
+    name: str
+    label: str  # short, for selectboxes and tables
+    help: str
+    make: Callable[..., Surrogate]
+    presets: tuple[str, ...] = ()  # training presets (SurrogateSpec.preset); () = preset ignored
+
+
+# The only list of surrogate kinds: the CLI's --surrogate choices, the app's selectbox and
+# `compare` read it. Adding a kind is one entry here (a class with fit/predict) plus its test.
+SURROGATES: dict[str, SurrogateKind] = {
+    k.name: k for k in (
+        SurrogateKind("mlp", "the paper's MLP", "Linear(L,2L)-CELU-Linear(2L,1)-Sigmoid; preset adam (full-batch, "
+                      "early stopping) or paper (the reference SGD schedule)",
+                      lambda seed, preset, **o: MLPSurrogate(preset=preset, seed=seed, **o), PRESETS),
+        SurrogateKind("ridge-pairwise", "ridge, pairwise", "RidgeCV on the mask and all pairwise products "
+                      "(the best second-order game)", lambda seed, preset, **o: RidgePairwiseSurrogate(seed=seed, **o)),
+        SurrogateKind("gbt", "gradient-boosted trees", "scikit-learn HistGradientBoostingRegressor on the mask bits",
+                      lambda seed, preset, **o: GBTSurrogate(seed=seed, **o)),
+    )
+}
+KINDS = tuple(SURROGATES)
+
+
+def variants() -> tuple[str, ...]:
+    """Every kind with each of its presets ('mlp:adam', 'mlp:paper', 'ridge-pairwise', 'gbt')."""
+    return tuple(f"{k.name}:{p}" for k in SURROGATES.values() for p in k.presets) + tuple(
+        k.name for k in SURROGATES.values() if not k.presets)
+
+
+def variant_label(variant: str) -> str:
+    name, _, preset = variant.partition(":")
+    label = SURROGATES[name].label if name in SURROGATES else name
+    return f"{label} ({preset})" if preset else label
+
+
 def make_surrogate(spec: SurrogateSpec = SurrogateSpec(), seed: int | None = None, **options) -> Surrogate:
     """An unfitted surrogate of spec.kind (and spec.preset for mlp); `options` go to its constructor."""
-    seed = spec.seed if seed is None else seed
-    if spec.kind == "mlp":
-        return MLPSurrogate(preset=spec.preset, seed=seed, **options)
-    if spec.kind == "ridge-pairwise":
-        return RidgePairwiseSurrogate(seed=seed, **options)
-    if spec.kind == "gbt":
-        return GBTSurrogate(seed=seed, **options)
-    raise EstimationError(f"unknown surrogate kind {spec.kind!r}; choose one of {', '.join(KINDS)}")
+    if spec.kind not in SURROGATES:
+        raise EstimationError(f"unknown surrogate kind {spec.kind!r}; choose one of {', '.join(SURROGATES)}")
+    return SURROGATES[spec.kind].make(seed=spec.seed if seed is None else seed, preset=spec.preset, **options)
 
 
 # ---------------------------------------------------------------- ensembles
@@ -550,14 +583,14 @@ class Comparison:
         return {"rows": jsonable(list(self.rows)), "split": self.split.to_dict()}
 
 
-def compare(masks, scores, kinds: Sequence[str] = ("mlp:adam", "mlp:paper", "ridge-pairwise", "gbt"),
+def compare(masks, scores, kinds: Sequence[str] | None = None,
             spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0) -> Comparison:
     """Fit each kind ('mlp:paper' picks a preset) once (seed spec.seed) on the same training part;
     held-out metrics and fit time per kind."""
     X, y = _check_xy(masks, scores)
     sp = split(X, y, spec.holdout, spec.seed)
     rows = []
-    for kind in kinds:
+    for kind in variants() if kinds is None else kinds:
         s = _parse_kind(kind, spec)
         t0 = time.perf_counter()
         model = make_surrogate(s).fit(X[sp.train], y[sp.train])

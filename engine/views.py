@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec
+from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, spec_argv
 from engine.errors import DataError
 
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -40,28 +40,9 @@ def spec_from_dict(d: dict) -> RunSpec:
     return RunSpec(model=ModelSpec(**d.get("model", {})), data=DataSpec(**d.get("data", {})), sampling=SamplingSpec(**s))
 
 
-def spec_to_dict(spec: RunSpec) -> dict:
-    return asdict(spec)
-
-
 def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list[str]:
-    """argv for `python -m engine sample` reproducing `spec` (same run id as the app computes)."""
-    m, d, s = spec.model, spec.data, spec.sampling
-    argv = [sys.executable, "-m", "engine", "sample", "--json", "--cache-dir", str(cache_dir),
-            "--model", m.name, "--dtype", m.dtype, "--device", m.device,
-            "--data", d.source, "--text-field", d.text_field, "--windows", str(d.n_windows),
-            "--seq-len", str(d.seq_len), "--data-seed", str(d.seed),
-            "--masks", str(s.n_masks), "--scheme", s.scheme, "--seed", str(s.seed)]
-    if m.revision:
-        argv += ["--revision", m.revision]
-    if m.trust_remote_code:
-        argv.append("--trust-remote-code")
-    if s.strata is not None:
-        argv += ["--strata", ",".join(str(k) for k in s.strata)]
-    if s.remove_range is not None:
-        argv += ["--remove-range", f"{s.remove_range[0]},{s.remove_range[1]}"]
-    if s.paired:
-        argv.append("--paired")
+    """argv for `python -m engine sample` reproducing `spec` (options generated from the spec's fields)."""
+    argv = [sys.executable, "-m", "engine", "sample", "--json", "--cache-dir", str(cache_dir), *spec_argv(spec)]
     if threads:
         argv += ["--threads", str(int(threads))]
     return argv
@@ -100,17 +81,6 @@ def format_seconds(s: float | None) -> str:
         return "-"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (the app's launcher check; the store has its own)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
@@ -186,12 +156,6 @@ def decisions_frame(decisions: dict) -> pd.DataFrame:
              "method": d["method"], "removed": ", ".join(str(i) for i in d["removed"])}
             for d in decisions["decisions"]]
     return pd.DataFrame(rows)
-
-
-def mask_from_removed(removed, L: int) -> np.ndarray:
-    m = np.ones(L, dtype=bool)
-    m[list(removed)] = False
-    return m
 
 
 # ---------------------------------------------------------------- benchmark results (bench/compare.py output)

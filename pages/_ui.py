@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import streamlit as st
 
 from engine import pipeline
-from engine.config import RunSpec, default_cache_dir, stable_hash
+from engine.config import EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
 from engine.errors import WorkbenchError
 from engine.store import RunStore
 
@@ -36,6 +36,18 @@ def spec() -> RunSpec:
     return st.session_state.spec
 
 
+def method_spec() -> MethodSpec:
+    """Stage-2 settings shared by the Surrogate, Shapley and Prune pages (each page edits its part)."""
+    if "method" not in st.session_state:
+        st.session_state.method = MethodSpec()
+    return st.session_state.method
+
+
+def set_method_spec(m: MethodSpec) -> MethodSpec:
+    st.session_state.method = m
+    return m
+
+
 @contextmanager
 def shown_errors():
     """Show a WorkbenchError as st.error(message) (no traceback) and stop the script."""
@@ -48,9 +60,7 @@ def shown_errors():
 
 @st.cache_resource(show_spinner="Loading model and calibration windows...", max_entries=2)
 def _open_run(key: str, _spec: RunSpec, cache: str, n_threads: int) -> pipeline.OpenRun:
-    if n_threads > 0:
-        pipeline.set_threads(n_threads)
-    return pipeline.open_run(_spec, cache)
+    return pipeline.open_run(_spec, cache, EvalSpec(threads=n_threads or None))
 
 
 def open_run(s: RunSpec | None = None) -> pipeline.OpenRun:

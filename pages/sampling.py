@@ -16,6 +16,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine import pipeline, views
+from engine.store import pid_alive
 from pages import _ui
 
 LAUNCHER = "launcher.json"  # {pid, started, argv} of the last subprocess the app started, in the run folder
@@ -37,7 +38,7 @@ def _state(store) -> str:
     if lease is not None and lease.alive():
         return "running"
     launch = _launcher(store)
-    if (launch and views.pid_alive(launch["pid"]) and time.time() - launch["started"] < STARTUP_GRACE_S
+    if (launch and pid_alive(launch["pid"]) and time.time() - launch["started"] < STARTUP_GRACE_S
             and (lease is None or lease.started < launch["started"])):
         return "starting"
     return "idle"

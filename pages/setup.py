@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from engine import pipeline, views
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec
+from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, parse_ints
 from pages import _ui
 
 st.title("Setup")
@@ -68,9 +68,9 @@ if strata_mode == "kept-layer counts":
     text = st.text_input("kept-layer counts (comma separated)",
                          value=",".join(map(str, current.sampling.strata or (14, 12, 10))))
     try:
-        strata = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        st.error(f"expected comma-separated integers such as 14,12,10; got {text!r}.")
+        strata = parse_ints(text)
+    except SpecError as e:
+        st.error(f"Kept-layer counts: {e}")
         st.stop()
 elif strata_mode == "removal range":
     remove_range = tuple(st.slider("fraction of layers removed", 0.0, 1.0,
@@ -93,9 +93,7 @@ _ui.spec_caption(new)
 
 @st.cache_data(show_spinner="Loading the model and measuring its perplexity...", max_entries=8)
 def _info(model: dict, data: dict, n_threads: int) -> dict:
-    if n_threads > 0:
-        pipeline.set_threads(n_threads)
-    return pipeline.info(ModelSpec(**model), DataSpec(**data))
+    return pipeline.info(ModelSpec(**model), DataSpec(**data), EvalSpec(threads=n_threads or None))
 
 
 if st.button("Load model", type="primary"):

@@ -1,54 +1,63 @@
-"""Surrogate: fit on the run's samples; held-out metrics, predicted vs true, residuals, learning curve."""
+"""Surrogate: fit on the run's samples; held-out metrics, predicted vs true, residuals, learning curve.
+
+Shows the fit stored for the settings on screen (a reload or the CLI's `engine fit` finds it);
+Fit computes it through engine.pipeline.
+"""
+
+import dataclasses
 
 import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import method, views
+from engine import pipeline, views
 from engine.config import SurrogateSpec
+from engine.surrogate import SURROGATES, variant_label, variants
 from pages import _ui
-
-KINDS = {"mlp (adam)": ("mlp", "adam"), "mlp (paper schedule)": ("mlp", "paper"),
-         "ridge-pairwise": ("ridge-pairwise", "adam"), "gbt": ("gbt", "adam")}
-COMPARE = ("mlp:adam", "mlp:paper", "ridge-pairwise", "gbt")
 
 st.title("Surrogate")
 _ui.spec_caption()
 run = _ui.analysis_run()
 st.caption(f"run `{run.run_id}` · {run.store.count()} evaluated masks")
 
+current = _ui.method_spec()
 c1, c2, c3, c4 = st.columns(4)
-label = c1.selectbox("surrogate", list(KINDS))
-ensemble = c2.number_input("ensemble members (error bars)", 1, 20, 5)
-holdout = c3.number_input("held-out fraction", 0.05, 0.5, 0.2, 0.05)
-seed = c4.number_input("seed", 0, 2**31 - 1, 0)
-compare_all = st.checkbox("also compare all surrogate kinds on the same split", value=False)
-kind, preset = KINDS[label]
-sspec = SurrogateSpec(kind=kind, preset=preset, holdout=float(holdout), ensemble=int(ensemble), seed=int(seed))
+options = variants()
+now = f"{current.surrogate.kind}:{current.surrogate.preset}" if SURROGATES[current.surrogate.kind].presets \
+    else current.surrogate.kind
+variant = c1.selectbox("surrogate", options, index=options.index(now) if now in options else 0, format_func=variant_label,
+                       help="; ".join(f"{k.label}: {k.help}" for k in SURROGATES.values()))
+ensemble = c2.number_input("ensemble members (error bars)", 1, 20, current.surrogate.ensemble)
+holdout = c3.number_input("held-out fraction", 0.05, 0.5, current.surrogate.holdout, 0.05)
+seed = c4.number_input("seed", 0, 2**31 - 1, current.surrogate.seed)
+compare_all = st.checkbox("also compare every surrogate kind on the same split", value=False)
+kind, _, preset = variant.partition(":")
+sspec = SurrogateSpec(kind=kind, preset=preset or "adam", holdout=float(holdout), ensemble=int(ensemble), seed=int(seed))
+mspec = _ui.set_method_spec(dataclasses.replace(current, surrogate=sspec))
 
 if st.button("Fit", type="primary"):
     with _ui.shown_errors(), st.spinner("Fitting..."):
-        fitted = method.fit(run, sspec, curve=True, compare_kinds=COMPARE if compare_all else ())
-    st.session_state.fit = {"run_id": run.run_id, "n": fitted.summary["n_masks"], "spec": sspec, "fit": fitted}
+        pipeline.fit(run.spec, mspec, compare=compare_all, run=run)
 
-state = st.session_state.get("fit")
-if not state or state["run_id"] != run.run_id:
-    st.info("Choose a surrogate and press Fit.")
+fit = pipeline.stored(run, "fit", mspec)
+if not fit:
+    st.info("No fit stored for these settings yet: press Fit.")
     st.stop()
-f = state["fit"]
-st.caption(f"fitted {f.fitted.report.spec.kind} ({f.fitted.report.spec.preset}) on {state['n']} masks "
-           f"in {f.fitted.report.fit_seconds:.1f} s")
-head = method.fit_headline(f)
+if fit["stale"]:
+    st.warning(f"This fit used {fit['n_masks']} masks; the run now has {run.store.count()}. Press Fit to refit.")
+st.caption(f"{variant_label(variant)} · ensemble of {sspec.ensemble} · fitted on {fit['report']['split']['n_train']} "
+           f"masks, {fit['report']['split']['n_test']} held out · fit {fit['report']['fit_seconds']:.1f} s")
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("held-out R²", f"{head['r2']:.3f}")
-c2.metric("Spearman", f"{head['spearman']:.3f}")
-c3.metric("MAE (score)", f"{head['mae']:.4f}")
-c4.metric("MAE (perplexity)", f"{head['mae_ppl']:.2f}")
+n_test = fit["report"]["test"]["overall"]["n"]
+c1.metric("held-out R²", f"{fit['r2']:.3f}", help=f"on {n_test} held-out masks")
+c2.metric("Spearman", f"{fit['spearman']:.3f}", help=f"rank correlation on {n_test} held-out masks")
+c3.metric("MAE (score)", f"{fit['mae']:.4f}", help="mean |predicted - true| score (score = full PPL / PPL)")
+c4.metric("mean relative error (PPL)", f"{fit['mape_ppl']:.1%}" if np.isfinite(fit["mape_ppl"]) else "-",
+          help="mean |predicted - true| / true perplexity on the held-out masks")
 
-test = f.fitted.report.split.test
-s = f.samples
-df = views.fit_frames(s.masks[test], s.scores[test], f.predict(s.masks[test]), s.ppl_full)
+pred = pipeline.heldout_predictions(run, mspec)
+df = views.fit_frames(np.array(pred["masks"], bool), pred["true"], pred["predicted"], pred["ppl_full"])
 log_axes = st.toggle("log axes", value=True)
 left, right = st.columns(2)
 fig = px.scatter(df, x="ppl_true", y="ppl_predicted", color="stratum", log_x=log_axes, log_y=log_axes,
@@ -61,17 +70,20 @@ right.plotly_chart(px.box(df, x="stratum", y="log_residual", points="all",
                           labels={"log_residual": "log(predicted / measured perplexity)"},
                           title="Residuals by stratum"), key="residuals")
 
-lc = f.summary.get("learning_curve")
+lc = fit.get("learning_curve")
 if lc:
     lcf = views.learning_curve_frame(lc)
     left, right = st.columns(2)
-    left.plotly_chart(px.line(lcf, x="train_masks", y=["r2", "spearman"], markers=True,
+    long = lcf.melt(id_vars=["train_masks"], value_vars=["r2", "spearman"], var_name="metric", value_name="held-out value")
+    left.plotly_chart(px.line(long, x="train_masks", y="held-out value", color="metric", markers=True,
+                              labels={"train_masks": "training masks"},
                               title=f"Learning curve (held-out, {lc['n_test']} masks)"), key="learning_curve")
     right.dataframe(lcf, hide_index=True)
-comparison = f.summary.get("comparison")
+comparison = fit.get("comparison")
 if comparison:
-    st.subheader("Surrogate comparison (same split)")
+    st.subheader("Surrogate comparison (same split, one fit each)")
     st.dataframe(views.comparison_frame(comparison), hide_index=True, width="stretch")
-per = f.summary["report"]["test"]["per_stratum"]
+per = fit["report"]["test"]["per_stratum"]
 st.subheader("Held-out metrics per stratum")
-st.dataframe([{"kept": k, **m} for k, m in per.items()], hide_index=True, width="stretch")
+st.dataframe([{"kept layers": int(k), **m} for k, m in sorted(per.items(), key=lambda kv: -int(kv[0]))],
+             hide_index=True, width="stretch")

@@ -138,7 +138,7 @@ def test_surrogate_fit_metrics_and_charts(demo_run):
     _button(at, "Fit").click().run()
     assert not at.exception
     m = _metrics(at)
-    assert {"held-out R²", "Spearman", "MAE (score)", "MAE (perplexity)"} <= set(m)
+    assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)"} <= set(m)
     assert _charts(at) == 3  # predicted vs true, residuals by stratum, learning curve
 
 
@@ -192,7 +192,7 @@ def test_sample_command_reproduces_the_spec(tmp_path):
     argv = views.sample_command(spec, tmp_path, threads=1)
     args = build_parser().parse_args(argv[3:])
     assert run_spec(args) == spec and args.cache_dir == str(tmp_path)
-    assert views.spec_from_dict(json.loads(json.dumps(views.spec_to_dict(spec)))) == spec
+    assert views.spec_from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
 
 
 def test_save_upload_stays_in_cache_and_checks_size(tmp_path):

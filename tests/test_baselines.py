@@ -179,21 +179,19 @@ def test_taylor_batches_agree_and_plus_heuristic(setup):
     assert B.taylor_plus_protected(32) == (0, 1, 2, 3, 30, 31)
 
 
-def test_angular_block_k1_matches_per_layer_minimum(setup):
+def test_angular_removes_a_block_whose_k1_is_the_per_layer_minimum(setup):
     lm, windows, _ = setup
     result = B.angular(lm, windows)
-    assert B.angular_block(result, 1) == (int(np.argmin(result.scores)),) == (IDENT,)
+    assert result.removed(1) == (int(np.argmin(result.scores)),) == (IDENT,)
     assert result.scores[IDENT] < 1e-3  # arccos is steep at 1: float32 cos gives ~1e-4
     for k in range(1, N_LAYERS):
-        block = B.angular_block(result, k)
+        block = result.removed(k)
         assert len(block) == k and block == tuple(range(block[0], block[0] + k))
         row = result.details["distances"][k - 1]
         assert len(row) == N_LAYERS - k + 1 and row[block[0]] == min(row)
     np.testing.assert_allclose(result.details["distances"][0], result.scores)
     last_token = B.angular(lm, windows, tokens="last")
     assert last_token.details["n_tokens"] == windows.input_ids.shape[0]
-    with pytest.raises(WorkbenchError):
-        B.angular_block(B.last(lm, windows), 1)
 
 
 def test_random_is_seeded_and_last_is_top_down(setup):

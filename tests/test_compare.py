@@ -121,20 +121,19 @@ def tiny6(tmp_path_factory):
     return root
 
 
-def test_lookup_evaluator_and_run_store(tiny6, tmp_path):
+def test_lookup_evaluator_and_samples(tiny6):
     from bench import compare
-    from engine.config import RunSpec, SamplingSpec
+    from engine.config import SamplingSpec
 
     gt = gtm.load(tiny6 / "gt.npz")
     ev = compare.LookupEvaluator(gt)
     masks = gtm.codes_to_masks(np.array([63, 62, 31, 5]), 6)
     np.testing.assert_array_equal(ev.perplexities(masks), gt.ppl[[63, 62, 31, 5]])
     assert ev.ppl_full == gt.ppl_full and ev.n_masks == 4
-    run = compare.lookup_run(gt, RunSpec(sampling=SamplingSpec(n_masks=20)), tmp_path)
-    table = run.store.table()
-    assert len(table.rowid) == 20
-    np.testing.assert_allclose(table.ppl, gt.lookup_ppl(table.masks))
-    np.testing.assert_allclose(table.score, gt.ppl_full / table.ppl)
+    s = compare.lookup_samples(gt, SamplingSpec(n_masks=20))
+    assert s.n == 20 and s.design == SamplingSpec(n_masks=20)
+    np.testing.assert_allclose(s.ppl, gt.lookup_ppl(s.masks))
+    np.testing.assert_allclose(s.scores, gt.ppl_full / s.ppl)
 
 
 def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):

@@ -116,3 +116,59 @@ def test_sampling_is_numpy_only_at_runtime():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+def _file_imports(path: Path) -> set[str]:
+    """Every `engine.<module>` a file imports (anywhere in it), and top-level packages as `pkg`."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name if a.name.startswith("engine.") else a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "engine":
+                out |= {f"engine.{a.name}" for a in node.names}
+            else:
+                out.add(node.module if node.module.startswith("engine.") else node.module.split(".")[0])
+    return out
+
+
+# What the app may use from the engine: the orchestrator, the page helpers, the specs and the
+# registries' names. Model logic (method, evaluate, masking, models, data, surrogate fitting) is
+# reached through engine.pipeline only.
+PAGE_ALLOWED = {"engine.pipeline", "engine.views", "engine.config", "engine.errors", "engine.estimators",
+                "engine.surrogate", "engine.baselines", "engine.store", "engine.decision", "engine.prune"}
+PAGE_FORBIDDEN = {"engine.method", "engine.evaluate", "engine.masking", "engine.models", "engine.data",
+                  "engine.shapley", "torch", "transformers"}
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "pages").glob("*.py")) + ["app.py"])
+def test_pages_reach_the_engine_through_the_pipeline_only(page):
+    path = ROOT / "pages" / page if page != "app.py" else ROOT / page
+    used = {m for m in _file_imports(path) if m.startswith("engine.") or m in PAGE_FORBIDDEN}
+    assert not used & PAGE_FORBIDDEN, f"{page} imports {used & PAGE_FORBIDDEN}: call engine.pipeline instead"
+    assert used <= PAGE_ALLOWED, f"{page} imports {used - PAGE_ALLOWED}"
+
+
+def test_views_hold_no_model_logic_and_no_streamlit():
+    used = _file_imports(ENGINE / "views.py")
+    assert not used & (PAGE_FORBIDDEN | {"streamlit", "engine.pipeline"}), used
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_benchmarks_never_import_the_app(script):
+    used = _file_imports(ROOT / "bench" / script)
+    assert not used & {"streamlit", "pages", "app"}, f"bench/{script} imports the app"
+
+
+def test_help_and_status_import_no_torch_sklearn_or_scipy(tmp_path):
+    code = (
+        "import sys; from engine import cli;"
+        "rc = [cli.main(['status', '--cache-dir', sys.argv[1]])];"
+        "bad = {'torch', 'sklearn', 'scipy', 'transformers'} & set(sys.modules);"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
+                   capture_output=True)
+    code = "import sys; from engine import cli; cli.build_parser(['--help']).format_help();" \
+           "assert not {'torch', 'sklearn', 'scipy'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})

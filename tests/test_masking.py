@@ -23,8 +23,8 @@ def deleted_model(lm, kept: list[int]):
     """
     adapter, model = lm.adapter, lm.model
     config = family_config(lm.family, lm.n_layers)
-    for k, v in adapter.config_updates(config, kept).items():
-        setattr(config, k, v)
+    for k, (_, after) in adapter.config_updates(config, kept, lm.n_layers).items():
+        setattr(config, k, after)
     fresh = AutoModelForCausalLM.from_config(config).eval()
     prefix = adapter.layers_path + "."
     state = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import torch
 
 from conftest import byte_tokenizer, family_config
 from engine import cli, method, pipeline
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
+from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
+from engine.estimators import BANZHAF_VALUE, ESTIMATORS, SHAPLEY_VALUE, STRATA_SEMIVALUE
 
 TEXT = " ".join(f"Layer {i} of the model reads the stream and writes a small update back." for i in range(300))
 L = 6
@@ -37,35 +39,62 @@ def setup(tmp_path_factory):
     return root, spec, run
 
 
-def test_fit_reports_heldout_metrics_and_saves_them(setup):
-    _, _, run = setup
-    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=2))
-    head = method.fit_headline(f)
-    assert set(head) >= {"r2", "spearman", "mae", "mae_ppl"}
-    saved = run.store.get_artifact("fit")
-    assert saved["n_masks"] == 48 and "learning_curve" in saved
-    assert saved["report"]["test"]["overall"]["n"] == len(f.fitted.report.split.test)
+RIDGE = SurrogateSpec(kind="ridge-pairwise", ensemble=2)
 
 
-@pytest.mark.parametrize("estimator", ["paper", "exact", "permutation", "banzhaf", "regression-adjusted"])
+def test_fit_reports_heldout_metrics_and_saves_them_under_its_spec(setup):
+    _, spec, run = setup
+    s = pipeline.samples(run)
+    f = method.fit(s, RIDGE)
+    assert set(f.headline) >= {"r2", "spearman", "mae", "mae_ppl"}
+    assert f.summary["n_masks"] == 48 and "learning_curve" in f.summary
+    assert f.summary["report"]["test"]["overall"]["n"] == len(f.fitted.report.split.test)
+    # The pipeline stores it keyed by the surrogate spec: another spec's fit never replaces it.
+    out = pipeline.fit(spec, MethodSpec(surrogate=RIDGE), run=run)
+    other = pipeline.fit(spec, MethodSpec(surrogate=dataclasses.replace(RIDGE, seed=1)), run=run)
+    saved = pipeline.stored(run, "fit", MethodSpec(surrogate=RIDGE))
+    assert saved["r2"] == out["r2"] and saved["n_masks"] == 48 and not saved["stale"]
+    assert "learning_curve" in saved
+    assert pipeline.stored(run, "fit", MethodSpec(surrogate=dataclasses.replace(RIDGE, seed=1)))["r2"] == other["r2"]
+    # Contributions reuse the fit and do not overwrite the stored one (learning curve kept).
+    pipeline.contributions(spec, MethodSpec(surrogate=RIDGE, estimator="exact"), run=run)
+    assert "learning_curve" in pipeline.stored(run, "fit", MethodSpec(surrogate=RIDGE))
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
 def test_every_estimator_gives_one_value_per_layer_with_error_bars(setup, estimator):
-    _, _, run = setup
-    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=2), curve=False)
-    c = method.contributions(run, f, estimator, n_masks=2000, n_permutations=100)
+    _, spec, run = setup
+    s = pipeline.samples(run)
+    f = method.fit(s, RIDGE, curve=False)
+    mspec = MethodSpec(surrogate=RIDGE, estimator=estimator, budget=2000)
+    c = method.contributions(s, f, mspec)
     assert c.values.shape == (L,) and np.all(np.isfinite(c.values))
     assert c.stderr is not None and c.stderr.shape == (L,)
-    assert run.store.get_artifact(f"contributions:{estimator}")["values"] == pytest.approx(list(c.values))
+    assert c.details["estimand"] in (SHAPLEY_VALUE, STRATA_SEMIVALUE, BANZHAF_VALUE)
+    stored = pipeline.contributions(spec, mspec, run=run)
+    assert stored["contributions"] == pytest.approx(list(c.values))  # the pipeline gives the same numbers
+    assert pipeline.stored(run, "contributions", mspec)["key"] == estimator
     if estimator == "paper":
         assert "restricted-strata semivalue" in c.estimator
     if estimator == "exact":  # efficiency on the surrogate holds exactly for exact Shapley
         assert abs(c.details["efficiency"]["gap"]) < 1e-6
 
 
+def test_monte_carlo_seed_is_separate_from_the_surrogate_seed(setup):
+    _, _, run = setup
+    s = pipeline.samples(run)
+    f = method.fit(s, RIDGE, curve=False)
+    a = method.contributions(s, f, MethodSpec(surrogate=RIDGE, estimator="paper", budget=700, mc_seed=0))
+    b = method.contributions(s, f, MethodSpec(surrogate=RIDGE, estimator="paper", budget=700, mc_seed=1))
+    assert not np.allclose(a.values, b.values)  # same surrogate, other draws
+
+
 def test_unknown_estimator_is_a_clear_error(setup):
     _, _, run = setup
-    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=1), curve=False)
+    s = pipeline.samples(run)
+    f = method.fit(s, dataclasses.replace(RIDGE, ensemble=1), curve=False)
     with pytest.raises(WorkbenchError, match="choose one of"):
-        method.contributions(run, f, "magic")
+        method.contributions(s, f, MethodSpec(estimator="magic"))
 
 
 def test_too_few_masks_says_how_to_get_more(setup, tmp_path):
@@ -74,20 +103,24 @@ def test_too_few_masks_says_how_to_get_more(setup, tmp_path):
     pipeline.sample(small, cache_dir=tmp_path, progress=False)
     run = pipeline.open_run(small, tmp_path)
     with pytest.raises(EstimationError, match="engine sample"):
-        method.fit(run)
+        pipeline.samples(run)
 
 
 def test_decide_measures_every_k_and_chosen_set_is_best_measured(setup):
     _, _, run = setup
-    f = method.fit(run, SurrogateSpec(kind="ridge-pairwise", ensemble=2), curve=False)
-    c = method.contributions(run, f, "exact")
-    ds = method.decide(run, f, c, [1, 2, 3], n_verify=3)
+    s = pipeline.samples(run)
+    f = method.fit(s, RIDGE, curve=False)
+    c = method.contributions(s, f, MethodSpec(estimator="exact"))
+    measure = pipeline._measure_fn(run)
+    ds = method.decide(f, c, [1, 2, 3], measure, spec=MethodSpec(n_verify=3))
     assert [d.k for d in ds.items] == [1, 2, 3]
     for d in ds.items:
         assert len(d.removed) == d.k
         assert d.ppl_measured == min(x.ppl_measured for x in d.candidates)
     with pytest.raises(WorkbenchError, match="1..5"):
-        method.decide(run, f, c, [L], n_verify=1)
+        method.decide(f, c, [L], measure, spec=MethodSpec(n_verify=1))
+    paper_rule = method.decide(f, c, [2], measure, spec=MethodSpec(decision="rank-and-cut"))
+    assert paper_rule.items[0].method == "rank-and-cut" and len(paper_rule.items[0].candidates) == 1
 
 
 def test_run_command_end_to_end_json_and_export_reloads(setup, tmp_path, capsys):

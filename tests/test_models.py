@@ -22,8 +22,8 @@ def test_adapter_per_family(family, tiny_lm):
     assert adapter_for(lm.model).family == lm.family == family
     assert lm.n_layers == 3 == len(lm.adapter.layers(lm.model))
     assert not lm.model.training
-    updates = lm.adapter.config_updates(lm.model.config, [0, 2])
-    assert 2 in updates.values()  # some layer count is updated
+    updates = lm.adapter.config_updates(lm.model.config, [0, 2], 3)
+    assert (3, 2) in updates.values()  # some layer count goes from 3 to 2
 
 
 def test_unsupported_architecture_names_class_type_and_paths():

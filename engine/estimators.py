@@ -1,0 +1,180 @@
+"""The registry of contribution estimators: one entry per estimator, the only place that lists them.
+
+Contract (in the style of shapiq's approximators): an estimator takes an `EstimationInput` (the
+fitted surrogate ensemble as value functions, the run's evaluated samples and design, a budget
+and a seed) and returns a `shapley.Contributions`. `budget` has one meaning for every estimator:
+value-function evaluations per surrogate member (the paper's 80,000 masks with all L flips are
+80,000 x (L + 1)); exact estimators ignore it and say so. Each entry declares its label, help,
+the estimand it targets (Shapley value, restricted-strata semivalue or Banzhaf value) and its
+default budget. The CLI's --estimator choices, the app's selectboxes and the benchmarks read
+`ESTIMATORS`; adding an estimator is one `register(...)` call here plus its test.
+
+This module imports nothing heavy at the top (the CLI builds its parser from it without loading
+torch); the estimators import engine.shapley when they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+SHAPLEY_VALUE = "Shapley value"
+STRATA_SEMIVALUE = "restricted-strata semivalue"
+BANZHAF_VALUE = "Banzhaf value"
+PAPER_MASKS = 80_000  # the reference code's Monte Carlo masks (each with all L flips)
+PERMUTATIONS = 2_000
+
+
+@dataclass(frozen=True)
+class EstimationInput:
+    """What an estimator may use. `members`: the fitted ensemble's value functions f(bool[n, L]) -> float[n];
+    `samples`: the run's evaluated masks (method.Samples, with its sampling design); `fit_one(X, y)`:
+    a freshly fitted single surrogate's value function (for cross-fitting)."""
+
+    members: Sequence[Callable]
+    samples: object
+    n_layers: int
+    budget: int
+    seed: int
+    fit_one: Callable
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    label: str  # short, for selectboxes and legends
+    help: str  # one sentence: what it computes and how
+    estimand: str  # SHAPLEY_VALUE | STRATA_SEMIVALUE | BANZHAF_VALUE (on stratified runs, see help)
+    run: Callable[[EstimationInput], object]
+    default_budget: Callable[[int], int | None]  # L -> evaluations per surrogate (None: exact, no budget)
+    max_layers: int | None = None  # exact enumeration limit
+    uses_real_evaluations: bool = False  # True: corrects the surrogate with the evaluated masks
+
+    def budget_for(self, L: int, budget: int | None) -> int | None:
+        return self.default_budget(L) if budget is None else int(budget)
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register(estimator: Estimator) -> Estimator:
+    ESTIMATORS[estimator.name] = estimator
+    return estimator
+
+
+def get(name: str) -> Estimator:
+    from engine.errors import EstimationError
+
+    if name not in ESTIMATORS:
+        raise EstimationError(f"unknown estimator {name!r}; choose one of: {', '.join(ESTIMATORS)}.")
+    return ESTIMATORS[name]
+
+
+def strata_of(design, L: int) -> tuple[int, ...]:
+    """Kept counts the paper's estimator averages over: the run's strata (stratified runs), else the paper's."""
+    from engine.config import SamplingSpec
+    from engine.sampling import resolve_strata
+
+    return resolve_strata(design if design.scheme == "stratified" else SamplingSpec(), L)
+
+
+# ---------------------------------------------------------------- the estimators
+
+
+def _paper(x: EstimationInput):
+    from engine import shapley
+
+    strata = strata_of(x.samples.design, x.n_layers)
+    n_masks = max(2, x.budget // (x.n_layers + 1))
+    return shapley.with_ensemble(
+        lambda g: shapley.restricted_strata_semivalue(g, x.n_layers, strata, n_masks=n_masks, seed=x.seed), x.members)
+
+
+def _exact(x: EstimationInput):
+    from engine import shapley
+
+    return shapley.with_ensemble(lambda g: shapley.exact_shapley(g, x.n_layers), x.members)
+
+
+def _banzhaf(x: EstimationInput):
+    from engine import shapley
+
+    _check_exact(x.n_layers, "exact Banzhaf")
+    return shapley.with_ensemble(lambda g: shapley.semivalue(g, x.n_layers, shapley.BANZHAF), x.members)
+
+
+def _permutation(x: EstimationInput):
+    from engine import shapley
+
+    n_perm = max(2, x.budget // (x.n_layers + 1))
+    return shapley.with_ensemble(
+        lambda g: shapley.permutation_shapley(g, x.n_layers, n_permutations=n_perm, seed=x.seed), x.members)
+
+
+def _regression_adjusted(x: EstimationInput):
+    """Shapley on size-uniform runs (fully covered); the restricted-strata semivalue on stratified
+    runs, where the correction only sees the sampled strata (details['uncovered_weight_fraction'])."""
+    from engine import shapley
+    from engine.sampling import mask_probability, resolve_strata
+
+    s, L, design = x.samples, x.n_layers, x.samples.design
+    if design.scheme == "size-uniform":
+        weighting, sizes = shapley.SHAPLEY, range(L + 1)
+    else:
+        sizes = resolve_strata(design, L)
+        weighting = shapley.restricted_strata(sizes)
+    probabilities = mask_probability(design, L, s.masks)
+    keep = probabilities > 0  # masks from an earlier, different design cannot be reweighted
+    surrogate_samples = None if L <= shapley.EXACT_MAX_L else max(2, x.budget // (L + 1))
+    return shapley.regression_adjusted(
+        s.masks[keep], s.scores[keep], probabilities[keep], x.fit_one, weighting=weighting,
+        folds=5, seed=x.seed, sampled_sizes=sizes, surrogate_samples=surrogate_samples,
+    )
+
+
+def _check_exact(L: int, what: str) -> None:
+    from engine.errors import EstimationError
+    from engine.shapley import EXACT_MAX_L
+
+    if L > EXACT_MAX_L:
+        raise EstimationError(f"{what} enumerates 2^L masks and needs L <= {EXACT_MAX_L}; this model has {L} "
+                              "layers. Choose the paper or permutation estimator.")
+
+
+_EXACT_MAX_L = 22  # engine.shapley.EXACT_MAX_L, repeated so the registry needs no import of shapley
+
+register(Estimator(
+    "paper", "restricted-strata semivalue (paper)",
+    "the paper's estimator: mean of f(m with i kept) - f(m with i dropped) over masks m drawn from the "
+    "sampling strata, on each surrogate (Monte Carlo)", STRATA_SEMIVALUE, _paper,
+    default_budget=lambda L: PAPER_MASKS * (L + 1)))
+register(Estimator(
+    "exact", "exact Shapley", "exact Shapley values on each surrogate by enumerating all 2^L masks",
+    SHAPLEY_VALUE, _exact, default_budget=lambda L: None, max_layers=_EXACT_MAX_L))
+register(Estimator(
+    "permutation", "permutation Shapley", "Shapley values on each surrogate by antithetic permutation sampling "
+    "(L + 1 evaluations per permutation)", SHAPLEY_VALUE, _permutation,
+    default_budget=lambda L: PERMUTATIONS * (L + 1)))
+register(Estimator(
+    "banzhaf", "exact Banzhaf", "exact Banzhaf values on each surrogate (all 2^L masks)", BANZHAF_VALUE, _banzhaf,
+    default_budget=lambda L: None, max_layers=_EXACT_MAX_L))
+register(Estimator(
+    "regression-adjusted", "regression-adjusted",
+    "the surrogate's exact value plus a cross-fitted Monte Carlo correction from the real evaluations "
+    "(Witter, Liu & Musco 2025): unbiased for the Shapley value on size-uniform runs, for the "
+    "restricted-strata semivalue on stratified runs", SHAPLEY_VALUE, _regression_adjusted,
+    default_budget=lambda L: None if L <= _EXACT_MAX_L else PAPER_MASKS * (L + 1), uses_real_evaluations=True))
+
+
+def estimand(name: str, design) -> str:
+    """What `name` estimates on a run sampled with `design` (regression adjustment follows the design)."""
+    e = get(name)
+    if e.uses_real_evaluations and design.scheme == "stratified":
+        return STRATA_SEMIVALUE
+    return e.estimand
+
+
+def estimate(name: str, x: EstimationInput):
+    """Run estimator `name` (budget already resolved in x)."""
+    return get(name).run(x)
+

@@ -1,0 +1,149 @@
+"""Every CLI command's human output and its --json line on one tiny run, failures included, and the
+same contributions from the CLI, the pipeline (what the app calls) and the method functions (what
+bench/compare calls) for the same specs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import byte_tokenizer, family_config
+from engine import cli, method, pipeline
+from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
+
+TEXT = " ".join(f"Sentence {i} tells the model something about layers and their order." for i in range(250))
+L = 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("commands")
+    (root / "text.txt").write_text(TEXT)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(family_config("llama", L)).save_pretrained(root / "tiny")
+    byte_tokenizer().save_pretrained(root / "tiny")
+    return root
+
+
+def _base(root, *extra):
+    return ["--model", str(root / "tiny"), "--data", str(root / "text.txt"), "--windows", "2", "--seq-len", "16",
+            "--cache-dir", str(root / "cache"), "--threads", "1", *extra]
+
+
+RUN = ("--scheme", "size-uniform", "--masks", "24")
+STAGE2 = (*RUN, "--surrogate", "ridge-pairwise", "--ensemble", "2")
+
+
+def _both(capsys, argv):
+    """(human stdout, json dict): the command run once without --json and once with it."""
+    assert cli.main(argv) == 0, capsys.readouterr()
+    human = capsys.readouterr().out
+    assert cli.main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return human, json.loads(out[-1])
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny):
+    assert cli.main(["sample", *_base(tiny, *RUN)]) == 0
+    return tiny
+
+
+def test_sample(sampled, capsys):
+    human, js = _both(capsys, ["sample", *_base(sampled, *RUN)])
+    assert "24/24 done" in human
+    assert js["evaluated"] == 0 and js["total"] == js["target"] == 24 and js["stopped"] is None
+
+
+def test_info(tiny, capsys):
+    human, js = _both(capsys, ["info", *_base(tiny)])
+    assert f"{L} layers" in human and "perplexity" in human
+    assert js["n_layers"] == L and js["family"] == "llama" and js["ppl"] > 1
+
+
+def test_status(sampled, capsys):
+    human, js = _both(capsys, ["status", "--cache-dir", str(sampled / "cache")])
+    assert "run_id" in human and "24/24" in human
+    assert js["runs"][0]["n_samples"] == 24
+
+
+def test_fit(sampled, capsys):
+    human, js = _both(capsys, ["fit", *_base(sampled, *STAGE2)])
+    assert "held-out" in human and "learning curve" in human and "comparison on the same split" in human
+    for key in ("run_id", "r2", "spearman", "mae", "mae_ppl", "n_masks", "report", "learning_curve", "comparison"):
+        assert key in js, key
+    assert js["n_masks"] == 24 and js["report"]["split"]["n_train"] + js["report"]["split"]["n_test"] == 24
+
+
+def test_shapley(sampled, capsys):
+    human, js = _both(capsys, ["shapley", *_base(sampled, *STAGE2, "--estimator", "exact")])
+    assert "Shapley value" in human and "least important first" in human
+    for key in ("run_id", "estimator", "contributions", "stderr", "ranking", "n_evaluations", "efficiency", "r2",
+                "estimand", "key"):
+        assert key in js, key
+    assert len(js["contributions"]) == L and sorted(js["ranking"]) == list(range(L))
+
+
+def test_prune_exports_and_refuses_a_full_folder(sampled, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    argv = ["prune", *_base(sampled, *STAGE2, "--remove", "1", "--out", str(out))]
+    assert cli.main(argv) == 0
+    human = capsys.readouterr().out
+    assert "exported to" in human and "calibration perplexity" in human
+    code = cli.main([*argv, "--json"])
+    out_lines = capsys.readouterr()
+    assert code != 0 and "--overwrite" in out_lines.err
+    err = json.loads(out_lines.out.strip().splitlines()[-1])
+    assert "error" in err and "--overwrite" in err["error"]
+    assert cli.main([*argv, "--overwrite", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(js["removed"]) == 1 and js["verification"]["ok"] and js["out"] == str(out)
+
+
+def test_run_and_baselines(sampled, capsys):
+    human, js = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2")])
+    assert "calibration perplexity: full" in human and "predicted" in human
+    assert js["evaluated"] == 0 and len(js["removed"]) == 2 and [d["k"] for d in js["by_k"]] == [1, 2]
+    human, js = _both(capsys, ["baselines", *_base(sampled, "--method", "block-influence")])
+    assert "removal order" in human and len(js["scores"]) == L
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["shapley", "--estimator", "magic"], "invalid choice"),
+    (["fit", "--holdout", "1.5"], "--holdout must be a fraction"),
+    (["run", "--remove", str(L)], "1..5"),
+    (["sample", "--strata", "a,b"], "integers"),
+])
+def test_a_failing_command_prints_one_paragraph_and_a_json_error(sampled, capsys, argv, words):
+    code = cli.main([argv[0], *_base(sampled, *RUN), *argv[1:], "--json"])
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("error:")]) == 1
+    assert words in err
+    js = json.loads(out.strip().splitlines()[-1])
+    assert words in js["error"] and js["type"]
+
+
+def test_cli_pipeline_and_method_give_the_same_contributions(sampled, capsys):
+    """The CLI (scripts), pipeline.contributions (the app) and method.* on a Samples record
+    (bench/compare) compute the same numbers for the same specs."""
+    assert cli.main(["shapley", *_base(sampled, *STAGE2, "--estimator", "paper", "--budget", "5000",
+                                       "--mc-seed", "3"), "--json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["contributions"]
+    spec = RunSpec(ModelSpec(name=str(sampled / "tiny")), DataSpec(source=str(sampled / "text.txt"), n_windows=2,
+                                                                   seq_len=16),
+                   SamplingSpec(scheme="size-uniform", n_masks=24))
+    mspec = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=2), estimator="paper", budget=5000,
+                       mc_seed=3)
+    run = pipeline.open_run(spec, sampled / "cache")
+    from_pipeline = pipeline.contributions(spec, mspec, run=run)["contributions"]
+    t = run.store.table()
+    samples = method.Samples.from_perplexities(t.masks, t.ppl, run.store.meta()["ppl_full"], spec.sampling)
+    from_method = method.contributions(samples, method.fit(samples, mspec.surrogate, curve=False), mspec).values
+    np.testing.assert_allclose(from_cli, from_pipeline, rtol=0, atol=0)
+    np.testing.assert_allclose(from_cli, from_method, rtol=1e-12, atol=1e-12)
