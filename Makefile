@@ -33,9 +33,10 @@ status: install
 # Benchmarks (bench/README.md): mask evaluation vs the zero-weights reference (the issue's 256
 # masks, then 1024 masks with the reference timed on 128 of them), the Shapley step vs the
 # per-mask loop (one thread each), and the end-to-end CLI wall time with default threads (all
-# cores); each prints its ratio and seconds.
+# cores), and the start-up of `--help` and `status` against `import torch`; each prints its ratio and seconds.
 bench: install
 	$(PY) -m bench.mask_eval --threads 1
 	$(PY) -m bench.mask_eval --threads 1 --masks 1024 --reference-masks 128
 	$(PY) -m bench.shapley_step --threads 1
 	$(PY) -m bench.run_wall
+	$(PY) -m bench.cli_startup

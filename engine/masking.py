@@ -5,7 +5,7 @@ kept layers (the same module objects) and applies the family's config fix-ups (l
 per-layer lists such as Qwen2's `layer_types`), restoring both in `finally`.
 
 Inside, run the model with `use_cache=False`: transformers 5 sizes its caches from the config
-and each kept layer keeps its original `layer_idx` (see DESIGN.md, "Measured here"). Checked per
+and each kept layer keeps its original `layer_idx`, so a cache would be indexed past its end. Checked per
 family (transformers 5.23): Llama/Mistral/Gemma/Phi-3 loop over `layers[:num_hidden_layers]`;
 Qwen2/Qwen3 read `config.layer_types[position]` (fixed up); GPT-2 and OPT enumerate their
 lists but use the index for nothing else; GPT-NeoX has no per-position state; Mamba's

@@ -64,8 +64,8 @@ SINGLE_THREAD_WORK = 400_000  # n_masks * L below which the MLP fits on one thre
 def _few_threads(work: int):
     """Fit small problems on one thread (torch, BLAS and OpenMP); restored afterwards.
 
-    Measured here (2 busy cores, 240 masks x 12 layers): 400 Adam steps 0.3 s on one thread
-    against 2.7-5 s on two; RidgeCV 0.02 s against up to 0.7 s; same numbers either way.
+    Thread start-up dominates such small problems (several times slower on two busy cores than on
+    one); the numbers are the same either way.
     """
     if work >= SINGLE_THREAD_WORK:
         yield
