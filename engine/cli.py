@@ -28,7 +28,7 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, SurrogateSpec, option_flag,
+    DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError
 
@@ -120,9 +120,20 @@ def _baseline_options(p: argparse.ArgumentParser) -> None:
     from engine.baselines import BASELINES
 
     g = p.add_argument_group("baseline")
-    g.add_argument("--method", required=True, choices=tuple(BASELINES), help="the criterion to run")
+    g.add_argument("--method", required=True, type=_names(tuple(BASELINES)),
+                   help="the criterion to run, or several separated by commas: " + ", ".join(BASELINES))
     g.add_argument("--k-max", type=int, default=None, help="sleb: rounds to run (default L-1)")
     g.add_argument("--baseline-seed", type=int, default=0, help="random: the seed (default %(default)s)")
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise SpecError(f"unknown criterion {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}.")
+        return names
+    return parse
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
@@ -131,6 +142,16 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
     g.add_argument("--eval-data", action="append", default=[],
                    help="held-out text measured before/after pruning (repeatable; demo data adds demo-test, demo-ood)")
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("comparison").add_argument(
+        "--no-compare", action="store_true", help="skip the comparison of every registered surrogate kind")
+
+
+def _removed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("layers").add_argument(
+        "--removed", required=True, type=parse_ints, help="the layers to delete, e.g. 2,3,5 (0-based)")
 
 
 _THREADS = ("threads",)
@@ -147,6 +168,8 @@ _GROUPS: dict[str, tuple] = {
     "method": (MethodSpec, "contributions and pruning", None),
     "export": (_export_options, None, None),
     "baseline": (_baseline_options, None, None),
+    "fit": (_fit_options, None, None),
+    "removed": (_removed_option, None, None),
 }
 
 
@@ -188,11 +211,12 @@ def _status(args) -> dict:
 
 
 @command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, and a "
-         "comparison of every surrogate kind", ("model", "data", "sampling", "surrogate", "threads"))
+         "comparison of every surrogate kind", ("model", "data", "sampling", "surrogate", "fit", "threads"))
 def _fit(args) -> dict:
     from engine import pipeline
 
-    return pipeline.fit(run_spec(args), method_spec(args), args.cache_dir, compare=True, evaluation=eval_spec(args))
+    return pipeline.fit(run_spec(args), method_spec(args), args.cache_dir, compare=not args.no_compare,
+                        evaluation=eval_spec(args))
 
 
 @command("shapley", "per-layer contributions on the surrogate (choose the estimator)",
@@ -221,13 +245,25 @@ def _run(args) -> dict:
                             args.cache_dir, progress=True, json_mode=args.json, evaluation=eval_spec(args))
 
 
-@command("baselines", "a static pruning criterion (ShortGPT, angular, PPL, Taylor+, SLEB, random, last)",
-         ("model", "data", "baseline", "threads"))
+@command("export", "export the model without the given layers (a set chosen by hand or from `prune`), verified "
+         "by a reload in a fresh process", ("model", "data", "sampling", "surrogate", "method", "removed", "export",
+                                            "threads"))
+def _export(args) -> dict:
+    from engine import pipeline
+
+    if args.out is None:
+        raise UsageError("export needs --out FOLDER (an empty or new folder).")
+    return pipeline.export(run_spec(args), method_spec(args), args.out, removed=args.removed, overwrite=args.overwrite,
+                           cache_dir=args.cache_dir, evaluation=eval_spec(args))
+
+
+@command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "
+         "run of the sampling options when it exists", ("model", "data", "sampling", "baseline", "threads"))
 def _baselines(args) -> dict:
     from engine import pipeline
 
-    return pipeline.baseline(model_spec(args), data_spec(args), args.method, k_max=args.k_max,
-                             seed=args.baseline_seed, evaluation=eval_spec(args))
+    return pipeline.baseline(run_spec(args), args.method, k_max=args.k_max, seed=args.baseline_seed,
+                             cache_dir=args.cache_dir, evaluation=eval_spec(args), progress=args.json)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -256,6 +292,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             else:
                 builder(p)
     return parser
+
+
+def command_argv(name: str, *specs, cache_dir=None, extra: tuple[str, ...] = ()) -> list[str]:
+    """argv after `python -m engine` for command `name` with the settings of `specs` (RunSpec,
+    MethodSpec, EvalSpec, ...): only the fields that command takes, non-default values only, and
+    --json (the app's background jobs read its last line)."""
+    taken = set()
+    for g in _COMMANDS[name][1]:
+        cls, _, only = _GROUPS[g]
+        if dataclasses.is_dataclass(cls):
+            taken |= {(cls, f.name) for f in dataclasses.fields(cls) if only is None or f.name in only}
+    argv = [name, "--json"] + (["--cache-dir", str(cache_dir)] if cache_dir is not None else [])
+    for spec in specs:
+        argv += spec_argv(spec, keep=lambda cls, field: (cls, field) in taken)
+    return argv + list(extra)
 
 
 # ------------------------------------------------------------------ output

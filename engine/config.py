@@ -239,18 +239,19 @@ class RunSpec:
         return stable_hash(self.identity(model_identity, data_hash))
 
 
-def spec_argv(spec) -> list[str]:
+def spec_argv(spec, keep=None) -> list[str]:
     """The command-line options that rebuild `spec` (fields equal to their defaults are left out).
 
     Inverse of the CLI's option parsing (engine/cli.py builds options from the same fields), so
-    the app launches `python -m engine ...` with exactly the spec on screen."""
+    the app launches `python -m engine ...` with exactly the spec on screen. `keep(cls, name)`
+    selects fields (engine.cli.command_argv keeps those its command accepts)."""
     argv: list[str] = []
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
         if dataclasses.is_dataclass(value):
-            argv += spec_argv(value)
+            argv += spec_argv(value, keep)
             continue
-        if "help" not in f.metadata or value == _default(f):
+        if "help" not in f.metadata or value == _default(f) or (keep and not keep(type(spec), f.name)):
             continue
         flag = option_flag(f)
         if isinstance(value, bool):

@@ -61,19 +61,29 @@ class OpenRun:
         return self.lm.n_layers
 
 
-def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec()) -> OpenRun:
-    """Load model and windows, derive the run id (model identity, data hash, sampling), open the store."""
-    from engine.data import make_windows
-    from engine.models import load_model
-    from engine.prune import package_versions
+def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec()) -> tuple:
+    """(LoadedModel, Windows) of a spec; checks the sampling settings against L. Writes nothing."""
     from engine.sampling import sample_masks
 
-    set_threads(evaluation.threads)
-    lm = load_model(spec.model)
-    windows = make_windows(lm.tokenizer, spec.data)
-    # Check the sampling settings against L before anything is written to the cache.
+    lm, windows = _load(spec, evaluation)
     sample_masks(dataclasses.replace(spec.sampling, n_masks=0), lm.n_layers)
+    return lm, windows
+
+
+def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec(), create: bool = True,
+             loaded: tuple | None = None) -> OpenRun:
+    """Load model and windows (or take `loaded` from `load`), derive the run id (model identity,
+    data hash, sampling), open the store.
+
+    `create=False` (what the app's pages use to look) never writes to the cache: a run that was
+    never sampled raises EstimationError instead of appearing as an empty run."""
+    from engine.prune import package_versions
+
+    lm, windows = loaded or load(spec, evaluation)
     run_id = spec.run_id(lm.identity, windows.data_hash)
+    if not create and not RunStore(cache_dir, run_id).exists():
+        raise EstimationError(f"run {run_id} has no evaluated masks yet: start sampling first (Sampling page, or "
+                              "`python -m engine sample` with the same settings).")
     meta = {
         "spec": dataclasses.asdict(spec),
         "model": spec.model.name,
@@ -336,7 +346,11 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
 
 
 def _fit_json(run: OpenRun, f) -> dict:
-    return {"run_id": run.run_id, **f.headline, **f.summary}
+    """The fit artifact: headline, report, curve/comparison, and the held-out predictions (store
+    order row indices and predicted scores), so pages plot predicted vs true without refitting."""
+    test = f.fitted.report.split.test
+    heldout = {"rows": [int(i) for i in test], "predicted": [float(x) for x in f.predict(f.samples.masks[test])]}
+    return {"run_id": run.run_id, **f.headline, **f.summary, "heldout": heldout}
 
 
 def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compare: bool = False,
@@ -346,7 +360,9 @@ def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compar
     run = run or open_run(spec, cache_dir, evaluation)
     t = time.monotonic()
     f = _fit(run, method, curve=True, compare=compare)
-    return {**_fit_json(run, f), "seconds": round(time.monotonic() - t, 3)}
+    out = _fit_json(run, f)
+    out.pop("heldout")
+    return {**out, "seconds": round(time.monotonic() - t, 3)}
 
 
 def _contributions(run: OpenRun, method: MethodSpec):
@@ -427,13 +443,13 @@ def measure(run: OpenRun, masks) -> list[float]:
 
 
 def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: bool = False, cache_dir=None,
-           run: OpenRun | None = None) -> dict:
+           run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
     """Export the model without `removed` (default: the decision for k = method.remove) to `out_dir`,
     with manifest and model card, verified by a reload in a fresh process."""
     from engine.prune import check_export_folder
 
     check_export_folder(out_dir, overwrite)  # before any model is loaded
-    run = run or open_run(spec, cache_dir)
+    run = run or open_run(spec, cache_dir, evaluation)
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed)
     k = default_remove(method, run.n_layers)
@@ -573,27 +589,55 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
     return result
 
 
-def baseline(model_spec: ModelSpec, data_spec: DataSpec, name: str, k_max: int | None = None, seed: int = 0,
-             evaluation: EvalSpec = EvalSpec()) -> dict:
-    """One static criterion on the calibration windows: per-layer scores and removal order."""
+def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cache_dir=None,
+             evaluation: EvalSpec = EvalSpec(), progress: bool = False) -> dict:
+    """Static criteria on the calibration windows: per-layer scores and removal order of each.
+
+    When the run of `spec` exists in the cache, each result is stored there as artifact
+    ``baseline:<name>`` as soon as it is done (the app shows them beside the contributions);
+    with `progress`, one JSON progress line per finished criterion goes to stderr."""
     from engine.baselines import run_baseline
+
+    names = [names] if isinstance(names, str) else list(names)
+    lm, windows = _load(spec, evaluation)
+    run_id = spec.run_id(lm.identity, windows.data_hash)
+    store = RunStore(cache_dir, run_id) if RunStore(cache_dir, run_id).exists() else None
+    results = {}
+    for i, name in enumerate(names):
+        t = time.monotonic()
+        r = run_baseline(name, lm, windows, k_max=k_max, seed=seed).to_json()
+        results[name] = r
+        if store is not None:
+            store.put_artifact(f"baseline:{name}", r)
+        if progress:
+            print(json.dumps({"event": "progress", "done": i + 1, "total": len(names), "step": name,
+                              "seconds": round(time.monotonic() - t, 2)}), file=sys.stderr, flush=True)
+    first = results[names[0]]
+    out = {"model": spec.model.name, "data": spec.data.source, "n_layers": lm.n_layers,
+           "run_id": run_id if store else None, **(first if len(names) == 1 else {})}
+    if len(names) > 1:
+        out["results"] = results
+    return out
+
+
+def _load(spec: RunSpec, evaluation: EvalSpec):
     from engine.data import make_windows
     from engine.models import load_model
 
     set_threads(evaluation.threads)
-    lm = load_model(model_spec)
-    windows = make_windows(lm.tokenizer, data_spec)
-    result = run_baseline(name, lm, windows, k_max=k_max, seed=seed)
-    return {"model": model_spec.name, "data": data_spec.source, "n_layers": lm.n_layers, **result.to_json()}
+    lm = load_model(spec.model)
+    return lm, make_windows(lm.tokenizer, spec.data)
 
 
-def heldout_predictions(run: OpenRun, method: MethodSpec) -> dict:
-    """The fit's held-out masks with true and predicted scores (for predicted-vs-true plots)."""
-    f = _fit(run, method)
-    test = f.fitted.report.split.test
-    s = f.samples
-    return {"masks": s.masks[test].tolist(), "true": s.scores[test].tolist(),
-            "predicted": f.predict(s.masks[test]).tolist(), "ppl_full": s.ppl_full}
+def heldout_predictions(run: OpenRun, method: MethodSpec) -> dict | None:
+    """The stored fit's held-out masks with true and predicted scores (None when no fit is stored)."""
+    art = stored(run, "fit", method)
+    if not art or "heldout" not in art:
+        return None
+    rows = np.array(art["heldout"]["rows"], dtype=int)
+    table = run.store.table()
+    return {"masks": table.masks[rows], "true": table.score[rows], "predicted": np.array(art["heldout"]["predicted"]),
+            "ppl_full": float(run.store.meta()["ppl_full"])}
 
 
 def predict_ppl(run: OpenRun, method: MethodSpec, masks) -> list[float]:
@@ -603,15 +647,6 @@ def predict_ppl(run: OpenRun, method: MethodSpec, masks) -> list[float]:
     f = _fit(run, method)
     score = f.predict(np.atleast_2d(np.asarray(masks, dtype=bool)))
     return [float(f.samples.ppl_full / max(x, SCORE_FLOOR)) for x in score]
-
-
-def run_baseline(run: OpenRun, name: str) -> dict:
-    """A static criterion on the run's model and windows, stored as artifact ``baseline:<name>``."""
-    from engine.baselines import run_baseline as run_one
-
-    out = run_one(name, run.lm, run.windows).to_json()
-    run.store.put_artifact(f"baseline:{name}", out)
-    return out
 
 
 def estimand(estimator: str, design) -> str:

@@ -97,11 +97,15 @@ def run_summary(r: dict) -> str:
 
 
 def baseline_summary(r: dict) -> str:
-    return "\n".join([
-        f"{r['method']} on {r['model']} / {r['data']} ({_num(r['seconds'], 1)} s); higher score = more important",
-        contributions_table(r["scores"]),
-        "removal order: " + " ".join(map(str, r["order"])),
-    ])
+    results = r.get("results") or {r["method"]: r}
+    blocks = [
+        "\n".join([f"{b['method']} on {r['model']} / {r['data']} ({_num(b['seconds'], 1)} s); higher score = more "
+                   "important", contributions_table(b["scores"]), "removal order: " + " ".join(map(str, b["order"]))])
+        for b in results.values()
+    ]
+    if r.get("run_id"):
+        blocks.append(f"stored in run {r['run_id']}")
+    return "\n\n".join(blocks)
 
 
 def status_summary(result: dict) -> str:
@@ -134,5 +138,12 @@ def info_summary(r: dict) -> str:
             f"(hash {r['data_hash']})")
 
 
-SUMMARIES = {"status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
+def export_summary(r: dict) -> str:
+    v = r.get("verification") or {}
+    return (f"exported to {r['out']}: layers {r['removed']} removed; calibration perplexity {_num(r['ppl_full'], 2)} -> "
+            f"{_num(r['ppl_measured'], 2)}; reloaded in a fresh process: ppl {_num(v.get('ppl_reloaded'), 4)}, "
+            f"generate with KV cache {'ok' if v.get('ok') else 'FAILED'}")
+
+
+SUMMARIES = {"export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
              "baselines": baseline_summary}

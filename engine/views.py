@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec, spec_argv
+from engine.config import DataSpec, ModelSpec, RunSpec, SamplingSpec
 from engine.errors import DataError
 
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -40,12 +40,21 @@ def spec_from_dict(d: dict) -> RunSpec:
     return RunSpec(model=ModelSpec(**d.get("model", {})), data=DataSpec(**d.get("data", {})), sampling=SamplingSpec(**s))
 
 
+def job_argv(command: str, *specs, cache_dir, threads: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """Full argv of `python -m engine <command> --json` reproducing `specs` (the options that command
+    takes, generated from the spec fields by engine.cli), for engine.jobs.launch."""
+    from engine.cli import command_argv
+    from engine.config import EvalSpec
+
+    specs = [s for s in specs if not isinstance(s, EvalSpec)]
+    evaluation = EvalSpec(threads=int(threads)) if threads else EvalSpec()
+    return [sys.executable, "-m", "engine", *command_argv(command, *specs, evaluation, cache_dir=cache_dir,
+                                                          extra=extra)]
+
+
 def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list[str]:
-    """argv for `python -m engine sample` reproducing `spec` (options generated from the spec's fields)."""
-    argv = [sys.executable, "-m", "engine", "sample", "--json", "--cache-dir", str(cache_dir), *spec_argv(spec)]
-    if threads:
-        argv += ["--threads", str(int(threads))]
-    return argv
+    """argv for `python -m engine sample --json` reproducing `spec`."""
+    return job_argv("sample", spec, cache_dir=cache_dir, threads=threads)
 
 
 SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created"]
@@ -56,6 +65,21 @@ def samples_frame(rows) -> pd.DataFrame:
     df = pd.DataFrame([asdict(r) for r in rows], columns=SAMPLE_COLUMNS)
     df["stratum"] = df["kept"].map(lambda k: f"kept {int(k)}")
     return df
+
+
+# One colour per kept-layer count on every page (largest count first), whatever order rows arrive in.
+STRATUM_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                   "#bcbd22", "#17becf")
+
+
+def stratum_order(df: pd.DataFrame) -> list[str]:
+    """'kept k' labels, largest k first."""
+    return [f"kept {k}" for k in sorted(df["kept"].unique(), reverse=True)]
+
+
+def stratum_colours(df: pd.DataFrame) -> dict[str, str]:
+    """'kept k' -> a colour fixed by k (not by order of appearance)."""
+    return {f"kept {int(k)}": STRATUM_PALETTE[int(k) % len(STRATUM_PALETTE)] for k in df["kept"].unique()}
 
 
 def stratum_counts(df: pd.DataFrame) -> pd.DataFrame:
@@ -119,6 +143,20 @@ def fit_frames(masks: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, ppl_fu
     ppl_p = ppl_full / np.maximum(np.asarray(y_pred, float), floor)
     return pd.DataFrame({"kept": kept, "stratum": [f"kept {k}" for k in kept], "ppl_true": ppl_t,
                          "ppl_predicted": ppl_p, "log_residual": np.log(ppl_p / ppl_t)})
+
+
+MIN_STRATUM_N = 5  # fewer held-out masks in a stratum than this: its R² / Spearman mean nothing
+
+
+def per_stratum_frame(per_stratum: dict) -> pd.DataFrame:
+    """Held-out metrics per kept-layer count (largest first), correlations blanked below MIN_STRATUM_N."""
+    rows = []
+    for k, m in sorted(per_stratum.items(), key=lambda kv: -int(kv[0])):
+        few = m["n"] < MIN_STRATUM_N
+        rows.append({"kept layers": int(k), "held-out masks": m["n"], "R²": None if few else m["r2"],
+                     "Spearman": None if few else m["spearman"], "MAE (score)": m["mae"],
+                     "mean relative error (PPL)": m["mape_ppl"]})
+    return pd.DataFrame(rows)
 
 
 def learning_curve_frame(lc: dict) -> pd.DataFrame:

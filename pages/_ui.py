@@ -6,13 +6,14 @@ No model logic here: everything computational is an engine.pipeline / engine.met
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import streamlit as st
 
-from engine import pipeline
+from engine import jobs, pipeline, views
 from engine.config import EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
-from engine.errors import WorkbenchError
+from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore
 
 
@@ -59,17 +60,23 @@ def shown_errors():
 
 
 @st.cache_resource(show_spinner="Loading model and calibration windows...", max_entries=2)
-def _open_run(key: str, _spec: RunSpec, cache: str, n_threads: int) -> pipeline.OpenRun:
-    return pipeline.open_run(_spec, cache, EvalSpec(threads=n_threads or None))
+def _load(key: str, _spec: RunSpec, n_threads: int) -> tuple:
+    return pipeline.load(_spec, EvalSpec(threads=n_threads or None))
 
 
-def open_run(s: RunSpec | None = None) -> pipeline.OpenRun:
-    """The loaded model, windows and store of a spec (cached per spec; n_masks is not part of it)."""
+def open_run(s: RunSpec | None = None, create: bool = True) -> pipeline.OpenRun:
+    """The run of a spec, its model and windows loaded once per model/data/sampling (n_masks is not
+    part of it). create=False only looks: nothing is written to the cache for a run never sampled."""
     s = s or spec()
     key = stable_hash({"model": s.model, "data": s.data, "sampling": {**s.sampling.__dict__, "n_masks": 0}})
-    with shown_errors():
-        run = _open_run(key, s, cache_dir(), threads())
-    return run if run.spec == s else pipeline.OpenRun(s, run.lm, run.windows, run.run_id, run.store)
+    try:
+        return pipeline.open_run(s, cache_dir(), create=create, loaded=_load(key, s, threads()))
+    except EstimationError as e:  # only looking, and the run was never sampled
+        st.info(str(e))
+        st.stop()
+    except WorkbenchError as e:
+        st.error(str(e))
+        st.stop()
 
 
 def current_run_id() -> str | None:
@@ -79,7 +86,7 @@ def current_run_id() -> str | None:
 
 def analysis_run() -> pipeline.OpenRun:
     """The opened run for the analysis pages; stops the page with a hint when it has no samples."""
-    run = open_run()
+    run = open_run(create=False)
     chosen = st.session_state.get("selected_run")
     if chosen and chosen != run.run_id:
         st.warning(f"Run `{chosen}` was selected, but its model or data files have changed since it was made, so "
@@ -102,3 +109,55 @@ def spec_caption(s: RunSpec | None = None) -> None:
     st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{s.data.source}** "
                f"({s.data.n_windows}×{s.data.seq_len} tokens) · {s.sampling.scheme} sampling, "
                f"{s.sampling.n_masks} masks, seed {s.sampling.seed}")
+
+
+# ---------------------------------------------------------------- background CLI jobs
+
+
+def job_name(command: str, argv: list[str]) -> str:
+    """One job per command and settings: a job for other inputs never shows as this one."""
+    return f"{command}-{stable_hash(argv[3:], n=10)}"
+
+
+def job_panel(run: pipeline.OpenRun, command: str, label: str, *specs, extra: tuple[str, ...] = (),
+              help: str | None = None) -> jobs.JobState | None:
+    """Start `python -m engine <command>` for the settings on screen as a background job, show its
+    progress with a Cancel button while it runs, and rerun the page when it ends (its results are
+    artifacts in the run store, which the page then shows)."""
+    argv = views.job_argv(command, run.spec, *specs, cache_dir=cache_dir(), threads=threads() or None, extra=extra)
+    name = job_name(command, argv)
+    state = jobs.state(run.store.dir, name)
+    c1, c2 = st.columns([1, 3])
+    if c1.button(label, type="primary", disabled=bool(state and state.running), key=f"start:{command}", help=help):
+        jobs.launch(run.store.dir, name, argv)
+        st.rerun()
+    if state and state.running:
+        _job_progress(run.store.dir, name, c2)
+    elif state and state.status == "failed":
+        c2.error(state.message)
+    elif state and state.status == "cancelled":
+        c2.info("Cancelled; nothing partial was stored.")
+    return state
+
+
+def _job_progress(run_dir, name: str, where) -> None:
+    with where:
+        _watch_job(str(run_dir), name)
+
+
+@st.fragment(run_every=1.0)
+def _watch_job(run_dir: str, name: str) -> None:
+    state = jobs.state(run_dir, name)
+    if state is None or not state.running:
+        st.rerun()  # the job ended: redraw the page with its stored results
+    p = state.progress or {}
+    done, total = p.get("done"), p.get("total")
+    text = f"running for {views.format_seconds(time.time() - state.started)}"
+    if done is not None and total:
+        text += f" · {done}/{total}" + (f" ({p['step']})" if p.get("step") else "")
+        if p.get("eta_s") is not None:
+            text += f" · ETA {views.format_seconds(p['eta_s'])}"
+    st.progress(min(1.0, (done or 0) / total) if total else 0.0, text=text)
+    if st.button("Cancel", key=f"cancel:{name}"):
+        jobs.cancel(run_dir, name)
+        st.rerun()

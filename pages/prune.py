@@ -35,16 +35,17 @@ else:
 rule = c3.radio("decision rule", ["verified", "rank-and-cut"], index=["verified", "rank-and-cut"].index(current.decision),
                 horizontal=True, help="verified: measure rank-and-cut and the surrogate's best sets, keep the best "
                                       "measured; rank-and-cut: the paper's rule")
-heldout = st.checkbox("also measure held-out splits", value=False,
-                      help="demo text: demo-test and demo-ood; costs one evaluation per k and split")
+heldout = st.text_input("held-out text (files or presets, comma separated)", value="",
+                        help="measured before and after pruning for each k; with the demo text, demo-test and "
+                             "demo-ood are always measured")
 mspec = _ui.set_method_spec(dataclasses.replace(current, remove=k, decision=rule))
 st.caption(f"removing {k} of {L} layers ({k / L:.0%}) · contributions: {ESTIMATORS[mspec.estimator].label} "
            f"(chosen on the Shapley page) · surrogate {mspec.surrogate.kind}")
 
-if st.button("Decide", type="primary"):
-    with _ui.shown_errors(), st.spinner("Fitting, estimating contributions and measuring candidate sets..."):
-        pipeline.decide(run.spec, mspec, eval_data=("demo-test", "demo-ood") if heldout and run.spec.data.source == "demo"
-                        else (), run=run)
+eval_data = tuple(x for name in heldout.split(",") if name.strip() for x in ("--eval-data", name.strip()))
+_ui.job_panel(run, "prune", "Decide", mspec, extra=eval_data,
+              help=f"runs `python -m engine prune` in the background: fit, contributions, and the best candidate "
+                   f"sets for k = 1..{k} measured for real; stored in the run")
 
 state = pipeline.stored(run, "decisions", mspec)
 if not state or k not in state["ks"]:
@@ -94,12 +95,16 @@ st.subheader("Export")
 chosen = tuple(sorted(int(i) for i in removed))
 st.write(f"Exports the model without layers **{', '.join(map(str, chosen)) or 'none'}** (the editor's selection).")
 default_out = str(Path(_ui.cache_dir()) / "exports" / f"{run.run_id}-{'-'.join(map(str, chosen)) or 'full'}")
-out = st.text_input("export folder (must be empty or new)", value=default_out)
+out = st.text_input("export folder (must be empty or new)", value=default_out, key="export_out")
 overwrite = st.checkbox("overwrite a previous export in this folder", value=False)
-if st.button("Export pruned model", disabled=not chosen or len(chosen) >= L):
-    with _ui.shown_errors(), st.spinner("Saving and verifying the pruned model in a fresh process..."):
-        result = pipeline.export(run.spec, mspec, out, removed=chosen, overwrite=overwrite, run=run)
-    st.session_state.exported = result["out"]
+if chosen and len(chosen) < L:
+    job = _ui.job_panel(run, "export", "Export pruned model", mspec,
+                        extra=("--removed", ",".join(map(str, chosen)), "--out", out, *(("--overwrite",) if overwrite
+                                                                                          else ())),
+                        help="runs `python -m engine export` in the background: saves, then reloads the folder in a "
+                             "fresh process and checks perplexity and generation")
+    if job and job.status == "finished":
+        st.session_state.exported = job.result["out"]
 exported = st.session_state.get("exported")
 if exported and (Path(exported) / MANIFEST).is_file():
     manifest = json.loads((Path(exported) / MANIFEST).read_text())

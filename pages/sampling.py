@@ -1,68 +1,27 @@
-"""Sampling: start / cancel / resume `python -m engine sample` as a subprocess and watch the store fill.
+"""Sampling: start, extend, cancel and watch `python -m engine sample` (a background CLI job) as the
+run store fills; runs started from the CLI show up and can be watched too.
 
-One writer per run: before launching, the store's lease (a live writer) and the launcher record
-(a subprocess still loading its model) are checked, so a second click, tab or reload re-attaches
-instead of starting a second writer.
+One writer per run: Start is disabled while the run's writer (its store lease) or the app's job is
+alive, so a second click, tab or reload re-attaches instead of starting a second writer. The live
+view polls only new rows (`store.results(since_rowid)`), and only while a writer runs.
 """
 
 import dataclasses
-import json
-import os
-import subprocess
-import threading
-import time
 
 import plotly.express as px
 import streamlit as st
 
-from engine import pipeline, views
-from engine.store import pid_alive
+from engine import jobs, pipeline, views
 from pages import _ui
 
-LAUNCHER = "launcher.json"  # {pid, started, argv} of the last subprocess the app started, in the run folder
-LOG = "sample.log"
-STARTUP_GRACE_S = 300.0  # a launched process that has not taken the lease yet counts as starting this long
-
-
-def _launcher(store) -> dict | None:
-    path = store.dir / LAUNCHER
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+JOB = "sample"  # one sampling job per run (the store allows one writer)
 
 
 def _state(store) -> str:
-    """running | starting | idle (cancel requested still counts as running until the writer stops)."""
+    """running (a live writer or the app's job) | idle."""
     lease = store.lease()
-    if lease is not None and lease.alive():
-        return "running"
-    launch = _launcher(store)
-    if (launch and pid_alive(launch["pid"]) and time.time() - launch["started"] < STARTUP_GRACE_S
-            and (lease is None or lease.started < launch["started"])):
-        return "starting"
-    return "idle"
-
-
-def _start(run, n_masks: int) -> None:
-    store = run.store
-    state = _state(store)
-    if state != "idle":
-        st.info(f"A writer is already {state} on run `{run.run_id}`; attached to it.")
-        return
-    spec = dataclasses.replace(run.spec, sampling=dataclasses.replace(run.spec.sampling, n_masks=n_masks))
-    argv = views.sample_command(spec, store.cache_dir, _ui.threads() or None)
-    env = dict(os.environ)
-    if _ui.threads():
-        env["OMP_NUM_THREADS"] = str(_ui.threads())
-    log = open(store.dir / LOG, "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)  # detached: survives a rerun or a closed tab
-    log.close()
-    threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it exits (no zombie)
-    (store.dir / LAUNCHER).write_text(json.dumps({"pid": proc.pid, "started": time.time(), "argv": argv}))
-    st.toast(f"Sampling started (pid {proc.pid}).")
-    st.rerun()  # redraw from the top: the runs table now lists this run
+    job = jobs.state(store.dir, JOB) if store.exists() else None
+    return "running" if (lease is not None and lease.alive()) or (job and job.running) else "idle"
 
 
 st.title("Sampling")
@@ -70,19 +29,32 @@ spec = _ui.spec()
 runs = pipeline.status(_ui.cache_dir())
 ids = [r["run_id"] for r in runs]
 
-
-
-@st.fragment(run_every=3)
-def runs_table() -> None:
-    """The cache's runs, refreshed while the page is open (a CLI run appears without a reload)."""
-    st.dataframe(views.runs_frame(pipeline.status(_ui.cache_dir())), hide_index=True, width="stretch")
-
+st.subheader("This session's run")
+_ui.spec_caption(spec)
+c1, c2, c3 = st.columns([2, 1, 1])
+n_masks = c1.number_input("masks in the run", 1, 1_000_000, spec.sampling.n_masks, key="n_masks_run",
+                          help="evaluated masks are kept: asking for more extends the run, asking again resumes it")
+start = c2.button("Start / resume", type="primary")
+cancel = c3.button("Cancel")
+if start:
+    run = _ui.open_run(spec)  # creates the run store (this is the one page that does)
+    if _state(run.store) == "running":
+        st.info(f"A writer is already running on run `{run.run_id}`; watching it.")
+    else:
+        target = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, n_masks=int(n_masks)))
+        jobs.launch(run.store.dir, JOB, views.job_argv("sample", target, cache_dir=_ui.cache_dir(),
+                                                       threads=_ui.threads() or None))
+        st.toast(f"Sampling {int(n_masks)} masks on run {run.run_id}.")
+    st.session_state.run_id = st.session_state.watch_run = run.run_id
+    st.rerun()  # redraw from the top: the runs table lists this run, the live view watches it
 
 st.subheader("Runs in the cache")
 if runs:
-    runs_table()
-    watched = st.selectbox("Watch run", ids, index=ids.index(_ui.current_run_id()) if _ui.current_run_id() in ids else 0,
-                           key="watch_run")
+    if st.session_state.get("watch_run") not in ids:
+        st.session_state.watch_run = _ui.current_run_id() if _ui.current_run_id() in ids else ids[0]
+    st.dataframe(views.runs_frame(runs), hide_index=True, width="stretch")
+    st.button("Refresh the list", help="runs started elsewhere (the CLI, another tab) appear after a refresh")
+    watched = st.selectbox("Watch run", ids, key="watch_run")
     if watched != _ui.current_run_id() and st.button(f"Use run {watched}'s settings"):
         meta = _ui.store_for(watched).meta()
         st.session_state.spec = views.spec_from_dict(meta["spec"])
@@ -92,55 +64,49 @@ else:
     watched = None
     st.caption("No runs yet in " + _ui.cache_dir())
 
-st.subheader("This session's run")
-_ui.spec_caption(spec)
-c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
-n_masks = c1.number_input("masks to evaluate", 1, 1_000_000, spec.sampling.n_masks, key="n_masks_run")
-start = c2.button("Start", type="primary")
-resume = c3.button("Resume")
-cancel = c4.button("Cancel")
-if start or resume:
-    run = _ui.open_run(spec)
-    st.session_state.selected_run = None
-    st.session_state.run_id = run.run_id
-    st.session_state.watch_target = int(n_masks)
-    _start(run, int(n_masks))
-    watched = run.run_id
 if cancel:
-    run_id = watched or _ui.current_run_id()
-    if run_id and _ui.store_for(run_id).request_cancel():
+    store = _ui.store_for(watched) if watched else None
+    if store is not None and _state(store) == "running":
+        lease = store.lease()
+        if lease is not None and lease.alive():
+            store.request_cancel()  # the writer stops cleanly after its current mask
+        else:
+            jobs.cancel(store.dir, JOB)  # still loading its model: nothing to lose
         st.toast("Cancel requested: the writer stops after its current mask.")
     else:
-        st.info("No sampling is running on this run.")
-
-if watched is None and _ui.current_run_id():
-    watched = _ui.current_run_id()
+        st.info("Nothing is sampling on the watched run.")
 
 
-@st.fragment(run_every=2)
-def live(run_id: str) -> None:
-    """Poll the store for new rows only (results(since_rowid)); draw progress, counts, scatter, table."""
+def _live_every(run_id: str):
+    return 2.0 if _state(_ui.store_for(run_id)) == "running" else None
+
+
+def live(run_id: str, polling: bool) -> None:
+    """Progress, counts, the perplexity scatter and the latest rows of the watched run."""
     store = _ui.store_for(run_id)
+    if polling and _state(store) == "idle":
+        st.rerun()  # the writer stopped: one full redraw, then no more polling
     key = f"rows:{run_id}"
     rows = st.session_state.setdefault(key, [])
-    rows.extend(store.results(rows[-1].rowid if rows else 0))
+    new = store.results(rows[-1].rowid if rows else 0)
+    rows.extend(new)
     lease = store.lease()
     state = _state(store)
-    target = lease.target if lease and lease.target else st.session_state.get("watch_target")
+    job = jobs.state(store.dir, JOB)
+    target = lease.target if lease and lease.target else None
     p = views.progress([r.created for r in rows], target)
     st.progress(p["fraction"], text=f"{p['done']} / {target or '?'} masks · {state} · ETA "
                                     f"{views.format_seconds(p['eta_s']) if state != 'idle' else '-'}")
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("samples", p["done"])
     c2.metric("status", state if state != "idle" else (lease.status if lease else "new"))
-    c3.metric("masks / s", f"{p['rate']:.2f}" if p["rate"] else "-")
+    c3.metric("masks / s", f"{p['rate']:.2f}" if p["rate"] else "-", help="over the commits so far")
     ppl_full = store.meta().get("ppl_full")
     c4.metric("full-model PPL", f"{ppl_full:.3f}" if ppl_full else "-")
     if lease and lease.status == "failed" and lease.message:
         st.error(lease.message)
-    log = store.dir / LOG
-    if state == "idle" and log.is_file() and lease is None:
-        st.code(log.read_text(errors="replace")[-2000:], language="text")
+    elif job and job.status == "failed" and state == "idle":
+        st.error(job.message)
     if not rows:
         return
     df = views.samples_frame(rows)
@@ -148,7 +114,10 @@ def live(run_id: str) -> None:
     left.dataframe(views.stratum_counts(df), hide_index=True)
     log_y = right.toggle("log perplexity axis", value=True, key=f"logy:{run_id}")
     fig = px.scatter(df, x="kept", y="ppl", color="stratum", log_y=log_y, hover_data=["mask", "rowid"],
-                     labels={"kept": "kept layers", "ppl": "perplexity"}, title="Perplexity vs kept layers")
+                     labels={"kept": "kept layers", "ppl": "perplexity", "stratum": "stratum"},
+                     category_orders={"stratum": views.stratum_order(df)},
+                     color_discrete_map=views.stratum_colours(df), title="Perplexity vs kept layers")
+    fig.update_xaxes(dtick=1)
     right.plotly_chart(fig, key=f"scatter:{run_id}")
     st.dataframe(df.tail(20).iloc[::-1][["rowid", "mask", "kept", "ppl", "score", "seconds"]], hide_index=True,
                  width="stretch")
@@ -156,4 +125,6 @@ def live(run_id: str) -> None:
 
 if watched:
     st.subheader(f"Run `{watched}`")
-    live(watched)
+    # Polls every 2 s only while a writer runs; idle, the page costs nothing.
+    every = _live_every(watched)
+    st.fragment(live, run_every=every)(watched, every is not None)

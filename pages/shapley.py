@@ -39,9 +39,8 @@ mspec = _ui.set_method_spec(dataclasses.replace(
     budget=None if default_budget is None or int(budget) == default_budget else int(budget)))
 st.caption(f"{entry.help}. Estimates the **{pipeline.estimand(estimator, run.spec.sampling)}** of each layer.")
 
-if st.button("Compute contributions", type="primary"):
-    with _ui.shown_errors(), st.spinner("Fitting the surrogate (or reusing its fit) and estimating contributions..."):
-        pipeline.contributions(run.spec, mspec, run=run)
+_ui.job_panel(run, "shapley", "Compute contributions", mspec,
+             help="runs `python -m engine shapley` in the background; the result is stored in the run")
 
 result = pipeline.stored(run, "contributions", mspec)
 if not result:
@@ -76,11 +75,10 @@ left.download_button("Download CSV", df.to_csv(index=False).encode(), file_name=
 with right:
     st.markdown("**Baselines beside the contributions**")
     picked = st.multiselect("static criteria", list(BASELINES), default=[], key="baselines")
-    if st.button("Run baselines", disabled=not picked):
-        with _ui.shown_errors(), st.spinner("Running baselines on the calibration windows..."):
-            for name in picked:
-                if run.store.get_artifact(f"baseline:{name}") is None:
-                    pipeline.run_baseline(run, name)
+    missing = [n for n in picked if run.store.get_artifact(f"baseline:{n}") is None]
+    if missing:
+        _ui.job_panel(run, "baselines", f"Run {len(missing)} baseline(s)", extra=("--method", ",".join(missing)),
+                      help="runs `python -m engine baselines` in the background, one criterion after another")
     shown = {n: run.store.get_artifact(f"baseline:{n}") for n in picked}
     shown = {n: r for n, r in shown.items() if r}
     if shown:

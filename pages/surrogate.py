@@ -36,9 +36,8 @@ kind, _, preset = variant.partition(":")
 sspec = SurrogateSpec(kind=kind, preset=preset or "adam", holdout=float(holdout), ensemble=int(ensemble), seed=int(seed))
 mspec = _ui.set_method_spec(dataclasses.replace(current, surrogate=sspec))
 
-if st.button("Fit", type="primary"):
-    with _ui.shown_errors(), st.spinner("Fitting..."):
-        pipeline.fit(run.spec, mspec, compare=compare_all, run=run)
+_ui.job_panel(run, "fit", "Fit", mspec, extra=() if compare_all else ("--no-compare",),
+             help="runs `python -m engine fit` in the background; the result is stored in the run")
 
 fit = pipeline.stored(run, "fit", mspec)
 if not fit:
@@ -57,16 +56,19 @@ c4.metric("mean relative error (PPL)", f"{fit['mape_ppl']:.1%}" if np.isfinite(f
           help="mean |predicted - true| / true perplexity on the held-out masks")
 
 pred = pipeline.heldout_predictions(run, mspec)
-df = views.fit_frames(np.array(pred["masks"], bool), pred["true"], pred["predicted"], pred["ppl_full"])
+df = views.fit_frames(pred["masks"], pred["true"], pred["predicted"], pred["ppl_full"])
 log_axes = st.toggle("log axes", value=True)
 left, right = st.columns(2)
 fig = px.scatter(df, x="ppl_true", y="ppl_predicted", color="stratum", log_x=log_axes, log_y=log_axes,
+                 category_orders={"stratum": views.stratum_order(df)}, color_discrete_map=views.stratum_colours(df),
                  labels={"ppl_true": "measured perplexity", "ppl_predicted": "predicted perplexity"},
                  title="Held-out: predicted vs measured")
 lo, hi = float(np.nanmin(df[["ppl_true", "ppl_predicted"]].values)), float(np.nanmax(df[["ppl_true", "ppl_predicted"]].values))
 fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray")))
 left.plotly_chart(fig, key="pred_vs_true")
-right.plotly_chart(px.box(df, x="stratum", y="log_residual", points="all",
+right.plotly_chart(px.box(df, x="stratum", y="log_residual", points="all", color="stratum",
+                          category_orders={"stratum": views.stratum_order(df)},
+                          color_discrete_map=views.stratum_colours(df),
                           labels={"log_residual": "log(predicted / measured perplexity)"},
                           title="Residuals by stratum"), key="residuals")
 
@@ -85,5 +87,5 @@ if comparison:
     st.dataframe(views.comparison_frame(comparison), hide_index=True, width="stretch")
 per = fit["report"]["test"]["per_stratum"]
 st.subheader("Held-out metrics per stratum")
-st.dataframe([{"kept layers": int(k), **m} for k, m in sorted(per.items(), key=lambda kv: -int(kv[0]))],
-             hide_index=True, width="stretch")
+st.caption(f"R² and Spearman are shown only for strata with at least {views.MIN_STRATUM_N} held-out masks.")
+st.dataframe(views.per_stratum_frame(per), hide_index=True, width="stretch")

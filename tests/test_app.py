@@ -66,6 +66,29 @@ def _button(at, label: str):
     return matches[0]
 
 
+def _click_job(at, label: str, timeout: float = 300):
+    """Click a button that starts a background CLI job, wait for every job of the cache to end, rerun."""
+    import time
+
+    from engine import jobs
+
+    _button(at, label).click().run()
+    assert not at.exception, at.exception
+    cache = Path(os.environ["LAYERPRUNE_CACHE"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [jobs.state(rec.parent.parent, rec.stem) for rec in cache.glob(f"*/{jobs.JOBS_DIR}/*.json")]
+        if not any(s.running for s in states):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"jobs still running after {timeout} s")
+    failed = [s.message for s in states if s.status == "failed" and s.started > time.time() - timeout]
+    at.run()
+    assert not at.exception, at.exception
+    return failed
+
+
 def _metrics(at) -> dict:
     return {m.label: m.value for m in at.metric}
 
@@ -125,18 +148,16 @@ def test_sampling_start_never_launches_a_second_writer(demo_run):
     store = RunStore(cache, run_id)
     with store.writer(target=24):
         at = _app("sampling")
-        _button(at, "Start").click().run()
+        _button(at, "Start / resume").click().run()
         assert not at.exception
-        assert any("already running" in i.value for i in at.info), ([i.value for i in at.info], store.lease())
-        assert not (store.dir / "launcher.json").exists()
+        assert not (store.dir / "jobs").exists()  # no second writer was launched
         assert _metrics(at)["status"] == "running"
 
 
 def test_surrogate_fit_metrics_and_charts(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(2)  # ensemble members
-    _button(at, "Fit").click().run()
-    assert not at.exception
+    _click_job(at, "Fit")
     m = _metrics(at)
     assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)"} <= set(m)
     assert _charts(at) == 3  # predicted vs true, residuals by stratum, learning curve
@@ -145,8 +166,7 @@ def test_surrogate_fit_metrics_and_charts(demo_run):
 def test_shapley_contributions_baselines_and_csv(demo_run):
     at = _app("shapley")
     at.selectbox[0].set_value("exact")
-    _button(at, "Compute contributions").click().run()
-    assert not at.exception
+    _click_job(at, "Compute contributions")
     assert _metrics(at)["estimator"] == "exact Shapley"
     assert "efficiency gap" in _metrics(at)
     assert _charts(at) == 1
@@ -154,8 +174,7 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
     assert sorted(ranks["rank"]) == list(range(1, 17))
     assert at.get("download_button")
     at.multiselect(key="baselines").set_value(["last"]).run()
-    _button(at, "Run baselines").click().run()
-    assert not at.exception
+    _click_job(at, "Run 1 baseline(s)")
     assert _charts(at) == 2
     assert "spearman vs shapley" in at.dataframe[1].value.columns
 
@@ -163,11 +182,10 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
 def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     at = _app("surrogate")
     at.number_input[0].set_value(1)  # one surrogate: Prune reuses the session's fit (keeps the test short)
-    _button(at, "Fit").click().run()
+    _click_job(at, "Fit")
     at.switch_page("pages/prune.py").run()
     at.number_input[0].set_value(2)
-    _button(at, "Decide").click().run()
-    assert not at.exception
+    _click_job(at, "Decide")
     m = _metrics(at)
     assert float(m["measured, 2 removed"]) > 0 and "predicted perplexity" in m
     assert _charts(at) == 1
@@ -175,14 +193,15 @@ def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     assert not at.exception
     assert float(_metrics(at)["measured perplexity"]) == pytest.approx(float(m["measured, 2 removed"]), rel=1e-6)
     out = tmp_path / "export"
-    at.text_input[0].set_value(str(out))
-    _button(at, "Export pruned model").click().run()
-    assert not at.exception
+    at.text_input(key="export_out").set_value(str(out))
+    assert not _click_job(at, "Export pruned model")
     manifest = json.loads((out / "pruning_manifest.json").read_text())
     assert len(manifest["removed_layers"]) == 2
+    at.run()
     assert at.success and "passed" in at.success[0].value
-    _button(at, "Export pruned model").click().run()  # non-empty folder without overwrite: refused
-    assert at.error and "not empty" in at.error[0].value
+    assert manifest["removed_layers"] == sorted(at.session_state["whatif:2:24"])  # exactly the set on screen
+    failed = _click_job(at, "Export pruned model")  # non-empty folder without overwrite: refused
+    assert at.error and "not empty" in at.error[0].value, failed
 
 
 def test_sample_command_reproduces_the_spec(tmp_path):

@@ -72,9 +72,9 @@ def server(tmp_path):
         _wait_healthy(url, proc, timeout=120)
         yield url, cache
     finally:
-        for launcher in cache.glob("*/launcher.json"):  # the sampling subprocesses this app started
+        for launcher in cache.glob("*/jobs/*.json"):  # the CLI jobs this app started
             try:
-                os.kill(json.loads(launcher.read_text())["pid"], signal.SIGTERM)
+                os.killpg(json.loads(launcher.read_text())["pid"], signal.SIGTERM)
             except (ProcessLookupError, ValueError, KeyError, OSError):
                 pass
         proc.terminate()
@@ -124,11 +124,11 @@ def test_sampling_live_and_shapley_chart(server, tmp_path):
             page.locator("h1", has_text="Setup").wait_for(timeout=60_000)
 
             _go(page, "Sampling")
-            masks = page.get_by_label("masks to evaluate")
+            masks = page.get_by_label("masks in the run")
             masks.fill("4000")  # more than any machine evaluates during the test: it is still running when read
             masks.press("Enter")
             page.wait_for_timeout(1500)
-            page.get_by_role("button", name="Start").click()
+            page.get_by_role("button", name="Start / resume").click()
             first = _wait_count(page, 0, timeout=240)
             second = _wait_count(page, first, timeout=120)  # grows while the page is open
             assert second > first
