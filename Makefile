@@ -40,3 +40,4 @@ bench: install
 	$(PY) -m bench.shapley_step --threads 1
 	$(PY) -m bench.run_wall
 	$(PY) -m bench.cli_startup
+	$(PY) -m bench.app_speed

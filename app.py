@@ -16,6 +16,7 @@ PAGES = [
     st.Page("pages/surrogate.py", title="Surrogate", icon=":material/model_training:"),
     st.Page("pages/shapley.py", title="Shapley", icon=":material/bar_chart:"),
     st.Page("pages/prune.py", title="Prune & export", icon=":material/content_cut:"),
+    st.Page("pages/summary.py", title="Summary", icon=":material/summarize:"),
 ]
 if (bench_results_dir() / "compare.csv").is_file():  # only when bench.compare has written its results
     PAGES.append(st.Page("pages/comparison.py", title="Comparison", icon=":material/leaderboard:"))

@@ -154,6 +154,12 @@ def _removed_option(p: argparse.ArgumentParser) -> None:
         "--removed", required=True, type=parse_ints, help="the layers to delete, e.g. 2,3,5 (0-based)")
 
 
+def _report_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report")
+    g.add_argument("--out", default="report.html", help="the HTML file to write (default %(default)s)")
+    g.add_argument("--prompt", default=None, help="text both models continue (default: the start of the calibration text)")
+
+
 _THREADS = ("threads",)
 _ESTIMATE = ("estimator", "budget", "mc_seed")
 # Option groups by name: (spec class or builder, title, fields shown or None for all).
@@ -170,6 +176,7 @@ _GROUPS: dict[str, tuple] = {
     "baseline": (_baseline_options, None, None),
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
+    "report": (_report_options, None, None),
 }
 
 
@@ -255,6 +262,16 @@ def _export(args) -> dict:
         raise UsageError("export needs --out FOLDER (an empty or new folder).")
     return pipeline.export(run_spec(args), method_spec(args), args.out, removed=args.removed, overwrite=args.overwrite,
                            cache_dir=args.cache_dir, evaluation=eval_spec(args))
+
+
+@command("report", "one self-contained HTML summary of the decision for --remove: layers removed, perplexity "
+         "before/after, size and speed of the full and pruned model, baselines, generation",
+         ("model", "data", "sampling", "surrogate", "method", "report", "threads"))
+def _report(args) -> dict:
+    from engine import pipeline
+
+    return pipeline.summarize(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
+                              prompt=args.prompt, out_html=args.out)
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "

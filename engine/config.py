@@ -184,10 +184,12 @@ class MethodSpec:
     def key(self, *parts: str) -> dict:
         """The fields that decide a result of the given stage (for spec-keyed artifacts)."""
         d = {"surrogate": dataclasses.asdict(self.surrogate)}
-        if "contributions" in parts or "decisions" in parts:
+        if {"contributions", "decisions", "summary"} & set(parts):
             d.update(estimator=self.estimator, budget=self.budget, mc_seed=self.mc_seed)
-        if "decisions" in parts:
+        if {"decisions", "summary"} & set(parts):
             d.update(decision=self.decision, n_verify=self.n_verify)
+        if "summary" in parts:
+            d.update(remove=self.remove)
         return d
 
 

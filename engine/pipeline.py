@@ -654,3 +654,69 @@ def estimand(estimator: str, design) -> str:
     from engine.estimators import estimand as of
 
     return of(estimator, design)
+
+
+def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, run: OpenRun | None = None,
+              evaluation: EvalSpec = EvalSpec(), prompt: str | None = None, out_html=None) -> dict:
+    """The stakeholder summary of the decision for k = method.remove (engine.summary has the record's
+    contract); measures the full and the pruned model here, stores artifact ``summary:<hash>`` and,
+    with `out_html`, writes the self-contained HTML report there."""
+    import platform
+
+    from engine import footprint, summary as summary_lib
+    from engine.decision import removal_mask
+    from engine.estimators import get as estimator
+
+    ESTIMATOR_LABEL = lambda name: estimator(name).label  # noqa: E731
+    run = run or open_run(spec, cache_dir, evaluation, create=False)
+    decisions = stored(run, "decisions", method)
+    k = default_remove(method, run.n_layers)
+    if not decisions or k not in decisions["ks"]:
+        raise EstimationError(f"no decision for k = {k} with these settings yet: run `python -m engine prune "
+                              f"--remove {k}` (or Decide on the Prune page) first.")
+    d = next(x for x in decisions["decisions"] if x["k"] == k)
+    removed = tuple(d["removed"])
+    ks = decisions["ks"]
+    curves = {"method": [{"k": x["k"], "ppl": x["ppl_measured"]} for x in decisions["decisions"]]}
+    baselines = {name.split(":", 1)[1]: run.store.get_artifact(name) for name in run.store.artifact_names()
+                 if name.startswith("baseline:")}
+    sets = [(name, kk, tuple(b["order"][:kk])) for name, b in baselines.items() for kk in ks
+            if len(b.get("order") or ()) >= kk]
+    if sets:
+        measured = _measure_fn(run)(np.stack([removal_mask(s, run.n_layers) for _, _, s in sets]))
+        for (name, kk, _), ppl in zip(sets, measured):
+            curves.setdefault(name, []).append({"k": kk, "ppl": float(ppl)})
+    ppl = {"calibration": {"before": d["ppl_full"], "after": d["ppl_measured"], "n_windows": run.spec.data.n_windows}}
+    for name, sp in decisions["splits"].items():
+        if k in sp["ks"]:
+            ppl[name] = {"before": sp["ppl_full"], "after": sp["ppl"][sp["ks"].index(k)]}
+    ids = run.windows.input_ids
+    if prompt is None:
+        prompt = run.lm.tokenizer.decode(ids[0, :12], skip_special_tokens=True) if run.lm.tokenizer else ""
+    fit = stored(run, "fit", method) or {}
+    record = {
+        "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
+        "n_masks": run.store.count(), "k": k, "removed": list(removed), "rule": d["method"],
+        "estimator": ESTIMATOR_LABEL(method.estimator), "r2": fit.get("r2"),
+        "n_heldout": ((fit.get("report") or {}).get("split") or {}).get("n_test"),
+        "ppl": ppl, "curves": curves,
+        "footprint": {"full": footprint.measure(run.lm, ids).to_dict(),
+                      "pruned": footprint.measure(run.lm, ids, removed).to_dict()},
+        "generation": {"prompt": prompt, "full": "".join(footprint.generate(run.lm, prompt)),
+                       "pruned": "".join(footprint.generate(run.lm, prompt, removed))} if run.lm.tokenizer else None,
+        "machine": f"{platform.machine()} {platform.system()}, {run.lm.device}, torch threads "
+                   f"{__import__('torch').get_num_threads()}",
+        "method_spec": dataclasses.asdict(method),
+    }
+    _put(run, "summary", method, run.store.count(), record)
+    if out_html is not None:
+        Path(out_html).write_text(summary_lib.to_html(record), encoding="utf-8")
+        record = {**record, "html": str(out_html)}
+    return record
+
+
+def generate(run: OpenRun, prompt: str, removed=(), max_new_tokens: int = 40, seed: int = 0):
+    """Greedy text of the model without `removed`, streamed piece by piece (the Summary page)."""
+    from engine import footprint
+
+    return footprint.generate(run.lm, prompt, tuple(removed), max_new_tokens, seed)

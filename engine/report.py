@@ -145,5 +145,16 @@ def export_summary(r: dict) -> str:
             f"generate with KV cache {'ok' if v.get('ok') else 'FAILED'}")
 
 
-SUMMARIES = {"export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
+def report_summary(r: dict) -> str:
+    f, p = r["footprint"]["full"], r["footprint"]["pruned"]
+    lines = [f"{r['model']}: removed layers {r['removed']} of {r['n_layers']} ({r['rule']})"]
+    lines += [f"perplexity {name}: {_num(v['before'], 2)} -> {_num(v['after'], 2)}" for name, v in r["ppl"].items()]
+    lines.append(f"parameters {f['n_params'] / 1e6:.2f} M -> {p['n_params'] / 1e6:.2f} M; forward {f['forward_ms']:.0f} ms "
+                 f"-> {p['forward_ms']:.0f} ms; generation {f['tokens_per_s']:.1f} -> {p['tokens_per_s']:.1f} tokens/s")
+    if r.get("html"):
+        lines.append(f"report written to {r['html']}")
+    return "\n".join(lines)
+
+
+SUMMARIES = {"report": report_summary, "export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
              "baselines": baseline_summary}

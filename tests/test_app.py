@@ -242,3 +242,22 @@ def test_comparison_page_only_with_bench_results(demo_run, tmp_path, monkeypatch
     assert at.title[0].value == "Comparison"
     assert _charts(at) == 2  # benchmark curves and fidelity curve
     assert list(at.dataframe[0].value["method"]) == ["last", "optimum", "shapley:paper"]
+
+
+def test_summary_page_builds_the_report_and_generates(demo_run):
+    at = _app("surrogate")
+    at.number_input[0].set_value(1)
+    _click_job(at, "Fit")
+    at.switch_page("pages/prune.py").run()
+    at.number_input[0].set_value(2)
+    _click_job(at, "Decide")
+    at.switch_page("pages/summary.py").run()
+    assert not at.exception
+    assert not _click_job(at, "Build summary")
+    m = _metrics(at)
+    assert m["layers removed"] == "2 of 16"
+    assert _charts(at) == 2  # layer strip, perplexity vs layers removed
+    assert at.get("download_button")
+    at.text_input(key="summary_prompt").set_value("The list").run()
+    _button(at, "Generate").click().run()
+    assert not at.exception

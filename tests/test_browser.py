@@ -124,7 +124,7 @@ def test_sampling_live_and_shapley_chart(server, tmp_path):
             page.locator("h1", has_text="Setup").wait_for(timeout=60_000)
 
             _go(page, "Sampling")
-            masks = page.get_by_label("masks in the run")
+            masks = page.get_by_label("masks in the run", exact=True)
             masks.fill("4000")  # more than any machine evaluates during the test: it is still running when read
             masks.press("Enter")
             page.wait_for_timeout(1500)

@@ -1,0 +1,66 @@
+"""Summary: one screen for a demo. The model, the layers removed, perplexity before and after on
+calibration and held-out text, size and speed of the full and the pruned model on this machine,
+perplexity against layers removed for the method and the stored baselines, the HTML report, and
+side-by-side generation for a prompt typed here.
+
+Reads the summary stored for the settings on screen (`python -m engine report`, or Build summary
+here, a background job); generation runs in this process, streamed.
+"""
+
+from pathlib import Path
+
+import streamlit as st
+
+from engine import pipeline, summary
+from engine.estimators import ESTIMATORS
+from pages import _ui
+
+st.title("Summary")
+_ui.spec_caption()
+run = _ui.analysis_run()
+mspec = _ui.method_spec()
+L = run.n_layers
+k = mspec.remove or max(1, L // 4)
+st.caption(f"the decision for k = {k} with {ESTIMATORS[mspec.estimator].label} contributions and the "
+           f"{mspec.decision} rule (change them on the Shapley and Prune pages)")
+report_path = Path(run.store.dir) / f"report-k{k}.html"
+_ui.job_panel(run, "report", "Build summary", mspec, extra=("--out", str(report_path)),
+              help="measures the full and the pruned model here and writes the HTML report (background job)")
+
+s = pipeline.stored(run, "summary", mspec)
+if not s:
+    st.info("No summary for these settings yet. Decide on the Prune page first (k = "
+            f"{k}), then press Build summary.")
+    st.stop()
+if s["stale"]:
+    st.warning(f"Built from {s['n_masks']} masks; the run now has {run.store.count()}. Build it again.")
+
+st.plotly_chart(summary.layer_strip(L, s["removed"]), key="layer_strip")
+cal = s["ppl"]["calibration"]
+full, pruned = s["footprint"]["full"], s["footprint"]["pruned"]
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("layers removed", f"{len(s['removed'])} of {L}", help=f"layers {', '.join(map(str, s['removed']))}")
+c2.metric("calibration perplexity", f"{cal['after']:.2f}", delta=f"{cal['after'] - cal['before']:+.2f}",
+          delta_color="inverse", help=f"full model {cal['before']:.2f}, on {cal.get('n_windows', '?')} windows")
+c3.metric("parameters", f"{pruned['n_params'] / 1e6:.2f} M", delta=f"{(pruned['n_params'] - full['n_params']) / 1e6:+.2f} M",
+          delta_color="inverse")
+c4.metric("generation speed", f"{pruned['tokens_per_s']:.1f} tok/s",
+          delta=f"{pruned['tokens_per_s'] - full['tokens_per_s']:+.1f}", help=f"measured on {s['machine']}")
+st.table({"": [r[0] for r in summary.rows(s)], "full model": [r[1] for r in summary.rows(s)],
+          "pruned model": [r[2] for r in summary.rows(s)]})
+st.plotly_chart(summary.ppl_curve(s), key="ppl_curve")
+if report_path.is_file():
+    st.download_button("Download the HTML report", report_path.read_bytes(), file_name=f"pruning-{run.run_id}.html",
+                       mime="text/html")
+
+st.subheader("Side by side")
+prompt = st.text_input("prompt", value=(s.get("generation") or {}).get("prompt", ""), key="summary_prompt")
+n_new = st.slider("new tokens", 8, 128, 40, 8)
+if st.button("Generate") and prompt:
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**full model**")
+        st.write_stream(pipeline.generate(run, prompt, (), n_new))
+    with right:
+        st.markdown(f"**pruned model** (without {', '.join(map(str, s['removed']))})")
+        st.write_stream(pipeline.generate(run, prompt, s["removed"], n_new))
