@@ -1,8 +1,9 @@
 """The app in a real browser: Debian chromium driven by Playwright against `streamlit run app.py`.
 
-Starts a sampling run on the demo model from the Sampling page, checks the sample counter grows
-while the page is open, cancels it, then finds the contributions chart on the Shapley page.
-Screenshots go to tmp_path (sampling.png, shapley.png).
+Walks the whole flow on the demo model: sampling (live counter, cancel, resume), fit, contributions,
+decide, export and summary, each started from its page as a background CLI job; checks that what
+the pages show agrees with the export, that a reload finds every result, and that the idle server
+costs under 5% of a core. Screenshots go to tmp_path (sampling.png, prune.png, summary.png).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def server(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, timeout=120)
-        yield url, cache
+        yield url, cache, proc.pid
     finally:
         for launcher in cache.glob("*/jobs/*.json"):  # the CLI jobs this app started
             try:
@@ -110,10 +111,35 @@ def _go(page, title: str) -> None:
     page.locator("h1", has_text=title).first.wait_for(timeout=60_000)
 
 
-def test_sampling_live_and_shapley_chart(server, tmp_path):
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_metric(page, label: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return _metric(page, label)
+        except Exception:  # not drawn yet: a background job is still running  # noqa: BLE001
+            page.wait_for_timeout(1000)
+    raise AssertionError(f"metric {label!r} did not appear within {timeout} s")
+
+
+def _number(page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_timeout(1500)
+
+
+def test_the_whole_flow_in_a_browser(server, tmp_path):
+    """Setup -> sample (live, then done) -> fit -> contributions -> decide -> export -> summary; the shown k,
+    removed set and export agree; after a reload the stored results are shown without recomputing;
+    the idle server uses under 5% of a core."""
     from playwright.sync_api import sync_playwright
 
-    url, cache = server
+    url, cache, server_pid = server
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
         try:
@@ -124,28 +150,72 @@ def test_sampling_live_and_shapley_chart(server, tmp_path):
             page.locator("h1", has_text="Setup").wait_for(timeout=60_000)
 
             _go(page, "Sampling")
-            masks = page.get_by_label("masks in the run", exact=True)
-            masks.fill("4000")  # more than any machine evaluates during the test: it is still running when read
-            masks.press("Enter")
-            page.wait_for_timeout(1500)
+            _number(page, "masks in the run", 4000)  # more than any machine evaluates here: still running
             page.get_by_role("button", name="Start / resume").click()
             first = _wait_count(page, 0, timeout=240)
-            second = _wait_count(page, first, timeout=120)  # grows while the page is open
-            assert second > first
-            page.locator(".js-plotly-plot .scatterlayer .point").first.wait_for(timeout=60_000)  # live scatter
-            page.screenshot(path=str(tmp_path / "sampling.png"), full_page=True)
+            assert _wait_count(page, first, timeout=120) > first  # grows while the page is open
             page.get_by_role("button", name="Cancel").click()
             deadline = time.monotonic() + 120
-            while _metric(page, "status") not in ("cancelled", "finished") and time.monotonic() < deadline:
+            while _metric(page, "status") != "cancelled" and time.monotonic() < deadline:
                 page.wait_for_timeout(1000)
-            assert _metric(page, "status") in ("cancelled", "finished")
+            assert _metric(page, "status") == "cancelled"
+            _number(page, "masks in the run", 48)  # resume: the first 48 masks of the same sample
+            page.get_by_role("button", name="Start / resume").click()
+            page.wait_for_timeout(3000)
+            deadline = time.monotonic() + 300
+            while _metric(page, "status") != "finished" and time.monotonic() < deadline:
+                page.wait_for_timeout(1000)
+            assert int(_metric(page, "samples")) >= 48
+            page.locator(".js-plotly-plot .scatterlayer .point").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "sampling.png"), full_page=True)
+
+            _go(page, "Surrogate")
+            page.get_by_role("button", name="Fit").click()
+            assert float(_wait_metric(page, "held-out R²")) <= 1.0
 
             _go(page, "Shapley")
             page.get_by_role("button", name="Compute contributions").click()
-            chart = page.locator("[data-testid='stPlotlyChart']").first
-            chart.wait_for(timeout=240_000)
-            page.locator(".js-plotly-plot .bars").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(tmp_path / "shapley.png"), full_page=True)
+            page.locator(".js-plotly-plot .bars").first.wait_for(timeout=300_000)
+
+            _go(page, "Prune & export")
+            _number(page, "layers to remove", 2)
+            page.get_by_role("button", name="Decide").click()
+            measured = float(_wait_metric(page, "measured, 2 removed"))
+            chosen = page.get_by_text(re.compile(r"Chosen for k = 2: remove layers")).first.inner_text()
+            removed = [int(x) for x in re.search(r"layers ([\d, ]+)", chosen).group(1).replace(" ", "").split(",") if x]
+            assert len(removed) == 2
+            out = tmp_path / "export"
+            field = page.get_by_label("export folder (must be empty or new)", exact=True)
+            field.fill(str(out))
+            field.press("Enter")
+            page.wait_for_timeout(1500)
+            page.get_by_role("button", name="Export pruned model").click()
+            page.get_by_text(re.compile(r"exported to .*reload check: passed")).wait_for(timeout=300_000)
+            manifest = json.loads((out / "pruning_manifest.json").read_text())
+            assert manifest["removed_layers"] == removed  # the export is the set on screen
+            assert manifest["perplexities"]["calibration"]["after"] == pytest.approx(measured, rel=1e-3)
+            page.screenshot(path=str(tmp_path / "prune.png"), full_page=True)
+
+            _go(page, "Summary")
+            page.get_by_role("button", name="Build summary").click()
+            assert _wait_metric(page, "layers removed") == "2 of 16"
+            page.screenshot(path=str(tmp_path / "summary.png"), full_page=True)
             assert not page.locator("[data-testid='stException']").count()
+
+            page.goto(url)  # a new session: every result is read back from the run store
+            page.locator("h1", has_text="Setup").wait_for(timeout=60_000)
+            _go(page, "Sampling")
+            _number(page, "masks in the run", 48)
+            _go(page, "Shapley")
+            page.locator(".js-plotly-plot .bars").first.wait_for(timeout=60_000)  # no Compute click
+            _go(page, "Prune & export")
+            _number(page, "layers to remove", 2)
+            assert float(_metric(page, "measured, 2 removed")) == pytest.approx(measured, rel=1e-6)
+
+            _go(page, "Sampling")
+            page.wait_for_timeout(3000)
+            cpu = _cpu_seconds(server_pid)
+            page.wait_for_timeout(20_000)
+            assert (_cpu_seconds(server_pid) - cpu) / 20 < 0.05  # idle on the Sampling page: under 5% of a core
         finally:
             browser.close()
