@@ -70,6 +70,13 @@ def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec()) -> tuple:
     return lm, windows
 
 
+def check_sampling(sampling, n_layers: int) -> None:
+    """SamplingError unless `sampling` can draw masks for an n_layers model (no model needed)."""
+    from engine.sampling import sample_masks
+
+    sample_masks(dataclasses.replace(sampling, n_masks=0), n_layers)
+
+
 def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec(), create: bool = True,
              loaded: tuple | None = None) -> OpenRun:
     """Load model and windows (or take `loaded` from `load`), derive the run id (model identity,

@@ -191,9 +191,34 @@ def rank_agreement(contribs, baseline_scores) -> float:
 def decisions_frame(decisions: dict) -> pd.DataFrame:
     """The `decisions` artifact as one row per k: predicted and measured perplexity, removed layers."""
     rows = [{"k": d["k"], "ppl_predicted": d["ppl_predicted"], "ppl_measured": d["ppl_measured"],
-             "method": d["method"], "removed": ", ".join(str(i) for i in d["removed"])}
+             "rule": d["method"], "removed layers": ", ".join(str(i) for i in d["removed"]),
+             "candidates measured": len(d["candidates"])}
             for d in decisions["decisions"]]
     return pd.DataFrame(rows)
+
+
+DECISION_COLUMNS = {"k": "layers removed", "ppl_predicted": "predicted perplexity", "ppl_measured": "measured perplexity"}
+
+
+# How the app names what the CLI calls by its flags (errors are shown in the user's words).
+APP_LABELS = {"--text-field": "the jsonl text field (Setup)", "--strata": "the kept-layer counts (Setup)",
+              "--remove-range": "the removal range (Setup)", "--windows": "windows (Setup)",
+              "--seq-len": "tokens per window (Setup)", "--paired": "paired (Setup)",
+              "--scheme size-uniform": "the size-uniform scheme (Setup)", "--scheme": "the scheme (Setup)",
+              "--data demo": "the demo text (Setup)", "--masks": "masks in the run (Sampling)",
+              "--remove": "layers to remove (Prune)", "--overwrite": "overwrite (Prune, Export)",
+              "--out": "the export folder (Prune)", "--holdout": "held-out fraction (Surrogate)",
+              "--ensemble": "ensemble members (Surrogate)", "--budget": "budget (Shapley)"}
+
+
+def in_users_words(message: str, uploads: dict[str, str] | None = None) -> str:
+    """An engine message as the app's user should read it: uploaded files by the name they gave
+    (not the cache path they were saved under) and settings by their labels in the app (not CLI flags)."""
+    for path, name in (uploads or {}).items():
+        message = message.replace(path, name)
+    for flag in sorted(APP_LABELS, key=len, reverse=True):  # longest first: "--scheme size-uniform" before "--scheme"
+        message = message.replace(f"`{flag}`", APP_LABELS[flag]).replace(flag, APP_LABELS[flag])
+    return message
 
 
 # ---------------------------------------------------------------- benchmark results (bench/compare.py output)
@@ -203,6 +228,17 @@ def bench_results_dir() -> Path:
     """Where `python -m bench.compare` writes compare.csv / fidelity.csv ($LAYERPRUNE_BENCH_RESULTS overrides)."""
     default = Path(__file__).resolve().parents[1] / "bench" / "results"
     return Path(os.environ.get("LAYERPRUNE_BENCH_RESULTS", default))
+
+
+METHOD_GROUPS = {"optimum": "optimum", "shapley": "estimators", "rank-and-cut on": "rank-and-cut on exact values"}
+
+
+def method_group(method: str) -> str:
+    """estimators | rank-and-cut on exact values | baselines | optimum: the Comparison page's chart groups."""
+    for prefix, group in METHOD_GROUPS.items():
+        if method.startswith(prefix):
+            return group
+    return "baselines"
 
 
 def comparison_long(df: pd.DataFrame) -> pd.DataFrame:

@@ -55,8 +55,13 @@ def shown_errors():
     try:
         yield
     except WorkbenchError as e:
-        st.error(str(e))
+        st.error(users_words(str(e)))
         st.stop()
+
+
+def users_words(message: str) -> str:
+    """A message with uploads named as the user named them and settings by their labels here."""
+    return views.in_users_words(message, st.session_state.get("uploads"))
 
 
 @st.cache_resource(show_spinner="Loading model and calibration windows...", max_entries=2)
@@ -72,10 +77,10 @@ def open_run(s: RunSpec | None = None, create: bool = True) -> pipeline.OpenRun:
     try:
         return pipeline.open_run(s, cache_dir(), create=create, loaded=_load(key, s, threads()))
     except EstimationError as e:  # only looking, and the run was never sampled
-        st.info(str(e))
+        st.info(users_words(str(e)))
         st.stop()
     except WorkbenchError as e:
-        st.error(str(e))
+        st.error(users_words(str(e)))
         st.stop()
 
 
@@ -134,7 +139,7 @@ def job_panel(run: pipeline.OpenRun, command: str, label: str, *specs, extra: tu
     if state and state.running:
         _job_progress(run.store.dir, name, c2)
     elif state and state.status == "failed":
-        c2.error(state.message)
+        c2.error(users_words(state.message))
     elif state and state.status == "cancelled":
         c2.info("Cancelled; nothing partial was stored.")
     return state

@@ -14,10 +14,16 @@ st.caption(f"results of `python -m bench.compare` in `{folder}`")
 compare = pd.read_csv(folder / "compare.csv")
 long = views.comparison_long(compare)
 splits = list(dict.fromkeys(long["split"]))
-split = st.selectbox("split", splits)
+c1, c2 = st.columns(2)
+split = c1.selectbox("split", splits)
+long["group"] = long["method"].map(views.method_group)
+groups = sorted(set(long["group"]) - {"optimum"})
+shown = c2.selectbox("methods", groups, help="at most a few lines per chart; the optimum is on every chart")
 part = long[long["split"] == split]
-st.plotly_chart(px.line(part, x="k", y="perplexity", color="method", markers=True, log_y=True,
-                        title=f"Perplexity on {split} vs layers removed"), key="compare_chart")
+chart = part[part["group"].isin([shown, "optimum"])]
+st.plotly_chart(px.line(chart, x="k", y="perplexity", color="method", markers=True, log_y=True,
+                        labels={"k": "layers removed", "perplexity": f"perplexity on {split} (log scale)"},
+                        title=f"{shown} against the optimum: perplexity on {split}"), key="compare_chart")
 table = part.pivot_table(index="method", columns="k", values="perplexity").reset_index()
 table.columns = [c if c == "method" else f"k={c}" for c in table.columns]
 st.dataframe(table, hide_index=True, width="stretch")

@@ -74,7 +74,7 @@ fig.add_trace(go.Scatter(x=ks, y=[d["ppl_full"]] * len(ks), mode="lines", name="
                          line=dict(dash="dot", color="gray")))
 fig.update_xaxes(dtick=1)
 st.plotly_chart(fig, key="ppl_vs_k")
-st.dataframe(table, hide_index=True, width="stretch")
+st.dataframe(table.rename(columns=views.DECISION_COLUMNS), hide_index=True, width="stretch")
 for name, sp in state["splits"].items():
     st.caption(f"{name}: full {sp['ppl_full']:.3f} -> " + ", ".join(f"k={a}: {b:.3f}" for a, b in zip(sp["ks"], sp["ppl"])))
 

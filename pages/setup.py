@@ -44,7 +44,8 @@ if data_kind == sources[1]:
     if up is not None:
         with _ui.shown_errors():
             source = str(views.save_upload(cache, up.name, up.getvalue(), max_mib * 2**20))
-        st.caption(f"saved as `{source}`")
+        st.session_state.setdefault("uploads", {})[source] = up.name
+        st.caption(f"using **{up.name}** ({len(up.getvalue()) / 1024:.0f} KiB)")
 elif data_kind == sources[2]:
     source = st.text_input("Path to a .txt or .jsonl file", value="" if source == "demo" else source)
 elif data_kind == sources[3]:
@@ -72,6 +73,10 @@ if strata_mode == "kept-layer counts":
     except SpecError as e:
         st.error(f"Kept-layer counts: {e}")
         st.stop()
+    info_now = st.session_state.get("info")
+    if info_now:  # the model is loaded: check the counts against its layers as they are typed
+        with _ui.shown_errors():
+            pipeline.check_sampling(SamplingSpec(strata=strata), info_now["n_layers"])
 elif strata_mode == "removal range":
     remove_range = tuple(st.slider("fraction of layers removed", 0.0, 1.0,
                                    tuple(current.sampling.remove_range or (0.1, 0.4)), 0.05))
