@@ -166,3 +166,16 @@ def _watch_job(run_dir: str, name: str) -> None:
     if st.button("Cancel", key=f"cancel:{name}"):
         jobs.cancel(run_dir, name)
         st.rerun()
+
+
+def stored_or_stop(run: pipeline.OpenRun, stage: str, method: MethodSpec, button: str) -> dict:
+    """The `stage` result stored for the settings on screen; stops the page with a hint when there is
+    none, and warns when it was computed from fewer masks than the run holds now."""
+    result = pipeline.stored(run, stage, method)
+    if not result:
+        st.info(f"Nothing stored for these settings yet: press {button}.")
+        st.stop()
+    if result["stale"]:
+        st.warning(f"Computed from {result['n_masks']} masks; the run now has {run.store.count()}. Press {button} "
+                   "to bring it up to date.")
+    return result

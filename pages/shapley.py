@@ -42,12 +42,7 @@ st.caption(f"{entry.help}. Estimates the **{pipeline.estimand(estimator, run.spe
 _ui.job_panel(run, "shapley", "Compute contributions", mspec,
              help="runs `python -m engine shapley` in the background; the result is stored in the run")
 
-result = pipeline.stored(run, "contributions", mspec)
-if not result:
-    st.info("No contributions stored for these settings yet: press Compute contributions.")
-    st.stop()
-if result["stale"]:
-    st.warning(f"Computed from {result['n_masks']} masks; the run now has {run.store.count()}. Compute again.")
+result = _ui.stored_or_stop(run, "contributions", mspec, "Compute contributions")
 
 df = views.contributions_frame(result["contributions"], result["stderr"])
 c1, c2, c3 = st.columns(3)

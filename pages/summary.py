@@ -27,13 +27,7 @@ report_path = Path(run.store.dir) / f"report-k{k}.html"
 _ui.job_panel(run, "report", "Build summary", mspec, extra=("--out", str(report_path)),
               help="measures the full and the pruned model here and writes the HTML report (background job)")
 
-s = pipeline.stored(run, "summary", mspec)
-if not s:
-    st.info("No summary for these settings yet. Decide on the Prune page first (k = "
-            f"{k}), then press Build summary.")
-    st.stop()
-if s["stale"]:
-    st.warning(f"Built from {s['n_masks']} masks; the run now has {run.store.count()}. Build it again.")
+s = _ui.stored_or_stop(run, "summary", mspec, f"Build summary (after Decide on the Prune page for k = {k})")
 
 st.plotly_chart(summary.layer_strip(L, s["removed"]), key="layer_strip")
 cal = s["ppl"]["calibration"]

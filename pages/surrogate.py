@@ -39,12 +39,7 @@ mspec = _ui.set_method_spec(dataclasses.replace(current, surrogate=sspec))
 _ui.job_panel(run, "fit", "Fit", mspec, extra=() if compare_all else ("--no-compare",),
              help="runs `python -m engine fit` in the background; the result is stored in the run")
 
-fit = pipeline.stored(run, "fit", mspec)
-if not fit:
-    st.info("No fit stored for these settings yet: press Fit.")
-    st.stop()
-if fit["stale"]:
-    st.warning(f"This fit used {fit['n_masks']} masks; the run now has {run.store.count()}. Press Fit to refit.")
+fit = _ui.stored_or_stop(run, "fit", mspec, "Fit")
 st.caption(f"{variant_label(variant)} · ensemble of {sspec.ensemble} · fitted on {fit['report']['split']['n_train']} "
            f"masks, {fit['report']['split']['n_test']} held out · fit {fit['report']['fit_seconds']:.1f} s")
 c1, c2, c3, c4 = st.columns(4)
