@@ -364,7 +364,7 @@ def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compar
         run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
     """Fit the surrogate on the run's samples: held-out R², Spearman, MAE, per stratum, learning curve
     (and a comparison of every registered surrogate when `compare`)."""
-    run = run or open_run(spec, cache_dir, evaluation)
+    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     f = _fit(run, method, curve=True, compare=compare)
     out = _fit_json(run, f)
@@ -403,7 +403,7 @@ def _contributions_json(run: OpenRun, f, c, estimator: str) -> dict:
 def contributions(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None,
                   run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
     """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
-    run = run or open_run(spec, cache_dir, evaluation)
+    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     f, c = _contributions(run, method)
     art = stored(run, "contributions", method)
@@ -439,7 +439,7 @@ def default_remove(method: MethodSpec, n_layers: int) -> int:
 def decide(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, eval_data: tuple[str, ...] = (),
            run: OpenRun | None = None) -> dict:
     """Decide which layers to remove for k = 1..remove; stored as the decisions artifact."""
-    run = run or open_run(spec, cache_dir)
+    run = run or open_run(spec, cache_dir, create=False)
     _, _, ds = _decide(run, method, range(1, default_remove(method, run.n_layers) + 1), eval_data)
     return stored(run, "decisions", method)
 
@@ -456,7 +456,7 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
     from engine.prune import check_export_folder
 
     check_export_folder(out_dir, overwrite)  # before any model is loaded
-    run = run or open_run(spec, cache_dir, evaluation)
+    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed)
     k = default_remove(method, run.n_layers)
@@ -515,7 +515,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
     t0 = time.monotonic()
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # before any model is loaded
-    run = run or open_run(spec, cache_dir, evaluation)
+    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     remove = default_remove(method, run.n_layers)
     check_ks([remove], run.n_layers)
     stages: dict[str, float] = {}
