@@ -208,10 +208,21 @@ class EvalSpec:
                                       "stopped midway holds a biased part of the sample (default for run)",
                                       off_flag="--chunked")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice; 1 on a busy machine)")
+    # Ray (engine/distributed.py): > 1 starts a local Ray cluster with this many workers (actors),
+    # each loading the model once on its own device(s); 1 = this process only (Ray not imported).
+    workers: int = option(1, "Ray workers, each loading the model once (one GPU each with --device cuda; "
+                          "default 1: this process, no Ray)")
+    ray_address: str | None = option(None, "join an existing Ray cluster (host:port or auto) instead of "
+                                     "starting a local one")
+    # Sibling trie nodes that apply the same layer run as one batched layer call, bounded by the
+    # memory the model shape needs per state and the free memory of the device.
+    batch_masks: bool = option(False, "one batched layer call for trie nodes that apply the same layer "
+                               "(memory-bounded)")
 
     def __post_init__(self):
         _at_least("batch_size", self.batch_size, 1)
         _at_least("threads", self.threads, 1)
+        _at_least("workers", self.workers, 1)
 
 
 @dataclass(frozen=True)

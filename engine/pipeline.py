@@ -190,7 +190,8 @@ def sample(
     windows per layer call, torch.compile and ``single_pass`` (= ``first_chunk=None``); the
     numbers are the same either way.
     """
-    from engine.evaluate import MaskEvaluator, scores
+    from engine.distributed import open_evaluator
+    from engine.evaluate import scores
     from engine.sampling import masks_to_strings, sample_masks
 
     t0 = time.monotonic()
@@ -208,9 +209,8 @@ def sample(
     evaluator = None
     if todo or ppl_full is None:
         try:
-            with store.writer(target=len(strings)) as writer:
-                evaluator = MaskEvaluator(run.lm, run.windows, batch_size=evaluation.batch_size,
-                                          compile=evaluation.compile)
+            with store.writer(target=len(strings)) as writer, \
+                    open_evaluator(run.lm, run.windows, evaluation) as evaluator:  # Ray workers if asked
                 if ppl_full is None:
                     ppl_full = float(evaluator.ppl_full)
                     store.set_meta(ppl_full=ppl_full)

@@ -1,0 +1,275 @@
+"""Mask evaluation on Ray workers: one actor per device (or group of devices), whole trie subtrees per task.
+
+`open_evaluator(lm, windows, evaluation)` is what `pipeline.sample` uses: a plain `MaskEvaluator`
+when `evaluation.workers <= 1` and no `ray_address` is given (Ray is then never imported), else a
+`RayEvaluator` with the same public surface (`ppl_full`, `iter_perplexities`, `perplexities`,
+`layer_calls`), so the run store, resume, cancel and the app's live view do not change: only the
+driver (the process that called `pipeline.sample`) writes the store.
+
+Contract of `RayEvaluator`:
+* Cluster: `ray_address=None` starts a local Ray instance (all CPUs/GPUs of this machine, no
+  dashboard) and shuts it down on `close()`; `ray_address="host:port"` (or "auto") joins an
+  existing cluster and leaves it running. If Ray is already initialised in this process (tests,
+  notebooks), that instance is used and left running.
+* Workers: `workers` actors (`MaskWorker`), each loading the model once from `lm.spec` (the same
+  ModelSpec the driver used: a hub id, or a folder that must exist at the same path on every node)
+  and checking that its model identity equals the driver's. Devices: ModelSpec.device "cpu" ->
+  CPU actors with cpus/workers threads each; "cuda"/"cuda:N" -> one GPU per actor; "auto" -> the
+  cluster's GPUs divided among the actors (gpus // workers each, at least 1), loaded with
+  accelerate's device_map="auto" over the actor's GPUs (models larger than one GPU).
+* Work: the pending masks are split into whole subtrees of their prefix trie
+  (`evaluate.split_subtrees`, about `tasks_per_worker` x workers groups, at least one per
+  `masks_per_task` masks), so prefix sharing stays inside a worker. Each subtree is one actor task;
+  at most `in_flight` tasks wait on each actor; the driver collects finished tasks with `ray.wait`
+  and yields their rows at once, then gives that actor the next subtree (largest first).
+* Faults: an actor that dies is restarted by Ray (`max_restarts`) and its running task retried
+  (`max_task_retries`); once an actor is dead for good, its unfinished subtrees go back to the
+  queue for the others. If every actor is dead, `WorkerError`. An exception inside a task (a bug,
+  out of memory) is raised in the driver, not retried.
+* Stopping: leaving `iter_perplexities` early (cancel, Ctrl-C) cancels the queued tasks; `close()`
+  kills the actors. Results are a set of (index, ppl, seconds) equal to one process's up to float
+  rounding (same model files, dtype and device type); their order is completion order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import EvalSpec, ModelSpec
+from engine.data import Windows
+from engine.errors import WorkbenchError
+from engine.evaluate import MaskEvaluator, split_subtrees
+from engine.models import LoadedModel
+
+TEST_DELAY_ENV = "LAYERPRUNE_TEST_TASK_DELAY_S"  # seconds each task sleeps first (tests only)
+PROJECT_ROOT = str(Path(__file__).resolve().parents[1])  # put on the workers' PYTHONPATH
+
+
+class WorkerError(WorkbenchError):
+    """The Ray workers could not be started or all of them died."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What one subtree task sends back: rows indexed into the task's own mask array."""
+
+    rows: list  # [(local index, ppl, seconds)]
+    layer_calls: int
+    pid: int  # the actor process that evaluated it (tests use it to see restarts)
+
+
+def evaluator_options(evaluation: EvalSpec) -> dict:
+    """MaskEvaluator keyword arguments implied by an EvalSpec (the same in every process)."""
+    options = dict(batch_size=evaluation.batch_size, compile=evaluation.compile)
+    if evaluation.batch_masks:
+        options["batch_masks"] = True
+    return options
+
+
+class MaskWorker:
+    """Ray actor body: loads the model once, evaluates whole subtrees. Runs in the worker process."""
+
+    def __init__(self, spec: ModelSpec, input_ids: torch.Tensor, options: dict, threads: int):
+        t0 = time.monotonic()
+        from engine.models import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.lm = load_model(spec)
+        self.evaluator = MaskEvaluator(self.lm, input_ids, **options)
+        self.startup_seconds = time.monotonic() - t0  # model load + the evaluator's recording forward
+
+    def describe(self) -> dict:
+        return {"identity": self.lm.identity, "device": str(self.lm.device), "pid": os.getpid(),
+                "threads": torch.get_num_threads(), "ppl_full": self.evaluator.ppl_full,
+                "startup_seconds": self.startup_seconds}
+
+    def evaluate(self, masks: np.ndarray) -> TaskResult:
+        """All masks of one subtree (bool[k, L]); rows in trie order."""
+        before = self.evaluator.layer_calls
+        if TEST_DELAY_ENV in os.environ:  # fault-injection hook for tests (kill the driver mid-run)
+            time.sleep(float(os.environ[TEST_DELAY_ENV]))
+        rows = [(int(i), float(p), float(s)) for i, p, s in self.evaluator.iter_perplexities(masks)]
+        return TaskResult(rows=rows, layer_calls=self.evaluator.layer_calls - before, pid=os.getpid())
+
+
+def _worker_device(device: str) -> str:
+    """The device string a worker loads with: Ray restricts each actor's visible GPUs."""
+    if device.startswith("cuda"):
+        return "cuda"
+    return device
+
+
+class RayEvaluator:
+    """MaskEvaluator's interface over `workers` Ray actors (see the module docstring)."""
+
+    def __init__(self, lm: LoadedModel, windows: Windows | torch.Tensor, evaluation: EvalSpec = EvalSpec(),
+                 tasks_per_worker: int = 8, masks_per_task: int = 64, in_flight: int = 2,
+                 max_restarts: int = 1, startup_timeout_s: float = 600.0):
+        import ray
+
+        self._ray = ray
+        self.n_layers = lm.n_layers
+        self.workers = max(1, evaluation.workers)
+        self.tasks_per_worker, self.masks_per_task, self.in_flight = tasks_per_worker, masks_per_task, in_flight
+        self.layer_calls = 0
+        self.requeued = 0  # subtrees sent again after their actor died for good
+        self.pids: set[int] = set()  # actor processes that returned results
+        self._started_ray = False
+        if not ray.is_initialized():
+            env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)}
+            ray.init(address=evaluation.ray_address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, runtime_env={"env_vars": env})
+            self._started_ray = True
+        try:
+            self._start_actors(lm, windows, evaluation, max_restarts, startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_actors(self, lm, windows, evaluation, max_restarts, timeout_s) -> None:
+        ray = self._ray
+        spec = lm.spec or ModelSpec()
+        if lm.spec is None or lm.identity == "memory":
+            raise WorkerError("Ray workers load the model themselves: pass a model loaded with load_model "
+                              "(a folder or hub id), not one built in memory")
+        resources = ray.cluster_resources()
+        cpus, gpus = float(resources.get("CPU", 1.0)), int(resources.get("GPU", 0))
+        if spec.device == "cpu":
+            per = {"num_cpus": cpus / self.workers}
+        elif spec.device == "auto" and gpus:
+            per = {"num_cpus": min(1.0, cpus / self.workers), "num_gpus": max(1, gpus // self.workers)}
+        elif spec.device == "auto":
+            per = {"num_cpus": cpus / self.workers}
+        else:  # cuda, cuda:N: one GPU per actor
+            if gpus < self.workers:
+                raise WorkerError(f"--workers {self.workers} with --device {spec.device} needs {self.workers} GPUs; "
+                                  f"the Ray cluster has {gpus}")
+            per = {"num_cpus": min(1.0, cpus / self.workers), "num_gpus": 1}
+        threads = max(1, int(per["num_cpus"])) if "num_gpus" not in per else 1
+        worker_spec = dataclasses.replace(spec, device=_worker_device(spec.device))
+        ids = windows.input_ids if isinstance(windows, Windows) else windows
+        actor_cls = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts, **per)(MaskWorker)
+        self.actors = [actor_cls.remote(worker_spec, ids.cpu(), evaluator_options(evaluation), threads)
+                       for _ in range(self.workers)]
+        self._alive = [True] * self.workers
+        ready, missing = ray.wait([a.describe.remote() for a in self.actors], num_returns=self.workers,
+                                  timeout=timeout_s)
+        if missing:
+            raise WorkerError(f"only {len(ready)} of {self.workers} Ray workers started within {timeout_s:.0f} s "
+                              f"(resources asked per worker: {per}; cluster: {resources})")
+        try:
+            self.info = ray.get(ready)
+        except ray.exceptions.RayError as e:
+            raise WorkerError(f"a Ray worker failed to load the model: {e}") from e
+        bad = [i["identity"] for i in self.info if i["identity"] != lm.identity]
+        if bad:
+            raise WorkerError(f"a worker loaded a different model ({bad[0]}) than the driver ({lm.identity}); "
+                              "every node needs the same model files at the same path")
+        self.ppl_full = float(self.info[0]["ppl_full"])
+
+    # ------------------------------------------------------------ public (MaskEvaluator's surface)
+
+    def _check(self, masks) -> np.ndarray:
+        m = np.asarray(masks, dtype=bool)
+        if m.ndim == 1:
+            m = m[None, :]
+        if m.ndim != 2 or m.shape[1] != self.n_layers:
+            raise ValueError(f"masks must have shape (n, {self.n_layers}), got {tuple(np.shape(masks))}")
+        return m
+
+    def iter_perplexities(self, masks) -> Iterator[tuple[int, float, float]]:
+        """Yield (index into masks, perplexity, seconds) as subtrees finish; every index exactly once."""
+        ray = self._ray
+        m = self._check(masks)
+        parts = max(self.tasks_per_worker * self.workers, -(-len(m) // self.masks_per_task))
+        pending = deque(sorted(split_subtrees(m, parts), key=len, reverse=True))  # largest first
+        inflight: dict = {}  # ObjectRef -> (actor index, subtree indices)
+
+        def fill() -> None:
+            for a in range(len(self.actors)):
+                while self._alive[a] and pending and sum(x[0] == a for x in inflight.values()) < self.in_flight:
+                    group = pending.popleft()
+                    inflight[self.actors[a].evaluate.remote(m[group])] = (a, group)
+
+        try:
+            fill()
+            while inflight:
+                (ref,), _ = ray.wait(list(inflight), num_returns=1)
+                a, group = inflight.pop(ref)
+                try:
+                    out: TaskResult = ray.get(ref)
+                except ray.exceptions.ActorDiedError as e:  # dead for good (restarts used up or killed)
+                    self._alive[a] = False
+                    self._requeue(group, pending, e)
+                    fill()
+                    continue
+                except ray.exceptions.ActorUnavailableError as e:  # unreachable for now: try elsewhere
+                    self._requeue(group, pending, e)
+                    fill()
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise e.as_instanceof_cause() from None
+                self.layer_calls += out.layer_calls
+                self.pids.add(out.pid)
+                for local, ppl, seconds in out.rows:
+                    yield group[local], ppl, seconds
+                fill()
+        finally:
+            for ref in inflight:
+                ray.cancel(ref)
+
+    def _requeue(self, group, pending: deque, cause: Exception) -> None:
+        if not any(self._alive):
+            raise WorkerError(f"every Ray worker died; last error: {cause}") from cause
+        pending.appendleft(group)
+        self.requeued += 1
+
+    def perplexities(self, masks) -> np.ndarray:
+        """float[n] in the order of `masks`; NaN/inf kept in place."""
+        m = self._check(masks)
+        out = np.full(m.shape[0], np.nan)
+        for i, ppl, _ in self.iter_perplexities(m):
+            out[i] = ppl
+        return out
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this evaluator started it. Safe to call twice."""
+        for actor in getattr(self, "actors", []):
+            with contextlib.suppress(Exception):
+                self._ray.kill(actor)
+        self.actors = []
+        if self._started_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._started_ray = False
+
+    def __enter__(self) -> "RayEvaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def uses_ray(evaluation: EvalSpec) -> bool:
+    return evaluation.workers > 1 or bool(evaluation.ray_address)
+
+
+@contextlib.contextmanager
+def open_evaluator(lm: LoadedModel, windows: Windows | torch.Tensor, evaluation: EvalSpec = EvalSpec()):
+    """The evaluator `evaluation` asks for: in-process MaskEvaluator, or RayEvaluator (closed on exit)."""
+    if not uses_ray(evaluation):
+        yield MaskEvaluator(lm, windows, **evaluator_options(evaluation))
+        return
+    t0 = time.monotonic()
+    with RayEvaluator(lm, windows, evaluation) as ev:
+        ev.startup_seconds = time.monotonic() - t0
+        yield ev
