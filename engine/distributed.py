@@ -127,6 +127,7 @@ class RayEvaluator:
         self._started_ray = False
         if not ray.is_initialized():
             env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)}
+            env.update({k: os.environ[k] for k in (TEST_DELAY_ENV,) if k in os.environ})
             ray.init(address=evaluation.ray_address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env={"env_vars": env})
             self._started_ray = True

@@ -38,6 +38,7 @@ model's own forward: a second, independent path that the tests compare against.
 from __future__ import annotations
 
 import heapq
+import os
 import time
 from collections.abc import Iterator
 
@@ -52,18 +53,24 @@ from engine.models import LoadedModel
 
 
 class _Recorder(nn.Module):
-    """Runs the wrapped layer and records the arguments the model passed to it (and its input)."""
+    """Runs the wrapped layer and records the arguments the model passed to it (and its input).
 
-    def __init__(self, layer: nn.Module):
+    run=False: records only and passes `hidden` through (as a 1-tuple when tuple_output), so the
+    model's own argument construction can be replayed at another batch size without layer work."""
+
+    def __init__(self, layer: nn.Module, run: bool = True, tuple_output: bool = False):
         super().__init__()
         self._layer = [layer]  # a list, so the layer is not registered twice as a submodule
+        self.run = run
         self.args: tuple = ()
         self.kwargs: dict = {}
         self.input: torch.Tensor | None = None
-        self.tuple_output = False
+        self.tuple_output = tuple_output
 
     def forward(self, hidden, *args, **kwargs):
         self.input, self.args, self.kwargs = hidden, args, kwargs
+        if not self.run:
+            return (hidden,) if self.tuple_output else hidden
         out = self._layer[0](hidden, *args, **kwargs)
         self.tuple_output = isinstance(out, tuple)
         return out
@@ -159,6 +166,82 @@ GPU_LOSS_CHUNK = 1 << 24
 MIN_LOSS_ROWS = 64  # CPU chunks keep at least this many rows: the head GEMM stays efficient for large vocabularies
 
 
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where `module` computes: accelerate's execution device (device_map), else its first real parameter's."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return default
+
+
+def _to_device(obj, device: torch.device, memo: dict):
+    """`obj` with every tensor inside (tuples, lists, dicts) on `device`; each tensor is moved once per device
+    (memo keyed by (id, device): the recorded arguments stay alive, so ids are not reused)."""
+    if isinstance(obj, torch.Tensor):
+        key = (id(obj), device)
+        if key not in memo:
+            memo[key] = obj if obj.device == device else obj.to(device)
+        return memo[key]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(x, device, memo) for x in obj)
+    if isinstance(obj, list):
+        return [_to_device(x, device, memo) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for activations on `device`: CUDA's free memory, or MemAvailable on the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _config_int(config, names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def state_bytes(config, n_windows: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Memory one prefix state costs in a batched layer call, from the model's shape.
+
+    The state itself (n, T, d) plus the layer's temporaries on it: residual, norm, attention
+    projections and output (~4 d), MLP gate / up / activation (3 ffn), and the attention
+    scores (heads x T x T, float32, eager attention; fused kernels need less)."""
+    d = _config_int(config, ("hidden_size", "n_embd", "d_model"), 1024)
+    ffn = _config_int(config, ("intermediate_size", "n_inner", "ffn_dim"), 4 * d)
+    heads = _config_int(config, ("num_attention_heads", "n_head"), 1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    tokens = n_windows * seq_len
+    return tokens * (5 * d + 3 * ffn) * elem + n_windows * heads * seq_len * seq_len * 4
+
+
+MAX_BATCH_STATES = 64  # more states per call gain little (GEMMs are already large) and lose sharing at group edges
+
+
+def max_batch_states(config, n_windows: int, seq_len: int, dtype: torch.dtype, free_bytes: int,
+                     fraction: float = 0.5, cap: int = MAX_BATCH_STATES) -> int:
+    """How many prefix states one batched layer call (and one group of the batched walk) may hold:
+    `fraction` of the free memory over `state_bytes`, between 1 and `cap`."""
+    per = max(1, state_bytes(config, n_windows, seq_len, dtype))
+    return int(max(1, min(cap, (fraction * free_bytes) // per)))
+
+
 class MaskEvaluator:
     """Perplexities of `lm` on `windows` for batches of keep-masks (bool[n, L], True = kept).
 
@@ -166,6 +249,16 @@ class MaskEvaluator:
     do not fit. compile: wrap each layer call in torch.compile (prefix-sharing path only).
     loss_chunk_elems: logits per head + loss chunk; None = CPU_LOSS_CHUNK (at least MIN_LOSS_ROWS
     rows) on CPU, GPU_LOSS_CHUNK on CUDA.
+    batch_masks: walk the trie layer by layer over groups of masks, so trie nodes that apply the
+    same layer to different prefix states run as one batched call (see `_iter_batched`);
+    batch_states: states per call and per group (None = `max_batch_states` from the model shape
+    and the free memory of the layers' devices).
+    layer_devices: the device each decoder layer computes on (None = read from the model:
+    accelerate's device_map hooks or the layers' parameters). Hidden states move to a layer's
+    device before it runs, only where consecutive kept layers sit on different devices; every
+    such move is recorded in `moves` as (layer, from, to).
+    head_float32: compute the head's logits in float32 from a float32 copy of its weight when
+    the model is in bfloat16/float16 (the loss is always float32, summed in float64).
     """
 
     def __init__(
@@ -176,6 +269,10 @@ class MaskEvaluator:
         batch_size: int | None = None,
         compile: bool = False,
         loss_chunk_elems: int | None = None,
+        batch_masks: bool = False,
+        batch_states: int | None = None,
+        layer_devices=None,
+        head_float32: bool = True,
     ):
         self.lm = lm
         self.model = lm.model.eval()
@@ -191,12 +288,35 @@ class MaskEvaluator:
             on_cpu = lm.device.type == "cpu"
             loss_chunk_elems = max(CPU_LOSS_CHUNK, MIN_LOSS_ROWS * vocab) if on_cpu else GPU_LOSS_CHUNK
         self.loss_chunk_elems = loss_chunk_elems
-        self.layer_calls = 0
+        self.layer_calls = 0  # trie nodes computed (each: one layer on all windows for one prefix)
+        self.batched_calls = 0  # layer invocations that computed them (== layer_calls unless batch_masks)
+        self.moves: list[tuple[int, str, str]] = []  # hidden-state moves between devices: (layer, from, to)
         self._layers = list(self.adapter.layers(self.model))
         self._compiled = [torch.compile(layer) for layer in self._layers] if compile else self._layers
         self._chunks = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
         self._n_targets = n * (self.input_ids.shape[1] - 1)
+        if layer_devices is None:
+            layer_devices = [_module_device(layer, lm.device) for layer in self._layers]
+        self._layer_devices = [torch.device(d) for d in layer_devices]
+        if len(self._layer_devices) != self.n_layers:
+            raise ValueError(f"layer_devices has {len(self._layer_devices)} entries for {self.n_layers} layers")
+        head = self.model.get_output_embeddings()
+        self._head_device = _module_device(head, lm.device)
+        self._head32 = None
+        w = getattr(head, "weight", None)
+        if (head_float32 and isinstance(head, nn.Linear) and w is not None and w.device.type != "meta"
+                and w.dtype in (torch.bfloat16, torch.float16)):
+            bias = head.bias.detach().float() if head.bias is not None else None
+            self._head32 = (w.detach().float(), bias)  # (V, d), (V,): a float32 copy, V x d x 4 bytes
+        self._memo: dict = {}  # (id(tensor), device) -> tensor on that device (recorded arguments)
         self._record()
+        self.batch_masks = batch_masks
+        self.batch_states = batch_states
+        if batch_masks and batch_states is None:
+            free = min(free_memory(d) for d in {*self._layer_devices, self._root_device})
+            dtype = self._root.dtype if self._root is not None else torch.float32
+            self.batch_states = max_batch_states(self.model.config, n, self.input_ids.shape[1], dtype, free)
+        self._batch_args: dict[int, list[list[tuple[tuple, dict]]]] = {}  # k -> [chunk][layer] -> (args, kwargs)
 
     # ------------------------------------------------------------ model pieces
 
@@ -213,7 +333,33 @@ class MaskEvaluator:
                 self._calls.append([(r.args, r.kwargs) for r in recorders])
         self._tuple_output = recorders[0].tuple_output
         self._root = torch.cat(roots) if roots else None  # (n, T, d)
+        self._root_device = self._root.device if self._root is not None else self.lm.device
+        self._recorded = self._calls  # the originals stay referenced (their ids key self._memo)
+        self._calls = [[self._on_layer_device(j, *call) for j, call in enumerate(chunk)] for chunk in self._calls]
         self.ppl_full = self._ppl(nll)
+
+    def _on_layer_device(self, j: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Layer j's recorded arguments on layer j's device (each tensor moved once per device)."""
+        dev = self._layer_devices[j]
+        return _to_device(args, dev, self._memo), _to_device(kwargs, dev, self._memo)
+
+    def _args_for_batch(self, k: int) -> list[list[tuple[tuple, dict]]]:
+        """[chunk][layer] -> (args, kwargs) for k prefix states at once (k x b windows per chunk).
+
+        Recorded like `_record`, but with pass-through layers on the chunk's ids repeated k times,
+        so no decoder layer runs: only the embedding and what the model builds for its layers
+        (attention masks, rotary tables) at the larger batch."""
+        if k not in self._batch_args:
+            calls = []
+            for c in self._chunks:
+                recorders = nn.ModuleList([_Recorder(layer, run=False, tuple_output=self._tuple_output)
+                                           for layer in self._layers])
+                with torch.inference_mode(), swapped_layers(self.model, self.adapter, recorders, {}):
+                    self._base(self.input_ids[c].repeat(k, 1))  # (k*b, T)
+                self._recorded.append([(r.args, r.kwargs) for r in recorders])  # keep alive (memo ids)
+                calls.append([self._on_layer_device(j, r.args, r.kwargs) for j, r in enumerate(recorders)])
+            self._batch_args[k] = calls
+        return self._batch_args[k]
 
     def _base(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model.base_model(input_ids=ids, use_cache=False)
@@ -223,12 +369,15 @@ class MaskEvaluator:
         """Summed next-token NLL of normed `hidden` (b, T, d) against `ids` (b, T), head run in chunks."""
         head = self.model.get_output_embeddings()
         d = hidden.shape[-1]
-        h = hidden[:, :-1].reshape(-1, d)  # (b*(T-1), d)
-        y = ids[:, 1:].reshape(-1)  # (b*(T-1),)
+        h = hidden[:, :-1].reshape(-1, d).to(self._head_device)  # (b*(T-1), d)
+        y = ids[:, 1:].reshape(-1).to(self._head_device)  # (b*(T-1),)
         rows = max(1, self.loss_chunk_elems // head.out_features)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         for s in range(0, h.shape[0], rows):
-            logits = head(h[s : s + rows]).float()  # (rows, V)
+            if self._head32 is not None:
+                logits = F.linear(h[s : s + rows].float(), *self._head32)  # (rows, V) float32
+            else:
+                logits = head(h[s : s + rows]).float()  # (rows, V)
             total += F.cross_entropy(logits, y[s : s + rows], reduction="sum").double()
         return float(total)
 
@@ -241,6 +390,31 @@ class MaskEvaluator:
             out = self._compiled[j](hidden[c], *args, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs) if len(outs) > 1 else outs[0]  # (n, T, d)
+
+    def _move(self, j: int, hidden: torch.Tensor, src: torch.device) -> torch.Tensor:
+        """`hidden` (on logical device src) on layer j's device; a move is recorded only across devices."""
+        dst = self._layer_devices[j]
+        if src == dst:
+            return hidden
+        self.moves.append((j, str(src), str(dst)))
+        return hidden.to(dst)
+
+    def _layer_batch(self, j: int, states: list[tuple[torch.Tensor, torch.device]]) -> list[torch.Tensor]:
+        """Layer j on k prefix states in one call per window chunk: cat to (k*b, T, d), split back."""
+        xs = [self._move(j, h, src) for h, src in states]  # k x (n, T, d)
+        k = len(xs)
+        self.layer_calls += k
+        self.batched_calls += 1
+        calls = self._args_for_batch(k) if k > 1 else self._calls
+        outs: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        for ci, c in enumerate(self._chunks):
+            args, kwargs = calls[ci][j]
+            x = torch.cat([h[c] for h in xs]) if k > 1 else xs[0][c]  # (k*b, T, d)
+            out = self._compiled[j](x, *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            for piece, acc in zip(out.split(c.stop - c.start), outs):
+                acc.append(piece)
+        return [torch.cat(acc) if len(acc) > 1 else acc[0] for acc in outs]  # k x (n, T, d)
 
     def _leaf_nll(self, hidden: torch.Tensor) -> float:
         """Final norm (the model's own, via its base forward) + head + loss for a cached state."""
@@ -290,8 +464,12 @@ class MaskEvaluator:
                 t0 = t1
             return
         seqs = _sequences(m)
+        if self.batch_masks:
+            yield from self._iter_batched(seqs, t0)
+            return
         order = sorted(range(len(seqs)), key=lambda i: seqs[i])
         stack: list[torch.Tensor] = [self._root]  # stack[d]: state after the first d kept layers
+        devs: list[torch.device] = [self._root_device]  # devs[d]: the (logical) device stack[d] is on
         prev: tuple[int, ...] = ()
         for rank, i in enumerate(order):
             s = seqs[i]
@@ -299,14 +477,69 @@ class MaskEvaluator:
                 yield i, ppl, 0.0
                 continue
             with torch.inference_mode():
-                del stack[_lcp(prev, s) + 1 :]
+                keep = _lcp(prev, s) + 1
+                del stack[keep:], devs[keep:]
                 for j in s[len(stack) - 1 :]:
-                    stack.append(self._layer(j, stack[-1]))
+                    stack.append(self._layer(j, self._move(j, stack[-1], devs[-1])))
+                    devs.append(self._layer_devices[j])
                 ppl = self._ppl(self._leaf_nll(stack[-1]))
             prev = s
             t1 = time.perf_counter()
             yield i, ppl, t1 - t0
             t0 = t1
+
+    def _iter_batched(self, seqs: list[tuple[int, ...]], t0: float) -> Iterator[tuple[int, float, float]]:
+        """Batched walk: distinct kept-layer sequences in trie order, in groups of `batch_states`.
+
+        Inside a group the trie is computed layer by layer (j = 0..L-1; kept layers are increasing
+        along every sequence, so a node's parent is always ready): all of the group's nodes that
+        end in layer j run as one call of layer j on their parents' states. A state is freed once
+        its last child is computed, so at most one state per unfinished mask of the group is alive
+        (<= batch_states). Every node is computed once per group (layer_calls counts nodes,
+        batched_calls the calls); only prefixes shared across group edges are computed again."""
+        members: dict[tuple[int, ...], list[int]] = {}
+        for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):
+            members.setdefault(seqs[i], []).append(i)
+        distinct = list(members)
+        step = max(1, self.batch_states or 1)
+        for g in range(0, len(distinct), step):
+            group = distinct[g : g + step]
+            ends = set(group)  # nodes where one of the group's masks ends
+            at_layer: list[dict[tuple, tuple]] = [{} for _ in range(self.n_layers)]  # j -> {node: parent}
+            children: dict[tuple, int] = {}
+            for s in group:
+                for t, j in enumerate(s):
+                    node = s[: t + 1]
+                    if node not in at_layer[j]:
+                        at_layer[j][node] = s[:t]
+                        children[s[:t]] = children.get(s[:t], 0) + 1
+            states = {(): (self._root, self._root_device)}
+            with torch.inference_mode():
+                if group[0] == ():  # the empty mask (no layer kept) sorts first
+                    ppl = self._ppl(self._leaf_nll(self._root))
+                    for r, i in enumerate(members[()]):
+                        t1 = time.perf_counter()
+                        yield i, ppl, (t1 - t0) if r == 0 else 0.0
+                        t0 = t1
+                for j in range(self.n_layers):
+                    todo = list(at_layer[j].items())
+                    for b in range(0, len(todo), step):
+                        part = todo[b : b + step]
+                        outs = self._layer_batch(j, [states[parent] for _, parent in part])
+                        for (node, parent), out in zip(part, outs):
+                            states[node] = (out, self._layer_devices[j])
+                            children[parent] -= 1
+                            if children[parent] == 0 and parent:
+                                del states[parent]
+                        for node, _ in part:
+                            if node in ends:
+                                ppl = self._ppl(self._leaf_nll(states[node][0]))
+                                for r, i in enumerate(members[node]):
+                                    t1 = time.perf_counter()
+                                    yield i, ppl, (t1 - t0) if r == 0 else 0.0
+                                    t0 = t1
+                            if children.get(node, 0) == 0:
+                                del states[node]
 
     def perplexities(self, masks) -> np.ndarray:
         """float[n] in the order of `masks`; NaN/inf kept in place."""
