@@ -110,11 +110,17 @@ def _worker_device(device: str) -> str:
 
 
 class RayEvaluator:
-    """MaskEvaluator's interface over `workers` Ray actors (see the module docstring)."""
+    """MaskEvaluator's interface over `workers` Ray actors (see the module docstring).
+
+    tasks_per_worker / masks_per_task: how finely the trie is split (more tasks: better balance and
+    a livelier store, a little more recomputed prefix); in_flight: tasks queued per actor;
+    max_restarts: Ray restarts of a dead actor (and retries of its task); threads: torch threads
+    per actor (None: its share of the cluster's CPUs, 1 on GPU actors).
+    """
 
     def __init__(self, lm: LoadedModel, windows: Windows | torch.Tensor, evaluation: EvalSpec = EvalSpec(),
                  tasks_per_worker: int = 8, masks_per_task: int = 64, in_flight: int = 2,
-                 max_restarts: int = 1, startup_timeout_s: float = 600.0):
+                 max_restarts: int = 1, startup_timeout_s: float = 600.0, threads: int | None = None):
         import ray
 
         self._ray = ray
@@ -132,12 +138,12 @@ class RayEvaluator:
                      configure_logging=False, runtime_env={"env_vars": env})
             self._started_ray = True
         try:
-            self._start_actors(lm, windows, evaluation, max_restarts, startup_timeout_s)
+            self._start_actors(lm, windows, evaluation, max_restarts, startup_timeout_s, threads)
         except BaseException:
             self.close()
             raise
 
-    def _start_actors(self, lm, windows, evaluation, max_restarts, timeout_s) -> None:
+    def _start_actors(self, lm, windows, evaluation, max_restarts, timeout_s, threads) -> None:
         ray = self._ray
         spec = lm.spec or ModelSpec()
         if lm.spec is None or lm.identity == "memory":
@@ -156,7 +162,8 @@ class RayEvaluator:
                 raise WorkerError(f"--workers {self.workers} with --device {spec.device} needs {self.workers} GPUs; "
                                   f"the Ray cluster has {gpus}")
             per = {"num_cpus": min(1.0, cpus / self.workers), "num_gpus": 1}
-        threads = max(1, int(per["num_cpus"])) if "num_gpus" not in per else 1
+        if threads is None:  # CPU actors: their share of the cluster's CPUs; GPU actors: 1 (the GPU computes)
+            threads = max(1, int(per["num_cpus"])) if "num_gpus" not in per else 1
         worker_spec = dataclasses.replace(spec, device=_worker_device(spec.device))
         ids = windows.input_ids if isinstance(windows, Windows) else windows
         actor_cls = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts, **per)(MaskWorker)
