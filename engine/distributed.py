@@ -26,6 +26,8 @@ Contract of `RayEvaluator`:
   (`max_task_retries`); once an actor is dead for good, its unfinished subtrees go back to the
   queue for the others. If every actor is dead, `WorkerError`. An exception inside a task (a bug,
   out of memory) is raised in the driver, not retried.
+* Driver: `pipeline.sample` opens the run with `driver_model(spec)` (no weights: meta device) when
+  workers evaluate, so the driver holds no copy; `ppl_full` comes from a worker.
 * Stopping: leaving `iter_perplexities` early (cancel, Ctrl-C) cancels the queued tasks; `close()`
   kills the actors. Results are a set of (index, ppl, seconds) equal to one process's up to float
   rounding (same model files, dtype and device type); their order is completion order.
@@ -265,6 +267,27 @@ class RayEvaluator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def driver_model(spec: ModelSpec) -> LoadedModel:
+    """The model as the driver needs it when workers evaluate: identity, tokenizer, layer count, and
+    no weights (built on the meta device; nothing is read but config, tokenizer and the identity's
+    file hashes), so a model that fills the GPUs is loaded only by the workers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from engine.models import _load_error, _resolve, wrap_model
+
+    source, identity, local_only = _resolve(spec)
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, local_files_only=local_only)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(spec, source, local_only, e) from e
+    return wrap_model(model, tokenizer, spec, identity)
 
 
 def uses_ray(evaluation: EvalSpec) -> bool:

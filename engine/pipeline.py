@@ -61,11 +61,13 @@ class OpenRun:
         return self.lm.n_layers
 
 
-def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec()) -> tuple:
-    """(LoadedModel, Windows) of a spec; checks the sampling settings against L. Writes nothing."""
+def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec(), weights: bool = True) -> tuple:
+    """(LoadedModel, Windows) of a spec; checks the sampling settings against L. Writes nothing.
+    weights=False: the model without weights (distributed.driver_model), for a driver whose Ray
+    workers load the model themselves."""
     from engine.sampling import sample_masks
 
-    lm, windows = _load(spec, evaluation)
+    lm, windows = _load(spec, evaluation, weights)
     sample_masks(dataclasses.replace(spec.sampling, n_masks=0), lm.n_layers)
     return lm, windows
 
@@ -190,14 +192,16 @@ def sample(
     windows per layer call, torch.compile and ``single_pass`` (= ``first_chunk=None``); the
     numbers are the same either way.
     """
-    from engine.distributed import open_evaluator
+    from engine.distributed import open_evaluator, uses_ray
     from engine.evaluate import scores
     from engine.sampling import masks_to_strings, sample_masks
 
     t0 = time.monotonic()
     if evaluation.single_pass:
         first_chunk = None
-    run = run or open_run(spec, cache_dir, evaluation)
+    if run is None:  # with Ray workers the driver needs no weights: the workers load the model
+        run = open_run(spec, cache_dir, evaluation, loaded=load(spec, evaluation, weights=False)
+                       if uses_ray(evaluation) else None)
     store = run.store
     masks = sample_masks(spec.sampling, run.n_layers)  # (n, L)
     strings = masks_to_strings(masks)
@@ -627,12 +631,13 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     return out
 
 
-def _load(spec: RunSpec, evaluation: EvalSpec):
+def _load(spec: RunSpec, evaluation: EvalSpec, weights: bool = True):
     from engine.data import make_windows
+    from engine.distributed import driver_model
     from engine.models import load_model
 
     set_threads(evaluation.threads)
-    lm = load_model(spec.model)
+    lm = load_model(spec.model) if weights else driver_model(spec.model)
     return lm, make_windows(lm.tokenizer, spec.data)
 
 

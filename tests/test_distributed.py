@@ -93,6 +93,22 @@ def test_split_subtrees_partitions_into_whole_subtrees():
     assert split_subtrees(same, 4) == [[0, 1, 2, 3, 4]]  # identical masks cannot be split
 
 
+def test_driver_model_has_no_weights_but_the_same_identity(files, lm):
+    from engine.distributed import driver_model
+
+    skeleton = driver_model(ModelSpec(name=str(files / "tiny6")))
+    assert skeleton.identity == lm.identity and skeleton.n_layers == lm.n_layers == N_LAYERS
+    assert {p.device.type for p in skeleton.model.parameters()} == {"meta"}
+    assert skeleton.tokenizer("a b").input_ids == lm.tokenizer("a b").input_ids
+
+
+def test_open_evaluator_without_workers_is_the_plain_evaluator(lm, ids):
+    from engine.distributed import open_evaluator
+
+    with open_evaluator(lm, ids, EvalSpec(batch_masks=True)) as ev:
+        assert type(ev) is MaskEvaluator and ev.batch_masks
+
+
 # ------------------------------------------------------------------ the evaluator on Ray
 
 
