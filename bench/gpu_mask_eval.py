@@ -89,15 +89,14 @@ def depth_rows(lm, ids: torch.Tensor, counts: list[int], reference_masks: int) -
     import numpy as np
 
     from bench.depth import time_batched
-    from engine.evaluate import MaskEvaluator, count_prefix_computations
+    from engine.evaluate import count_prefix_computations
 
     rows, lines = [], [f"{'masks':>6} {'calls/mask':>10} {'engine/s':>9} {'batched/s':>9} {'ref/s':>8} {'ratio':>6} "
                        f"{'meas/floor':>10} {'states/call':>11}"]
     for n in counts:
         masks = sample_masks(SamplingSpec(n_masks=n, seed=0), lm.n_layers)  # (n, L)
         r = compare(lm, ids, masks, reference_masks=min(n, reference_masks))
-        depth_first = MaskEvaluator(lm, ids).perplexities(masks)
-        b = time_batched(lm, ids, masks, depth_first)
+        b = time_batched(lm, ids, masks)
         row = {"n_masks": n, "layer_calls_per_mask": count_prefix_computations(masks) / n, **asdict(r), **b}
         rows.append(row)
         lines.append(f"{n:>6} {row['layer_calls_per_mask']:>10.2f} {r.engine_masks_per_s:>9.2f} "
