@@ -11,7 +11,10 @@ which loads the model, is reported separately). Perplexities must equal the loca
 
   speedup              1-worker seconds / 2-worker seconds (target >= 1.6 on 2 cores)
   overhead_s_per_mask  (1-worker seconds - local seconds) / N: splitting, scheduling, shipping masks
-                       and results through Ray, per mask (same work, same thread count)
+                       and results through Ray, per mask (same work, same thread count); on a loaded
+                       machine the two runs see different loads, so also:
+  idle_s_per_mask      (workers x seconds - the actors' summed time inside their tasks) / N: time an
+                       actor had no task (start of the run, scheduling, results in transit, the tail)
 
 The machine's load average is printed before and after: on a shared 2-core machine the other
 processes take CPU time from the workers, so the speedup measures what was available, not Ray.
@@ -65,6 +68,7 @@ def timed_ray(lm, ids, masks, workers: int, threads: int) -> dict:
         ppl = ev.perplexities(masks)
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "startup_seconds": startup, "ppl": ppl, "layer_calls": ev.layer_calls,
+                "busy_seconds": ev.busy_seconds, "idle_s_per_mask": (workers * seconds - ev.busy_seconds) / len(masks),
                 "pids": len(ev.pids), "actor_startup_seconds": [round(i["startup_seconds"], 2) for i in ev.info]}
 
 
@@ -131,6 +135,8 @@ def main(argv=None) -> dict:
         f"  2 workers  {two['seconds']:7.2f} s  {args.masks / two['seconds']:6.1f} masks/s  ({two['layer_calls']} layer "
         f"calls; start-up {two['startup_seconds']:.1f} s)",
         f"  speedup    {speedup:.2f}x (2 workers over 1); overhead {overhead * 1e3:.2f} ms/mask (1 worker over local)",
+        f"  idle       {one['idle_s_per_mask'] * 1e3:.2f} ms/mask (1 worker), {two['idle_s_per_mask'] * 1e3:.2f} ms/mask "
+        f"(2 workers): actor time outside tasks",
         f"  load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min; 2 cores shared with other work)",
     ]
     return emit(lines, result, args.json)

@@ -68,6 +68,7 @@ class TaskResult:
     rows: list  # [(local index, ppl, seconds)]
     layer_calls: int
     pid: int  # the actor process that evaluated it (tests use it to see restarts)
+    seconds: float = 0.0  # wall time the actor spent in the task (its busy time)
 
 
 def evaluator_options(evaluation: EvalSpec) -> dict:
@@ -97,11 +98,12 @@ class MaskWorker:
 
     def evaluate(self, masks: np.ndarray) -> TaskResult:
         """All masks of one subtree (bool[k, L]); rows in trie order."""
-        before = self.evaluator.layer_calls
+        t0, before = time.perf_counter(), self.evaluator.layer_calls
         if TEST_DELAY_ENV in os.environ:  # fault-injection hook for tests (kill the driver mid-run)
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
         rows = [(int(i), float(p), float(s)) for i, p, s in self.evaluator.iter_perplexities(masks)]
-        return TaskResult(rows=rows, layer_calls=self.evaluator.layer_calls - before, pid=os.getpid())
+        return TaskResult(rows=rows, layer_calls=self.evaluator.layer_calls - before, pid=os.getpid(),
+                          seconds=time.perf_counter() - t0)
 
 
 def _worker_device(device: str) -> str:
@@ -132,6 +134,7 @@ class RayEvaluator:
         self.layer_calls = 0
         self.requeued = 0  # subtrees sent again after their actor died for good
         self.pids: set[int] = set()  # actor processes that returned results
+        self.busy_seconds = 0.0  # sum over finished tasks of the time an actor spent in them
         self._started_ray = False
         if not ray.is_initialized():
             env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)}
@@ -230,6 +233,7 @@ class RayEvaluator:
                 except ray.exceptions.RayTaskError as e:
                     raise e.as_instanceof_cause() from None
                 self.layer_calls += out.layer_calls
+                self.busy_seconds += out.seconds
                 self.pids.add(out.pid)
                 for local, ppl, seconds in out.rows:
                     yield group[local], ppl, seconds
