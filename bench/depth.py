@@ -22,7 +22,8 @@ loaded machine read the floor ratio in CPU time (`measured_over_floor_cpu`): wal
 and the timed walk see different shares of the CPU.
 
 Run: .venv/bin/python -m bench.depth [--depths 32,40,80] [--masks 256,1024,8000] [--timed 256,1024]
-     [--hidden 64] [--windows 4] [--seq-len 64] [--reference-masks 32] [--threads 1] [--no-batched] [--json]
+     [--hidden 64] [--windows 4] [--seq-len 64] [--reference-masks 32] [--threads 1] [--no-batched]
+     [--breakdown] [--json]
 """
 
 from __future__ import annotations
@@ -77,6 +78,46 @@ def time_batched(lm: LoadedModel, ids: torch.Tensor, masks: np.ndarray) -> dict:
             "batch_states": ev.batch_states, "batched_max_rel_diff": rel}
 
 
+def walk_breakdown(lm: LoadedModel, ids: torch.Tensor, masks: np.ndarray, repeats: int = 300) -> dict:
+    """Process CPU time of one depth-first walk split into: inside its layer calls, inside its leaves
+    (final norm + head + loss), and the rest (the walk itself); next to the floor's unit costs, one
+    layer (n_layers // 2) called `repeats` times in a row on the same input, and one leaf likewise."""
+    ev = MaskEvaluator(lm, ids)
+    ev.perplexities(masks[:2])  # warm-up
+    with torch.inference_mode():
+        c = time.process_time()
+        for _ in range(repeats):
+            ev._layer(lm.n_layers // 2, ev._root)
+        unit_layer = (time.process_time() - c) / repeats
+        c = time.process_time()
+        for _ in range(max(1, repeats // 3)):
+            ev._leaf_nll(ev._root)
+        unit_leaf = (time.process_time() - c) / max(1, repeats // 3)
+    spent = {"layer": 0.0, "leaf": 0.0}
+    layer, leaf = ev._layer, ev._leaf_nll
+
+    def timed(name, fn):
+        def call(*a):
+            c = time.process_time()
+            try:
+                return fn(*a)
+            finally:
+                spent[name] += time.process_time() - c
+        return call
+
+    ev._layer, ev._leaf_nll = timed("layer", layer), timed("leaf", leaf)  # instance attributes shadow the methods
+    ev.layer_calls = 0
+    c = time.process_time()
+    ev.perplexities(masks)
+    total = time.process_time() - c
+    calls, n = ev.layer_calls, len(masks)
+    return {"walk_cpu_seconds": total, "in_layer_calls_cpu_seconds": spent["layer"],
+            "in_leaves_cpu_seconds": spent["leaf"], "rest_cpu_seconds": total - spent["layer"] - spent["leaf"],
+            "layer_call_cpu_in_walk": spent["layer"] / calls, "layer_call_cpu_repeated": unit_layer,
+            "leaf_cpu_in_walk": spent["leaf"] / n, "leaf_cpu_repeated": unit_leaf,
+            "floor_cpu_seconds_repeated_units": calls * unit_layer + n * unit_leaf}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m bench.depth", description=__doc__.splitlines()[0])
@@ -89,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-masks", type=int, default=32, help="masks the reference runs (time scaled)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-batched", action="store_true", help="skip the batch_masks timing")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split one walk's CPU time: inside layer calls, inside leaves, the rest")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -109,6 +152,7 @@ def main(argv=None) -> dict:
         for n in args.masks:
             masks = sample_masks(SamplingSpec(n_masks=n, seed=0), L)  # (n, L)
             count = count_prefix_computations(masks)
+            extra: list[str] = []
             row = {"n_layers": L, "shaped_like": SHAPED_LIKE.get(L), "n_masks": n, "prefix_computations": count,
                    "layer_calls_per_mask": count / n, "reference_layer_calls_per_mask": L, "timed": n in args.timed}
             if n in args.timed:
@@ -118,6 +162,15 @@ def main(argv=None) -> dict:
                 row.update({k: v for k, v in asdict(r).items() if k not in ("n_masks", "n_layers")})
                 if not args.no_batched:
                     row.update(time_batched(lm, ids, masks))
+                if args.breakdown:
+                    b = walk_breakdown(lm, ids, masks)
+                    row["breakdown"] = b
+                    extra.append(
+                        f"    breakdown (CPU): walk {b['walk_cpu_seconds']:.2f} s = layer calls "
+                        f"{b['in_layer_calls_cpu_seconds']:.2f} s ({b['layer_call_cpu_in_walk'] * 1e3:.3f} ms each; "
+                        f"repeated {b['layer_call_cpu_repeated'] * 1e3:.3f}) + leaves {b['in_leaves_cpu_seconds']:.2f} s "
+                        f"({b['leaf_cpu_in_walk'] * 1e3:.3f} ms; repeated {b['leaf_cpu_repeated'] * 1e3:.3f}) + rest "
+                        f"{b['rest_cpu_seconds']:.2f} s")
             rows.append(row)
             if row["timed"]:
                 lines.append(f"{L:>3} {n:>6} {row['layer_calls_per_mask']:>10.2f} {row['engine_masks_per_s']:>9.1f} "
@@ -126,6 +179,7 @@ def main(argv=None) -> dict:
                              f"{row['measured_over_floor_cpu']:>10.2f} {row['ratio_bound']:>5.2f}x")
             else:
                 lines.append(f"{L:>3} {n:>6} {row['layer_calls_per_mask']:>10.2f}   (counted, not timed)")
+            lines += extra
     seconds = time.perf_counter() - t_start
     lines.append(f"calls/mask: layer calls per mask with prefix sharing (the reference makes L); ratio: engine over "
                  f"reference masks/s; meas/floor: engine time over its counting floor; bound: reference / floor. "

@@ -18,7 +18,7 @@ def _last_json(out: str) -> dict:
 
 def test_depth_counts_and_times(capsys):
     depth.main(["--depths", "8", "--masks", "12,40", "--timed", "12", "--hidden", "32", "--windows", "2",
-                "--seq-len", "16", "--reference-masks", "4", "--json"])
+                "--seq-len", "16", "--reference-masks", "4", "--breakdown", "--json"])
     printed = _last_json(capsys.readouterr().out)
     timed, counted = printed["rows"]
     masks = sample_masks(SamplingSpec(n_masks=40, seed=0), 8)
@@ -28,6 +28,9 @@ def test_depth_counts_and_times(capsys):
     assert timed["layer_calls"] == timed["prefix_computations"]
     assert timed["batched_max_rel_diff"] < 1e-5 and timed["batched_calls"] < timed["batched_layer_calls"]
     assert timed["measured_over_floor"] > 0 and timed["ratio"] > 0
+    b = timed["breakdown"]
+    parts = b["in_layer_calls_cpu_seconds"] + b["in_leaves_cpu_seconds"] + b["rest_cpu_seconds"]
+    assert parts == pytest.approx(b["walk_cpu_seconds"]) and b["in_layer_calls_cpu_seconds"] > 0
 
 
 def test_gpu_mask_eval_depth_mode_small_on_cpu(tmp_path, capsys):
