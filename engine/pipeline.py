@@ -633,11 +633,15 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
 
 def _load(spec: RunSpec, evaluation: EvalSpec, weights: bool = True):
     from engine.data import make_windows
-    from engine.distributed import driver_model
     from engine.models import load_model
 
     set_threads(evaluation.threads)
-    lm = load_model(spec.model) if weights else driver_model(spec.model)
+    if weights:
+        lm = load_model(spec.model)
+    else:
+        from engine.distributed import driver_model
+
+        lm = driver_model(spec.model)
     return lm, make_windows(lm.tokenizer, spec.data)
 
 
