@@ -72,6 +72,7 @@ def _click_job(at, label: str, timeout: float = 300):
 
     from engine import jobs
 
+    clicked = time.time()
     _button(at, label).click().run()
     assert not at.exception, at.exception
     cache = Path(os.environ["LAYERPRUNE_CACHE"])
@@ -83,7 +84,7 @@ def _click_job(at, label: str, timeout: float = 300):
         time.sleep(0.5)
     else:
         raise AssertionError(f"jobs still running after {timeout} s")
-    failed = [s.message for s in states if s.status == "failed" and s.started > time.time() - timeout]
+    failed = [s.message for s in states if s.status == "failed" and s.started >= clicked]
     at.run()
     assert not at.exception, at.exception
     return failed
