@@ -822,3 +822,32 @@ def stored_candidates(run, method: MethodSpec, top: int = 10) -> dict | None:
     store = getattr(run, "store", run)
     art = store.get_artifact(candidates_name(method, top))
     return None if art is None else {**art, "stale": art.get("n_masks") != store.count()}
+
+
+def interaction_indices() -> dict[str, str]:
+    """{index name: description} of the interaction indices (for the app's choices)."""
+    from engine.interactions import INDICES
+
+    return dict(INDICES)
+
+
+def measure_pair(run: OpenRun, i: int, j: int) -> dict:
+    """Real calibration perplexity of the full model, of removing i, j, and both; the measured
+    interaction at the full model s(N) - s(N-i) - s(N-j) + s(N-ij) (scores s = ppl_full / ppl;
+    positive = the two layers are worth more together). Appended to the ``pair_measurements``
+    artifact (never to the samples: these masks are not part of the sampling design)."""
+    L = run.n_layers
+    i, j = int(i), int(j)
+    if not (0 <= i < L and 0 <= j < L and i != j):
+        raise WorkbenchError(f"choose two different layers between 0 and {L - 1}; got {i} and {j}.")
+    masks = np.ones((4, L), dtype=bool)  # full, -i, -j, -ij
+    masks[1, i] = masks[2, j] = masks[3, [i, j]] = False
+    ppl = np.array(measure(run, masks))
+    s = np.where(np.isfinite(ppl) & (ppl > 0), ppl[0] / ppl, 0.0)
+    out = {"i": min(i, j), "j": max(i, j), "ppl_full": float(ppl[0]), "ppl_without_i": float(ppl[1]),
+           "ppl_without_j": float(ppl[2]), "ppl_without_both": float(ppl[3]),
+           "interaction_at_full": float(s[0] - s[1] - s[2] + s[3]), "n_masks": int(run.store.count())}
+    past = [m for m in (run.store.get_artifact("pair_measurements") or {}).get("items", [])
+            if (m["i"], m["j"]) != (out["i"], out["j"])]
+    run.store.put_artifact("pair_measurements", {"items": [*past, out]})
+    return out
