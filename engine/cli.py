@@ -170,6 +170,9 @@ def _interaction_options(p: argparse.ArgumentParser) -> None:
                    help="surrogate ensemble refitted on every mask (all) or the fit step's training part (train) "
                         "(default %(default)s)")
     g.add_argument("--csv", default=None, metavar="PATH", help="also write the pairs and the diagonal as CSV")
+    g.add_argument("--bias-check", action="store_true",
+                   help="also estimate each pair from the real evaluations (cross-fitted residual correction, "
+                        "5 extra fits): an interval that accounts for the surrogate's bias")
 
 
 def _candidate_options(p: argparse.ArgumentParser) -> None:
@@ -302,7 +305,7 @@ def _interactions(args) -> dict:
     from engine import pipeline
 
     return pipeline.interactions(run_spec(args), method_spec(args), args.index, args.fit_on, args.cache_dir,
-                                 evaluation=eval_spec(args), csv_path=args.csv)
+                                 evaluation=eval_spec(args), csv_path=args.csv, bias_check=args.bias_check)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "

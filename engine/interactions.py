@@ -399,3 +399,76 @@ def interaction_index(
         details["efficiency"] = {"total": total, "grand_minus_empty": float(ends[0] - ends[1]),
                                  "gap": total - float(ends[0] - ends[1])}
     return Interactions(index, matrix, np.sqrt(mc_se**2 + spread**2), method, int(n_eval), details)
+
+
+# ---------------------------------------------------------------- bias check on real evaluations
+
+
+def signed_coefficients(masks: np.ndarray, index: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float[n, L], float[n, P]): c(T) such that I = sum over all masks T of f(T) c(T), for the
+    order-1 values and the pairs (np.triu_indices order). From the derivative form: T enters
+    Δ_ij f(T minus {i, j}) with sign (-1)^(number of i, j not in T) and weight p_2(|T minus {i, j}|)."""
+    masks = np.asarray(masks, dtype=bool)
+    n, L = masks.shape
+    w = index_weights(index, L)
+    iu, ju = np.triu_indices(L, k=1)
+    b = masks.astype(np.int64)  # (n, L)
+    size = b.sum(axis=1, keepdims=True)  # (n, 1)
+    single = np.where(masks, 1.0, -1.0) * w.delta1[size - b]  # (n, L)
+    c2 = b[:, iu] + b[:, ju]  # (n, P): how many of i, j are kept
+    pair = np.where(c2 == 1, -1.0, 1.0) * w.delta2[size - c2]  # (n, P)
+    return single, pair
+
+
+def residual_check(
+    masks: np.ndarray,
+    values: np.ndarray,
+    probabilities: np.ndarray,
+    fit: Callable[[np.ndarray, np.ndarray], ValueFn],
+    index: str = "sii",
+    folds: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Cross-fitted check of the surrogate's index against the real evaluations (the regression-
+    adjusted estimator of Witter, Liu & Musco 2025, for interactions).
+
+    For each of `folds` folds: fit(masks, values) on the other folds, its exact index, plus the
+    Monte Carlo estimate of the index of the residual game from the held-out fold,
+    mean of c(T) (f(T) - g(T)) / p(T) with p the design probability of one draw
+    (engine.sampling.mask_probability). Unbiased for the index of the real game when every kept
+    count with index weight has p > 0 (size-uniform or paired runs); on a stratified run it only
+    corrects the sampled counts (`covered_weight` says how much of the index that is).
+    Returns {"corrected": float[L, L], "stderr": float[L, L], "correction": float[L, L],
+    "covered_weight": float, "folds": int}. Wide but honest: on the demo game, 2-stderr intervals
+    covered the exact SII for 85-99% of the pairs (bench/README.md).
+    """
+    masks = np.asarray(masks, dtype=bool)
+    values = np.asarray(values, dtype=np.float64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    n, L = masks.shape
+    if len(values) != n or len(p) != n:
+        raise EstimationError("masks, values and probabilities must have the same length")
+    if np.any(~(p > 0)):
+        raise EstimationError("every evaluated mask needs a positive design probability")
+    if folds < 2 or n < 2 * folds:
+        raise EstimationError(f"cross-fitting with {folds} folds needs at least {2 * folds} masks, got {n}")
+    assign = np.random.default_rng(seed).permutation(n) % folds
+    P = L * (L - 1) // 2
+    surrogate = np.zeros(L + P)
+    terms = np.empty((n, L + P))  # per-mask residual terms c(T) r(T) / p(T)
+    iu, ju = np.triu_indices(L, k=1)
+    for k in range(folds):
+        test = assign == k
+        g = fit(masks[~test], values[~test])
+        M = matrix_from_values(all_values(g, L), index) if L <= EXACT_MAX_L else \
+            _monte_carlo([g], L, index, DEFAULT_SAMPLES, seed + k, DEFAULT_CHUNK)[0][0]
+        surrogate += test.mean() * np.concatenate([np.diag(M), M[iu, ju]])
+        r = values[test] - _evaluate(g, masks[test], DEFAULT_CHUNK)  # (n_k,)
+        single, pair = signed_coefficients(masks[test], index)
+        terms[test] = np.concatenate([single, pair], axis=1) * (r / p[test])[:, None]
+    correction = terms.mean(axis=0)
+    se = terms.std(axis=0, ddof=1) / np.sqrt(n)
+    sw = size_weight(index, L)
+    covered = float(sw[np.unique(masks.sum(axis=1))].sum())
+    return {"corrected": _to_matrix(surrogate + correction, L), "stderr": _to_matrix(se, L),
+            "correction": _to_matrix(correction, L), "covered_weight": covered, "folds": int(folds)}

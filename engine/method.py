@@ -235,3 +235,22 @@ def near_optimal(samples: Samples, f: Fit, ks, top: int = 10, measured: Mapping 
     ks = check_ks(ks, samples.n_layers)
     return [decision_lib.near_optimal_sets(f.predict, samples.n_layers, k, top, f.members, samples.ppl_full, measured)
             for k in ks]
+
+
+def interaction_bias_check(samples: Samples, spec: SurrogateSpec, index: str = "sii", seed: int = 0,
+                           folds: int = 5) -> dict:
+    """`interactions.residual_check` on the run's real evaluations with single-member surrogates of
+    `spec` (cross-fitted: `folds` extra fits). Unbiased where the design samples every kept count
+    (size-uniform, paired); on stratified runs it corrects only the sampled counts."""
+    from engine import interactions as inter
+    from engine.sampling import mask_probability
+
+    s = samples.require()
+    single = dataclasses.replace(spec, ensemble=1)
+    prob = mask_probability(s.design, s.n_layers, s.masks)  # (n,)
+    keep = prob > 0  # masks from another design cannot be reweighted
+
+    def fit_one(X, y):
+        return make_surrogate(single).fit(X, y).predict
+
+    return inter.residual_check(s.masks[keep], s.scores[keep], prob[keep], fit_one, index, folds, seed)

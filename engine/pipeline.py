@@ -756,10 +756,13 @@ def stored_interactions(run, method: MethodSpec, index: str = "sii", fit_on: str
 
 def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
                  cache_dir=None, run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(),
-                 csv_path=None) -> dict:
+                 csv_path=None, bias_check: bool = False) -> dict:
     """Pairwise interaction index of every layer pair on the run's surrogate (engine.interactions):
     `matrix`, `stderr`, `pairs` (strongest first), `diagonal` (what the diagonal holds), stored as an
-    artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr)."""
+    artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr).
+    `bias_check` adds `bias_check` (method.interaction_bias_check: an unbiased, cross-fitted estimate
+    from the real evaluations with its stderr, and `outside`: pairs whose value lies outside its
+    2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes."""
     from engine import method as method_lib
 
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
@@ -768,6 +771,12 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
     members = method_lib.interaction_members(f.samples, f, fit_on)
     r = method_lib.interactions(f.samples, members, index, method.budget, method.mc_seed)
     result = {"run_id": run.run_id, "n_layers": run.n_layers, "fit_on": fit_on, **r.to_dict()}
+    if bias_check:
+        chk = method_lib.interaction_bias_check(f.samples, method.surrogate, index, method.mc_seed)
+        iu = np.triu_indices(run.n_layers, 1)
+        outside = np.abs(r.matrix - chk["corrected"])[iu] > 2 * chk["stderr"][iu]
+        result["bias_check"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in chk.items()}
+        result["bias_check"]["outside"] = int(outside.sum())
     art = {"stage": "interactions", "spec": {**method.key("fit"), "index": index, "budget": method.budget,
                                              "mc_seed": method.mc_seed, "fit_on": fit_on},
            "n_masks": int(f.samples.n), **result}

@@ -168,6 +168,13 @@ def interactions_summary(r: dict, n_pairs: int = 10) -> str:
     if (d.get("unsampled_weight_fraction") or 0.0) >= 0.005:
         lines.append(f"{d['unsampled_weight_fraction']:.0%} of this index's weight is on kept-layer counts the run "
                      "never sampled: there the surrogate extrapolates, and the errors do not include that bias.")
+    chk = r.get("bias_check")
+    if chk:
+        n_pairs = len(r["pairs"])
+        se = sorted(chk["stderr"][p["i"]][p["j"]] for p in r["pairs"])
+        lines.append(f"bias check on the real evaluations ({chk['folds']} cross-fitted folds, {chk['covered_weight']:.0%} "
+                     f"of the index weight covered): {chk['outside']} of {n_pairs} pair values lie outside its "
+                     f"2-stderr interval (median stderr {_num(se[len(se) // 2], 4)})")
     if r.get("csv"):
         lines.append(f"CSV: {r['csv']}")
     return "\n".join(lines)

@@ -24,14 +24,17 @@ L = run.n_layers
 mspec = _ui.method_spec()
 
 indices = pipeline.interaction_indices()
-c1, c2 = st.columns([2, 1])
+c1, c2, c3 = st.columns([2, 1, 1])
 index = c1.selectbox("index", list(indices), format_func=lambda k: f"{indices[k]} ({k})", key="interaction_index")
 fit_on = c2.radio("surrogate fitted on", ["all", "train"], horizontal=True, key="interaction_fit_on",
                   help="all: the ensemble refitted on every evaluated mask (more accurate maps on the demo game); "
                        "train: the fit step's ensemble (80% of the masks)")
+check = c3.checkbox("bias check", key="interaction_bias_check",
+                    help="also estimate every pair from the real evaluations (5 cross-fitted fits): an interval that "
+                         "accounts for the surrogate's bias on the kept counts the run sampled")
 if st.button("Compute interactions", type="primary"):
     with _ui.shown_errors(), st.spinner("Fitting the surrogate (or reusing its fit) and computing the map..."):
-        pipeline.interactions(run.spec, mspec, index, fit_on, run=run)
+        pipeline.interactions(run.spec, mspec, index, fit_on, run=run, bias_check=check)
 
 result = pipeline.stored_interactions(run, mspec, index, fit_on)
 if not result:
@@ -41,7 +44,7 @@ if result["stale"]:
     st.warning(f"Computed from {result['n_masks']} masks; the run now has {run.store.count()}. Compute again.")
 
 details = result["details"]
-m1, m2, m3 = st.columns(3)
+m1, m2, m3, m4 = st.columns(4)
 m1.metric("surrogate evaluations", f"{result['n_evaluations']:,}", help=result["method"])
 strongest = result["pairs"][0]
 m2.metric("strongest pair", f"({strongest['i']}, {strongest['j']})", f"{strongest['value']:+.4f}")
@@ -50,6 +53,12 @@ if unsampled is not None:
     m3.metric("index weight on unsampled sizes", f"{unsampled:.0%}",
               help="share of this index's weight on kept-layer counts the run never sampled: the surrogate "
                    "extrapolates there, and the error bars (ensemble spread + Monte Carlo) do not include that bias")
+chk = result.get("bias_check")
+if chk:
+    m4.metric("pairs outside the bias check", f"{chk['outside']} of {len(result['pairs'])}",
+              help=f"pairs whose surrogate value lies outside the 2-stderr interval estimated from the real "
+                   f"evaluations ({chk['folds']} cross-fitted folds; {chk['covered_weight']:.0%} of the index weight "
+                   "on sampled kept counts)")
 st.caption(f"Diagonal (not drawn in the heatmap): {result['diagonal']}. Error: {details['stderr_is']}.")
 
 M, se = np.array(result["matrix"], float), np.array(result["stderr"], float)
@@ -69,6 +78,11 @@ with left:
     prof = views.interaction_profile(result, layer)
     bars = go.Figure(go.Bar(x=prof.partner, y=prof.value, marker_color=np.where(prof.value >= 0, "#b2182b", "#2166ac"),
                             error_y=dict(type="data", array=prof.stderr.to_numpy(), visible=True)))
+    if chk:
+        others = prof.partner.to_numpy()
+        bars.add_trace(go.Scatter(x=others, y=np.array(chk["corrected"])[layer, others], mode="markers",
+                                  name="bias check (real evaluations)", marker=dict(color="black", symbol="diamond"),
+                                  error_y=dict(type="data", array=2 * np.array(chk["stderr"])[layer, others])))
     bars.update_layout(title=f"layer {layer} with every other layer (diagonal value {M[layer, layer]:+.4f})",
                        xaxis_title="partner layer", yaxis_title="interaction", xaxis=dict(dtick=1))
     st.plotly_chart(bars, key="interaction_profile")

@@ -277,6 +277,7 @@ def _plotly_array(x):
 def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     at = _app("interactions")
     assert any("No interaction map" in i.value for i in at.info)
+    at.checkbox(key="interaction_bias_check").check()
     _button(at, "Compute interactions").click().run()
     assert not at.exception, at.exception
     heat = json.loads(at.get("plotly_chart")[0].proto.spec)
@@ -286,11 +287,12 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     assert np.isnan(z[3, 3]) and np.allclose(z[0, 1:], z[1:, 0])  # diagonal left out; symmetric
     assert "%{customdata" in trace["hovertemplate"] and (stderr >= 0).all()
     assert _charts(at) == 2  # heatmap + profile
-    assert "strongest pair" in _metrics(at)
+    assert {"strongest pair", "pairs outside the bias check"} <= set(_metrics(at))
     syn, red = at.dataframe[0].value, at.dataframe[1].value
     assert (syn["value"] > 0).all() and (red["value"] < 0).all()
     at.selectbox(key="interaction_layer").set_value(5).run()
     prof = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]
+    assert json.loads(at.get("plotly_chart")[1].proto.spec)["data"][1]["name"].startswith("bias check")
     partners = _plotly_array(prof["x"])
     assert 5 not in partners and len(partners) == 15
     at.selectbox(key="measure_a").set_value(1).run()

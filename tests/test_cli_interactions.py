@@ -84,6 +84,15 @@ def test_interactions_human_json_and_csv(sampled, capsys, tmp_path, index):
     assert art is not None and not art["stale"] and art["matrix"] == js["matrix"]
 
 
+def test_interactions_bias_check(sampled, capsys):
+    human, js = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--bias-check"])
+    chk = js["bias_check"]
+    corrected, se = np.array(chk["corrected"]), np.array(chk["stderr"])
+    assert corrected.shape == (L, L) and np.allclose(corrected, corrected.T) and np.all(se[np.triu_indices(L, 1)] > 0)
+    assert chk["folds"] == 5 and 0 < chk["covered_weight"] <= 1 and 0 <= chk["outside"] <= L * (L - 1) // 2
+    assert "bias check on the real evaluations" in human
+
+
 def test_interactions_monte_carlo_budget_and_train_fit(sampled, capsys):
     per_base = 1 + L + L * (L - 1) // 2
     _, js = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--budget", str(300 * per_base),

@@ -327,3 +327,50 @@ def test_errors():
         interaction_index(random_game(3), 3, "nope")
     with pytest.raises(EstimationError, match="at least 2 layers"):
         interaction_index(lambda m: np.zeros(len(m)), 1, "sii")
+
+
+# ---------------------------------------------------------------- residual check
+
+
+def test_signed_coefficients_reproduce_the_exact_index():
+    from engine.interactions import signed_coefficients
+
+    L = 6
+    f = random_game(L, 8)
+    codes = np.arange(1 << L)
+    masks = ((codes[:, None] >> np.arange(L)) & 1).astype(bool)
+    single, pair = signed_coefficients(masks, "stii")
+    v = f(masks)
+    M = interaction_index(f, L, "stii").matrix
+    iu = np.triu_indices(L, 1)
+    np.testing.assert_allclose(v @ pair, M[iu], atol=1e-10)
+    np.testing.assert_allclose(v @ single, np.diag(M), atol=1e-10)
+
+
+def test_residual_check_is_unbiased_for_a_misspecified_surrogate():
+    # the real game has a 3-way term; the "surrogate" is additive (least squares on the mask bits), so
+    # its pair values are all 0 and the SII of pairs in the triple (c / 2) is missed; the residual
+    # check corrects it from size-uniform draws
+    from engine.interactions import residual_check
+
+    L, c = 7, 1.5
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=L)
+    f = lambda m: np.asarray(m, float) @ a + c * np.asarray(m)[:, [0, 2, 3]].all(axis=1)  # noqa: E731
+    truth = interaction_index(f, L, "sii").matrix
+
+    def fit(X, y):
+        A = np.c_[np.ones(len(X)), X.astype(float)]  # (n, 1 + L)
+        coef = np.linalg.lstsq(A, y, rcond=None)[0]
+        return lambda m: np.c_[np.ones(len(m)), np.asarray(m, float)] @ coef
+
+    n = 4000
+    sizes = rng.integers(0, L + 1, n)
+    masks = np.array([rng.permutation(L) < s for s in sizes])  # size-uniform draws, (n, L)
+    prob = 1.0 / ((L + 1) * np.array([math.comb(L, int(s)) for s in masks.sum(axis=1)]))
+    r = residual_check(masks, f(masks), prob, fit, "sii", folds=4, seed=0)
+    biased = interaction_index(fit(masks, f(masks)), L, "sii").matrix
+    assert abs(biased[0, 2] - truth[0, 2]) == pytest.approx(c / 2, abs=1e-9)  # an additive model has no pairs
+    z = (r["corrected"] - truth) / r["stderr"]
+    assert np.abs(z).max() < 4.5 and r["covered_weight"] == pytest.approx(1.0)
+    assert abs(r["corrected"][0, 2] - truth[0, 2]) < abs(biased[0, 2] - truth[0, 2]) / 3
