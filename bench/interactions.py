@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.interactions [--ground-truth bench/data/ground_truth_demo.npz]
         [--masks 128 256 1024] [--surrogates mlp ridge-pairwise gbt]
         [--schemes stratified size-uniform paired mixed] [--seeds 0 1 2] [--ensemble 5] [--index sii]
-        [--fit-on train|all]
+        [--fit-on train|all] [--bias-check]
         [--cost-layers 32 40 80] [--cost-samples 2000] [--threads 1] [--json]
 
 The truth: the exact index (default SII) of the real game, from all 2^16 masks of the demo model in
@@ -16,7 +16,9 @@ fit step does (`--fit-on train`: `surrogate.fit_with_diagnostics`, 20% held out 
 on every mask (`--fit-on all`, what `pipeline.interactions` uses), and the exact index of the
 ensemble. Reported per row, as the mean over seeds:
 Spearman over all pairs, Spearman over the 15 strongest true pairs (by |value|), Pearson over all
-pairs, the share of the index's weight on kept counts the scheme never samples, and fit seconds.
+pairs, the share of the index's weight on kept counts the scheme never samples, the share of pairs
+whose exact value lies within 2 stderr of the estimate (the ensemble interval; with --bias-check also
+the cross-fitted residual check's interval, `engine.interactions.residual_check`), and fit seconds.
 
 Cost: Monte Carlo interactions (`--cost-samples` base masks) of a 5-member ensemble of the paper's
 MLP at each of `--cost-layers` (random weights; the time does not depend on them), with the median
@@ -24,7 +26,7 @@ standard error of the pair values relative to their median magnitude.
 
 With --json the last stdout line is one JSON object: `rows` (masks, surrogate, scheme,
 spearman_all, spearman_top15, pearson, their std over seeds, unsampled_weight_fraction,
-mean_stderr, fit_seconds, fit_on), `truth_top` (the strongest true pairs), `cost`.
+mean_stderr, coverage_ensemble, coverage_bias_check, fit_seconds, fit_on), `truth_top` (the strongest true pairs), `cost`.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from scipy.stats import pearsonr, spearmanr
 from bench import ground_truth as gtm
 from bench.common import emit, run_script
 from engine.config import SamplingSpec, SurrogateSpec
-from engine.interactions import interaction_index
-from engine.sampling import sample_masks, size_distribution
-from engine.surrogate import Ensemble, fit_with_diagnostics
+from engine.interactions import interaction_index, residual_check
+from engine.sampling import mask_probability, sample_masks, size_distribution
+from engine.surrogate import Ensemble, fit_with_diagnostics, make_surrogate
 
 SCHEMES = {
     "stratified": SamplingSpec(),
@@ -49,6 +51,13 @@ SCHEMES = {
     "paired": SamplingSpec(scheme="size-uniform", paired=True),
 }
 TOP = 15
+
+
+def design_probability(scheme: str, masks: np.ndarray, L: int) -> np.ndarray:
+    """float[n]: chance that one draw of the scheme is each mask (mixed: the 50/50 mixture)."""
+    if scheme == "mixed":
+        return 0.5 * design_probability("stratified", masks, L) + 0.5 * design_probability("paired", masks, L)
+    return mask_probability(SCHEMES[scheme], L, masks)
 
 
 def design_masks(scheme: str, n: int, seed: int, L: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +88,7 @@ def agreement(est: np.ndarray, truth: np.ndarray, top: int = TOP) -> dict:
     }
 
 
-def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "train") -> dict:
+def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "train", bias_check: bool = False) -> dict:
     L = gt.n_layers
     masks, sizes = design_masks(scheme, n, seed, L)  # (n, L)
     y = gt.value_function()(masks)  # real scores from the table
@@ -88,9 +97,18 @@ def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "tr
     ens = fit_with_diagnostics(masks, y, spec, gt.ppl_full).ensemble if fit_on == "train" else Ensemble(spec).fit(masks, y)
     fit_s = time.perf_counter() - t0
     r = interaction_index(ens.value_functions(), L, index, sampled_sizes=sizes)
-    return {**agreement(r.matrix, truth), "fit_seconds": fit_s,
-            "unsampled_weight_fraction": r.details["unsampled_weight_fraction"],
-            "mean_stderr": float(np.mean(r.stderr[np.triu_indices(L, 1)]))}
+    iu = np.triu_indices(L, 1)
+    out = {**agreement(r.matrix, truth), "fit_seconds": fit_s,
+           "unsampled_weight_fraction": r.details["unsampled_weight_fraction"],
+           "mean_stderr": float(np.mean(r.stderr[iu])),
+           "coverage_ensemble": float(np.mean(np.abs(r.matrix - truth)[iu] <= 2 * r.stderr[iu]))}
+    if bias_check:
+        single = replace(spec, ensemble=1)
+        chk = residual_check(masks, y, design_probability(scheme, masks, L),
+                             lambda X, v: make_surrogate(single).fit(X, v).predict, index, 5, seed)
+        out["coverage_bias_check"] = float(np.mean(np.abs(chk["corrected"] - truth)[iu] <= 2 * chk["stderr"][iu]))
+        out["median_bias_check_stderr"] = float(np.median(chk["stderr"][iu]))
+    return out
 
 
 def cost(layers, n_samples: int, ensemble: int = 5, index: str = "sii") -> list[dict]:
@@ -117,6 +135,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt"])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=[*SCHEMES, "mixed"])
     ap.add_argument("--fit-on", default="train", choices=["train", "all"])
+    ap.add_argument("--bias-check", action="store_true",
+                    help="also the coverage of the exact values by the cross-fitted residual check's 2-stderr intervals")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ensemble", type=int, default=5)
     ap.add_argument("--index", default="sii", choices=["sii", "stii", "fsii", "banzhaf"])
@@ -139,12 +159,13 @@ def main(argv=None) -> dict:
         rows = []
         lines = [f"exact {a.index.upper()} of the real game ({gt.n_layers} layers): strongest pairs "
                  + ", ".join(f"({p['i']},{p['j']}) {p['value']:+.3f}" for p in truth_top[:5]),
-                 "", "| masks | surrogate | scheme | Spearman all | Spearman top 15 | Pearson | unsampled weight | fit s |",
-                 "|---:|---|---|---:|---:|---:|---:|---:|"]
+                 "", "| masks | surrogate | scheme | Spearman all | Spearman top 15 | Pearson | unsampled weight | "
+                 "2-se coverage: ensemble | bias check | fit s |",
+                 "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for n in a.masks:
             for kind in a.surrogates:
                 for scheme in a.schemes:
-                    per = [one_row(gt, truth, n, kind, scheme, s, a.ensemble, a.index, a.fit_on) for s in a.seeds]
+                    per = [one_row(gt, truth, n, kind, scheme, s, a.ensemble, a.index, a.fit_on, a.bias_check) for s in a.seeds]
                     row = {"masks": n, "surrogate": kind, "scheme": scheme, "seeds": list(a.seeds),
                            "ensemble": a.ensemble, "index": a.index, "fit_on": a.fit_on}
                     for key in per[0]:
@@ -156,6 +177,7 @@ def main(argv=None) -> dict:
                     lines.append(f"| {n} | {kind} | {scheme} | {row['spearman_all']:.3f} ± {row['spearman_all_std']:.3f}"
                                  f" | {row['spearman_top15']:.3f} ± {row['spearman_top15_std']:.3f}"
                                  f" | {row['pearson']:.3f} | {row['unsampled_weight_fraction']:.2f}"
+                                 f" | {row['coverage_ensemble']:.2f} | {row.get('coverage_bias_check', float('nan')):.2f}"
                                  f" | {row['fit_seconds']:.1f} |")
                     print(lines[-1], flush=True) if not a.json else None
         costs = cost(a.cost_layers, a.cost_samples, index=a.index) if a.cost_layers else []
