@@ -4,7 +4,7 @@
         [--masks 128 256 1024] [--surrogates mlp ridge-pairwise gbt]
         [--schemes stratified size-uniform paired mixed] [--seeds 0 1 2] [--ensemble 5] [--index sii]
         [--fit-on train|all] [--bias-check]
-        [--cost-layers 32 40 80] [--cost-samples 2000] [--threads 1] [--json]
+        [--cost-layers 22 32 40 80] [--cost-samples 2000] [--threads 1] [--json]
 
 The truth: the exact index (default SII) of the real game, from all 2^16 masks of the demo model in
 the ground truth (`python -m bench.ground_truth`), computed with `engine.interactions`.
@@ -20,8 +20,8 @@ pairs, the share of the index's weight on kept counts the scheme never samples, 
 whose exact value lies within 2 stderr of the estimate (the ensemble interval; with --bias-check also
 the cross-fitted residual check's interval, `engine.interactions.residual_check`), and fit seconds.
 
-Cost: Monte Carlo interactions (`--cost-samples` base masks) of a 5-member ensemble of the paper's
-MLP at each of `--cost-layers` (random weights; the time does not depend on them), with the median
+Cost: interactions of a 5-member ensemble of the paper's MLP at each of `--cost-layers` (exact up to
+22 layers, Monte Carlo with `--cost-samples` base masks above) (random weights; the time does not depend on them), with the median
 standard error of the pair values relative to their median magnitude.
 
 With --json the last stdout line is one JSON object: `rows` (masks, surrogate, scheme,
@@ -118,10 +118,11 @@ def cost(layers, n_samples: int, ensemble: int = 5, index: str = "sii") -> list[
     for L in layers:
         members = [random_surrogate(L, seed=s) for s in range(ensemble)]
         t0 = time.perf_counter()
-        r = interaction_index(members, L, index, n_samples=n_samples, seed=0)
+        r = interaction_index(members, L, index, n_samples=None if L <= 22 else n_samples, seed=0)  # exact up to 22
         secs = time.perf_counter() - t0
         iu = np.triu_indices(L, 1)
-        out.append({"L": L, "n_samples": n_samples, "members": ensemble, "seconds": secs,
+        out.append({"L": L, "n_samples": None if L <= 22 else n_samples, "members": ensemble, "seconds": secs,
+                    "method": r.method,
                     "evaluations": r.n_evaluations,
                     "median_mc_stderr": float(np.median(r.details["monte_carlo_stderr"][iu])),
                     "median_abs_value": float(np.median(np.abs(r.matrix[iu])))})
@@ -131,7 +132,7 @@ def cost(layers, n_samples: int, ensemble: int = 5, index: str = "sii") -> list[
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.interactions", description=__doc__.split("\n")[0])
     ap.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
-    ap.add_argument("--masks", type=int, nargs="+", default=[128, 256, 1024])
+    ap.add_argument("--masks", type=int, nargs="*", default=[128, 256, 1024])
     ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt"])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=[*SCHEMES, "mixed"])
     ap.add_argument("--fit-on", default="train", choices=["train", "all"])
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ensemble", type=int, default=5)
     ap.add_argument("--index", default="sii", choices=["sii", "stii", "fsii", "banzhaf"])
-    ap.add_argument("--cost-layers", type=int, nargs="*", default=[32, 40, 80])
+    ap.add_argument("--cost-layers", type=int, nargs="*", default=[22, 32, 40, 80])
     ap.add_argument("--cost-samples", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
@@ -183,8 +184,8 @@ def main(argv=None) -> dict:
         costs = cost(a.cost_layers, a.cost_samples, index=a.index) if a.cost_layers else []
         if costs:
             lines += ["", f"Monte Carlo {a.index.upper()} cost (5-member MLP ensemble, {a.cost_samples} base masks):"]
-            lines += [f"  L={c['L']}: {c['seconds']:.1f} s, {c['evaluations']:,} evaluations, median pair stderr "
-                      f"{c['median_mc_stderr']:.2g} (median |value| {c['median_abs_value']:.2g})" for c in costs]
+            lines += [f"  L={c['L']}: {c['seconds']:.1f} s, {c['method']}, {c['evaluations']:,} evaluations, median pair "
+                      f"stderr {c['median_mc_stderr']:.2g} (median |value| {c['median_abs_value']:.2g})" for c in costs]
     return emit(lines, {"index": a.index, "fit_on": a.fit_on, "truth_top": truth_top, "rows": rows, "cost": costs}, a.json)
 
 
