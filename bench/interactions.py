@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
                     print(lines[-1], flush=True) if not a.json else None
         costs = cost(a.cost_layers, a.cost_samples, index=a.index) if a.cost_layers else []
         if costs:
-            lines += ["", f"Monte Carlo {a.index.upper()} cost (5-member MLP ensemble, {a.cost_samples} base masks):"]
+            lines += ["", f"{a.index.upper()} cost (5-member MLP ensemble; Monte Carlo: {a.cost_samples} base masks):"]
             lines += [f"  L={c['L']}: {c['seconds']:.1f} s, {c['method']}, {c['evaluations']:,} evaluations, median pair "
                       f"stderr {c['median_mc_stderr']:.2g} (median |value| {c['median_abs_value']:.2g})" for c in costs]
     return emit(lines, {"index": a.index, "fit_on": a.fit_on, "truth_top": truth_top, "rows": rows, "cost": costs}, a.json)
