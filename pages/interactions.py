@@ -69,7 +69,7 @@ M, se = np.array(result["matrix"], float), np.array(result["stderr"], float)
 Z = views.off_diagonal(M)
 bound = float(np.nanmax(np.abs(Z))) or 1.0
 heat = go.Figure(go.Heatmap(
-    z=Z, x=list(range(L)), y=list(range(L)), customdata=se, colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+    z=Z, x=list(range(L)), y=list(range(L)), customdata=se, colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound,
     hovertemplate="layers %{y} × %{x}<br>value %{z:+.4f} ± %{customdata:.4f}<extra></extra>",
     colorbar=dict(title="interaction")))
 heat.update_layout(title=f"{indices[index]}: red = synergy, blue = redundancy", xaxis_title="layer",

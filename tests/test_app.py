@@ -284,6 +284,8 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     trace = heat["data"][0]
     z, stderr = _plotly_array(trace["z"]), _plotly_array(trace["customdata"])
     assert trace["type"] == "heatmap" and trace["zmid"] == 0 and z.shape == (16, 16) == stderr.shape
+    scale = trace["colorscale"]  # diverging, red at the positive (synergy) end
+    assert scale[0][1] == "rgb(5,48,97)" and scale[-1][1] == "rgb(103,0,31)"  # RdBu reversed: blue -> red
     assert np.isnan(z[3, 3]) and np.allclose(z[0, 1:], z[1:, 0])  # diagonal left out; symmetric
     assert "%{customdata" in trace["hovertemplate"] and (stderr >= 0).all()
     assert _charts(at) == 2  # heatmap + profile
