@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import pipeline, views
+from engine.estimators import ESTIMATORS
 from pages import _ui
 
 st.title("Interactions")
@@ -99,6 +100,21 @@ with right:
     st.dataframe(pairs[pairs.value < 0].head(int(n_show)), hide_index=True, key="redundancy_table")
     st.download_button("Download CSV", pairs.to_csv(index=False).encode(), file_name=f"interactions-{index}.csv",
                        mime="text/csv")
+
+st.subheader("Per-layer contributions by estimator")
+st.caption("Every contribution estimate stored for this surrogate (default budget and seed; compute more on the "
+           "Shapley page), next to this index's order-1 values (the diagonal).")
+overlay = [pd.DataFrame({"layer": range(L), "value": np.diag(M), "error": np.diag(se),
+                         "estimator": f"{index} diagonal"})]
+for name, entry in ESTIMATORS.items():
+    c = pipeline.stored(run, "contributions", dataclasses.replace(mspec, estimator=name, budget=None, mc_seed=0))
+    if c:
+        err = [0.0 if x is None else x for x in (c["stderr"] or [None] * L)]
+        overlay.append(pd.DataFrame({"layer": range(L), "value": c["contributions"], "error": err,
+                                     "estimator": entry.label}))
+ov = pd.concat(overlay)
+st.plotly_chart(px.bar(ov, x="layer", y="value", error_y="error", color="estimator", barmode="group")
+                .update_xaxes(dtick=1), key="estimator_overlay")
 
 st.subheader("Measure a pair")
 st.caption("Real evaluations on the calibration windows: removing both layers against removing each. Stored with "

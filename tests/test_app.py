@@ -275,6 +275,10 @@ def _plotly_array(x):
 
 
 def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
+    from engine import pipeline
+    from engine.config import MethodSpec
+
+    pipeline.contributions(SPEC, MethodSpec(estimator="exact"), demo_run[0])  # shown in the estimator overlay
     at = _app("interactions")
     assert any("No interaction map" in i.value for i in at.info)
     at.checkbox(key="interaction_bias_check").check()
@@ -288,7 +292,10 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     assert scale[0][1] == "rgb(5,48,97)" and scale[-1][1] == "rgb(103,0,31)"  # RdBu reversed: blue -> red
     assert np.isnan(z[3, 3]) and np.allclose(z[0, 1:], z[1:, 0])  # diagonal left out; symmetric
     assert "%{customdata" in trace["hovertemplate"] and (stderr >= 0).all()
-    assert _charts(at) == 2  # heatmap + profile
+    assert _charts(at) == 3  # heatmap, profile, contributions by estimator
+    overlay = json.loads(at.get("plotly_chart")[2].proto.spec)["data"]
+    names = {t["name"] for t in overlay}
+    assert "sii diagonal" in names and "exact Shapley" in names
     assert {"strongest pair", "pairs outside the bias check"} <= set(_metrics(at))
     syn, red = at.dataframe[0].value, at.dataframe[1].value
     assert (syn["value"] > 0).all() and (red["value"] < 0).all()
@@ -310,4 +317,4 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     assert not at.exception, at.exception
     sets = next(d.value for d in at.dataframe if "predicted PPL" in d.value.columns)
     assert len(sets) == 4 and all(len(r.split(", ")) == 2 for r in sets["removed"])
-    assert _charts(at) == 3  # + layer frequency
+    assert _charts(at) == 4  # + layer frequency
