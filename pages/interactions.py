@@ -1,9 +1,9 @@
 """Interactions: which layer pairs are worth more (synergy) or less (redundancy) together, and the
 near-optimal removal sets.
 
-Shows the interaction map stored for the settings on screen (index, surrogate, fit); Compute runs
-engine.pipeline.interactions, the same call as `python -m engine interactions`. The explorer calls
-engine.pipeline.candidates (`python -m engine candidates`); Measure calls engine.pipeline.measure_pair.
+Shows the interaction map stored for the settings on screen (index, surrogate, fit); Compute starts
+`python -m engine interactions` as a background job (engine.pipeline.interactions), Find starts
+`python -m engine candidates`; Measure (four masks) calls engine.pipeline.measure_pair in-process.
 """
 
 import dataclasses
@@ -33,9 +33,9 @@ fit_on = c2.radio("surrogate fitted on", ["all", "train"], horizontal=True, key=
 check = c3.checkbox("bias check", key="interaction_bias_check",
                     help="also estimate every pair from the real evaluations (5 cross-fitted fits): an interval that "
                          "accounts for the surrogate's bias on the kept counts the run sampled")
-if st.button("Compute interactions", type="primary"):
-    with _ui.shown_errors(), st.spinner("Fitting the surrogate (or reusing its fit) and computing the map..."):
-        pipeline.interactions(run.spec, mspec, index, fit_on, run=run, bias_check=check)
+_ui.job_panel(run, "interactions", "Compute interactions", mspec,
+             extra=("--index", index, "--fit-on", fit_on, *(("--bias-check",) if check else ())),
+             help="runs `python -m engine interactions` in the background; the map is stored in the run")
 
 result = pipeline.stored_interactions(run, mspec, index, fit_on)
 if not result:
@@ -134,9 +134,9 @@ e1, e2, e3 = st.columns([1, 1, 2])
 k_max = e1.number_input("remove up to k layers", 1, L - 1, min(max(1, L // 4), L - 1), key="near_k")
 top = e2.number_input("sets per k", 1, 50, 10, key="near_top")
 cspec = dataclasses.replace(mspec, remove=int(k_max))
-if e3.button("Find near-optimal sets"):
-    with _ui.shown_errors(), st.spinner("Searching removal sets on the surrogate..."):
-        pipeline.candidates(run.spec, cspec, int(top), run=run)
+with e3:
+    _ui.job_panel(run, "candidates", "Find near-optimal sets", cspec, extra=("--top", str(int(top))),
+                 help="runs `python -m engine candidates` in the background; the sets are stored in the run")
 near = pipeline.stored_candidates(run, cspec, int(top))
 if not near:
     st.info("Press Find near-optimal sets: the best removal sets per k by surrogate prediction, how often each "
