@@ -15,6 +15,7 @@ PAGES = [
     st.Page("pages/sampling.py", title="Sampling", icon=":material/play_circle:"),
     st.Page("pages/surrogate.py", title="Surrogate", icon=":material/model_training:"),
     st.Page("pages/shapley.py", title="Shapley", icon=":material/bar_chart:"),
+    st.Page("pages/interactions.py", title="Interactions", icon=":material/grid_on:"),
     st.Page("pages/prune.py", title="Prune & export", icon=":material/content_cut:"),
     st.Page("pages/summary.py", title="Summary", icon=":material/summarize:"),
 ]

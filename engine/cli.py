@@ -160,6 +160,26 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default=None, help="text both models continue (default: the start of the calibration text)")
 
 
+def _interaction_options(p: argparse.ArgumentParser) -> None:
+    from engine.interactions import INDICES
+
+    g = p.add_argument_group("interactions")
+    g.add_argument("--index", default="sii", choices=tuple(INDICES),
+                   help="; ".join(f"{k}: {v}" for k, v in INDICES.items()) + " (default %(default)s)")
+    g.add_argument("--fit-on", default="all", choices=("all", "train"),
+                   help="surrogate ensemble refitted on every mask (all) or the fit step's training part (train) "
+                        "(default %(default)s)")
+    g.add_argument("--csv", default=None, metavar="PATH", help="also write the pairs and the diagonal as CSV")
+    g.add_argument("--bias-check", action="store_true",
+                   help="also estimate each pair from the real evaluations (cross-fitted residual correction, "
+                        "5 extra fits): an interval that accounts for the surrogate's bias")
+
+
+def _candidate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("near-optimal sets")
+    g.add_argument("--top", type=int, default=10, help="removal sets shown per k (default %(default)s)")
+
+
 _THREADS = ("threads",)
 _ESTIMATE = ("estimator", "budget", "mc_seed")
 # Option groups by name: (spec class or builder, title, fields shown or None for all).
@@ -173,6 +193,10 @@ _GROUPS: dict[str, tuple] = {
     "estimate": (MethodSpec, "contributions", _ESTIMATE),
     "method": (MethodSpec, "contributions and pruning", None),
     "export": (_export_options, None, None),
+    "interactions": (_interaction_options, None, None),
+    "mc": (MethodSpec, "Monte Carlo (above 22 layers, or when --budget is given)", ("budget", "mc_seed")),
+    "candidates": (_candidate_options, None, None),
+    "remove": (MethodSpec, "removal", ("remove",)),
     "baseline": (_baseline_options, None, None),
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
@@ -272,6 +296,28 @@ def _report(args) -> dict:
 
     return pipeline.summarize(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
                               prompt=args.prompt, out_html=args.out)
+
+
+@command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
+         "Banzhaf): matrix, strongest pairs with standard errors", ("model", "data", "sampling", "surrogate", "mc",
+                                                                    "interactions", "threads"))
+def _interactions(args) -> dict:
+    from engine import pipeline
+
+    return pipeline.interactions(run_spec(args), method_spec(args), args.index, args.fit_on, args.cache_dir,
+                                 evaluation=eval_spec(args), csv_path=args.csv, bias_check=args.bias_check)
+
+
+@command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "
+         "layer frequencies, interchangeable layers", ("model", "data", "sampling", "surrogate", "remove",
+                                                       "candidates", "threads"))
+def _candidates(args) -> dict:
+    from engine import pipeline
+    from engine.errors import WorkbenchError
+
+    if args.top < 1:
+        raise WorkbenchError("--top must be at least 1.")
+    return pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir, evaluation=eval_spec(args))
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "

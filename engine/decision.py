@@ -13,10 +13,15 @@ Contract:
 - `decide(...)` measures, for every k, the rank-and-cut set and the beam-search candidates
   in ONE `measure` call over all k, and keeps the best measured set per k.
 - `measure_splits(decisions, L, measures)` re-measures the chosen sets on other splits.
+- `near_optimal_sets(f, L, k, top, ...)` (the explorer): the `top` best k-sets by f (exhaustive
+  up to EXHAUSTIVE_LIMIT sets, else beam search), ensemble intervals, measured perplexities where
+  known, how often each layer is removed among them, and interchangeable pairs (`Swap`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -246,3 +251,126 @@ def measure_splits(decisions: Sequence[Decision], L: int, measures: Mapping[str,
             ppl=tuple(float(p) for p in ppl[1:]),
         )
     return out
+
+
+# ---------------------------------------------------------------- near-optimal sets explorer
+
+EXHAUSTIVE_LIMIT = 200_000  # C(L, k) removal sets predicted in one go below this; beam search above
+
+
+@dataclass(frozen=True)
+class NearSet:
+    """One near-optimal removal set: the surrogate's prediction with its ensemble interval, and the
+    real perplexity when the set was measured."""
+
+    removed: tuple[int, ...]  # removed layer indices, ascending
+    predicted: float  # surrogate score (ensemble mean), higher = better
+    predicted_std: float  # std of the score over ensemble members (NaN with one member)
+    ppl_predicted: float  # ppl_full / predicted
+    ppl_low: float  # ppl_full / (predicted + 2 std): the ensemble's optimistic end (NaN without spread)
+    ppl_high: float  # ppl_full / (predicted - 2 std): the pessimistic end (inf when it reaches score 0)
+    ppl_measured: float = float("nan")  # real calibration perplexity if measured, else NaN
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Layers a < b that swap between near-optimal sets: `count` pairs of the top sets are S + {a}
+    and S + {b} for some S; `min_gap` is the smallest predicted-score difference of such a pair."""
+
+    a: int
+    b: int
+    count: int
+    min_gap: float
+
+
+@dataclass(frozen=True)
+class NearOptimal:
+    """The `top` best removal sets of size k by surrogate prediction, and what they have in common."""
+
+    k: int
+    sets: tuple[NearSet, ...]  # best predicted first
+    layer_frequency: tuple[float, ...]  # (L,): share of the sets that remove each layer
+    swaps: tuple[Swap, ...]  # interchangeable pairs, most frequent first
+    search: str  # how the sets were found
+
+    def to_dict(self) -> dict:
+        from engine.jsonable import jsonable
+
+        return jsonable({"k": self.k, "search": self.search, "sets": [asdict(s) for s in self.sets],
+                         "layer_frequency": self.layer_frequency, "swaps": [asdict(s) for s in self.swaps]})
+
+
+def _all_removal_sets(L: int, k: int, protect: frozenset) -> list[tuple[int, ...]]:
+    free = [j for j in range(L) if j not in protect]
+    return list(itertools.combinations(free, k))
+
+
+def swaps_between(sets: Sequence[tuple[int, ...]], scores: Sequence[float]) -> tuple[Swap, ...]:
+    """Pairs of layers exchanged between sets that differ in exactly one layer (see `Swap`)."""
+    found: dict[tuple[int, int], list[float]] = {}
+    as_sets = [frozenset(s) for s in sets]
+    for x in range(len(sets)):
+        for y in range(x + 1, len(sets)):
+            diff = as_sets[x] ^ as_sets[y]
+            if len(diff) == 2:
+                a, b = sorted(diff)
+                found.setdefault((a, b), []).append(abs(float(scores[x]) - float(scores[y])))
+    out = [Swap(a, b, len(g), min(g)) for (a, b), g in found.items()]
+    return tuple(sorted(out, key=lambda s: (-s.count, s.min_gap, s.a, s.b)))
+
+
+def near_optimal_sets(
+    f: ValueFn,
+    L: int,
+    k: int,
+    top: int = 10,
+    members: Sequence[ValueFn] = (),
+    ppl_full: float = 1.0,
+    measured: Mapping[tuple[int, ...], float] | None = None,
+    protect: Iterable[int] = (),
+    beam_width: int | None = None,
+    exhaustive_limit: int = EXHAUSTIVE_LIMIT,
+) -> NearOptimal:
+    """The `top` best k-removal sets by f (exhaustive when C(free layers, k) <= exhaustive_limit,
+    one f call; otherwise `beam_search` with width max(beam_width, 4 * top)), each with the
+    spread of `members` (the ensemble) as an interval and the measured perplexity from `measured`
+    ({removed set: ppl}) when known; plus how often each layer is removed among them and which
+    layers swap between them."""
+    protect = frozenset(int(p) for p in protect)
+    _check_k(k, L, len(protect))
+    if top < 1:
+        raise WorkbenchError("top must be at least 1.")
+    n_sets = math.comb(L - len(protect), k)
+    if n_sets <= exhaustive_limit:
+        sets = _all_removal_sets(L, k, protect)
+        masks = np.ones((len(sets), L), dtype=bool)  # (n, L)
+        if k:
+            masks[np.repeat(np.arange(len(sets)), k), np.array(sets, dtype=np.int64).reshape(-1)] = False
+        ranked = _top_distinct(sets, _call(f, masks, "surrogate"), top)
+        search = f"exhaustive ({n_sets:,} sets)"
+    else:
+        width = max(beam_width or 0, 4 * top)
+        ranked = [(c.removed, c.predicted) for c in beam_search(f, L, k, width, top, protect)]
+        search = f"beam search (width {width}; {n_sets:,} sets in all)"
+    chosen = [s for s, _ in ranked]
+    masks = np.stack([removal_mask(s, L) for s in chosen])  # (top, L)
+    pred = np.array([v for _, v in ranked])
+    if len(members) > 1:
+        std = np.stack([_call(g, masks, "ensemble member") for g in members]).std(axis=0, ddof=1)
+    else:
+        std = np.full(len(chosen), np.nan)
+    measured = {tuple(sorted(int(i) for i in s)): float(p) for s, p in (measured or {}).items()}
+    out = []
+    for s, p, sd in zip(chosen, pred, std):
+        spread = np.isfinite(sd)
+        out.append(NearSet(
+            removed=s, predicted=float(p), predicted_std=float(sd),
+            ppl_predicted=_ppl_from_score(ppl_full, float(p)),
+            ppl_low=_ppl_from_score(ppl_full, float(p + 2 * sd)) if spread else float("nan"),
+            ppl_high=_ppl_from_score(ppl_full, float(p - 2 * sd)) if spread else float("nan"),
+            ppl_measured=measured.get(s, float("nan")),
+        ))
+    freq = np.zeros(L)
+    for s in chosen:
+        freq[list(s)] += 1
+    return NearOptimal(k, tuple(out), tuple(float(x) for x in freq / len(chosen)), swaps_between(chosen, pred), search)

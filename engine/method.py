@@ -25,7 +25,7 @@ from engine import estimators, shapley
 from engine.config import DEMO_DATA, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.evaluate import scores
-from engine.surrogate import FittedSurrogate, compare, fit_with_diagnostics, learning_curve, make_surrogate
+from engine.surrogate import Ensemble, FittedSurrogate, compare, fit_with_diagnostics, learning_curve, make_surrogate
 
 MIN_MASKS = 8  # below this no surrogate fit is meaningful
 # Held-out splits measured next to the calibration split when the run uses the bundled text.
@@ -183,3 +183,74 @@ def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn,
     items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify)
     splits = decision_lib.measure_splits(items, L, eval_measures) if eval_measures else {}
     return Decisions(tuple(items), splits, contribs)
+
+
+# ---------------------------------------------------------------- interactions and near-optimal sets
+
+FIT_ON = ("all", "train")
+
+
+def interaction_members(samples: Samples, f: Fit, fit_on: str = "all") -> list:
+    """Value functions the interaction map is computed on: ``train`` = the fit's ensemble (fitted on
+    the 80% training part), ``all`` = the same surrogate spec refitted on every mask (the default:
+    on the demo game it raised the Spearman over all pairs with the exact SII, see bench/README.md)."""
+    if fit_on == "train":
+        return f.members
+    if fit_on != "all":
+        raise WorkbenchError(f"fit_on must be one of {', '.join(FIT_ON)}; got {fit_on!r}.")
+    s = samples.require()
+    return Ensemble(f.fitted.report.spec).fit(s.masks, s.scores).value_functions()
+
+
+def interactions(samples: Samples, members, index: str = "sii", budget: int | None = None, seed: int = 0):
+    """Pairwise `index` of the surrogate ensemble `members` (engine.interactions): exact for L <= 22
+    unless a `budget` (value-function evaluations per member) is given, Monte Carlo otherwise
+    (budget // (1 + L + L(L-1)/2) base masks; default interactions.DEFAULT_SAMPLES). The kept counts
+    of the samples give details['unsampled_weight_fraction']."""
+    from engine import interactions as inter
+
+    L = samples.n_layers
+    per_base = 1 + L + L * (L - 1) // 2
+    n_samples = None if budget is None else max(2, int(budget) // per_base)
+    sizes = np.unique(samples.masks.sum(axis=1))
+    return inter.interaction_index(list(members), L, index, n_samples=n_samples, seed=seed, sampled_sizes=sizes)
+
+
+def measured_sets(samples: Samples, decisions: Mapping | None = None) -> dict[tuple[int, ...], float]:
+    """{removed layers: real calibration perplexity} from the evaluated masks and, when given, the
+    candidates of a stored decisions artifact (its `decisions[*].candidates[*]`)."""
+    out = {}
+    for m, p in zip(samples.masks, samples.ppl):
+        out[tuple(int(i) for i in np.flatnonzero(~m))] = float(p)
+    for d in (decisions or {}).get("decisions", []):
+        for c in d.get("candidates", []):
+            if c.get("ppl_measured") is not None:
+                out[tuple(int(i) for i in c["removed"])] = float(c["ppl_measured"])
+    return out
+
+
+def near_optimal(samples: Samples, f: Fit, ks, top: int = 10, measured: Mapping | None = None) -> list:
+    """`decision.near_optimal_sets` for each k on the fit's ensemble mean, with the members'
+    spread as intervals and `measured` ({removed set: ppl}) attached."""
+    ks = check_ks(ks, samples.n_layers)
+    return [decision_lib.near_optimal_sets(f.predict, samples.n_layers, k, top, f.members, samples.ppl_full, measured)
+            for k in ks]
+
+
+def interaction_bias_check(samples: Samples, spec: SurrogateSpec, index: str = "sii", seed: int = 0,
+                           folds: int = 5) -> dict:
+    """`interactions.residual_check` on the run's real evaluations with single-member surrogates of
+    `spec` (cross-fitted: `folds` extra fits). Unbiased where the design samples every kept count
+    (size-uniform, paired); on stratified runs it corrects only the sampled counts."""
+    from engine import interactions as inter
+    from engine.sampling import mask_probability
+
+    s = samples.require()
+    single = dataclasses.replace(spec, ensemble=1)
+    prob = mask_probability(s.design, s.n_layers, s.masks)  # (n,)
+    keep = prob > 0  # masks from another design cannot be reweighted
+
+    def fit_one(X, y):
+        return make_surrogate(single).fit(X, y).predict
+
+    return inter.residual_check(s.masks[keep], s.scores[keep], prob[keep], fit_one, index, folds, seed)

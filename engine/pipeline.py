@@ -736,3 +736,127 @@ def generate(run: OpenRun, prompt: str, removed=(), max_new_tokens: int = 40, se
     from engine import footprint
 
     return footprint.generate(run.lm, prompt, tuple(removed), max_new_tokens, seed)
+
+
+# ---------------------------------------------------------------- interactions and near-optimal sets
+
+
+def interactions_name(method: MethodSpec, index: str, fit_on: str = "all") -> str:
+    """Artifact name of an interaction map: the surrogate spec, index, budget, Monte Carlo seed, fit_on."""
+    return "interactions:" + stable_hash({**method.key("fit"), "index": index, "budget": method.budget,
+                                          "mc_seed": method.mc_seed, "fit_on": fit_on})
+
+
+def stored_interactions(run, method: MethodSpec, index: str = "sii", fit_on: str = "all") -> dict | None:
+    """The stored interaction map for these settings (None if not computed); ``stale`` as in `stored`."""
+    store = getattr(run, "store", run)
+    art = store.get_artifact(interactions_name(method, index, fit_on))
+    return None if art is None else {**art, "stale": art.get("n_masks") != store.count()}
+
+
+def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
+                 cache_dir=None, run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(),
+                 csv_path=None, bias_check: bool = False) -> dict:
+    """Pairwise interaction index of every layer pair on the run's surrogate (engine.interactions):
+    `matrix`, `stderr`, `pairs` (strongest first), `diagonal` (what the diagonal holds), stored as an
+    artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr).
+    `bias_check` adds `bias_check` (method.interaction_bias_check: an unbiased, cross-fitted estimate
+    from the real evaluations with its stderr, and `outside`: pairs whose value lies outside its
+    2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes."""
+    from engine import method as method_lib
+
+    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
+    t = time.monotonic()
+    f = _fit(run, method)
+    members = method_lib.interaction_members(f.samples, f, fit_on)
+    r = method_lib.interactions(f.samples, members, index, method.budget, method.mc_seed)
+    result = {"run_id": run.run_id, "n_layers": run.n_layers, "fit_on": fit_on, **r.to_dict()}
+    if bias_check:
+        chk = method_lib.interaction_bias_check(f.samples, method.surrogate, index, method.mc_seed)
+        iu = np.triu_indices(run.n_layers, 1)
+        outside = np.abs(r.matrix - chk["corrected"])[iu] > 2 * chk["stderr"][iu]
+        result["bias_check"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in chk.items()}
+        result["bias_check"]["outside"] = int(outside.sum())
+    art = {"stage": "interactions", "spec": {**method.key("fit"), "index": index, "budget": method.budget,
+                                             "mc_seed": method.mc_seed, "fit_on": fit_on},
+           "n_masks": int(f.samples.n), **result}
+    run.store.put_artifact(interactions_name(method, index, fit_on), art)
+    out = {**result, "n_masks": int(f.samples.n), "seconds": round(time.monotonic() - t, 3)}
+    if csv_path is not None:
+        out["csv"] = str(write_interactions_csv(out, csv_path))
+    return out
+
+
+def write_interactions_csv(result: dict, path) -> Path:
+    """Rows i, j, kind (pair | diagonal), value, stderr: every pair (strongest first), then the diagonal."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["i", "j", "kind", "value", "stderr"])
+        for p in result["pairs"]:
+            w.writerow([p["i"], p["j"], "pair", p["value"], p["stderr"]])
+        for i, row in enumerate(result["matrix"]):
+            w.writerow([i, i, "diagonal", row[i], result["stderr"][i][i]])
+    return path
+
+
+def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, cache_dir=None,
+               run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+    """The near-optimal sets explorer for k = 1..remove (default L/4): the `top` best removal sets per k
+    by surrogate prediction with ensemble intervals, the measured perplexity of those the run has
+    measured (sampled masks and the stored decision's candidates), layer frequencies and
+    interchangeable pairs; stored as the ``candidates:<hash>`` artifact."""
+    from engine import method as method_lib
+
+    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
+    t = time.monotonic()
+    f = _fit(run, method)
+    measured = method_lib.measured_sets(f.samples, stored(run, "decisions", method))
+    ks = range(1, default_remove(method, run.n_layers) + 1)
+    items = method_lib.near_optimal(f.samples, f, ks, top, measured)
+    result = {"run_id": run.run_id, "n_layers": run.n_layers, "ppl_full": f.samples.ppl_full, "top": int(top),
+              "ks": [n.k for n in items], "candidates": [n.to_dict() for n in items]}
+    run.store.put_artifact(candidates_name(method, top), {"stage": "candidates", "n_masks": int(f.samples.n), **result})
+    return {**result, "n_masks": int(f.samples.n), "seconds": round(time.monotonic() - t, 3)}
+
+
+def candidates_name(method: MethodSpec, top: int) -> str:
+    return "candidates:" + stable_hash({**method.key("fit"), "remove": method.remove, "top": int(top)})
+
+
+def stored_candidates(run, method: MethodSpec, top: int = 10) -> dict | None:
+    store = getattr(run, "store", run)
+    art = store.get_artifact(candidates_name(method, top))
+    return None if art is None else {**art, "stale": art.get("n_masks") != store.count()}
+
+
+def interaction_indices() -> dict[str, str]:
+    """{index name: description} of the interaction indices (for the app's choices)."""
+    from engine.interactions import INDICES
+
+    return dict(INDICES)
+
+
+def measure_pair(run: OpenRun, i: int, j: int) -> dict:
+    """Real calibration perplexity of the full model, of removing i, j, and both; the measured
+    interaction at the full model s(N) - s(N-i) - s(N-j) + s(N-ij) (scores s = ppl_full / ppl;
+    positive = the two layers are worth more together). Appended to the ``pair_measurements``
+    artifact (never to the samples: these masks are not part of the sampling design)."""
+    L = run.n_layers
+    i, j = int(i), int(j)
+    if not (0 <= i < L and 0 <= j < L and i != j):
+        raise WorkbenchError(f"choose two different layers between 0 and {L - 1}; got {i} and {j}.")
+    masks = np.ones((4, L), dtype=bool)  # full, -i, -j, -ij
+    masks[1, i] = masks[2, j] = masks[3, [i, j]] = False
+    ppl = np.array(measure(run, masks))
+    s = np.where(np.isfinite(ppl) & (ppl > 0), ppl[0] / ppl, 0.0)
+    out = {"i": min(i, j), "j": max(i, j), "ppl_full": float(ppl[0]), "ppl_without_i": float(ppl[1]),
+           "ppl_without_j": float(ppl[2]), "ppl_without_both": float(ppl[3]),
+           "interaction_at_full": float(s[0] - s[1] - s[2] + s[3]), "n_masks": int(run.store.count())}
+    past = [m for m in (run.store.get_artifact("pair_measurements") or {}).get("items", [])
+            if (m["i"], m["j"]) != (out["i"], out["j"])]
+    run.store.put_artifact("pair_measurements", {"items": [*past, out]})
+    return out

@@ -156,5 +156,45 @@ def report_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+def interactions_summary(r: dict, n_pairs: int = 10) -> str:
+    """Header, what the diagonal holds, the strongest pairs with standard errors, the bias note."""
+    d = r["details"]
+    lines = [f"{r['name']} ({r['index']}) of {r['n_layers']} layers on the surrogate ({r['method']}; "
+             f"{r['n_evaluations']:,} evaluations; ensemble of {d['n_members']} fitted on {r['fit_on']} masks)",
+             f"diagonal: {r['diagonal']}",
+             f"{'pair':>9} {'value':>10} {'± err':>9}  (+ synergy: worth more together; - redundancy)"]
+    for p in r["pairs"][:n_pairs]:
+        lines.append(f"{'(%d, %d)' % (p['i'], p['j']):>9} {p['value']:+10.4f} {_num(p['stderr'], 4):>9}")
+    if (d.get("unsampled_weight_fraction") or 0.0) >= 0.005:
+        lines.append(f"{d['unsampled_weight_fraction']:.0%} of this index's weight is on kept-layer counts the run "
+                     "never sampled: there the surrogate extrapolates, and the errors do not include that bias.")
+    chk = r.get("bias_check")
+    if chk:
+        n_pairs = len(r["pairs"])
+        se = sorted(chk["stderr"][p["i"]][p["j"]] for p in r["pairs"])
+        lines.append(f"bias check on the real evaluations ({chk['folds']} cross-fitted folds, {chk['covered_weight']:.0%} "
+                     f"of the index weight covered): {chk['outside']} of {n_pairs} pair values lie outside its "
+                     f"2-stderr interval (median stderr {_num(se[len(se) // 2], 4)})")
+    if r.get("csv"):
+        lines.append(f"CSV: {r['csv']}")
+    return "\n".join(lines)
+
+
+def candidates_summary(r: dict) -> str:
+    """Per k: the best sets with predicted (and measured) perplexity, frequent layers, swaps."""
+    lines = [f"near-optimal removal sets ({r['top']} per k; full-model perplexity {_num(r['ppl_full'])})"]
+    for c in r["candidates"]:
+        lines.append(f"k={c['k']} ({c['search']}):")
+        for s in c["sets"]:
+            meas = "" if s["ppl_measured"] is None else f"  measured {_num(s['ppl_measured'], 2)}"
+            band = "" if s["ppl_low"] is None else f" [{_num(s['ppl_low'], 2)}, {_num(s['ppl_high'], 2)}]"
+            lines.append(f"  remove {tuple(s['removed'])}: predicted PPL {_num(s['ppl_predicted'], 2)}{band}{meas}")
+        freq = sorted(enumerate(c["layer_frequency"]), key=lambda x: -x[1])
+        lines.append("  most removed: " + ", ".join(f"{i} ({f:.0%})" for i, f in freq if f > 0)[:200])
+        if c["swaps"]:
+            lines.append("  interchangeable: " + ", ".join(f"{s['a']}<->{s['b']} (x{s['count']})" for s in c["swaps"][:6]))
+    return "\n".join(lines)
+
+
 SUMMARIES = {"report": report_summary, "export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
-             "baselines": baseline_summary}
+             "baselines": baseline_summary, "interactions": interactions_summary, "candidates": candidates_summary}

@@ -255,3 +255,35 @@ def fidelity_summary(df: pd.DataFrame) -> pd.DataFrame:
     g = df.groupby(["estimator", "target", "n"])[metrics].agg(["mean", "std"])
     g.columns = [f"{m}_{s}" for m, s in g.columns]
     return g.reset_index()
+
+
+# ---------------------------------------------------------------- interactions page
+
+
+def interaction_pairs_frame(result: dict):
+    """DataFrame of every pair (i, j, value, stderr, kind = synergy | redundancy), strongest first."""
+    df = pd.DataFrame(result["pairs"], columns=["i", "j", "value", "stderr"])
+    df["kind"] = np.where(df["value"] >= 0, "synergy", "redundancy")
+    return df
+
+
+def interaction_profile(result: dict, layer: int):
+    """DataFrame (partner, value, stderr) of one layer's pair values with every other layer."""
+    M, se = np.asarray(result["matrix"], float), np.asarray(result["stderr"], float)
+    others = [j for j in range(len(M)) if j != layer]
+    return pd.DataFrame({"partner": others, "value": M[layer, others], "stderr": se[layer, others]})
+
+
+def off_diagonal(matrix) -> np.ndarray:
+    """float[L, L] copy with NaN on the diagonal (order-1 values would swamp a pair heatmap's scale)."""
+    M = np.array(matrix, dtype=float)
+    np.fill_diagonal(M, np.nan)
+    return M
+
+
+def near_sets_frame(k_result: dict):
+    """DataFrame of one k's near-optimal sets: removed, predicted PPL with its interval, measured PPL."""
+    rows = [{"removed": ", ".join(map(str, s["removed"])), "predicted PPL": s["ppl_predicted"],
+             "interval low": s["ppl_low"], "interval high": s["ppl_high"], "measured PPL": s["ppl_measured"]}
+            for s in k_result["sets"]]
+    return pd.DataFrame(rows)

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine import views
@@ -262,3 +263,57 @@ def test_summary_page_builds_the_report_and_generates(demo_run):
     at.text_input(key="summary_prompt").set_value("The list").run()
     _button(at, "Generate").click().run()
     assert not at.exception
+
+
+def _plotly_array(x):
+    """A plotly figure-JSON array: a list, or a typed array {dtype, bdata (base64), shape}."""
+    import base64
+
+    if isinstance(x, dict) and "bdata" in x:
+        a = np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"])
+        return a.reshape([int(n) for n in str(x.get("shape", len(a))).split(",")])
+    return np.array(x, dtype=float)
+
+
+def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
+    from engine import pipeline
+    from engine.config import MethodSpec
+
+    pipeline.contributions(SPEC, MethodSpec(estimator="exact"), demo_run[0])  # shown in the estimator overlay
+    at = _app("interactions")
+    assert any("No interaction map" in i.value for i in at.info)
+    at.checkbox(key="interaction_bias_check").check().run()
+    assert not _click_job(at, "Compute interactions")
+    heat = json.loads(at.get("plotly_chart")[0].proto.spec)
+    trace = heat["data"][0]
+    z, stderr = _plotly_array(trace["z"]), _plotly_array(trace["customdata"])
+    assert trace["type"] == "heatmap" and trace["zmid"] == 0 and z.shape == (16, 16) == stderr.shape
+    scale = trace["colorscale"]  # diverging, red at the positive (synergy) end
+    assert scale[0][1] == "rgb(5,48,97)" and scale[-1][1] == "rgb(103,0,31)"  # RdBu reversed: blue -> red
+    assert np.isnan(z[3, 3]) and np.allclose(z[0, 1:], z[1:, 0])  # diagonal left out; symmetric
+    assert "%{customdata" in trace["hovertemplate"] and (stderr >= 0).all()
+    assert _charts(at) == 3  # heatmap, profile, contributions by estimator
+    overlay = json.loads(at.get("plotly_chart")[2].proto.spec)["data"]
+    names = {t["name"] for t in overlay}
+    assert "sii diagonal" in names and "exact Shapley" in names
+    assert {"strongest pair", "pairs outside the bias check"} <= set(_metrics(at))
+    syn, red = at.dataframe[0].value, at.dataframe[1].value
+    assert (syn["value"] > 0).all() and (red["value"] < 0).all()
+    at.selectbox(key="interaction_layer").set_value(5).run()
+    prof = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]
+    assert json.loads(at.get("plotly_chart")[1].proto.spec)["data"][1]["name"].startswith("bias check")
+    partners = _plotly_array(prof["x"])
+    assert 5 not in partners and len(partners) == 15
+    at.selectbox(key="measure_a").set_value(1).run()
+    at.selectbox(key="measure_b").set_value(2).run()
+    _button(at, "Measure").click().run()
+    assert not at.exception, at.exception
+    frames = [d.value for d in at.dataframe]
+    measured = next(f for f in frames if "ppl_without_both" in f.columns)
+    assert list(measured[["i", "j"]].iloc[-1]) == [1, 2] and measured["ppl_without_both"].iloc[-1] > 0
+    at.number_input(key="near_k").set_value(2).run()
+    at.number_input(key="near_top").set_value(4).run()
+    assert not _click_job(at, "Find near-optimal sets")
+    sets = next(d.value for d in at.dataframe if "predicted PPL" in d.value.columns)
+    assert len(sets) == 4 and all(len(r.split(", ")) == 2 for r in sets["removed"])
+    assert _charts(at) == 4  # + layer frequency

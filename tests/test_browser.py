@@ -3,7 +3,8 @@
 Walks the whole flow on the demo model: sampling (live counter, cancel, resume), fit, contributions,
 decide, export and summary, each started from its page as a background CLI job; checks that what
 the pages show agrees with the export, that a reload finds every result, and that the idle server
-costs under 5% of a core. Screenshots go to tmp_path (sampling.png, prune.png, summary.png).
+costs under 5% of a core; computes the interaction heatmap on the Interactions page. Screenshots go to
+tmp_path (sampling.png, prune.png, summary.png, interactions.png).
 """
 
 from __future__ import annotations
@@ -200,6 +201,12 @@ def test_the_whole_flow_in_a_browser(server, tmp_path):
             page.get_by_role("button", name="Build summary").click()
             assert _wait_metric(page, "layers removed") == "2 of 16"
             page.screenshot(path=str(tmp_path / "summary.png"), full_page=True)
+            assert not page.locator("[data-testid='stException']").count()
+
+            _go(page, "Interactions")
+            page.get_by_role("button", name="Compute interactions").click()
+            page.locator(".js-plotly-plot .heatmaplayer").first.wait_for(timeout=240_000)  # the interaction map
+            page.screenshot(path=str(tmp_path / "interactions.png"), full_page=True)
             assert not page.locator("[data-testid='stException']").count()
 
             page.goto(url)  # a new session: every result is read back from the run store

@@ -1,0 +1,193 @@
+"""Fidelity of surrogate interaction maps against the exact interactions of the real demo game.
+
+    .venv/bin/python -m bench.interactions [--ground-truth bench/data/ground_truth_demo.npz]
+        [--masks 128 256 1024] [--surrogates mlp ridge-pairwise gbt]
+        [--schemes stratified size-uniform paired mixed] [--seeds 0 1 2] [--ensemble 5] [--index sii]
+        [--fit-on train|all] [--bias-check]
+        [--cost-layers 22 32 40 80] [--cost-samples 2000] [--threads 1] [--json]
+
+The truth: the exact index (default SII) of the real game, from all 2^16 masks of the demo model in
+the ground truth (`python -m bench.ground_truth`), computed with `engine.interactions`.
+For each (masks, surrogate, scheme, seed): the masks that `engine.sampling.sample_masks` draws for
+that scheme (stratified = the paper's strata; size-uniform; paired = size-uniform with complements;
+mixed = half stratified, half paired, duplicates dropped), their real scores looked up in the table
+(no model call), a surrogate ensemble of `--ensemble` members fitted either the way the pipeline's
+fit step does (`--fit-on train`: `surrogate.fit_with_diagnostics`, 20% held out for diagnostics) or
+on every mask (`--fit-on all`, what `pipeline.interactions` uses), and the exact index of the
+ensemble. Reported per row, as the mean over seeds:
+Spearman over all pairs, Spearman over the 15 strongest true pairs (by |value|), Pearson over all
+pairs, the share of the index's weight on kept counts the scheme never samples, the share of pairs
+whose exact value lies within 2 stderr of the estimate (the ensemble interval; with --bias-check also
+the cross-fitted residual check's interval, `engine.interactions.residual_check`), and fit seconds.
+
+Cost: interactions of a 5-member ensemble of the paper's MLP at each of `--cost-layers` (exact up to
+22 layers, Monte Carlo with `--cost-samples` base masks above) (random weights; the time does not depend on them), with the median
+standard error of the pair values relative to their median magnitude.
+
+With --json the last stdout line is one JSON object: `rows` (masks, surrogate, scheme,
+spearman_all, spearman_top15, pearson, their std over seeds, unsampled_weight_fraction,
+mean_stderr, coverage_ensemble, coverage_bias_check, fit_seconds, fit_on), `truth_top` (the strongest true pairs), `cost`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+from bench import ground_truth as gtm
+from bench.common import emit, run_script
+from engine.config import SamplingSpec, SurrogateSpec
+from engine.interactions import interaction_index, residual_check
+from engine.sampling import mask_probability, sample_masks, size_distribution
+from engine.surrogate import Ensemble, fit_with_diagnostics, make_surrogate
+
+SCHEMES = {
+    "stratified": SamplingSpec(),
+    "size-uniform": SamplingSpec(scheme="size-uniform"),
+    "paired": SamplingSpec(scheme="size-uniform", paired=True),
+}
+TOP = 15
+
+
+def design_probability(scheme: str, masks: np.ndarray, L: int) -> np.ndarray:
+    """float[n]: chance that one draw of the scheme is each mask (mixed: the 50/50 mixture)."""
+    if scheme == "mixed":
+        return 0.5 * design_probability("stratified", masks, L) + 0.5 * design_probability("paired", masks, L)
+    return mask_probability(SCHEMES[scheme], L, masks)
+
+
+def design_masks(scheme: str, n: int, seed: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """(masks bool[<=n, L], kept counts the design can produce) for a scheme name of SCHEMES or 'mixed'."""
+    if scheme == "mixed":
+        parts = [design_masks("stratified", n // 2, seed, L), design_masks("paired", n - n // 2, seed, L)]
+        both = np.concatenate([parts[0][0], parts[1][0]])  # (n, L)
+        _, first = np.unique(both, axis=0, return_index=True)
+        return both[np.sort(first)], np.union1d(parts[0][1], parts[1][1])
+    sampling = replace(SCHEMES[scheme], n_masks=n, seed=seed)
+    return sample_masks(sampling, L), np.flatnonzero(size_distribution(sampling, L) > 0)
+
+
+def truth_matrix(gt: gtm.GroundTruth, index: str) -> np.ndarray:
+    """Exact index of the real game (every mask in the table), float[L, L]."""
+    return interaction_index(gt.value_function(), gt.n_layers, index).matrix
+
+
+def agreement(est: np.ndarray, truth: np.ndarray, top: int = TOP) -> dict:
+    """Spearman over all pairs, over the `top` strongest true pairs, Pearson over all pairs."""
+    iu = np.triu_indices(truth.shape[0], 1)
+    e, t = est[iu], truth[iu]
+    strongest = np.argsort(-np.abs(t), kind="stable")[:top]
+    return {
+        "spearman_all": float(spearmanr(e, t).statistic),
+        "spearman_top15": float(spearmanr(e[strongest], t[strongest]).statistic),
+        "pearson": float(pearsonr(e, t).statistic),
+    }
+
+
+def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "train", bias_check: bool = False) -> dict:
+    L = gt.n_layers
+    masks, sizes = design_masks(scheme, n, seed, L)  # (n, L)
+    y = gt.value_function()(masks)  # real scores from the table
+    spec = SurrogateSpec(kind=kind, ensemble=ensemble, seed=seed)
+    t0 = time.perf_counter()
+    ens = fit_with_diagnostics(masks, y, spec, gt.ppl_full).ensemble if fit_on == "train" else Ensemble(spec).fit(masks, y)
+    fit_s = time.perf_counter() - t0
+    r = interaction_index(ens.value_functions(), L, index, sampled_sizes=sizes)
+    iu = np.triu_indices(L, 1)
+    out = {**agreement(r.matrix, truth), "fit_seconds": fit_s,
+           "unsampled_weight_fraction": r.details["unsampled_weight_fraction"],
+           "mean_stderr": float(np.mean(r.stderr[iu])),
+           "coverage_ensemble": float(np.mean(np.abs(r.matrix - truth)[iu] <= 2 * r.stderr[iu]))}
+    if bias_check:
+        single = replace(spec, ensemble=1)
+        chk = residual_check(masks, y, design_probability(scheme, masks, L),
+                             lambda X, v: make_surrogate(single).fit(X, v).predict, index, 5, seed)
+        out["coverage_bias_check"] = float(np.mean(np.abs(chk["corrected"] - truth)[iu] <= 2 * chk["stderr"][iu]))
+        out["median_bias_check_stderr"] = float(np.median(chk["stderr"][iu]))
+    return out
+
+
+def cost(layers, n_samples: int, ensemble: int = 5, index: str = "sii") -> list[dict]:
+    from bench.shapley_step import random_surrogate
+
+    out = []
+    for L in layers:
+        members = [random_surrogate(L, seed=s) for s in range(ensemble)]
+        t0 = time.perf_counter()
+        r = interaction_index(members, L, index, n_samples=None if L <= 22 else n_samples, seed=0)  # exact up to 22
+        secs = time.perf_counter() - t0
+        iu = np.triu_indices(L, 1)
+        out.append({"L": L, "n_samples": None if L <= 22 else n_samples, "members": ensemble, "seconds": secs,
+                    "method": r.method,
+                    "evaluations": r.n_evaluations,
+                    "median_mc_stderr": float(np.median(r.details["monte_carlo_stderr"][iu])),
+                    "median_abs_value": float(np.median(np.abs(r.matrix[iu])))})
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench.interactions", description=__doc__.split("\n")[0])
+    ap.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
+    ap.add_argument("--masks", type=int, nargs="*", default=[128, 256, 1024])
+    ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt"])
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=[*SCHEMES, "mixed"])
+    ap.add_argument("--fit-on", default="train", choices=["train", "all"])
+    ap.add_argument("--bias-check", action="store_true",
+                    help="also the coverage of the exact values by the cross-fitted residual check's 2-stderr intervals")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ensemble", type=int, default=5)
+    ap.add_argument("--index", default="sii", choices=["sii", "stii", "fsii", "banzhaf"])
+    ap.add_argument("--cost-layers", type=int, nargs="*", default=[22, 32, 40, 80])
+    ap.add_argument("--cost-samples", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(a.threads)
+    with threadpool_limits(a.threads):
+        gt = gtm.load(a.ground_truth)
+        truth = truth_matrix(gt, a.index)
+        iu = np.triu_indices(gt.n_layers, 1)
+        order = np.argsort(-np.abs(truth[iu]), kind="stable")[:TOP]
+        truth_top = [{"i": int(iu[0][r]), "j": int(iu[1][r]), "value": float(truth[iu][r])} for r in order]
+        rows = []
+        lines = [f"exact {a.index.upper()} of the real game ({gt.n_layers} layers): strongest pairs "
+                 + ", ".join(f"({p['i']},{p['j']}) {p['value']:+.3f}" for p in truth_top[:5]),
+                 "", "| masks | surrogate | scheme | Spearman all | Spearman top 15 | Pearson | unsampled weight | "
+                 "2-se coverage: ensemble | bias check | fit s |",
+                 "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in a.masks:
+            for kind in a.surrogates:
+                for scheme in a.schemes:
+                    per = [one_row(gt, truth, n, kind, scheme, s, a.ensemble, a.index, a.fit_on, a.bias_check) for s in a.seeds]
+                    row = {"masks": n, "surrogate": kind, "scheme": scheme, "seeds": list(a.seeds),
+                           "ensemble": a.ensemble, "index": a.index, "fit_on": a.fit_on}
+                    for key in per[0]:
+                        vals = np.array([p[key] for p in per])
+                        row[key] = float(vals.mean())
+                        if key in ("spearman_all", "spearman_top15", "pearson"):
+                            row[f"{key}_std"] = float(vals.std())
+                    rows.append(row)
+                    lines.append(f"| {n} | {kind} | {scheme} | {row['spearman_all']:.3f} ± {row['spearman_all_std']:.3f}"
+                                 f" | {row['spearman_top15']:.3f} ± {row['spearman_top15_std']:.3f}"
+                                 f" | {row['pearson']:.3f} | {row['unsampled_weight_fraction']:.2f}"
+                                 f" | {row['coverage_ensemble']:.2f} | {row.get('coverage_bias_check', float('nan')):.2f}"
+                                 f" | {row['fit_seconds']:.1f} |")
+                    print(lines[-1], flush=True) if not a.json else None
+        costs = cost(a.cost_layers, a.cost_samples, index=a.index) if a.cost_layers else []
+        if costs:
+            lines += ["", f"{a.index.upper()} cost (5-member MLP ensemble; Monte Carlo: {a.cost_samples} base masks):"]
+            lines += [f"  L={c['L']}: {c['seconds']:.1f} s, {c['method']}, {c['evaluations']:,} evaluations, median pair "
+                      f"stderr {c['median_mc_stderr']:.2g} (median |value| {c['median_abs_value']:.2g})" for c in costs]
+    return emit(lines, {"index": a.index, "fit_on": a.fit_on, "truth_top": truth_top, "rows": rows, "cost": costs}, a.json)
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,44 @@
+"""bench.interactions: the JSON contract on the demo ground truth, and the agreement measures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import ground_truth as gtm
+from bench import interactions as bi
+
+pytestmark = pytest.mark.skipif(not gtm.DEFAULT_OUT.is_file(), reason="no demo ground truth")
+
+
+def test_agreement_measures():
+    rng = np.random.default_rng(0)
+    T = rng.normal(size=(8, 8))
+    T = T + T.T
+    a = bi.agreement(T, T)
+    assert a == {"spearman_all": pytest.approx(1.0), "spearman_top15": pytest.approx(1.0), "pearson": pytest.approx(1.0)}
+    flipped = bi.agreement(-T, T)
+    assert flipped["spearman_all"] == pytest.approx(-1.0) and flipped["pearson"] == pytest.approx(-1.0)
+
+
+def test_mixed_design_is_half_stratified_half_paired():
+    masks, sizes = bi.design_masks("mixed", 64, 0, 16)
+    assert len(np.unique(masks, axis=0)) == len(masks) <= 64
+    assert 0 in sizes and 16 in sizes and 15 in sizes
+
+
+def test_json_rows_on_the_demo_ground_truth(capsys):
+    bi.main(["--masks", "64", "--surrogates", "ridge-pairwise", "--schemes", "stratified", "paired", "--seeds", "0",
+             "--ensemble", "2", "--cost-layers", "24", "--cost-samples", "4", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    top = out["truth_top"][0]
+    assert (top["i"], top["j"]) == (0, 15) and top["value"] == pytest.approx(0.273, abs=5e-4)
+    assert [(r["masks"], r["surrogate"], r["scheme"]) for r in out["rows"]] == [
+        (64, "ridge-pairwise", "stratified"), (64, "ridge-pairwise", "paired")]
+    for r in out["rows"]:
+        for key in ("spearman_all", "spearman_top15", "pearson"):
+            assert -1.0 <= r[key] <= 1.0
+    assert out["rows"][0]["unsampled_weight_fraction"] > 0.5 and out["rows"][1]["unsampled_weight_fraction"] < 0.05
+    assert out["cost"][0]["L"] == 24 and out["cost"][0]["evaluations"] == 5 * 4 * (1 + 24 + 24 * 23 // 2)
