@@ -33,6 +33,12 @@ noisy on this loaded machine; the layer-call counts are exact.)
 
 `prefix_sharing=False` evaluates each mask independently through `masking.keep_only` and the
 model's own forward: a second, independent path that the tests compare against.
+
+Per-window losses. The loss is accumulated per window (float64), so every mask also has its
+summed NLL and target-token count per window, float64[W] and int64[W] (W = n_windows), and
+perplexity = exp(sum(nll) / sum(tokens)) to float64 rounding. `iter_window_losses` /
+`window_losses` / `full_window_losses` return them (the same trie walk as `iter_perplexities`);
+engine.uncertainty resamples windows with them (paired bootstrap) without re-running the model.
 """
 
 from __future__ import annotations
@@ -323,12 +329,12 @@ class MaskEvaluator:
     def _record(self) -> None:
         """Full forward per chunk with recorders: ppl_full, the root state, each layer's call args."""
         self._calls: list[list[tuple[tuple, dict]]] = []  # [chunk][layer] -> (args, kwargs)
-        roots, nll = [], 0.0
+        roots, window_nll = [], []
         recorders = nn.ModuleList([_Recorder(layer) for layer in self._layers])
         with torch.inference_mode(), swapped_layers(self.model, self.adapter, recorders, {}):
             for c in self._chunks:
                 hidden = self._base(self.input_ids[c])  # (b, T, d), final norm applied
-                nll += self._nll_sum(hidden, self.input_ids[c])
+                window_nll.append(self._nll_rows(hidden, self.input_ids[c]).cpu().numpy())
                 roots.append(recorders[0].input)
                 self._calls.append([(r.args, r.kwargs) for r in recorders])
         self._tuple_output = recorders[0].tuple_output
@@ -336,7 +342,8 @@ class MaskEvaluator:
         self._root_device = self._root.device if self._root is not None else self.lm.device
         self._recorded = self._calls  # the originals stay referenced (their ids key self._memo)
         self._calls = [[self._on_layer_device(j, *call) for j, call in enumerate(chunk)] for chunk in self._calls]
-        self.ppl_full = self._ppl(nll)
+        self._full_window_nll = np.concatenate(window_nll)  # (n,)
+        self.ppl_full = self._ppl(float(self._full_window_nll.sum()))
 
     def _on_layer_device(self, j: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Layer j's recorded arguments on layer j's device (each tensor moved once per device)."""
@@ -365,21 +372,30 @@ class MaskEvaluator:
         out = self.model.base_model(input_ids=ids, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def _nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor) -> float:
-        """Summed next-token NLL of normed `hidden` (b, T, d) against `ids` (b, T), head run in chunks."""
+    def _nll_rows(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Summed next-token NLL per window of normed `hidden` (b, T, d) against `ids` (b, T), head
+        run in row chunks: float64 (b,) on the head's device."""
         head = self.model.get_output_embeddings()
-        d = hidden.shape[-1]
+        b, T, d = hidden.shape
         h = hidden[:, :-1].reshape(-1, d).to(self._head_device)  # (b*(T-1), d)
         y = ids[:, 1:].reshape(-1).to(self._head_device)  # (b*(T-1),)
+        window = torch.arange(b, device=h.device).repeat_interleave(T - 1)  # (b*(T-1),): row -> window
         rows = max(1, self.loss_chunk_elems // head.out_features)
-        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        total = torch.zeros(b, dtype=torch.float64, device=h.device)
         for s in range(0, h.shape[0], rows):
             if self._head32 is not None:
                 logits = F.linear(h[s : s + rows].float(), *self._head32)  # (rows, V) float32
             else:
                 logits = head(h[s : s + rows]).float()  # (rows, V)
-            total += F.cross_entropy(logits, y[s : s + rows], reduction="sum").double()
-        return float(total)
+            loss = F.cross_entropy(logits, y[s : s + rows], reduction="none").double()  # (rows,)
+            total.index_add_(0, window[s : s + rows], loss)
+        return total
+
+    def _window_nll(self, ids_of_chunk, normed_of_chunk) -> float:
+        """Per-window NLL over all chunks, kept in `_last_window_nll` (float64[W]); returns the sum."""
+        parts = [self._nll_rows(normed_of_chunk(c), ids_of_chunk(c)).cpu().numpy() for c in self._chunks]
+        self._last_window_nll = np.concatenate(parts)  # (W,)
+        return float(self._last_window_nll.sum())
 
     def _layer(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
         """Layer j on all windows, chunk by chunk, with the arguments the model itself passes."""
@@ -418,20 +434,17 @@ class MaskEvaluator:
 
     def _leaf_nll(self, hidden: torch.Tensor) -> float:
         """Final norm (the model's own, via its base forward) + head + loss for a cached state."""
-        nll = 0.0
-        for c in self._chunks:
+
+        def normed(c):
             inject = nn.ModuleList([_Inject(hidden[c], self._tuple_output)])
             with swapped_layers(self.model, self.adapter, inject, {}):
-                normed = self._base(self.input_ids[c])
-            nll += self._nll_sum(normed, self.input_ids[c])
-        return nll
+                return self._base(self.input_ids[c])
+
+        return self._window_nll(lambda c: self.input_ids[c], normed)
 
     def _independent_nll(self, mask) -> float:
-        nll = 0.0
         with keep_only(self.model, self.adapter, mask):
-            for c in self._chunks:
-                nll += self._nll_sum(self._base(self.input_ids[c]), self.input_ids[c])
-        return nll
+            return self._window_nll(lambda c: self.input_ids[c], lambda c: self._base(self.input_ids[c]))
 
     def _ppl(self, nll: float) -> float:
         with np.errstate(over="ignore", invalid="ignore"):
@@ -548,3 +561,42 @@ class MaskEvaluator:
         for i, ppl, _ in self.iter_perplexities(m):
             out[i] = ppl
         return out
+
+    # ------------------------------------------------------------ per-window losses
+
+    @property
+    def window_tokens(self) -> np.ndarray:
+        """int64[W]: target tokens per window (T - 1 each: labels are shifted by one)."""
+        n, T = self.input_ids.shape
+        return np.full(n, T - 1, dtype=np.int64)
+
+    def full_window_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """(nll float64[W], tokens int64[W]) of the unmodified model: ppl_full = exp(nll.sum() / tokens.sum())."""
+        return self._full_window_nll.copy(), self.window_tokens
+
+    def iter_window_losses(self, masks) -> Iterator[tuple[int, float, np.ndarray, np.ndarray, float]]:
+        """Yield (index into masks, perplexity, nll float64[W], tokens int64[W], seconds) per mask,
+        exactly as `iter_perplexities` walks them; perplexity == exp(nll.sum() / tokens.sum()).
+        A duplicate mask repeats the losses of its twin (computed last), as its perplexity does."""
+        tokens = self.window_tokens
+        for i, ppl, seconds in self.iter_perplexities(masks):
+            yield i, ppl, self._last_window_nll.copy(), tokens, seconds
+
+    def window_losses(self, masks) -> tuple[np.ndarray, np.ndarray]:
+        """(nll float64[n, W], tokens int64[n, W]) in the order of `masks`."""
+        m = self._check(masks)
+        W = self.input_ids.shape[0]
+        nll = np.full((m.shape[0], W), np.nan)
+        tokens = np.zeros((m.shape[0], W), dtype=np.int64)
+        for i, _, v, t, _ in self.iter_window_losses(m):
+            nll[i], tokens[i] = v, t
+        return nll, tokens
+
+
+def ppl_from_window_losses(nll, tokens) -> np.ndarray:
+    """Perplexity from per-window losses: exp(sum nll / sum tokens) over the last axis.
+    nll float[..., W], tokens int[..., W] -> float[...]; inf on overflow, NaN stays NaN."""
+    nll = np.asarray(nll, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return np.exp(nll.sum(axis=-1) / tokens.sum(axis=-1))

@@ -15,6 +15,12 @@ Contract
     one row per evaluated mask, ``mask`` as ``'0101..'`` (``1`` = layer kept). Each row
     is committed on its own as soon as the mask is evaluated, so a killed writer loses
     at most the mask it was evaluating. A mask is never stored twice.
+  - ``window_losses(sample_rowid PRIMARY KEY -> samples.rowid, n_windows, nll BLOB, tokens BLOB)``
+    (schema 2): the mask's summed NLL (float64) and target-token count (int64) per calibration
+    window, little-endian arrays of ``n_windows`` values; written in the same transaction as the
+    sample row, so a row has its windows or (rows of a version-1 store, or written without
+    them) none. ``perplexity = exp(sum nll / sum tokens)``. The unmodified model's per-window
+    losses are the meta key ``window_losses_full`` (``{"nll": [...], "tokens": [...]}``).
   - ``artifacts(name PRIMARY KEY, json, created)``: JSON results of later stages
     (fit metrics, contributions, decisions); ``put_artifact`` replaces by name.
   - ``lease`` (at most one row): the writer's ``pid``, ``hostname``, ``token``,
@@ -33,6 +39,10 @@ Contract
   ``rowid > since_rowid`` as a list of frozen ``Sample`` records in rowid order, so a
   poller passes the last rowid it saw and gets only new rows; ``table()`` returns the
   same rows as numpy arrays for fitting.
+* Versions: ``SCHEMA`` = 2. A version-1 store (no per-window losses) is migrated when opened:
+  the ``window_losses`` table is added and ``meta.schema`` set to 2 in one transaction; its
+  rows keep their whole-mask perplexities and have no per-window losses (None in ``table()``).
+  A store of a newer schema is refused.
 * Every call opens and closes its own connection, so a ``RunStore`` may be shared
   between threads (Streamlit) and processes.
 """
@@ -56,7 +66,8 @@ import numpy as np
 from engine.config import default_cache_dir
 from engine.errors import StoreError, StoreLocked
 
-SCHEMA = 1
+SCHEMA = 2
+MIGRATABLE = (1,)  # older schemas `RunStore.open` upgrades in place
 DB_NAME = "run.sqlite"
 HEARTBEAT_S = 2.0
 LEASE_TIMEOUT_S = 10.0
@@ -74,6 +85,12 @@ CREATE TABLE IF NOT EXISTS samples (
     nonfinite INTEGER NOT NULL,
     seconds REAL NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS window_losses (
+    sample_rowid INTEGER PRIMARY KEY REFERENCES samples(rowid),
+    n_windows INTEGER NOT NULL,
+    nll BLOB NOT NULL,
+    tokens BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, json TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS lease (
@@ -115,6 +132,22 @@ class SampleTable:
     score: np.ndarray
     nonfinite: np.ndarray
     seconds: np.ndarray
+    window_nll: np.ndarray | None = None  # float64 (n, W): summed NLL per calibration window; None unless every row has them
+    window_tokens: np.ndarray | None = None  # int64 (n, W): target tokens per window; None likewise
+
+
+def _pack_windows(nll, tokens) -> tuple[int, bytes, bytes]:
+    """(W, float64 LE bytes, int64 LE bytes); StoreError unless both are 1-D of the same length >= 1."""
+    nll = np.asarray(nll, dtype="<f8").reshape(-1)
+    tokens = np.asarray(tokens, dtype="<i8").reshape(-1)
+    if len(nll) == 0 or len(nll) != len(tokens):
+        raise StoreError(f"per-window losses need one nll and one token count per window; got {len(nll)} and {len(tokens)}")
+    return len(nll), nll.tobytes(), tokens.tobytes()
+
+
+def _unpack_windows(n_windows: int, nll: bytes, tokens: bytes) -> tuple[np.ndarray, np.ndarray]:
+    return (np.frombuffer(nll, dtype="<f8", count=n_windows).astype(np.float64),
+            np.frombuffer(tokens, dtype="<i8", count=n_windows).astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -196,6 +229,9 @@ class RunStore:
         store = cls(cache_dir, run_id)
         if store.exists():
             stored = store.meta()
+            if stored.get("schema") in MIGRATABLE:
+                store._migrate()
+                stored = store.meta()
             if stored.get("schema") != SCHEMA:
                 raise StoreError(
                     f"{store.path} was written by another version of the workbench (schema "
@@ -211,6 +247,19 @@ class RunStore:
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def _migrate(self) -> None:
+        """Version 1 -> 2 in one transaction: add ``window_losses`` (empty), set meta.schema = 2.
+        Idempotent; two processes opening the same old store serialise on the write lock."""
+        with self._write() as con:
+            row = con.execute("SELECT json FROM meta WHERE key = 'schema'").fetchone()
+            if row is None or json.loads(row[0]) not in MIGRATABLE:
+                return  # another process migrated it first
+            for statement in _DDL.split(";"):
+                if statement.strip():
+                    con.execute(statement)  # CREATE TABLE IF NOT EXISTS: only the new table is created
+            con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('schema', ?)", (_dumps(SCHEMA),))
+            con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('migrated_from', ?)", (row[0],))
 
     def _create(self, meta: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -313,10 +362,26 @@ class RunStore:
             for r in rows
         ]
 
+    def window_losses(self, since_rowid: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{rowid: (nll float64[W], tokens int64[W])} for the rows with rowid > since_rowid that have them."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT sample_rowid, n_windows, nll, tokens FROM window_losses WHERE sample_rowid > ?",
+                (since_rowid,),
+            ).fetchall()
+        return {r[0]: _unpack_windows(r[1], r[2], r[3]) for r in rows}
+
     def table(self, since_rowid: int = 0) -> SampleTable:
+        """The rows as arrays; window_nll / window_tokens (n, W) only when every row has per-window
+        losses with the same W (else None: e.g. a migrated version-1 store)."""
         rows = self.results(since_rowid)
         L = int(self.meta().get("n_layers") or (len(rows[0].mask) if rows else 0))
         masks = np.array([[c == "1" for c in r.mask] for r in rows], dtype=bool).reshape(len(rows), L)
+        windows = self.window_losses(since_rowid)
+        window_nll = window_tokens = None
+        if rows and all(r.rowid in windows for r in rows) and len({len(windows[r.rowid][0]) for r in rows}) == 1:
+            window_nll = np.stack([windows[r.rowid][0] for r in rows])  # (n, W)
+            window_tokens = np.stack([windows[r.rowid][1] for r in rows])  # (n, W)
         return SampleTable(
             rowid=np.array([r.rowid for r in rows], dtype=np.int64),
             masks=masks,  # (n, L)
@@ -324,6 +389,8 @@ class RunStore:
             score=np.array([r.score for r in rows], dtype=float),
             nonfinite=np.array([r.nonfinite for r in rows], dtype=bool),
             seconds=np.array([r.seconds for r in rows], dtype=float),
+            window_nll=window_nll,
+            window_tokens=window_tokens,
         )
 
     # -- lease -------------------------------------------------------------------------------
@@ -429,8 +496,15 @@ class Writer:
             row = con.execute("SELECT cancel FROM lease WHERE token = ?", (self.token,)).fetchone()
         return bool(row and row[0])
 
-    def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float) -> int:
-        """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced."""
+    def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float,
+            window_nll=None, window_tokens=None) -> int:
+        """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced.
+
+        window_nll float[W] / window_tokens int[W] (both or neither): its per-window losses, committed
+        in the same transaction as the row."""
+        if (window_nll is None) != (window_tokens is None):
+            raise StoreError("give both window_nll and window_tokens, or neither")
+        packed = None if window_nll is None else _pack_windows(window_nll, window_tokens)
         now = time.time()
         with self.store._connect(write=True, con=self._con) as con:
             holder = con.execute("SELECT token FROM lease").fetchone()
@@ -445,6 +519,9 @@ class Writer:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now),
             )
+            if packed is not None and cur.rowcount == 1:
+                con.execute("INSERT INTO window_losses(sample_rowid, n_windows, nll, tokens) VALUES (?, ?, ?, ?)",
+                            (cur.lastrowid, *packed))
             con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
             return cur.lastrowid
 
