@@ -1,0 +1,243 @@
+"""Do the intervals cover the truth? Coverage of engine.uncertainty's intervals on the demo ground truth.
+
+    .venv/bin/python -m bench.uncertainty [--seeds 10] [--masks 256] [--level 0.9] [--boot 20]
+        [--designs stratified size-uniform] [--ground-truth bench/data/ground_truth_demo.npz] [--json]
+
+For each sampling design and each of `--seeds` independent sampling seeds, `--masks` masks are
+drawn with `engine.sampling.sample_masks` and scored from the ground truth (all 2^16 masks of the
+demo model evaluated: `bench/ground_truth.py`), so no model runs. Then, per seed:
+
+* regression-adjusted (`uncertainty.regression_adjusted`, the default estimator): the estimand
+  the design supports best (`DEFAULT_ESTIMAND`: the paper's restricted-strata semivalue on
+  stratified masks, Shapley on size-uniform masks);
+* paper: the restricted-strata semivalue of the surrogate ensemble (exact enumeration per member:
+  the expectation of the 80,000-mask Monte Carlo estimator), interval from `surrogate_interval`;
+* exact: Shapley values of the surrogate ensemble, interval from `surrogate_interval`;
+* regression-adjusted for the other estimand too;
+* the surrogate's held-out R² and Spearman (`uncertainty.metric_intervals`; a stratified 20%
+  held-out split, ensemble fitted on the rest) against the fitted ensemble's exact R² / Spearman
+  over the mask distribution the held-out masks come from (kept counts in the sample's
+  proportions, uniform within a count; computed over every such mask from the ground truth).
+
+Coverage = share of (layer, seed) pairs whose interval contains the exact value of the estimator's
+estimand on the real game. The last stdout line (with --json) is one JSON object: `coverage` (the
+default estimator on the first design against its estimand), `coverage_by_estimator`,
+`coverage_by_design`, `level`, `seeds`, `masks`, `metrics` and more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import ground_truth as gtm
+from bench.common import run_script
+from engine import shapley
+from engine import uncertainty as unc
+from engine.config import SamplingSpec, SurrogateSpec
+from engine.sampling import default_strata, sample_masks
+from engine.surrogate import Ensemble, make_surrogate, split
+
+DEFAULT_ESTIMAND = {"stratified": "strata", "size-uniform": "shapley"}
+ESTIMATORS = ("regression-adjusted", "paper", "exact", "regression-adjusted:other")
+
+
+def _weighted_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mid-CDF ranks of x under weights w (sum 1): the population version of Spearman's ranks."""
+    order = np.argsort(x, kind="stable")
+    cw = np.cumsum(w[order])
+    r = np.empty(len(x))
+    r[order] = cw - w[order] / 2
+    return r
+
+
+def _weighted_corr(a, b, w) -> float:
+    ma, mb = np.sum(w * a), np.sum(w * b)
+    cov = np.sum(w * (a - ma) * (b - mb))
+    return float(cov / math.sqrt(np.sum(w * (a - ma) ** 2) * np.sum(w * (b - mb) ** 2)))
+
+
+def population_metrics(gt: gtm.GroundTruth, model, sizes: np.ndarray) -> dict:
+    """The fitted model's exact R² and Spearman over every mask whose kept count occurs in `sizes`,
+    each kept count weighted by its share of `sizes`, uniform within it."""
+    L = gt.n_layers
+    codes = np.arange(1 << L, dtype=np.int64)
+    kept = gtm.popcount(codes)
+    share = np.bincount(sizes, minlength=L + 1) / len(sizes)  # (L+1,)
+    sel = share[kept] > 0
+    masks = gtm.codes_to_masks(codes[sel], L)
+    w = share[kept[sel]] / np.array([math.comb(L, int(k)) for k in kept[sel]])
+    w = w / w.sum()
+    y = gt.value_function()(masks)
+    p = model.predict(masks)
+    my = np.sum(w * y)
+    r2 = 1.0 - np.sum(w * (y - p) ** 2) / np.sum(w * (y - my) ** 2)
+    rho = _weighted_corr(_weighted_ranks(y, w), _weighted_ranks(p, w), w)
+    return {"r2": float(r2), "spearman": rho}
+
+
+def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: float, n_boot: int,
+             truth: dict, weightings: dict) -> dict:
+    L = gt.n_layers
+    f = gt.value_function()
+    masks = sample_masks(SamplingSpec(scheme=scheme, n_masks=n_masks, seed=seed), L)  # (n, L)
+    y = f(masks)
+    counter = itertools.count(1000 * seed)
+
+    def fit(X, t):  # a fresh seed per fit: the refits carry the optimiser's noise too
+        return make_surrogate(SurrogateSpec(), seed=next(counter)).fit(X, t)
+
+    default = DEFAULT_ESTIMAND[scheme]
+    other = "shapley" if default == "strata" else "strata"
+    X, t = unc._with_full_mask(masks, y, 1.0)
+    ens = Ensemble(SurrogateSpec(seed=seed)).fit(X, t)  # the pipeline's default ensemble (5 MLPs), all masks
+    members = {name: np.stack([unc.semivalue_by_size(g, L, w).sum(axis=0) for g in ens.value_functions()])
+               for name, w in weightings.items()}  # {estimand: (k, L)}
+    ra = {name: unc.regression_adjusted(masks, y, fit, w, level, seed=seed, n_boot=0) for name, w in weightings.items()}
+    boots = unc.bootstrap_semivalues(masks, y, fit, weightings, n_boot, seed)
+    surr = {
+        name: unc.surrogate_interval(masks, y, fit, weightings[name], members[name].mean(axis=0), members[name],
+                                     est, level, reference=ra[name], boots=boots[name])
+        for est, name in (("paper", "strata"), ("exact", "shapley"))
+    }
+    intervals = {"regression-adjusted": ra[default], "paper": surr["strata"], "exact": surr["shapley"],
+                 "regression-adjusted:other": ra[other]}
+    row = {"seed": seed, "scheme": scheme}
+    for est, iv in intervals.items():
+        z = unc._z(level)
+        row[est] = {
+            "estimand": iv.estimand,
+            "covered": iv.covers(truth[iv.estimand]).tolist(),
+            "covered_noise_only": ((np.abs(iv.values - truth[iv.estimand]) <= z * iv.se)).tolist(),
+            "half_width": ((iv.ci_high - iv.ci_low) / 2).tolist(),
+            "error": (iv.values - truth[iv.estimand]).tolist(),
+            "uncovered_weight_fraction": iv.details.get("uncovered_weight_fraction"),
+        }
+    # held-out metrics: the pipeline's split and ensemble
+    sp = split(masks, y, 0.2, seed)
+    model = Ensemble(SurrogateSpec(seed=seed)).fit(masks[sp.train], y[sp.train])
+    held = unc.metric_intervals(y[sp.test], model.predict(masks[sp.test]), masks[sp.test].sum(axis=1), level,
+                                seed=seed)
+    pop = population_metrics(gt, model, masks.sum(axis=1))
+    row["metrics"] = {name: {**m.to_dict(), "truth": pop[name], "covered": bool(m.ci_low <= pop[name] <= m.ci_high)}
+                      for name, m in held.items()}
+    return row
+
+
+def summarise(rows: list[dict], est: str) -> dict:
+    cov = np.array([r[est]["covered"] for r in rows], dtype=bool)  # (seeds, L)
+    noise = np.array([r[est]["covered_noise_only"] for r in rows], dtype=bool)
+    hw = np.array([r[est]["half_width"] for r in rows])
+    err = np.array([r[est]["error"] for r in rows])
+    return {
+        "estimand": rows[0][est]["estimand"],
+        "coverage": float(cov.mean()),
+        "pairs": int(cov.size),
+        "coverage_noise_only": float(noise.mean()),
+        "coverage_by_layer": cov.mean(axis=0).tolist(),
+        "mean_half_width": float(hw.mean()),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "uncovered_weight_fraction": rows[0][est]["uncovered_weight_fraction"],
+    }
+
+
+def run(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    t0 = time.monotonic()
+    gt = gtm.load(a.ground_truth)
+    if not gt.complete:
+        raise SystemExit("the coverage study needs a complete ground truth (every mask); rebuild without --k-max")
+    L = gt.n_layers
+    strata = tuple(gt.analysis.get("strata") or default_strata(L))
+    weightings = {"strata": shapley.restricted_strata(strata), "shapley": shapley.SHAPLEY}
+    truth = {"strata": np.array(gt.analysis["strata_semivalue"]), "shapley": np.array(gt.analysis["shapley"])}
+    by_design, rows_all = {}, {}
+    for scheme in a.designs:
+        rows = []
+        for seed in range(a.seeds):
+            t = time.monotonic()
+            rows.append(one_seed(gt, scheme, seed, a.masks, a.level, a.boot, truth, weightings))
+            if not a.json:
+                print(f"{scheme} seed {seed}: {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+        rows_all[scheme] = rows
+        metrics = {}
+        for name in ("r2", "spearman"):
+            ms = [r["metrics"][name] for r in rows]
+            metrics[name] = {"coverage": float(np.mean([m["covered"] for m in ms])), "n": len(ms),
+                             "mean_value": float(np.mean([m["value"] for m in ms])),
+                             "mean_interval": [float(np.mean([m["ci_low"] for m in ms])),
+                                               float(np.mean([m["ci_high"] for m in ms]))],
+                             "mean_truth": float(np.mean([m["truth"] for m in ms]))}
+        by_design[scheme] = {"estimators": {est: summarise(rows, est) for est in ESTIMATORS}, "metrics": metrics,
+                             "default_estimand": DEFAULT_ESTIMAND[scheme]}
+    first = by_design[a.designs[0]]
+    result = {
+        "coverage": first["estimators"]["regression-adjusted"]["coverage"],
+        "default": {"design": a.designs[0], "estimator": "regression-adjusted",
+                    "estimand": first["estimators"]["regression-adjusted"]["estimand"]},
+        "coverage_by_estimator": {est: s["coverage"] for est, s in first["estimators"].items()},
+        "coverage_by_design": {d: {est: {"estimand": s["estimand"], "coverage": s["coverage"],
+                                         "coverage_noise_only": s["coverage_noise_only"]}
+                                   for est, s in v["estimators"].items()} for d, v in by_design.items()},
+        "metrics": {d: v["metrics"] for d, v in by_design.items()},
+        "level": a.level, "seeds": a.seeds, "masks": a.masks, "boot": a.boot, "target": 0.85,
+        "details": by_design,
+        "seconds": round(time.monotonic() - t0, 1),
+        "command": "python -m bench.uncertainty " + " ".join(a.argv),
+    }
+    return result
+
+
+def lines(r: dict) -> list[str]:
+    out = [f"Coverage of {r['level']:.0%} intervals, {r['seeds']} seeds x {r['masks']} masks "
+           f"(exact values of the demo game; target >= {r['target']:.0%} of (layer, seed) pairs):"]
+    for design, ests in r["coverage_by_design"].items():
+        for est, s in ests.items():
+            d = r["details"][design]["estimators"][est]
+            out.append(f"  {design:12s} {est:26s} vs {s['estimand']:8s}: {s['coverage']:.3f} "
+                       f"(noise-only half-width: {s['coverage_noise_only']:.3f}; mean half-width "
+                       f"{d['mean_half_width']:.4f}, RMSE {d['rmse']:.4f}, uncovered weight "
+                       f"{d['uncovered_weight_fraction']:.2f})")
+        for name, m in r["metrics"][design].items():
+            out.append(f"  {design:12s} held-out {name:8s}: interval covers the fitted surrogate's exact value in "
+                       f"{m['coverage']:.2f} of {m['n']} seeds (mean {m['mean_value']:.4f}, mean interval "
+                       f"[{m['mean_interval'][0]:.4f}, {m['mean_interval'][1]:.4f}], truth {m['mean_truth']:.4f})")
+    out.append(f"default ({r['default']['design']}, {r['default']['estimator']} vs {r['default']['estimand']}): "
+               f"coverage {r['coverage']:.3f}; {r['seconds']} s")
+    return out
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.uncertainty", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
+    p.add_argument("--seeds", type=int, default=10, help="independent sampling seeds 0..N-1")
+    p.add_argument("--masks", type=int, default=256)
+    p.add_argument("--level", type=float, default=unc.LEVEL)
+    p.add_argument("--boot", type=int, default=20, help="bootstrap refits of the surrogate per seed")
+    p.add_argument("--designs", nargs="+", default=["stratified", "size-uniform"],
+                   choices=["stratified", "size-uniform"], help="the first one is the default in `coverage`")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    return a
+
+
+def main(argv=None) -> dict:
+    from bench.common import emit
+
+    a = parse(argv)
+    r = run(a)
+    return emit(lines(r), r, a.json)
+
+
+if __name__ == "__main__":
+    run_script(main)
