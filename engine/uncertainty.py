@@ -28,7 +28,8 @@ surrogate's error varies smoothly with the kept count), stated in `details`, not
 `surrogate_interval` (the paper's estimator, exact Shapley / Banzhaf on the surrogate): the
 bootstrap over masks (stratified by kept count, the surrogate refitted on every resample) and
 the ensemble spread give the noise; the bias is estimated by cross-fitting (the estimate minus
-the regression-adjusted one) and added to the half-width with the uncovered allowance.
+the regression-adjusted one) and its absolute value added to the half-width, with the uncovered
+allowance; the noise of that bias estimate (the regression-adjusted standard error) joins the noise.
 
 Windows (optional). With per-window losses, scores are recomputed on windows resampled with
 replacement (`window_resampled_scores`); the estimator is re-evaluated on them with its fitted
@@ -242,11 +243,11 @@ def _cross_fit(masks, scores, fit: FitFn, weighting, folds: int, seed: int) -> _
     assign = folds_by_size(masks, folds, seed)
     # exhausted kept counts do not need out-of-fold predictions; they still train every fold's surrogate
     fit_rows = ~exhausted[sizes]
-    if fit_rows.sum() < 2 * folds:
+    if 0 < fit_rows.sum() < 2 * folds:
         raise EstimationError(f"cross-fitting with {folds} folds needs at least {2 * folds} sampled masks")
     C = np.zeros((folds, L + 1, L))
     pred = np.zeros(n)
-    for k in range(folds):
+    for k in range(folds if fit_rows.any() else 0):  # every mask evaluated: nothing to fit
         test = (assign == k) & fit_rows
         g = fit(masks[~test], scores[~test])
         C[k] = semivalue_by_size(g, L, weighting)
@@ -421,12 +422,12 @@ def surrogate_interval(
     if reference.estimand != estimand_of(weighting):
         raise EstimationError(f"reference targets {reference.estimand}, not {estimand_of(weighting)}")
     bias = estimate - reference.values
-    se = np.sqrt(se_boot**2 + se_ens**2)
+    se = np.sqrt(se_boot**2 + se_ens**2 + reference.se**2)  # the bias estimate carries the reference's noise
     details = {
         "method": "bootstrap over masks (stratified by kept count, surrogate refitted) + ensemble spread; "
                   "bias estimated by cross-fitted regression adjustment",
         "n_boot": int(len(boots)),
-        "se": {"masks": se_boot, "ensemble": se_ens},
+        "se": {"masks": se_boot, "ensemble": se_ens, "bias_estimate": reference.se},
         "bias_estimate": bias,
         "uncovered_kept_counts": reference.details.get("uncovered_kept_counts", []),
         "uncovered_weight_fraction": reference.details.get("uncovered_weight_fraction"),
