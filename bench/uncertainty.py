@@ -20,7 +20,16 @@ demo model evaluated: `bench/ground_truth.py`), so no model runs. Then, per seed
   proportions, uniform within a count; computed over every such mask from the ground truth).
 
 Coverage = share of (layer, seed) pairs whose interval contains the exact value of the estimator's
-estimand on the real game. The last stdout line (with --json) is one JSON object: `coverage` (the
+estimand on the real game.
+
+Decisions (`--part decisions`; needs the demo model): for each k, the `--near` best removal sets on
+the calibration windows (from the ground truth) are the candidates; `uncertainty.compare_candidates`
+chooses among them by perplexity on `--val-windows` validation windows of the calibration text that
+do not overlap the calibration windows (per-window losses computed with the demo model, only for
+those masks), and lists the candidates tied with the choice. Reported per k and held-out split
+(demo-test, demo-ood; `--heldout-windows` windows each, 8 as in bench.compare): the chosen set's
+held-out perplexity over the best held-out perplexity among the candidates, next to the same ratio
+for the set that is best on calibration (today's rule) and whether the held-out best is among the ties. The last stdout line (with --json) is one JSON object: `coverage` (the
 default estimator on the first design against its estimand), `coverage_by_estimator`,
 `coverage_by_design`, `level`, `seeds`, `masks`, `metrics` and more.
 """
@@ -147,12 +156,105 @@ def summarise(rows: list[dict], est: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------- decisions on unseen text
+
+
+def validation_windows(lm, calibration, n: int, seed: int = 1):
+    """`n` windows of the calibration text (seq_len tokens, aligned blocks) that overlap none of the
+    calibration windows: a validation split of the same text. Returns (ids LongTensor (n, T), n_free)."""
+    import torch
+
+    from engine.data import load_text
+
+    ids = lm.tokenizer(load_text(calibration.source, calibration.text_field), add_special_tokens=False)["input_ids"]
+    T, m, k = calibration.seq_len, len(ids), calibration.n_windows
+    # the calibration windows' offsets, exactly as engine.data.make_windows draws them
+    rng = np.random.default_rng(calibration.seed)
+    cuts = np.sort(rng.integers(0, m - k * T + 1, size=k))
+    starts = cuts + np.arange(k) * T
+    used = np.zeros(m, dtype=bool)
+    for s in starts:
+        used[s : s + T] = True
+    free = [b for b in range(0, m - T + 1, T) if not used[b : b + T].any()]
+    if len(free) < n:
+        raise SystemExit(f"only {len(free)} validation windows of {T} tokens are free of the calibration windows")
+    pick = np.sort(np.random.default_rng(seed).choice(free, size=n, replace=False))
+    stream = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([stream[b : b + T] for b in pick]), len(free)
+
+
+def decisions(gt: gtm.GroundTruth, ks, near: int, val_windows: int, heldout_windows: int, level: float,
+              splits=("demo-test", "demo-ood")) -> dict:
+    import dataclasses
+
+    from engine import decision as decision_lib
+    from engine.config import DataSpec, ModelSpec
+    from engine.data import make_windows
+    from engine.evaluate import MaskEvaluator
+    from engine.models import load_model
+
+    t0 = time.monotonic()
+    lm = load_model(ModelSpec(name=gt.meta["model"]))
+    cal = DataSpec(source=gt.meta["data"], n_windows=gt.meta["n_windows"], seq_len=gt.meta["seq_len"],
+                   seed=gt.meta.get("data_seed", 0))
+    if make_windows(lm.tokenizer, cal).data_hash != gt.meta["data_hash"]:
+        raise SystemExit("the ground truth was computed on other calibration windows")
+    L = gt.n_layers
+    cands = {k: [r for r, _ in gt.optimum(k, top=near)] for k in ks}  # best calibration sets, best first
+    distinct = sorted({r for k in ks for r in cands[k]})
+    masks = np.stack([decision_lib.removal_mask(r, L) for r in distinct])  # (c, L)
+    val_ids, n_free = validation_windows(lm, cal, val_windows)
+    t = time.monotonic()
+    ev = MaskEvaluator(lm, val_ids)
+    val_nll, val_tok = ev.window_losses(masks)  # (c, W)
+    seconds = {"validation_losses": round(time.monotonic() - t, 1)}
+    held = {}
+    for name in splits:
+        t = time.monotonic()
+        e = MaskEvaluator(lm, make_windows(lm.tokenizer, dataclasses.replace(cal, source=name,
+                                                                           n_windows=heldout_windows)))
+        held[name] = dict(zip(distinct, e.perplexities(masks)))
+        seconds[name] = round(time.monotonic() - t, 1)
+    index = {r: i for i, r in enumerate(distinct)}
+    rows = []
+    for k in ks:
+        rs = cands[k]
+        idx = [index[r] for r in rs]
+        cmp = unc.compare_candidates(rs, val_nll[idx], val_tok[idx], level=level)
+        for name in splits:
+            hp = {r: float(held[name][r]) for r in rs}
+            best = min(rs, key=lambda r: hp[r])
+            rows.append({
+                "k": k, "split": name, "chosen": list(cmp.chosen), "ratio": hp[cmp.chosen] / hp[best],
+                "calibration_best": list(rs[0]), "calibration_best_ratio": hp[rs[0]] / hp[best],
+                "heldout_best": list(best), "heldout_best_tied": best == cmp.chosen or best in cmp.tied,
+                "tied": [list(r) for r in cmp.tied], "n_candidates": len(rs),
+                "heldout_range": [min(hp.values()), max(hp.values())],
+            })
+    seconds["total"] = round(time.monotonic() - t0, 1)
+    return {"rows": rows, "validation_windows": val_windows, "free_windows": n_free, "heldout_windows": heldout_windows,
+            "masks_evaluated": len(distinct), "near": near, "seconds": seconds,
+            "rule": "lowest perplexity on validation windows of the calibration text (not the calibration windows)"}
+
+
 def run(a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
     t0 = time.monotonic()
     gt = gtm.load(a.ground_truth)
+    result = {"level": a.level, "command": "python -m bench.uncertainty " + " ".join(a.argv)}
+    if a.part in ("all", "decisions"):
+        ks = a.ks or [max(1, round(gt.n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)]
+        result["decisions"] = decisions(gt, ks, a.near, a.val_windows, a.heldout_windows, a.level)
+    if a.part in ("all", "coverage"):
+        result.update(coverage(a, gt))
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def coverage(a, gt) -> dict:
+    t0 = time.monotonic()
     if not gt.complete:
         raise SystemExit("the coverage study needs a complete ground truth (every mask); rebuild without --k-max")
     L = gt.n_layers
@@ -190,14 +292,27 @@ def run(a) -> dict:
         "metrics": {d: v["metrics"] for d, v in by_design.items()},
         "level": a.level, "seeds": a.seeds, "masks": a.masks, "boot": a.boot, "target": 0.85,
         "details": by_design,
-        "seconds": round(time.monotonic() - t0, 1),
-        "command": "python -m bench.uncertainty " + " ".join(a.argv),
+        "coverage_seconds": round(time.monotonic() - t0, 1),
     }
     return result
 
 
 def lines(r: dict) -> list[str]:
-    out = [f"Coverage of {r['level']:.0%} intervals, {r['seeds']} seeds x {r['masks']} masks "
+    out = []
+    if "decisions" in r:
+        d = r["decisions"]
+        out.append(f"Decisions: choose among the {d['near']} best calibration sets by perplexity on "
+                   f"{d['validation_windows']} validation windows of the calibration text; held-out perplexity "
+                   f"over the best candidate's on {d['heldout_windows']} held-out windows "
+                   f"(losses of {d['masks_evaluated']} masks: {d['seconds']} s):")
+        for row in d["rows"]:
+            out.append(f"  k={row['k']} {row['split']:9s}: chosen {row['chosen']} ratio {row['ratio']:.4f} "
+                       f"(best-on-calibration {row['calibration_best_ratio']:.4f}); {len(row['tied'])} tied; "
+                       f"held-out best {row['heldout_best']} {'among' if row['heldout_best_tied'] else 'NOT among'} "
+                       f"chosen + tied")
+    if "coverage" not in r:
+        return out
+    out += [f"Coverage of {r['level']:.0%} intervals, {r['seeds']} seeds x {r['masks']} masks "
            f"(exact values of the demo game; target >= {r['target']:.0%} of (layer, seed) pairs):"]
     for design, ests in r["coverage_by_design"].items():
         for est, s in ests.items():
@@ -211,7 +326,7 @@ def lines(r: dict) -> list[str]:
                        f"{m['coverage']:.2f} of {m['n']} seeds (mean {m['mean_value']:.4f}, mean interval "
                        f"[{m['mean_interval'][0]:.4f}, {m['mean_interval'][1]:.4f}], truth {m['mean_truth']:.4f})")
     out.append(f"default ({r['default']['design']}, {r['default']['estimator']} vs {r['default']['estimand']}): "
-               f"coverage {r['coverage']:.3f}; {r['seconds']} s")
+               f"coverage {r['coverage']:.3f}; {r['coverage_seconds']} s")
     return out
 
 
@@ -224,6 +339,11 @@ def parse(argv=None):
     p.add_argument("--boot", type=int, default=20, help="bootstrap refits of the surrogate per seed")
     p.add_argument("--designs", nargs="+", default=["stratified", "size-uniform"],
                    choices=["stratified", "size-uniform"], help="the first one is the default in `coverage`")
+    p.add_argument("--part", choices=["all", "coverage", "decisions"], default="all")
+    p.add_argument("--ks", type=int, nargs="*", default=None, help="layers removed (decisions); default L/8..L/2")
+    p.add_argument("--near", type=int, default=10, help="candidates: the best calibration sets per k")
+    p.add_argument("--val-windows", type=int, default=64, help="validation windows of the calibration text")
+    p.add_argument("--heldout-windows", type=int, default=8, help="windows per held-out split (8 = bench.compare)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
