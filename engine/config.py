@@ -175,19 +175,33 @@ class MethodSpec:
     decision: str = option("verified", "verified: measure rank-and-cut and the surrogate's best sets, keep the "
                            "best measured | rank-and-cut: the paper's rule", choices=("verified", "rank-and-cut"))
     n_verify: int = option(5, "surrogate-best candidate sets measured per k (verified decision)")
+    level: float = option(0.9, "level of the contribution intervals and of the ties between candidate sets")
+    boot: int = option(20, "bootstrap refits of the surrogate behind the intervals of surrogate-only estimators "
+                       "(0: no intervals for them)")
+    val_windows: int = option(0, "validation windows of the calibration text, not overlapping the calibration "
+                              "windows: candidate sets are chosen there and ties listed (0: ties on the "
+                              "calibration windows, choice as the decision rule says)")
 
     def __post_init__(self):
         _at_least("budget", self.budget, 1)
         _at_least("remove", self.remove, 1)
         _at_least("n_verify", self.n_verify, 0)
+        _at_least("boot", self.boot, 0)
+        _at_least("val_windows", self.val_windows, 0)
+        if not 0 < self.level < 1:
+            need = f"must be a fraction between 0 and 1; got {self.level}."
+            raise SpecError(f"the interval level {need}", "level", need)
+        if self.boot == 1:
+            raise SpecError("boot must be 0 (no intervals) or at least 2; got 1.", "boot", "must be 0 or >= 2; got 1.")
 
     def key(self, *parts: str) -> dict:
         """The fields that decide a result of the given stage (for spec-keyed artifacts)."""
         d = {"surrogate": dataclasses.asdict(self.surrogate)}
         if {"contributions", "decisions", "summary"} & set(parts):
-            d.update(estimator=self.estimator, budget=self.budget, mc_seed=self.mc_seed)
+            d.update(estimator=self.estimator, budget=self.budget, mc_seed=self.mc_seed, level=self.level,
+                     boot=self.boot)
         if {"decisions", "summary"} & set(parts):
-            d.update(decision=self.decision, n_verify=self.n_verify)
+            d.update(decision=self.decision, n_verify=self.n_verify, val_windows=self.val_windows)
         if "summary" in parts:
             d.update(remove=self.remove)
         return d

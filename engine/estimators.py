@@ -37,6 +37,7 @@ class EstimationInput:
     budget: int
     seed: int
     fit_one: Callable
+    level: float = 0.9  # interval level (estimators that make their own interval: regression-adjusted)
 
 
 @dataclass(frozen=True)
@@ -111,25 +112,30 @@ def _permutation(x: EstimationInput):
         lambda g: shapley.permutation_shapley(g, x.n_layers, n_permutations=n_perm, seed=x.seed), x.members)
 
 
+def weighting_for(name: str, design, L: int):
+    """The shapley.Weighting whose semivalue estimator `name` targets on a run sampled with `design`."""
+    from engine import shapley
+
+    target = estimand(name, design)
+    if target == SHAPLEY_VALUE:
+        return shapley.SHAPLEY
+    if target == BANZHAF_VALUE:
+        return shapley.BANZHAF
+    return shapley.restricted_strata(strata_of(design, L))
+
+
 def _regression_adjusted(x: EstimationInput):
     """Shapley on size-uniform runs (fully covered); the restricted-strata semivalue on stratified
-    runs, where the correction only sees the sampled strata (details['uncovered_weight_fraction'])."""
-    from engine import shapley
-    from engine.sampling import mask_probability, resolve_strata
+    runs, where the correction only sees the sampled kept counts (details['uncovered_weight_fraction'],
+    and a stated bias allowance in the interval). engine.uncertainty.regression_adjusted:
+    post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval."""
+    from engine import shapley, uncertainty
 
-    s, L, design = x.samples, x.n_layers, x.samples.design
-    if design.scheme == "size-uniform":
-        weighting, sizes = shapley.SHAPLEY, range(L + 1)
-    else:
-        sizes = resolve_strata(design, L)
-        weighting = shapley.restricted_strata(sizes)
-    probabilities = mask_probability(design, L, s.masks)
-    keep = probabilities > 0  # masks from an earlier, different design cannot be reweighted
-    surrogate_samples = None if L <= shapley.EXACT_MAX_L else max(2, x.budget // (L + 1))
-    return shapley.regression_adjusted(
-        s.masks[keep], s.scores[keep], probabilities[keep], x.fit_one, weighting=weighting,
-        folds=5, seed=x.seed, sampled_sizes=sizes, surrogate_samples=surrogate_samples,
-    )
+    s, L = x.samples, x.n_layers
+    weighting = weighting_for("regression-adjusted", s.design, L)
+    iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed)
+    return shapley.Contributions(iv.values, iv.se, f"{weighting.name}, regression-adjusted (cross-fitted)",
+                                 int(s.n), {**iv.details, "interval": iv.to_dict()})
 
 
 def _check_exact(L: int, what: str) -> None:

@@ -128,12 +128,30 @@ def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> 
     def fit_one(X, y):
         return make_surrogate(single).fit(X, y).predict
 
-    x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one)
+    x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level)
     result = est.run(x)
     eff = shapley.efficiency_check(result.values, f.predict, L)
     details = {**result.details, "efficiency": eff.to_dict(), "budget": budget,
                "estimand": estimators.estimand(spec.estimator, samples.design)}
+    if "interval" not in details and spec.boot:
+        details["interval"] = contribution_interval(samples, result, spec, fit_one).to_dict()
     return dataclasses.replace(result, details=details)
+
+
+def contribution_interval(samples: Samples, c: shapley.Contributions, spec: MethodSpec, fit_one):
+    """uncertainty.Intervals for a surrogate-only estimate `c` (paper, exact, permutation, banzhaf):
+    `spec.boot` bootstrap refits over the masks, the ensemble spread (c.details['members']) and the
+    bias estimated by cross-fitted regression adjustment toward the same estimand."""
+    from engine import uncertainty
+
+    L = samples.n_layers
+    weighting = estimators.weighting_for(spec.estimator, samples.design, L)
+    reference = uncertainty.regression_adjusted(samples.masks, samples.scores, fit_one, weighting, spec.level,
+                                                seed=spec.mc_seed, n_boot=0)
+    members = c.details.get("members")
+    return uncertainty.surrogate_interval(samples.masks, samples.scores, fit_one, weighting, c.values,
+                                          None if members is None else np.asarray(members), spec.estimator,
+                                          spec.level, spec.boot, spec.mc_seed, reference)
 
 
 # ---------------------------------------------------------------- decision

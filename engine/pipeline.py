@@ -329,7 +329,7 @@ def samples(run: OpenRun):
             f"run {run.run_id} has no evaluated masks yet. Run `python -m engine sample` with the same "
             "model, data and sampling options first (or `python -m engine run`, which samples too).")
     return Samples(table.masks, table.score, table.ppl, table.nonfinite, float(ppl_full),
-                   run.spec.sampling).require()
+                   run.spec.sampling, table.window_nll, table.window_tokens).require()
 
 
 _FITS: dict[tuple, object] = {}  # (run_id, n_masks, surrogate hash) -> method.Fit; a few, for the app
@@ -400,12 +400,21 @@ def _contributions_json(run: OpenRun, f, c, estimator: str) -> dict:
         "budget": out["details"].get("budget"),
         "contributions": out["values"],
         "stderr": out["stderr"],
+        **_interval_fields(out["details"].get("interval")),
         "ranking": [int(i) for i in np.argsort(c.values, kind="stable")],  # least important first
         "n_evaluations": c.n_evaluations,
         "efficiency": out["details"].get("efficiency"),
         "r2": f.headline.get("r2"),
         "details": out["details"],
     }
+
+
+def _interval_fields(interval: dict | None) -> dict:
+    """ci_low / ci_high / level (None when no interval was computed) and what the interval is for."""
+    if not interval:
+        return {"ci_low": None, "ci_high": None, "level": None}
+    return {"ci_low": interval["ci_low"], "ci_high": interval["ci_high"], "level": interval["level"],
+            "interval_estimand": interval["estimand_text"], "bias_allowance": interval["bias_allowance"]}
 
 
 def contributions(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None,

@@ -43,6 +43,7 @@ ratio to the chosen set; candidates whose interval contains 1 are *tied* with it
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -133,19 +134,44 @@ def size_weight_mass(weighting: shapley.Weighting, L: int) -> np.ndarray:
     return c_in * w[j] + c_out * w[j + 1]
 
 
+MC_PER_SIZE = 8192  # masks per kept count when L > EXACT_MAX_L
+
+
 def semivalue_by_size(f: shapley.ValueFn, L: int, weighting: shapley.Weighting,
-                      chunk: int = shapley.DEFAULT_CHUNK) -> np.ndarray:
-    """C[j, i] = sum over masks m with |m| = j of q_i(m) f(m), float[L+1, L], by enumeration
-    (L <= 22); C.sum(0) is the semivalue of f."""
-    if L > shapley.EXACT_MAX_L:
-        raise EstimationError(f"per-kept-count enumeration needs L <= {shapley.EXACT_MAX_L}; this game has {L} layers")
+                      chunk: int = shapley.DEFAULT_CHUNK, n_mc: int = MC_PER_SIZE, seed: int = 0) -> np.ndarray:
+    """C[j, i] = sum over masks m with |m| = j of q_i(m) f(m), float[L+1, L]; C.sum(0) is the
+    semivalue of f. Exact enumeration for L <= 22 (and for any kept count with at most n_mc masks);
+    otherwise Monte Carlo with n_mc uniform masks of that count and f's mean there as control variate
+    (sum over |m| = j of q_i(m) is known in closed form), so only f's spread within a count adds noise."""
     w = weighting.vector(L)
+    if L > shapley.EXACT_MAX_L:
+        return _semivalue_by_size_mc(f, L, weighting, w, n_mc, seed)
     out = np.zeros((L + 1, L))
     total = 1 << L
     for a in range(0, total, chunk):
         m = shapley._masks_from_codes(np.arange(a, min(a + chunk, total), dtype=np.int64), L)  # (c, L)
         v = np.asarray(f(m), dtype=np.float64)  # (c,)
         np.add.at(out, m.sum(axis=1), shapley.signed_weights(m, w) * v[:, None])
+    return out
+
+
+def _semivalue_by_size_mc(f, L: int, weighting, w: np.ndarray, n_mc: int, seed: int) -> np.ndarray:
+    mass = size_weight_mass(weighting, L)
+    N = _binom(L)
+    wv = np.concatenate([[0.0], w, [0.0]])  # wv[s + 1] = w(s)
+    rng = np.random.default_rng([seed, 6])
+    out = np.zeros((L + 1, L))
+    for j in np.flatnonzero(mass):
+        # sum over |m| = j of q_i(m): C(L-1, j-1) w(j-1) - C(L-1, j) w(j), the same for every i
+        q_total = (math.comb(L - 1, j - 1) * wv[j] if j >= 1 else 0.0) - (math.comb(L - 1, j) * wv[j + 1] if j < L else 0.0)
+        if N[j] <= n_mc:  # few masks: enumerate them
+            m = np.array([np.isin(np.arange(L), c) for c in itertools.combinations(range(L), int(j))], dtype=bool)
+            out[j] = shapley.signed_weights(m, w).T @ np.asarray(f(m), dtype=np.float64)
+            continue
+        m = shapley._random_masks_of_sizes(np.full(n_mc, j), L, rng)  # (n_mc, L) uniform within the count
+        v = np.asarray(f(m), dtype=np.float64)
+        c = v.mean()
+        out[j] = N[j] * (shapley.signed_weights(m, w) * (v - c)[:, None]).mean(axis=0) + c * q_total
     return out
 
 

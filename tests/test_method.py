@@ -74,6 +74,11 @@ def test_every_estimator_gives_one_value_per_layer_with_error_bars(setup, estima
     stored = pipeline.contributions(spec, mspec, run=run)
     assert stored["contributions"] == pytest.approx(list(c.values))  # the pipeline gives the same numbers
     assert pipeline.stored(run, "contributions", mspec)["key"] == estimator
+    # every estimator's --json carries a 90% interval around its value, and says what it is for
+    assert stored["level"] == 0.9 and len(stored["ci_low"]) == len(stored["ci_high"]) == L
+    assert np.all(np.array(stored["ci_low"]) <= c.values) and np.all(c.values <= np.array(stored["ci_high"]))
+    assert np.all(np.array(stored["ci_high"]) - np.array(stored["ci_low"]) > 0)
+    assert stored["interval_estimand"].split()[0] in ("Shapley", "restricted-strata", "Banzhaf")
     if estimator == "paper":
         assert "restricted-strata semivalue" in c.estimator
     if estimator == "exact":  # efficiency on the surrogate holds exactly for exact Shapley

@@ -231,3 +231,14 @@ def test_estimand_names_and_levels():
     iv = unc.regression_adjusted(masks, pairwise_game(masks), linear_fit, shapley.BANZHAF, level=0.5, n_boot=0)
     assert iv.estimand == "banzhaf" and iv.to_dict()["estimand_text"].startswith("Banzhaf")
     np.testing.assert_allclose(iv.ci_high - iv.values, unc._z(0.5) * iv.se + iv.bias_allowance)
+
+
+def test_semivalue_by_size_monte_carlo_above_the_enumeration_limit(monkeypatch):
+    """Past EXACT_MAX_L the per-kept-count parts are Monte Carlo with a control variate: on the
+    pairwise game (L = 8, limit lowered to 4) they land close to the exact parts."""
+    exact = unc.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY)
+    monkeypatch.setattr(shapley, "EXACT_MAX_L", 4)
+    mc = unc.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY, n_mc=20, seed=1)  # C(8, j) > 20 for 2 <= j <= 6
+    np.testing.assert_allclose(mc[[0, 1, 7, 8]], exact[[0, 1, 7, 8]], atol=1e-12)  # small counts enumerated
+    assert np.abs(mc.sum(0) - SHAPLEY_TRUE).max() < 0.1 * np.abs(SHAPLEY_TRUE).max()
+    assert not np.allclose(mc[4], exact[4])  # really sampled
