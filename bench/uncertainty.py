@@ -159,37 +159,13 @@ def summarise(rows: list[dict], est: str) -> dict:
 # ---------------------------------------------------------------- decisions on unseen text
 
 
-def validation_windows(lm, calibration, n: int, seed: int = 1):
-    """`n` windows of the calibration text (seq_len tokens, aligned blocks) that overlap none of the
-    calibration windows: a validation split of the same text. Returns (ids LongTensor (n, T), n_free)."""
-    import torch
-
-    from engine.data import load_text
-
-    ids = lm.tokenizer(load_text(calibration.source, calibration.text_field), add_special_tokens=False)["input_ids"]
-    T, m, k = calibration.seq_len, len(ids), calibration.n_windows
-    # the calibration windows' offsets, exactly as engine.data.make_windows draws them
-    rng = np.random.default_rng(calibration.seed)
-    cuts = np.sort(rng.integers(0, m - k * T + 1, size=k))
-    starts = cuts + np.arange(k) * T
-    used = np.zeros(m, dtype=bool)
-    for s in starts:
-        used[s : s + T] = True
-    free = [b for b in range(0, m - T + 1, T) if not used[b : b + T].any()]
-    if len(free) < n:
-        raise SystemExit(f"only {len(free)} validation windows of {T} tokens are free of the calibration windows")
-    pick = np.sort(np.random.default_rng(seed).choice(free, size=n, replace=False))
-    stream = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([stream[b : b + T] for b in pick]), len(free)
-
-
 def decisions(gt: gtm.GroundTruth, ks, near: int, val_windows: int, heldout_windows: int, level: float,
               splits=("demo-test", "demo-ood")) -> dict:
     import dataclasses
 
     from engine import decision as decision_lib
     from engine.config import DataSpec, ModelSpec
-    from engine.data import make_windows
+    from engine.data import make_windows, validation_windows
     from engine.evaluate import MaskEvaluator
     from engine.models import load_model
 
@@ -203,9 +179,9 @@ def decisions(gt: gtm.GroundTruth, ks, near: int, val_windows: int, heldout_wind
     cands = {k: [r for r, _ in gt.optimum(k, top=near)] for k in ks}  # best calibration sets, best first
     distinct = sorted({r for k in ks for r in cands[k]})
     masks = np.stack([decision_lib.removal_mask(r, L) for r in distinct])  # (c, L)
-    val_ids, n_free = validation_windows(lm, cal, val_windows)
+    val = validation_windows(lm.tokenizer, cal, val_windows)
     t = time.monotonic()
-    ev = MaskEvaluator(lm, val_ids)
+    ev = MaskEvaluator(lm, val)
     val_nll, val_tok = ev.window_losses(masks)  # (c, W)
     seconds = {"validation_losses": round(time.monotonic() - t, 1)}
     held = {}
@@ -232,7 +208,7 @@ def decisions(gt: gtm.GroundTruth, ks, near: int, val_windows: int, heldout_wind
                 "heldout_range": [min(hp.values()), max(hp.values())],
             })
     seconds["total"] = round(time.monotonic() - t0, 1)
-    return {"rows": rows, "validation_windows": val_windows, "free_windows": n_free, "heldout_windows": heldout_windows,
+    return {"rows": rows, "validation_windows": val_windows, "heldout_windows": heldout_windows,
             "masks_evaluated": len(distinct), "near": near, "seconds": seconds,
             "rule": "lowest perplexity on validation windows of the calibration text (not the calibration windows)"}
 

@@ -170,3 +170,31 @@ def make_windows(tokenizer, spec: DataSpec, text: str | None = None) -> Windows:
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     data_hash = stable_hash({"text": text_sha, "tokenizer": tokenizer_hash(tokenizer), "n": n, "T": T, "seed": spec.seed})
     return Windows(input_ids=input_ids, data_hash=data_hash, source=spec.source, n_tokens=m)
+
+
+def validation_windows(tokenizer, spec: DataSpec, n: int, seed: int = 1, text: str | None = None) -> Windows:
+    """`n` windows of `spec`'s text that overlap none of `make_windows(tokenizer, spec)`'s windows: a
+    validation split of the calibration text (for choosing among candidate sets on text the surrogate
+    was not fitted on). Windows are aligned blocks of seq_len tokens, `n` of the free ones chosen with
+    `seed`; DataError when fewer than `n` are free."""
+    text = load_text(spec.source, spec.text_field) if text is None else text
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    n_cal, T, m = spec.n_windows, spec.seq_len, len(ids)
+    if m < n_cal * T:
+        raise DataError(f"{spec.source!r}: needs {n_cal * T} tokens for the calibration windows, found {m}")
+    rng = np.random.default_rng(spec.seed)  # the calibration offsets, drawn exactly as make_windows draws them
+    cuts = np.sort(rng.integers(0, m - n_cal * T + 1, size=n_cal))
+    used = np.zeros(m, dtype=bool)
+    for s in cuts + np.arange(n_cal) * T:
+        used[s : s + T] = True
+    free = [b for b in range(0, m - T + 1, T) if not used[b : b + T].any()]
+    if len(free) < n:
+        raise DataError(f"{spec.source!r}: only {len(free)} windows of {T} tokens do not overlap the {n_cal} "
+                        f"calibration windows; ask for at most {len(free)} validation windows or give more text")
+    pick = np.sort(np.random.default_rng(seed).choice(free, size=n, replace=False))
+    stream = torch.tensor(ids, dtype=torch.long)
+    input_ids = torch.stack([stream[b : b + T] for b in pick]) if n else torch.zeros((0, T), dtype=torch.long)
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    data_hash = stable_hash({"text": text_sha, "tokenizer": tokenizer_hash(tokenizer), "n": n, "T": T,
+                             "seed": spec.seed, "validation_seed": seed, "n_calibration": n_cal})
+    return Windows(input_ids=input_ids, data_hash=data_hash, source=f"{spec.source} (validation)", n_tokens=m)

@@ -58,6 +58,10 @@ class Decision:
     ppl_measured: float  # real perplexity of the chosen set
     ppl_full: float  # real perplexity of the unpruned model (same windows)
     candidates: tuple[Candidate, ...]  # every set measured for this k, best measured first
+    tied: tuple[tuple[int, ...], ...] = ()  # candidates statistically tied with the chosen set (see tied_on)
+    tie_level: float | None = None  # level of the paired bootstrap intervals behind `tied`
+    tied_on: str | None = None  # which windows the candidates were compared on (None: not compared)
+    validation_ppl: float | None = None  # chosen set's perplexity on those windows
 
     @property
     def mask(self) -> np.ndarray:

@@ -183,6 +183,37 @@ def eval_splits_for(data: DataSpec, extra: tuple[str, ...] = ()) -> tuple[str, .
     return tuple(dict.fromkeys((*base, *extra)))
 
 
+def with_ties(ds: Decisions, window_losses: Callable, spec: MethodSpec, on: str, choose: bool) -> Decisions:
+    """Compare each k's measured candidates on the windows `window_losses(bool[n, L]) -> (nll float[n, W],
+    tokens int[n, W])` evaluates (one call for all k): paired bootstrap intervals over those windows
+    (uncertainty.compare_candidates, level spec.level) and the candidates tied with the chosen set.
+    choose=True: the chosen set becomes the best one on those windows (validation windows the surrogate
+    was not fitted on); otherwise the decision's own choice stays and only its ties are listed."""
+    from engine import uncertainty
+
+    items = list(ds.items)
+    if not items:
+        return ds
+    L = len(items[0].kept)
+    sets = [[c.removed for c in d.candidates] for d in items]
+    flat = [s for ss in sets for s in ss]
+    nll, tokens = window_losses(np.stack([decision_lib.removal_mask(s, L) for s in flat]))  # (n, W)
+    out, a = [], 0
+    for d, ss in zip(items, sets):
+        idx = slice(a, a + len(ss))
+        a += len(ss)
+        cmp = uncertainty.compare_candidates(ss, nll[idx], tokens[idx], spec.level, seed=spec.mc_seed,
+                                             chosen=None if choose else ss.index(d.removed))
+        if choose and cmp.chosen != d.removed:
+            c = d.candidates[ss.index(cmp.chosen)]
+            d = dataclasses.replace(d, removed=c.removed, kept=tuple(bool(b) for b in decision_lib.removal_mask(
+                c.removed, L)), method="validated: best on validation windows", ppl_predicted=c.ppl_predicted,
+                ppl_measured=c.ppl_measured)
+        out.append(dataclasses.replace(d, tied=cmp.tied, tie_level=cmp.level, tied_on=on,
+                                       validation_ppl=cmp.ppl[ss.index(cmp.chosen)]))
+    return dataclasses.replace(ds, items=tuple(out))
+
+
 def check_ks(ks, L: int) -> list[int]:
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or ks[-1] >= L:

@@ -436,13 +436,52 @@ def _measure_fn(run: OpenRun, data: DataSpec | None = None):
     return MaskEvaluator(run.lm, windows).perplexities
 
 
+class _RecordingMeasure:
+    """Calibration perplexities that keep each mask's per-window losses, so the candidates measured
+    by the decision can be compared window by window without evaluating them again."""
+
+    def __init__(self, evaluator):
+        self.evaluator, self.seen = evaluator, {}
+
+    def perplexities(self, masks) -> np.ndarray:
+        from engine.evaluate import ppl_from_window_losses
+
+        return ppl_from_window_losses(*self.window_losses(masks))
+
+    def window_losses(self, masks) -> tuple[np.ndarray, np.ndarray]:
+        masks = np.atleast_2d(np.asarray(masks, dtype=bool))
+        keys = [m.tobytes() for m in masks]
+        todo = [i for i, k in enumerate(keys) if k not in self.seen]
+        if todo:
+            nll, tok = self.evaluator.window_losses(masks[todo])
+            for j, i in enumerate(todo):
+                self.seen[keys[i]] = (nll[j], tok[j])
+        return (np.stack([self.seen[k][0] for k in keys]), np.stack([self.seen[k][1] for k in keys]))
+
+
 def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = ()):
+    """Decide per k; list the candidates tied with each choice (paired bootstrap over windows): on
+    `method.val_windows` validation windows of the calibration text, which then also choose, or
+    else on the calibration windows themselves."""
+    from engine import decision as decision_lib
     from engine import method as method_lib
+    from engine.data import validation_windows
+    from engine.evaluate import MaskEvaluator
 
     f, c = _contributions(run, method)
     splits = method_lib.eval_splits_for(run.spec.data, tuple(eval_data))
     measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
-    ds = method_lib.decide(f, c, ks, _measure_fn(run), measures, method)
+    calibration = _RecordingMeasure(MaskEvaluator(run.lm, run.windows))
+    ds = method_lib.decide(f, c, ks, calibration.perplexities, None, method)
+    if method.val_windows:
+        val = validation_windows(run.lm.tokenizer, run.spec.data, method.val_windows)
+        ds = method_lib.with_ties(ds, MaskEvaluator(run.lm, val).window_losses, method,
+                                  f"{method.val_windows} validation windows of the calibration text", choose=True)
+    else:
+        ds = method_lib.with_ties(ds, calibration.window_losses, method,
+                                  "the calibration windows (the surrogate was fitted on them)", choose=False)
+    if measures:
+        ds = dataclasses.replace(ds, splits=decision_lib.measure_splits(ds.items, run.n_layers, measures))
     _put(run, "decisions", method, f.samples.n, {"run_id": run.run_id, "ks": [d.k for d in ds.items],
                                                  "splits_measured": list(splits), **ds.to_dict()})
     return f, c, ds
@@ -565,6 +604,9 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         "contributions": [float(x) for x in c.values],
         "contributions_stderr": None if c.stderr is None else [float(x) for x in c.stderr],
         "removed": [int(i) for i in d.removed],
+        "tied": [list(t) for t in d.tied],
+        "tie_level": d.tie_level,
+        "tied_on": d.tied_on,
         "method": d.method,
         "ppl_full": float(d.ppl_full),
         "ppl_predicted": float(d.ppl_predicted),
@@ -572,7 +614,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         "heldout": {name: {"ppl_full": sp.ppl_full, "ppl_pruned": sp.ppl[list(sp.ks).index(remove)]}
                     for name, sp in ds.splits.items()},
         "by_k": [{"k": x.k, "removed": list(x.removed), "ppl_predicted": x.ppl_predicted,
-                  "ppl_measured": x.ppl_measured, "method": x.method,
+                  "ppl_measured": x.ppl_measured, "method": x.method, "tied": [list(t) for t in x.tied],
                   "heldout": {name: sp.ppl[list(sp.ks).index(x.k)] for name, sp in ds.splits.items()}}
                  for x in ds.items],
         "out": None if exported is None else exported["out"],

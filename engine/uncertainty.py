@@ -567,12 +567,14 @@ class CandidateComparison:
 
 
 def compare_candidates(candidates: Sequence[Sequence[int]], window_nll: np.ndarray, window_tokens: np.ndarray,
-                       level: float = LEVEL, n_boot: int = 2000, seed: int = 0) -> CandidateComparison:
+                       level: float = LEVEL, n_boot: int = 2000, seed: int = 0,
+                       chosen: int | None = None) -> CandidateComparison:
     """Choose among removal sets by validation perplexity and list the ones tied with the choice.
 
     candidates: c removal sets; window_nll float[c, W] / window_tokens int[c, W]: each candidate's
     per-window losses on W validation windows (windows not used to fit or to search). Ties in the
     point value go to the earlier candidate. Non-finite losses make a candidate worst (never tied).
+    chosen: index of a candidate chosen by another rule, to compare the others with (default: the best).
     """
     cands = tuple(tuple(int(i) for i in c) for c in candidates)
     nll = np.asarray(window_nll, dtype=np.float64)
@@ -583,7 +585,7 @@ def compare_candidates(candidates: Sequence[Sequence[int]], window_nll: np.ndarr
     with np.errstate(over="ignore", invalid="ignore"):
         logp = nll.sum(axis=1) / tok.sum(axis=1)  # (c,) mean NLL per token
     key = np.where(np.isfinite(logp), logp, np.inf)
-    best = int(np.argmin(key))  # first minimum: earlier candidate wins a tie
+    best = int(np.argmin(key)) if chosen is None else int(chosen)  # first minimum: earlier candidate wins a tie
     rng = np.random.default_rng([seed, 5])
     counts = np.stack([np.bincount(rng.integers(0, W, W), minlength=W) for _ in range(n_boot)]).astype(float)  # (B, W)
     with np.errstate(over="ignore", invalid="ignore"):

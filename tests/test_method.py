@@ -156,3 +156,28 @@ def test_run_command_end_to_end_json_and_export_reloads(setup, tmp_path, capsys)
     code = cli.main(argv)
     assert code != 0
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_decisions_list_ties_and_choose_on_validation_windows(setup):
+    from engine.data import validation_windows
+    from engine.decision import removal_mask
+    from engine.evaluate import MaskEvaluator
+
+    _, spec, run = setup
+    base = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0)
+    art = pipeline.decide(spec, base, run=run)
+    for d in art["decisions"]:
+        assert d["tie_level"] == 0.9 and "calibration windows" in d["tied_on"]
+        measured = {tuple(c["removed"]): c["ppl_measured"] for c in d["candidates"]}
+        assert all(tuple(t) in measured and tuple(t) != tuple(d["removed"]) for t in d["tied"])
+        assert d["ppl_measured"] == min(measured.values())  # the verified rule's choice stays
+    val = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0, val_windows=6)
+    art = pipeline.decide(spec, val, run=run)
+    ev = MaskEvaluator(run.lm, validation_windows(run.lm.tokenizer, spec.data, 6))
+    for d in art["decisions"]:
+        assert d["tied_on"] == "6 validation windows of the calibration text"
+        sets = [tuple(c["removed"]) for c in d["candidates"]]
+        ppl = ev.perplexities(np.stack([removal_mask(s, L) for s in sets]))
+        assert tuple(d["removed"]) == sets[int(np.argmin(ppl))]  # the best candidate on validation text
+        assert d["validation_ppl"] == pytest.approx(float(ppl.min()), rel=1e-9)
+    assert pipeline.artifact_name("decisions", val) != pipeline.artifact_name("decisions", base)

@@ -174,3 +174,26 @@ def test_sample_writes_window_losses(tmp_path, tiny_lm, tiny_windows, monkeypatc
     np.testing.assert_allclose(t.window_nll, want, rtol=1e-5)
     full = store.meta()["window_losses_full"]
     np.testing.assert_allclose(ppl_from_window_losses(full["nll"], full["tokens"]), store.meta()["ppl_full"], rtol=1e-12)
+
+
+def test_validation_windows_do_not_overlap_the_calibration_windows():
+    from engine.config import DataSpec
+    from engine.data import make_windows, validation_windows
+    from engine.errors import DataError
+
+    class Positions:  # token id = position in the text: overlap shows as shared ids
+        def __call__(self, text, **_):
+            return {"input_ids": list(range(len(text)))}
+
+        def get_vocab(self):
+            return {"x": 0}
+
+    spec = DataSpec(source="x", n_windows=5, seq_len=16, seed=3)
+    text = "a" * 1000
+    cal = make_windows(Positions(), spec, text=text)
+    val = validation_windows(Positions(), spec, 20, text=text)
+    assert val.input_ids.shape == (20, 16)
+    assert not set(cal.input_ids.flatten().tolist()) & set(val.input_ids.flatten().tolist())
+    assert len(set(val.input_ids.flatten().tolist())) == 20 * 16  # distinct windows
+    with pytest.raises(DataError, match="do not overlap"):
+        validation_windows(Positions(), spec, 60, text=text)
