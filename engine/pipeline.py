@@ -603,6 +603,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         "estimand": c.details.get("estimand"),
         "contributions": [float(x) for x in c.values],
         "contributions_stderr": None if c.stderr is None else [float(x) for x in c.stderr],
+        **_interval_fields(c.details.get("interval")),
         "removed": [int(i) for i in d.removed],
         "tied": [list(t) for t in d.tied],
         "tie_level": d.tie_level,

@@ -20,15 +20,18 @@ def _bar(value: float, top: float, width: int = 30) -> str:
     return "#" * max(0, round(width * max(value, 0.0) / top))
 
 
-def contributions_table(values, stderr=None) -> str:
-    """One line per layer: index, value, error bar, rank (1 = least important), a text bar."""
+def contributions_table(values, stderr=None, ci_low=None, ci_high=None, level=None) -> str:
+    """One line per layer: index, value, error bar, interval (when given), rank (1 = least important), a bar."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     rank = {i: r + 1 for r, i in enumerate(order)}
     top = max((abs(v) for v in values), default=0.0)
-    lines = [f"{'layer':>5} {'value':>10} {'± err':>9} {'rank':>5}"]
+    ci = ci_low is not None and ci_high is not None
+    head = f"{f'{level:.0%} interval':>21} " if ci and level else (f"{'interval':>21} " if ci else "")
+    lines = [f"{'layer':>5} {'value':>10} {'± err':>9} {head}{'rank':>5}"]
     for i, v in enumerate(values):
         err = "" if stderr is None or stderr[i] is None else f"{stderr[i]:9.4f}"
-        lines.append(f"{i:>5} {v:10.4f} {err:>9} {rank[i]:>5}  {_bar(v, top)}")
+        iv = f"[{ci_low[i]:9.4f}, {ci_high[i]:9.4f}] " if ci else ""
+        lines.append(f"{i:>5} {v:10.4f} {err:>9} {iv}{rank[i]:>5}  {_bar(v, top)}")
     return "\n".join(lines)
 
 
@@ -62,7 +65,11 @@ def shapley_summary(r: dict) -> str:
     lines = [f"{r['estimator']}  ({r['n_evaluations']:,} surrogate evaluations, {r.get('n_masks', '?')} evaluated "
              f"masks)", f"estimates the {r.get('estimand') or 'contribution'} of each layer; ± err: "
              + (r.get("details") or {}).get("stderr_is", "Monte Carlo standard error"),
-             contributions_table(r["contributions"], r.get("stderr"))]
+             contributions_table(r["contributions"], r.get("stderr"), r.get("ci_low"), r.get("ci_high"),
+                                 r.get("level"))]
+    if r.get("ci_low") is not None:
+        lines.append(f"interval: {r.get('interval_estimand')}; sampling noise and the surrogate's estimated bias "
+                     "(python -m bench.uncertainty measures its coverage)")
     eff = r.get("efficiency")
     if eff:
         lines.append(f"efficiency: sum of values {eff['total']:.4f} vs f(all kept) - f(none kept) "
@@ -77,13 +84,18 @@ def run_summary(r: dict) -> str:
         f"run {r['run_id']}: {r['n_masks']} masks ({r['evaluated']} evaluated now); surrogate held-out "
         f"R² {_num(r['r2'])}, Spearman {_num(r['spearman'])}",
         f"contributions: {r['estimator']}",
-        contributions_table(r["contributions"], r.get("contributions_stderr")),
+        contributions_table(r["contributions"], r.get("contributions_stderr"), r.get("ci_low"), r.get("ci_high"),
+                            r.get("level")),
         "",
         f"{'k':>3}  {'removed':24} {'predicted':>10} {'measured':>10}  method",
     ]
     for d in r["by_k"]:
         lines.append(f"{d['k']:>3}  {str(d['removed']):24} {_num(d['ppl_predicted'], 2):>10} "
-                     f"{_num(d['ppl_measured'], 2):>10}  {d['method']}")
+                     f"{_num(d['ppl_measured'], 2):>10}  {d['method']}"
+                     + (f"; tied: {', '.join(map(str, d['tied']))}" if d.get("tied") else ""))
+    if r.get("tied_on"):
+        lines.append(f"tied = paired bootstrap interval ({_num(r.get('tie_level'), 2)}) of the perplexity ratio "
+                     f"to the chosen set contains 1, on {r['tied_on']}")
     lines.append(f"calibration perplexity: full {_num(r['ppl_full'], 2)} -> pruned {_num(r['ppl_measured'], 2)} "
                  f"(predicted {_num(r['ppl_predicted'], 2)}), removing {list(r['removed'])}")
     for name, h in r.get("heldout", {}).items():
