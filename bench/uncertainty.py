@@ -37,6 +37,7 @@ default estimator on the first design against its estimand), `coverage_by_estima
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import sys
@@ -92,7 +93,7 @@ def population_metrics(gt: gtm.GroundTruth, model, sizes: np.ndarray) -> dict:
 
 
 def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: float, n_boot: int,
-             truth: dict, weightings: dict) -> dict:
+             truth: dict, weightings: dict, surrogate: SurrogateSpec = SurrogateSpec()) -> dict:
     L = gt.n_layers
     f = gt.value_function()
     masks = sample_masks(SamplingSpec(scheme=scheme, n_masks=n_masks, seed=seed), L)  # (n, L)
@@ -100,12 +101,12 @@ def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: f
     counter = itertools.count(1000 * seed)
 
     def fit(X, t):  # a fresh seed per fit: the refits carry the optimiser's noise too
-        return make_surrogate(SurrogateSpec(), seed=next(counter)).fit(X, t)
+        return make_surrogate(surrogate, seed=next(counter)).fit(X, t)
 
     default = DEFAULT_ESTIMAND[scheme]
     other = "shapley" if default == "strata" else "strata"
     X, t = unc._with_full_mask(masks, y, 1.0)
-    ens = Ensemble(SurrogateSpec(seed=seed)).fit(X, t)  # the pipeline's default ensemble (5 MLPs), all masks
+    ens = Ensemble(dataclasses.replace(surrogate, seed=seed)).fit(X, t)  # the pipeline's ensemble, all masks
     members = {name: np.stack([unc.semivalue_by_size(g, L, w).sum(axis=0) for g in ens.value_functions()])
                for name, w in weightings.items()}  # {estimand: (k, L)}
     ra = {name: unc.regression_adjusted(masks, y, fit, w, level, seed=seed, n_boot=0) for name, w in weightings.items()}
@@ -130,7 +131,7 @@ def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: f
         }
     # held-out metrics: the pipeline's split and ensemble
     sp = split(masks, y, 0.2, seed)
-    model = Ensemble(SurrogateSpec(seed=seed)).fit(masks[sp.train], y[sp.train])
+    model = Ensemble(dataclasses.replace(surrogate, seed=seed)).fit(masks[sp.train], y[sp.train])
     held = unc.metric_intervals(y[sp.test], model.predict(masks[sp.test]), masks[sp.test].sum(axis=1), level,
                                 seed=seed)
     pop = population_metrics(gt, model, masks.sum(axis=1))
@@ -222,7 +223,7 @@ def run(a) -> dict:
     result = {"level": a.level, "command": "python -m bench.uncertainty " + " ".join(a.argv)}
     if a.part in ("all", "decisions"):
         ks = a.ks or [max(1, round(gt.n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)]
-        result["decisions"] = decisions(gt, ks, a.near, a.val_windows, a.heldout_windows, a.level)
+        result["decisions"] = decisions(gt, ks, a.near, a.val_windows, a.heldout_windows, a.level, a.eval_data)
     if a.part in ("all", "coverage"):
         result.update(coverage(a, gt))
     result["seconds"] = round(time.monotonic() - t0, 1)
@@ -242,7 +243,8 @@ def coverage(a, gt) -> dict:
         rows = []
         for seed in range(a.seeds):
             t = time.monotonic()
-            rows.append(one_seed(gt, scheme, seed, a.masks, a.level, a.boot, truth, weightings))
+            rows.append(one_seed(gt, scheme, seed, a.masks, a.level, a.boot, truth, weightings,
+                                 SurrogateSpec(kind=a.surrogate)))
             if not a.json:
                 print(f"{scheme} seed {seed}: {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
         rows_all[scheme] = rows
@@ -320,6 +322,8 @@ def parse(argv=None):
     p.add_argument("--near", type=int, default=10, help="candidates: the best calibration sets per k")
     p.add_argument("--val-windows", type=int, default=64, help="validation windows of the calibration text")
     p.add_argument("--heldout-windows", type=int, default=8, help="windows per held-out split (8 = bench.compare)")
+    p.add_argument("--eval-data", nargs="+", default=["demo-test", "demo-ood"], help="held-out splits (decisions)")
+    p.add_argument("--surrogate", default="mlp", help="surrogate kind (default: the pipeline's MLP)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

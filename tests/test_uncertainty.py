@@ -242,3 +242,33 @@ def test_semivalue_by_size_monte_carlo_above_the_enumeration_limit(monkeypatch):
     np.testing.assert_allclose(mc[[0, 1, 7, 8]], exact[[0, 1, 7, 8]], atol=1e-12)  # small counts enumerated
     assert np.abs(mc.sum(0) - SHAPLEY_TRUE).max() < 0.1 * np.abs(SHAPLEY_TRUE).max()
     assert not np.allclose(mc[4], exact[4])  # really sampled
+
+
+def test_bench_uncertainty_end_to_end(tmp_path, capsys):
+    """bench.uncertainty on a tiny 6-layer model's complete ground truth: coverage JSON and decisions."""
+    import json
+
+    from bench import ground_truth as gtm
+    from bench import uncertainty as bench_unc
+    from tests.conftest import save_tiny_llama, write_words
+
+    save_tiny_llama(tmp_path / "model", n_layers=6, seed=4)
+    for i, name in enumerate(("cal", "test")):
+        write_words(tmp_path / f"{name}.txt", 400, seed=10 + i)
+    gtm.build(str(tmp_path / "model"), str(tmp_path / "cal.txt"), 3, 16, out=tmp_path / "gt.npz", progress=False)
+    r = bench_unc.main(["--ground-truth", str(tmp_path / "gt.npz"), "--seeds", "2", "--masks", "30", "--boot", "3",
+                        "--surrogate", "ridge-pairwise",
+                        "--ks", "1", "2", "--near", "4", "--val-windows", "12", "--heldout-windows", "3",
+                        "--eval-data", str(tmp_path / "test.txt"), "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["level"] == 0.9 and last["seeds"] == 2 and last["masks"] == 30
+    assert 0 <= last["coverage"] <= 1
+    assert set(last["coverage_by_estimator"]) == {"regression-adjusted", "paper", "exact", "regression-adjusted:other"}
+    assert set(last["coverage_by_design"]) == {"stratified", "size-uniform"}
+    assert last["default"]["estimand"] == "strata"
+    for m in last["metrics"]["stratified"].values():
+        assert 0 <= m["coverage"] <= 1 and m["n"] == 2
+    rows = r["decisions"]["rows"]
+    assert {(row["k"], row["split"]) for row in rows} == {(k, str(tmp_path / "test.txt")) for k in (1, 2)}
+    for row in rows:
+        assert row["ratio"] >= 1.0 and row["calibration_best_ratio"] >= 1.0 and len(row["chosen"]) == row["k"]
