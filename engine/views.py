@@ -168,14 +168,17 @@ def comparison_frame(comparison: dict) -> pd.DataFrame:
     return pd.DataFrame(comparison["rows"])[cols]
 
 
-def contributions_frame(values, stderr=None) -> pd.DataFrame:
-    """Per layer: contribution, its error bar, and rank (1 = most important)."""
+def contributions_frame(values, stderr=None, ci_low=None, ci_high=None) -> pd.DataFrame:
+    """Per layer: contribution, its error bar, its interval (NaN when none), and rank (1 = most important)."""
     v = np.asarray(values, float)
     se = np.full_like(v, np.nan) if stderr is None else np.asarray([np.nan if x is None else x for x in stderr], float)
+    lo = np.full_like(v, np.nan) if ci_low is None else np.asarray(ci_low, float)
+    hi = np.full_like(v, np.nan) if ci_high is None else np.asarray(ci_high, float)
     order = np.argsort(-v, kind="stable")
     rank = np.empty(len(v), int)
     rank[order] = np.arange(1, len(v) + 1)
-    return pd.DataFrame({"layer": np.arange(len(v)), "contribution": v, "stderr": se, "rank": rank})
+    return pd.DataFrame({"layer": np.arange(len(v)), "contribution": v, "stderr": se, "ci_low": lo, "ci_high": hi,
+                         "rank": rank})
 
 
 def rank_agreement(contribs, baseline_scores) -> float:
@@ -192,7 +195,8 @@ def decisions_frame(decisions: dict) -> pd.DataFrame:
     """The `decisions` artifact as one row per k: predicted and measured perplexity, removed layers."""
     rows = [{"k": d["k"], "ppl_predicted": d["ppl_predicted"], "ppl_measured": d["ppl_measured"],
              "rule": d["method"], "removed layers": ", ".join(str(i) for i in d["removed"]),
-             "candidates measured": len(d["candidates"])}
+             "candidates measured": len(d["candidates"]),
+             "statistically tied": "; ".join(", ".join(map(str, t)) for t in d.get("tied") or [])}
             for d in decisions["decisions"]]
     return pd.DataFrame(rows)
 

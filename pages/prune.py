@@ -64,6 +64,10 @@ c2.metric(f"measured, {k} removed", f"{d['ppl_measured']:.3f}", delta=f"{d['ppl_
 c3.metric("predicted by the surrogate", f"{d['ppl_predicted']:.3f}")
 st.write(f"Chosen for k = {k}: remove layers **{', '.join(map(str, d['removed']))}** ({d['method']}; "
          f"{len(d['candidates'])} candidate sets measured)")
+if d.get("tied_on"):
+    tied = "; ".join("{" + ", ".join(map(str, t)) + "}" for t in d.get("tied") or []) or "none"
+    st.write(f"Statistically tied with it ({d['tie_level']:.0%} paired bootstrap over windows, on {d['tied_on']}): "
+             f"{tied}")
 long = table.melt(id_vars=["k"], value_vars=["ppl_predicted", "ppl_measured"], var_name="series",
                   value_name="perplexity")
 long["series"] = long["series"].map({"ppl_predicted": "predicted", "ppl_measured": "measured"})

@@ -44,7 +44,7 @@ _ui.job_panel(run, "shapley", "Compute contributions", mspec,
 
 result = _ui.stored_or_stop(run, "contributions", mspec, "Compute contributions")
 
-df = views.contributions_frame(result["contributions"], result["stderr"])
+df = views.contributions_frame(result["contributions"], result["stderr"], result.get("ci_low"), result.get("ci_high"))
 c1, c2, c3 = st.columns(3)
 c1.metric("estimator", entry.label, help=result["estimator"])
 c2.metric("surrogate evaluations", f"{result['n_evaluations']:,}", help=f"from {result['n_masks']} evaluated masks")
@@ -56,8 +56,13 @@ if eff:
                    "Shapley values share this out exactly; other semivalues need not")
 
 stderr_is = (result.get("details") or {}).get("stderr_is", "Monte Carlo standard error")
-fig = go.Figure(go.Bar(x=df.layer, y=df.contribution, name="contribution",
-                       error_y=dict(type="data", array=df.stderr.fillna(0).to_numpy(), visible=True)))
+if result.get("ci_low") is not None:  # the interval: sampling noise and the surrogate's estimated bias
+    stderr_is = f"{result['level']:.0%} interval for the {result.get('interval_estimand')}"
+    bars = dict(type="data", array=(df.ci_high - df.contribution).to_numpy(),
+                arrayminus=(df.contribution - df.ci_low).to_numpy(), visible=True)
+else:
+    bars = dict(type="data", array=df.stderr.fillna(0).to_numpy(), visible=True)
+fig = go.Figure(go.Bar(x=df.layer, y=df.contribution, name="contribution", error_y=bars))
 fig.update_layout(title=f"Per-layer contribution ({result['n_masks']} masks; error bars: {stderr_is})",
                   xaxis_title="layer", yaxis_title="contribution to the score", xaxis=dict(dtick=1))
 st.plotly_chart(fig, key="contributions_chart")

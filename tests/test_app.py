@@ -170,6 +170,7 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
     at.selectbox[0].set_value("exact")
     _click_job(at, "Compute contributions")
     assert _metrics(at)["estimator"] == "exact Shapley"
+    assert "90% interval for the Shapley value" in at.get("plotly_chart")[0].proto.spec  # intervals on the bars
     assert "efficiency gap" in _metrics(at)
     assert _charts(at) == 1
     ranks = at.dataframe[0].value
@@ -190,6 +191,7 @@ def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     _click_job(at, "Decide")
     m = _metrics(at)
     assert float(m["measured, 2 removed"]) > 0 and "predicted perplexity" in m
+    assert any("Statistically tied with it" in md.value for md in at.markdown)
     assert _charts(at) == 1
     _button(at, "Measure").click().run()
     assert not at.exception
