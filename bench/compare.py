@@ -90,7 +90,7 @@ def method_spec(estimator: str, L: int, seed: int = 0, surrogate: SurrogateSpec 
     estimator's Monte Carlo masks set by `mc_masks` (each with all L flips)."""
     budget = mc_masks * (L + 1) if estimator == "paper" and mc_masks != PAPER_MASKS else None
     return MethodSpec(surrogate=dataclasses.replace(surrogate, seed=seed), estimator=estimator, budget=budget,
-                      mc_seed=seed)
+                      mc_seed=seed, boot=0)  # no bootstrap intervals here: bench.uncertainty measures them
 
 
 # ---------------------------------------------------------------- the Shapley pipeline
