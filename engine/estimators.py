@@ -133,7 +133,8 @@ def _regression_adjusted(x: EstimationInput):
 
     s, L = x.samples, x.n_layers
     weighting = weighting_for("regression-adjusted", s.design, L)
-    iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed)
+    iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed,
+                                         n_boot=0)  # the analytic variance; bench.uncertainty checks it
     return shapley.Contributions(iv.values, iv.se, f"{weighting.name}, regression-adjusted (cross-fitted)",
                                  int(s.n), {**iv.details, "interval": iv.to_dict()})
 

@@ -459,7 +459,7 @@ class _RecordingMeasure:
         return (np.stack([self.seen[k][0] for k in keys]), np.stack([self.seen[k][1] for k in keys]))
 
 
-def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = ()):
+def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (), fc=None):
     """Decide per k; list the candidates tied with each choice (paired bootstrap over windows): on
     `method.val_windows` validation windows of the calibration text, which then also choose, or
     else on the calibration windows themselves."""
@@ -468,7 +468,7 @@ def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (
     from engine.data import validation_windows
     from engine.evaluate import MaskEvaluator
 
-    f, c = _contributions(run, method)
+    f, c = fc or _contributions(run, method)  # fc: (Fit, Contributions) the caller has just computed
     splits = method_lib.eval_splits_for(run.spec.data, tuple(eval_data))
     measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
     calibration = _RecordingMeasure(MaskEvaluator(run.lm, run.windows))
@@ -582,7 +582,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
     f, c = _contributions(run, method)
     stages["contributions"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    _, _, ds = _decide(run, method, range(1, remove + 1), eval_data)
+    _, _, ds = _decide(run, method, range(1, remove + 1), eval_data, fc=(f, c))
     stages["decide"] = round(time.monotonic() - t, 3)
     exported = None
     if out_dir is not None:
