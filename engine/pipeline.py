@@ -218,14 +218,19 @@ def sample(
                 if ppl_full is None:
                     ppl_full = float(evaluator.ppl_full)
                     store.set_meta(ppl_full=ppl_full)
-                if "window_losses_full" not in store.meta():  # per-window losses of the full model (schema 2)
+                # Per-window losses (schema 2) where the evaluator gives them (MaskEvaluator; Ray
+                # workers send perplexities only, so those rows have none).
+                windowed = hasattr(evaluator, "iter_window_losses")
+                if windowed and "window_losses_full" not in store.meta():
                     full_nll, full_tokens = evaluator.full_window_losses()
                     store.set_meta(window_losses_full={"nll": full_nll.tolist(), "tokens": full_tokens.tolist()})
                 bar = _Progress(len(todo), progress, json_mode)
                 try:
                     for lo, hi in _chunks(len(todo), first_chunk):
                         part = todo[lo:hi]
-                        for index, ppl, nll, tokens, seconds in evaluator.iter_window_losses(masks[part]):
+                        rows = (evaluator.iter_window_losses(masks[part]) if windowed else
+                                ((i, p, None, None, t) for i, p, t in evaluator.iter_perplexities(masks[part])))
+                        for index, ppl, nll, tokens, seconds in rows:
                             score, flag = scores(np.array([ppl], dtype=float), ppl_full)
                             writer.add(strings[part[index]], float(ppl), float(score[0]), bool(flag[0]), float(seconds),
                                        window_nll=nll, window_tokens=tokens)
