@@ -197,3 +197,14 @@ def test_validation_windows_do_not_overlap_the_calibration_windows():
     assert len(set(val.input_ids.flatten().tolist())) == 20 * 16  # distinct windows
     with pytest.raises(DataError, match="do not overlap"):
         validation_windows(Positions(), spec, 60, text=text)
+
+
+def test_window_losses_of_the_batched_walk(tiny_lm, tiny_windows):
+    """The layer-by-layer batched walk yields each mask right after its leaf: same per-window losses."""
+    lm = tiny_lm("llama")
+    masks = _masks(4, 12, seed=3)
+    ref = MaskEvaluator(lm, tiny_windows).window_losses(masks)[0]
+    batched = MaskEvaluator(lm, tiny_windows, batch_masks=True, batch_states=3)
+    nll, tokens = batched.window_losses(masks)
+    np.testing.assert_allclose(nll, ref, rtol=1e-5)
+    np.testing.assert_allclose(ppl_from_window_losses(nll, tokens), batched.perplexities(masks), rtol=1e-12)
