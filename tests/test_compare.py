@@ -169,6 +169,10 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
     for r in fid:
         assert -1 <= r["spearman"] <= 1 and r["rel_l2"] >= 0 and 0 <= r["precision_verified_k2"] <= 1
     assert len(result["verdict"]) == 3 * 3
+    # the pipeline's held-out perplexity over the best held-out one among the near-optimal calibration sets
+    assert {(r["k"], r["split"]) for r in result["heldout_ratio"]} == {
+        (k, str(tiny6 / name)) for k in (1, 2, 3) for name in ("test.txt", "ood.txt")}
+    assert all(np.isfinite(r["ratio"]) and r["ratio"] > 0 for r in result["heldout_ratio"])
     md = (out / "compare.md").read_text()
     assert "Held-out spread" in md and "rank-and-cut sets" in md and "above the optimum" in md
 
