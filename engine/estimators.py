@@ -135,8 +135,12 @@ def _regression_adjusted(x: EstimationInput):
     weighting = weighting_for("regression-adjusted", s.design, L)
     iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed,
                                          n_boot=0)  # the analytic variance; bench.uncertainty checks it
+    folds = iv.details["n_folds"]
+    per_fit = (1 << L) if L <= shapley.EXACT_MAX_L else uncertainty.MC_PER_SIZE * (L + 1)  # surrogate calls
+    details = {**iv.details, "interval": iv.to_dict(),
+               "stderr_is": "standard error of the cross-fitted correction (stratified by kept count)"}
     return shapley.Contributions(iv.values, iv.se, f"{weighting.name}, regression-adjusted (cross-fitted)",
-                                 int(s.n), {**iv.details, "interval": iv.to_dict()})
+                                 folds * per_fit, details)
 
 
 def _check_exact(L: int, what: str) -> None:
