@@ -167,7 +167,10 @@ class MethodSpec:
     """
 
     surrogate: SurrogateSpec = field(default_factory=SurrogateSpec)
-    estimator: str = option("paper", "contribution estimator", registry="engine.estimators:ESTIMATORS")
+    # Default: regression-adjusted, whose 90% intervals covered the exact values of the demo game in
+    # 95% of (layer, seed) pairs (python -m bench.uncertainty); on stratified runs it estimates the
+    # same restricted-strata semivalue as the paper's estimator, with 5 cross-fits instead of 25 refits.
+    estimator: str = option("regression-adjusted", "contribution estimator", registry="engine.estimators:ESTIMATORS")
     budget: int | None = option(None, "value-function evaluations for Monte Carlo estimators (default: the "
                                 "estimator's own)")
     mc_seed: int = option(0, "seed of the estimator's Monte Carlo draws")
