@@ -159,7 +159,7 @@ def test_sampling_start_never_launches_a_second_writer(demo_run):
 def test_surrogate_fit_metrics_and_charts(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(2)  # ensemble members
-    _click_job(at, "Fit")
+    assert not _click_job(at, "Fit")
     m = _metrics(at)
     assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)"} <= set(m)
     assert _charts(at) == 3  # predicted vs true, residuals by stratum, learning curve
@@ -185,10 +185,10 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
 def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     at = _app("surrogate")
     at.number_input[0].set_value(1)  # one surrogate: Prune reuses the session's fit (keeps the test short)
-    _click_job(at, "Fit")
+    assert not _click_job(at, "Fit")
     at.switch_page("pages/prune.py").run()
     at.number_input[0].set_value(2)
-    _click_job(at, "Decide")
+    assert not _click_job(at, "Decide")
     m = _metrics(at)
     assert float(m["measured, 2 removed"]) > 0 and "predicted perplexity" in m
     assert any("Statistically tied with it" in md.value for md in at.markdown)
@@ -251,10 +251,10 @@ def test_comparison_page_only_with_bench_results(demo_run, tmp_path, monkeypatch
 def test_summary_page_builds_the_report_and_generates(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(1)
-    _click_job(at, "Fit")
+    assert not _click_job(at, "Fit")
     at.switch_page("pages/prune.py").run()
     at.number_input[0].set_value(2)
-    _click_job(at, "Decide")
+    assert not _click_job(at, "Decide")
     at.switch_page("pages/summary.py").run()
     assert not at.exception
     assert not _click_job(at, "Build summary")
