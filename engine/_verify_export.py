@@ -1,6 +1,8 @@
 """Reload check for an exported model, run in a fresh process by path (imports torch + transformers only).
 
-Usage: python _verify_export.py JOBS.json RESULTS.json
+Usage: python _verify_export.py JOBS.json RESULTS.json [PARENT_PID]
+With PARENT_PID the process dies with its parent (PR_SET_PDEATHSIG on Linux, else a watchdog
+thread polling the parent's pid), so a killed export never leaves an orphan running.
 JOBS.json is a list of {"model_dir": str, "windows": str (a torch.save'd LongTensor (n, T)),
 "new_tokens": int, "dtype": "float32" | "bfloat16" | ..., "device": "cpu" | "cuda:0" | ...}. RESULTS.json receives one dict per job (see `check_export`); a job that
 raises gets {"error": "..."} instead, so one broken export does not hide the others.
@@ -12,11 +14,42 @@ exp(mean next-token NLL over every predicted token of every window), use_cache=F
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
-import torch
+
+def die_with_parent(parent_pid: int) -> None:
+    """Exit as soon as `parent_pid` is gone: the kernel's parent-death signal, or a watchdog thread."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before the signal was armed
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+if __name__ == "__main__" and len(sys.argv) > 3:  # armed before the slow imports (torch: seconds)
+    die_with_parent(int(sys.argv[3]))
+
+import torch  # noqa: E402
 
 LAYER_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_index")
 

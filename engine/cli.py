@@ -10,10 +10,12 @@ Only the chosen command's options are built, and modules that import torch are i
 the command when it runs: ``--help`` and ``status`` load neither torch nor scikit-learn.
 
 Output: a short human summary on stdout, progress on stderr. With ``--json`` the last line
-of stdout is exactly one JSON object (the result, or ``{"error": ..., "type": ...}``).
-Errors: a WorkbenchError prints its message on stderr and exits with its exit_code (no
-traceback unless ``--debug``); anything else is reported as a bug with a hint to re-run
-with ``--debug``. Ctrl-C exits with 130.
+of stdout is exactly one JSON object (the result, or ``{"error", "kind", "message", "type"}``).
+Errors: ``errors.describe`` turns any exception into the reported failure: a WorkbenchError's
+message and exit_code (no traceback unless ``--debug``), OS/SQLite faults mapped by
+``errors.from_exception`` (disk full, read-only, damaged store: exit 5), anything else a bug
+with a hint to re-run with ``--debug``. Ctrl-C exits with 130; SIGTERM is handled the same way
+(writer lease released, JSON line) and exits with 143.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import signal
 import sys
 import traceback
 import typing
@@ -30,7 +33,7 @@ from typing import Callable
 from engine.config import (
     DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
 )
-from engine.errors import WorkbenchError
+from engine.errors import WorkbenchError, describe
 
 UsageError = SpecError  # a malformed command line is a spec error too (kept name for scripts)
 
@@ -381,34 +384,56 @@ def _human(name: str, result) -> str:
     return "\n".join(f"{k:12} {v}" for k, v in result.items())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: unwinds exactly like Ctrl-C (leases released, rows kept)."""
+
+
+_SIGTERM_SEEN: list[bool] = []
+
+
+def _on_sigterm(signum, frame):
+    if not _SIGTERM_SEEN:  # the first one unwinds; later ones must not interrupt the cleanup
+        _SIGTERM_SEEN.append(True)
+        raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     json_mode, debug = "--json" in argv, "--debug" in argv
+    _SIGTERM_SEEN.clear()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         args = build_parser(argv).parse_args(argv)
         name = args.command
         result = _COMMANDS[name][2](args)
+        stopped = isinstance(result, dict) and result.get("stopped") == "interrupted"
+        if stopped:  # a non-zero exit: the result line also carries error, kind, message
+            failure = describe(KeyboardInterrupt(), bool(_SIGTERM_SEEN))
+            result = {**result, **{k: v for k, v in failure.to_json().items() if k in ("error", "kind", "message")}}
         text = _human(name, result)
-    except WorkbenchError as e:
-        return _fail(str(e), type(e).__name__, e.exit_code, json_mode, debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", "KeyboardInterrupt", 130, json_mode, debug)
-    except Exception as e:  # a bug, not a user mistake
-        msg = f"unexpected error ({type(e).__name__}: {e}). This is a bug; re-run with --debug for the traceback."
-        return _fail(msg, type(e).__name__, 1, json_mode, debug)
+    except (Exception, KeyboardInterrupt) as e:  # WorkbenchError, OS/SQLite fault, Ctrl-C/SIGTERM, or a bug
+        return _fail(describe(e, bool(_SIGTERM_SEEN)), json_mode, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.stdout.write(text + "\n")
     if json_mode:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     sys.stdout.flush()
-    if isinstance(result, dict) and result.get("stopped") == "interrupted":
-        return 130
-    return 0
+    return describe(KeyboardInterrupt(), bool(_SIGTERM_SEEN)).exit_code if stopped else 0
 
 
-def _fail(message: str, kind: str, code: int, json_mode: bool, debug: bool) -> int:
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _fail(failure, json_mode: bool, debug: bool) -> int:
+    """`error: message` on stderr; with --json one line {error, kind, message, type, exit_code} on stdout."""
     if debug:
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {failure.message}", file=sys.stderr, flush=True)
     if json_mode:
-        print(json.dumps({"error": message, "type": kind}), flush=True)
-    return code
+        print(json.dumps(failure.to_json()), flush=True)
+    return failure.exit_code

@@ -305,4 +305,5 @@ def _load_error(spec: ModelSpec, source: str, local_only: bool, e: Exception) ->
             f"could not reach the Hugging Face hub for {spec.name!r} and it is not in the local cache; "
             "pass a local folder or --model demo, or set HF_HUB_OFFLINE=0 with network"
         )
-    return ModelLoadError(f"could not load model {spec.name!r}: {text.splitlines()[0] if text else type(e).__name__}")
+    detail = " ".join(text.split())[:800] if text else type(e).__name__  # the whole message, on one line
+    return ModelLoadError(f"could not load model {spec.name!r}: {detail}")

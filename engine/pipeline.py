@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import validate
 from engine.config import DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, stable_hash
 from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore, list_runs
@@ -67,6 +68,7 @@ def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec(), weights: bool = True)
     workers load the model themselves."""
     from engine.sampling import sample_masks
 
+    validate.check_run(spec)  # every option against the model's config, before any weight is loaded
     lm, windows = _load(spec, evaluation, weights)
     sample_masks(dataclasses.replace(spec.sampling, n_masks=0), lm.n_layers)
     return lm, windows
@@ -88,6 +90,7 @@ def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec(), c
     never sampled raises EstimationError instead of appearing as an empty run."""
     from engine.prune import package_versions
 
+    validate.check_cache_dir(cache_dir)
     lm, windows = loaded or load(spec, evaluation)
     run_id = spec.run_id(lm.identity, windows.data_hash)
     if not create and not RunStore(cache_dir, run_id).exists():
@@ -208,6 +211,8 @@ def sample(
     done = store.done_masks()
     todo = [i for i, s in enumerate(strings) if s not in done]
     ppl_full = store.meta().get("ppl_full")
+    if ppl_full is not None:
+        validate.check_full_perplexity(run.lm, run.windows, ppl_full)  # a run stored by an older version
     evaluated = nonfinite = 0
     stopped = None
     evaluator = None
@@ -217,6 +222,7 @@ def sample(
                     open_evaluator(run.lm, run.windows, evaluation) as evaluator:  # Ray workers if asked
                 if ppl_full is None:
                     ppl_full = float(evaluator.ppl_full)
+                    validate.check_full_perplexity(run.lm, run.windows, ppl_full)  # before any mask
                     store.set_meta(ppl_full=ppl_full)
                 # Per-window losses (schema 2) where the evaluator gives them (MaskEvaluator; Ray
                 # workers send perplexities only, so those rows have none).
@@ -270,6 +276,7 @@ def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = Eval
     from engine.models import load_model
 
     set_threads(evaluation.threads)
+    validate.check_run(RunSpec(model=model_spec, data=data_spec))
     lm = load_model(model_spec)
     windows = make_windows(lm.tokenizer, data_spec)
     ppl = float(MaskEvaluator(lm, windows).ppl_full)
@@ -517,6 +524,9 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
     from engine.prune import check_export_folder
 
     check_export_folder(out_dir, overwrite)  # before any model is loaded
+    if run is None:
+        validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
+                           cache_dir=cache_dir)
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed)
@@ -574,6 +584,8 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
     from engine.prune import check_export_folder
 
     t0 = time.monotonic()
+    if run is None:
+        validate.check_run(spec, remove=method.remove, out_dir=out_dir, overwrite=overwrite, cache_dir=cache_dir)
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # before any model is loaded
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
@@ -643,6 +655,7 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
     from engine.prune import check_export_folder
 
     t0 = time.monotonic()
+    validate.check_run(spec, remove=method.remove, out_dir=out_dir, overwrite=overwrite, cache_dir=cache_dir)
     if out_dir is not None:
         check_export_folder(out_dir, overwrite)  # fail before minutes of sampling, not after
     if evaluation.single_pass is None:

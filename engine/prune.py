@@ -16,9 +16,18 @@ Contract of `prune_model(lm, removed, out_dir, ...)`:
   its attention type. List fields of length L that nothing knows how to update are listed in the
   manifest under `unhandled_per_layer_fields`.
 - Folder policy: `out_dir` must be missing or empty. `overwrite=True` only replaces a previous
-  export of this tool: the folder must contain `pruning_manifest.json`, and only the files that
-  manifest lists are deleted (never recursively, never outside the folder); anything else in the
-  folder is kept. Any other non-empty folder raises ExportError.
+  export of this tool (the folder holds `pruning_manifest.json`; only the files that manifest
+  lists are deleted, anything else in the folder is kept) or a half-written export of an older
+  version (only the files save_pretrained writes, no manifest, not the source model's folder).
+  Any other non-empty folder raises ExportError.
+- Atomic: everything is written into a temporary sibling `.<name>.partial-<pid>-<hex>` (marked
+  by `.layerprune-partial.json`), the fresh-process check runs on it, then the model card and
+  the manifest are written (the manifest last) and the folder is renamed to `out_dir`. A kill
+  at any point leaves either no `out_dir` (a previous export stays until the final swap) or a
+  complete, verified one; leftover temporary siblings of dead processes are removed by the next
+  export to the same path. The check's child process dies with its parent (PR_SET_PDEATHSIG on
+  Linux, a parent-pid watchdog elsewhere). OS failures (disk full, read-only) are raised as
+  engine.errors environment errors naming the path; the temporary folder is removed.
 - Written: safetensors weights, config.json, generation_config.json, the tokenizer,
   `pruning_manifest.json` and a model card `README.md`.
 - Verify (`verify=True`, needs `verify_windows`): a fresh Python process loads the folder with
@@ -26,7 +35,8 @@ Contract of `prune_model(lm, removed, out_dir, ...)`:
   (a) perplexity on the windows equals the in-memory pruned model's (and `expected_ppl`, when
   given) to `rtol`, (b) generate() with the KV cache gives the same logits as a cache-free pass,
   (c) config layer count and layer indices are 0..k-1. Results go into ExportResult and the
-  manifest; a failed check raises ExportError with the numbers (the folder is left for inspection).
+  manifest; a failed check raises ExportError with the numbers (the unverified folder is kept as
+  `.<name>.failed-<pid>-<hex>` beside `out_dir` for inspection, never at `out_dir`).
   The fresh process loads the export in the model's dtype on the model's device (same kernels,
   so 1e-4 holds for bf16 too) and so briefly needs memory for a second, pruned copy there.
 """
@@ -34,12 +44,18 @@ Contract of `prune_model(lm, removed, out_dir, ...)`:
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 import zipfile
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,12 +67,20 @@ from torch import nn
 
 import engine
 from engine import _verify_export
-from engine.errors import ExportError, ModelLoadError
+from engine.errors import ExportCheckFailed, ExportError, ModelLoadError, from_exception
 from engine.masking import LAYER_INDEX_ATTRS, keep_only
 from engine.models import unhandled_layer_fields
 
 MANIFEST = "pruning_manifest.json"
 MODEL_CARD = "README.md"
+PARTIAL_MARKER = ".layerprune-partial.json"  # inside a temporary export folder, removed before the rename
+# What save_pretrained (model + tokenizer) writes: a folder of only these and no manifest is a
+# half-written export of an older version, which overwrite may replace.
+_HF_SAVE_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+    r"pytorch_model.*\.bin|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|vocab\.(json|txt)|"
+    r"merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$"
+)
 VERIFY_SCRIPT = Path(_verify_export.__file__).resolve()
 # Keys prune_model writes itself; manifest_extra may not override them.
 RESERVED_KEYS = (
@@ -145,19 +169,25 @@ def pruned_view(model: nn.Module, adapter, kept: Sequence[int]):
         yield updates, unhandled, n_renumbered
 
 
-def check_export_folder(out_dir, overwrite: bool) -> list[str]:
+def check_export_folder(out_dir, overwrite: bool, source=None) -> list[str]:
     """Raise ExportError unless `out_dir` may receive an export; changes nothing on disk.
 
-    Returns the file names a previous export listed (what overwrite would replace)."""
+    Returns the file names a previous export listed (what overwrite would replace). `source`:
+    the model's own folder, which is never overwritten."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file; choose a folder path for the export.")
+    if source is not None and out_dir.exists() and Path(source).exists() and out_dir.resolve() == Path(source).resolve():
+        raise ExportError(f"{out_dir} is the model's own folder; choose another folder for the export.")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return []
     if not overwrite:
         raise ExportError(f"{out_dir} is not empty; choose an empty folder or pass overwrite (--overwrite) to replace a previous export.")
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
+        names = [p.name for p in out_dir.iterdir()]
+        if (out_dir / "config.json").is_file() and all(_HF_SAVE_FILES.match(n) for n in names):
+            return names  # a half-written export of an older version: model files only, no manifest
         raise ExportError(
             f"{out_dir} is not empty and holds no {MANIFEST}, so it is not a previous export; "
             "overwrite only replaces previous exports. Choose an empty or new folder."
@@ -168,20 +198,93 @@ def check_export_folder(out_dir, overwrite: bool) -> list[str]:
         raise ExportError(f"{manifest} is unreadable ({e}); delete the folder yourself or choose another.") from e
 
 
-def _prepare_folder(out_dir: Path, overwrite: bool) -> set[str]:
-    """Make `out_dir` ready; returns names of files that were there and are kept."""
-    listed = check_export_folder(out_dir, overwrite)
+def _sibling(out_dir: Path, tag: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_dead(folder: Path) -> bool:
+    """True when the process named in a temporary folder's name is gone (same host only)."""
+    m = re.search(r"\.(?:partial|replaced)-(\d+)-[0-9a-f]{8}$", folder.name)
+    if not m:
+        return False
+    try:
+        host = json.loads((folder / PARTIAL_MARKER).read_text()).get("host", socket.gethostname())
+    except (OSError, ValueError, AttributeError):
+        host = socket.gethostname()
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_leftovers(out_dir) -> list[Path]:
+    """Remove temporary folders that dead exports to `out_dir` left beside it; returns what was removed.
+
+    Partial folders go whole. A previous export moved aside by a swap that was killed goes back
+    to `out_dir` when nothing is there; else it loses only the files its manifest lists (files a
+    user put there stay, and so does the folder then)."""
+    out_dir = Path(out_dir)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for p in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
+        if not p.is_dir() or p.is_symlink() or not _owner_dead(p):
+            continue
+        if ".partial-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+        elif not out_dir.exists():  # killed between the two renames of a swap: put the previous export back
+            os.rename(p, out_dir)
+        else:
+            _delete_listed(p)
+        removed.append(p)
+    return removed
+
+
+def _listed(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {p.name for p in folder.iterdir() if _HF_SAVE_FILES.match(p.name)}
+
+
+def _delete_listed(folder: Path) -> None:
+    """Delete the files a previous export listed (and its manifest, card, marker); rmdir if empty."""
+    for name in _listed(folder) | {MANIFEST, MODEL_CARD, PARTIAL_MARKER}:
+        f = folder / Path(name).name  # file names only: nothing outside the folder
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # files a user put there: kept
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` to `out_dir`; a previous export there is moved aside, then removed.
+
+    Files of the previous folder that its manifest does not list move into the new one."""
+    if out_dir.exists() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
     if not out_dir.exists():
-        out_dir.mkdir(parents=True)
-        return set()
-    present = {p.name for p in out_dir.iterdir()}
-    if not present:
-        return set()
-    for name in set(listed) | {MANIFEST}:
-        p = out_dir / Path(name).name  # file names only: nothing outside the folder
-        if p.is_file() or p.is_symlink():
-            p.unlink()
-    return {p.name for p in out_dir.iterdir()}
+        os.rename(tmp, out_dir)
+        return
+    old = _sibling(out_dir, "replaced")
+    listed = _listed(out_dir)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)  # from here on the new export is in place
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    for p in old.iterdir():
+        if p.name not in listed | {MANIFEST, MODEL_CARD} and not (out_dir / p.name).exists():
+            os.rename(p, out_dir / p.name)
+    _delete_listed(old)
 
 
 def package_versions() -> dict:
@@ -214,13 +317,16 @@ def verify_exports(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     timeout: float = 900,
+    work_dir: str | Path | None = None,
 ) -> list[dict]:
     """Run the reload check for several exports in ONE fresh process; raw result dicts, in order.
 
     The fresh process loads each export in `dtype` on `device`: use the in-memory model's, so
-    perplexities agree to 1e-4. It holds a second copy of the (pruned) weights while it runs.
+    perplexities agree to 1e-4. It holds a second copy of the (pruned) weights while it runs,
+    and dies with this process (it is passed our pid). Its files go to a temporary folder
+    inside `work_dir` (default: the system's), removed afterwards.
     """
-    with tempfile.TemporaryDirectory(prefix="verify-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="verify-export-", dir=work_dir) as tmp:
         spec = []
         for n, (model_dir, windows) in enumerate(jobs):
             wpath = Path(tmp) / f"windows-{n}.pt"
@@ -230,7 +336,7 @@ def verify_exports(
         jobs_path, results_path = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         jobs_path.write_text(json.dumps(spec))
         proc = subprocess.run(
-            [sys.executable, str(VERIFY_SCRIPT), str(jobs_path), str(results_path)],
+            [sys.executable, str(VERIFY_SCRIPT), str(jobs_path), str(results_path), str(os.getpid())],
             capture_output=True, text=True, timeout=timeout, cwd=tmp,
         )  # fmt: skip
         if proc.returncode != 0 or not results_path.exists():
@@ -364,20 +470,70 @@ def prune_model(
     L = len(adapter.layers(model))
     kept, rem = _kept_from_removed(removed, L)
     out_dir = Path(out_dir)
-    foreign = _prepare_folder(out_dir, overwrite)
+    source = getattr(getattr(lm, "spec", None), "name", None)
+    check_export_folder(out_dir, overwrite, source=source)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(out_dir)
+        tmp = _sibling(out_dir, "partial")
+        tmp.mkdir()
+        _write_json(tmp / PARTIAL_MARKER, {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out_dir),
+                                           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except OSError as e:
+        raise from_exception(e, out_dir.parent, "preparing the export folder") or e
+    keep_failed = False
+    try:
+        result = _write_verified(lm, kept, rem, L, tmp, out_dir, extra, verify, verify_windows, expected_ppl, rtol)
+        if result.verification is not None and not result.verification.ok:
+            keep_failed = True
+            failed = tmp.with_name(tmp.name.replace(".partial-", ".failed-"))
+            os.rename(tmp, failed)
+            raise ExportCheckFailed(
+                f"the export for {out_dir} failed its reload check: " + "; ".join(result.verification.problems)
+                + f". Nothing was written to {out_dir}; the unverified folder is kept for inspection at {failed}."
+            )
+        _swap_into_place(tmp, out_dir)
+    except ExportError:
+        raise
+    except Exception as e:
+        mapped = from_exception(e, out_dir, "writing the export") or _disk_full_guess(e, out_dir)
+        if mapped is not None:
+            raise mapped from e
+        raise
+    finally:
+        if not keep_failed and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dataclasses.replace(result, out_dir=out_dir)
 
+
+def _disk_full_guess(e: Exception, out_dir: Path):
+    """Libraries (safetensors, torch.save) word ENOSPC their own way: check the free space itself."""
+    try:
+        free = shutil.disk_usage(out_dir.parent).free
+    except OSError:
+        return None
+    if free < 1 << 20:
+        return from_exception(OSError(28, f"No space left on device ({type(e).__name__}: {e})", str(out_dir.parent)),
+                              out_dir.parent, "writing the export")
+    return None
+
+
+def _write_verified(lm, kept, rem, L, tmp: Path, out_dir: Path, extra: dict, verify: bool, verify_windows,
+                    expected_ppl, rtol) -> ExportResult:
+    """Weights + tokenizer into `tmp`, fresh-process check on `tmp`, then card, then manifest (last)."""
+    model, adapter = lm.model, lm.adapter
     was_training = model.training
     model.eval()
     ppl_in_memory = None
     try:
         with pruned_view(model, adapter, kept) as (updates, unhandled, n_renumbered):
-            model.save_pretrained(out_dir)
+            model.save_pretrained(tmp)
             if verify:
                 ppl_in_memory = _verify_export.perplexity(model, verify_windows)
     finally:
         model.train(was_training)
     if lm.tokenizer is not None:
-        lm.tokenizer.save_pretrained(out_dir)
+        lm.tokenizer.save_pretrained(tmp)
 
     manifest = {
         "format": "layerprune-manifest/1",
@@ -399,23 +555,17 @@ def prune_model(
         "verification": None,
     }
     manifest = {**{k: v for k, v in extra.items()}, **manifest}
-    files = sorted({p.name for p in out_dir.iterdir()} - foreign | {MANIFEST, MODEL_CARD})
+    files = sorted({p.name for p in tmp.iterdir()} - {PARTIAL_MARKER} | {MANIFEST, MODEL_CARD})
     manifest["files"] = files
-
-    def write():
-        _write_json(out_dir / MANIFEST, manifest)
-        (out_dir / MODEL_CARD).write_text(model_card(json.loads(json.dumps(manifest, default=_json_default))))
-
-    write()
     result = None
     if verify:
         param = next(model.parameters())
-        raw = verify_exports([(out_dir, verify_windows)], dtype=param.dtype, device=param.device)[0]
+        raw = verify_exports([(tmp, verify_windows)], dtype=param.dtype, device=param.device, work_dir=tmp)[0]
         result = judge(raw, ppl_in_memory, len(kept), expected_ppl, rtol)
         manifest["verification"] = asdict(result)
-        write()
-        if not result.ok:
-            raise ExportError(f"the export in {out_dir} failed its reload check: " + "; ".join(result.problems))
+    (tmp / MODEL_CARD).write_text(model_card(json.loads(json.dumps(manifest, default=_json_default))))
+    _write_json(tmp / MANIFEST, manifest)  # last: a folder with a manifest is complete
+    (tmp / PARTIAL_MARKER).unlink()
     return ExportResult(
         out_dir=out_dir,
         kept=kept,

@@ -128,6 +128,7 @@ def status_summary(result: dict) -> str:
     rows = [
         f"{r['run_id']:14} {r['status']:10} {r['n_samples']:>5}/{r['target'] or '-':<4}"
         f"{r['n_layers'] or '-':>3}  {r['model']} / {r['data']}"
+        + (f"\n    {r['problem']}" if r.get("problem") else "")  # damaged / unreadable / empty run folders
         for r in runs
     ]
     return "\n".join([head, *rows])

@@ -45,11 +45,22 @@ Contract
   A store of a newer schema is refused.
 * Every call opens and closes its own connection, so a ``RunStore`` may be shared
   between threads (Streamlit) and processes.
+* Nothing is dropped silently: ``Writer.add`` refuses a row with a NaN/inf score or a NULL
+  field with ``InternalError`` (only an already stored mask is skipped), and the table's
+  NOT NULL / CHECK constraints refuse such a row too, loudly, if the check is bypassed.
+* Faults: ``open`` runs ``PRAGMA quick_check`` (stores up to ``QUICK_CHECK_MAX_BYTES``) and
+  refuses a damaged store with ``StoreDamaged`` before anything is read; a file with no tables
+  is initialised when ``meta`` is given (a creation that was killed), else refused. A folder
+  that cannot be written (read-only mount, permissions) is opened read-only (``mode=ro``
+  URI), so reading works and a write fails with ``ReadOnlyLocation``. SQLite and OS errors
+  become ``engine.errors`` environment errors naming the database (disk full, read-only,
+  damaged); ``list_runs`` lists every run folder, with a ``problem`` for the unreadable ones.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -60,11 +71,14 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
 from engine.config import default_cache_dir
-from engine.errors import StoreError, StoreLocked
+from engine.errors import (
+    EnvironmentFault, InternalError, ReadOnlyLocation, StoreDamaged, StoreError, StoreLocked, from_exception,
+)
 
 SCHEMA = 2
 MIGRATABLE = (1,)  # older schemas `RunStore.open` upgrades in place
@@ -73,6 +87,8 @@ HEARTBEAT_S = 2.0
 LEASE_TIMEOUT_S = 10.0
 _BUSY_TIMEOUT_MS = 10_000
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+QUICK_CHECK_MAX_BYTES = 512 << 20  # quick_check reads every page: ~1 s per GB; bigger stores skip it
+TABLES = ("artifacts", "lease", "meta", "samples")
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, json TEXT NOT NULL);
@@ -80,9 +96,9 @@ CREATE TABLE IF NOT EXISTS samples (
     rowid INTEGER PRIMARY KEY AUTOINCREMENT,
     mask TEXT NOT NULL UNIQUE,
     kept INTEGER NOT NULL,
-    ppl REAL,
+    ppl REAL CHECK (ppl IS NOT NULL OR nonfinite = 1),
     score REAL NOT NULL,
-    nonfinite INTEGER NOT NULL,
+    nonfinite INTEGER NOT NULL CHECK (nonfinite IN (0, 1)),
     seconds REAL NOT NULL,
     created REAL NOT NULL
 );
@@ -186,6 +202,7 @@ class RunSummary:
     target: int | None
     created: float | None
     updated: float | None
+    problem: str | None = None  # why the store cannot be read (status damaged | unreadable | empty)
 
 
 def pid_alive(pid: int) -> bool:
@@ -227,9 +244,18 @@ class RunStore:
         existing run, the stored ``run_id`` must match.
         """
         store = cls(cache_dir, run_id)
+        if store.exists() and not store._check(initialise_meta=meta):
+            store._create(meta)  # an empty database file (a creation that was killed): nothing to lose
+            return store
         if store.exists():
             stored = store.meta()
             if stored.get("schema") in MIGRATABLE:
+                if store.read_only():
+                    raise StoreError(
+                        f"{store.path} was written by an older version (schema {stored.get('schema')}) and is on a "
+                        f"read-only location, so it cannot be upgraded to schema {SCHEMA}; copy the run folder "
+                        f"{store.dir} into a writable --cache-dir and open it there."
+                    )
                 store._migrate()
                 stored = store.meta()
             if stored.get("schema") != SCHEMA:
@@ -261,8 +287,48 @@ class RunStore:
             con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('schema', ?)", (_dumps(SCHEMA),))
             con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('migrated_from', ?)", (row[0],))
 
+    def read_only(self) -> bool:
+        """True when this process cannot write the run's folder or database (read-only mount, permissions)."""
+        return self.path.is_file() and not (os.access(self.dir, os.W_OK) and os.access(self.path, os.W_OK))
+
+    def _check(self, initialise_meta: dict | None = None) -> bool:
+        """Refuse a damaged store (StoreDamaged); False if it has no tables and may be initialised."""
+        try:
+            with self._connect() as con:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not tables & set(TABLES):
+                    if initialise_meta is not None and not self.read_only():
+                        return False
+                    raise StoreDamaged(
+                        f"the run store {self.path} has no tables (its creation was interrupted, or the file was "
+                        f"emptied); nothing was evaluated in it. Delete the folder {self.dir} and run the command "
+                        "again."
+                    )
+                missing = sorted(set(TABLES) - tables)
+                if missing:
+                    raise StoreDamaged(
+                        f"the run store {self.path} lacks the table(s) {', '.join(missing)}; it was not written by "
+                        f"this workbench or was damaged. Move the folder {self.dir} away and run the command again."
+                    )
+                if self.path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
+                    problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
+                    if problems != ["ok"]:
+                        raise StoreDamaged(
+                            f"the run store {self.path} is damaged ({'; '.join(problems)}); it is not read, to "
+                            f"avoid half-read results. Delete the folder {self.dir} and run the command again "
+                            "to redo that run (other runs are not affected)."
+                        )
+        except OSError as e:
+            raise from_exception(e, self.path, "checking the run store") or e
+        return True
+
     def _create(self, meta: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise EnvironmentFault(f"the cache directory {self.cache_dir} is a file; pass --cache-dir naming a folder.")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise from_exception(e, self.dir, "creating the run folder") or e
         with self._connect(write=True, create=True) as con:
             for statement in _DDL.split(";"):
                 if statement.strip():
@@ -276,16 +342,35 @@ class RunStore:
         if not create and not self.path.is_file():
             raise StoreError(f"run store {self.path} does not exist (was the run deleted?).")
         try:
-            con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            con.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            # WAL + NORMAL: a commit survives a crash of this process (what matters here);
-            # only a power loss may drop the last commits. FULL costs an fsync per mask.
-            con.execute("PRAGMA synchronous=NORMAL")
-            if create:
-                con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+            if not create and self.read_only():
+                con = self._connect_read_only()
+            else:
+                con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+                con.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                # WAL + NORMAL: a commit survives a crash of this process (what matters here);
+                # only a power loss may drop the last commits. FULL costs an fsync per mask.
+                con.execute("PRAGMA synchronous=NORMAL")
+                if create:
+                    con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open run store {self.path}: {e}") from e
+            raise from_exception(e, self.path, "opening the run store") or StoreError(
+                f"cannot open run store {self.path}: {e}. If the file is damaged, delete its folder {self.dir} and "
+                "run the command again."
+            ) from e
         return con
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """mode=ro (sees a WAL left by a live writer); immutable=1 when the folder cannot hold a -shm file."""
+        uri = "file:" + quote(str(self.path))
+        try:
+            con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            wal = Path(str(self.path) + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+        return sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None)
 
     @contextmanager
     def _connect(self, write: bool = False, create: bool = False, con: sqlite3.Connection | None = None):
@@ -302,13 +387,34 @@ class RunStore:
             con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield con
             con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
+        except BaseException as e:
+            try:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolls back by itself when the connection closes; report the first error
+            if isinstance(e, sqlite3.Error) and not isinstance(e, sqlite3.IntegrityError):
+                raise self._environment_error(e, write) from e
             raise
         finally:
             if own:
                 con.close()
+
+    def _environment_error(self, e: sqlite3.Error, write: bool) -> Exception:
+        """The engine.errors error a SQLite failure stands for (the original when it is a bug)."""
+        if write and self.read_only():
+            return ReadOnlyLocation(
+                f"the run store {self.path} is on a read-only location or not writable by this user ({e}). "
+                "Reading works (`python -m engine status`); to add to the run, pass --cache-dir naming a "
+                "writable copy of the cache, or fix the folder's permissions."
+            )
+        text = str(e).lower()
+        if "no such table" in text:
+            return StoreDamaged(
+                f"the run store {self.path} lacks a table ({e}); delete the folder {self.dir} and run the "
+                "command again."
+            )
+        return from_exception(e, self.path, "writing the run store" if write else "reading the run store") or e
 
     def _write(self):
         return self._connect(write=True)
@@ -486,8 +592,8 @@ class Writer:
                 try:
                     with self.store._connect(write=True, con=con):
                         con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (time.time(), self.token))
-                except sqlite3.Error:
-                    pass  # a busy database: the next beat retries; the lease only expires after LEASE_TIMEOUT_S
+                except Exception:  # a busy database (or a full disk): the next beat retries;
+                    pass  # the lease only expires after LEASE_TIMEOUT_S, and the writer itself reports faults
         finally:
             con.close()
 
@@ -501,11 +607,30 @@ class Writer:
         """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced.
 
         window_nll float[W] / window_tokens int[W] (both or neither): its per-window losses, committed
-        in the same transaction as the row."""
+        in the same transaction as the row. Refuses (InternalError, nothing written) a score that is
+        not a finite number, a NaN/inf perplexity without the nonfinite flag, or a mask that is not a
+        '0'/'1' string: such a row would otherwise be dropped or poison every fit.
+        """
         if (window_nll is None) != (window_tokens is None):
             raise StoreError("give both window_nll and window_tokens, or neither")
         packed = None if window_nll is None else _pack_windows(window_nll, window_tokens)
         now = time.time()
+        bad = []
+        if not isinstance(mask, str) or not mask or set(mask) - {"0", "1"}:
+            bad.append(f"mask {mask!r} is not a string of 0/1")
+        if score is None or not math.isfinite(float(score)):
+            bad.append(f"score {score} is not finite")
+        ppl_finite = ppl is not None and math.isfinite(float(ppl))
+        if not ppl_finite and not nonfinite:
+            bad.append(f"perplexity {ppl} is not finite but the row is not flagged nonfinite")
+        if seconds is None or not math.isfinite(float(seconds)):
+            bad.append(f"seconds {seconds} is not finite")
+        if bad:
+            raise InternalError(
+                f"refusing to store mask {mask!r} in {self.store.path}: {'; '.join(bad)}. Nothing was stored for "
+                "this mask. This is a bug (non-finite perplexities must be flagged, scores finite): please "
+                "report it with the command line."
+            )
         with self.store._connect(write=True, con=self._con) as con:
             holder = con.execute("SELECT token FROM lease").fetchone()
             if holder is None or holder[0] != self.token:
@@ -514,16 +639,24 @@ class Writer:
                     f"{LEASE_TIMEOUT_S:.0f} s and another writer took over); stopping."
                 )
             ppl_value = None if ppl is None or np.isnan(ppl) else float(ppl)
-            cur = con.execute(
-                "INSERT OR IGNORE INTO samples(mask, kept, ppl, score, nonfinite, seconds, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now),
-            )
+            try:
+                # ON CONFLICT(mask) skips only a mask already stored; a NULL/NOT NULL or CHECK violation
+                # raises (INSERT OR IGNORE would drop such a row without a word).
+                cur = con.execute(
+                    "INSERT INTO samples(mask, kept, ppl, score, nonfinite, seconds, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mask) DO NOTHING",
+                    (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now),
+                )
+            except sqlite3.IntegrityError as e:
+                raise InternalError(f"the run store {self.store.path} refused mask {mask!r}: {e}. This is a bug.") from e
+            rowid = cur.lastrowid if cur.rowcount == 1 else None
+            if rowid is None:
+                rowid = con.execute("SELECT rowid FROM samples WHERE mask = ?", (mask,)).fetchone()[0]
             if packed is not None and cur.rowcount == 1:
                 con.execute("INSERT INTO window_losses(sample_rowid, n_windows, nll, tokens) VALUES (?, ?, ?, ?)",
-                            (cur.lastrowid, *packed))
+                            (rowid, *packed))
             con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
-            return cur.lastrowid
+            return rowid
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
@@ -541,24 +674,51 @@ class Writer:
                     "UPDATE lease SET status = ?, message = ?, heartbeat = ? WHERE token = ?",
                     (status, message, time.time(), self.token),
                 )
-        except sqlite3.Error:
+        except Exception:
             pass  # the lease then expires by itself; never mask the original exception
         finally:
             self._con.close()
 
 
 def list_runs(cache_dir=None) -> list[RunSummary]:
-    """Summaries of every run store under cache_dir, most recently updated first."""
+    """Every run folder under cache_dir, most recently updated first; readable or not.
+
+    A folder holding ``run.sqlite`` (or named like a run id) is listed; one whose store cannot be
+    read gets status ``damaged`` (damaged pages, no tables, another schema) or ``unreadable``
+    (permissions, I/O) and a ``problem`` saying what to do, or ``empty`` (no database yet).
+    Works on a read-only cache (stores are then opened read-only).
+    """
     root = Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir()
     if not root.is_dir():
         return []
     out = []
-    for db in sorted(root.glob(f"*/{DB_NAME}")):
-        run_id = db.parent.name
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        run_id = folder.name
         if not _RUN_ID.match(run_id):
             continue
+        db = folder / DB_NAME
+        if not db.is_file():
+            if re.fullmatch(r"[0-9a-f]{8,64}", run_id):  # a run folder whose database was never written
+                out.append(_problem(root, run_id, "empty", f"{folder} holds no {DB_NAME}; nothing was evaluated "
+                                    "there. Delete the folder or run the command again."))
+            continue
+        store = RunStore(root, run_id)
         try:
-            out.append(RunStore(root, run_id).summary())
-        except (sqlite3.Error, StoreError, json.JSONDecodeError):
-            continue  # an unreadable or foreign file is not a run
+            store._check()
+            out.append(store.summary())
+        except StoreDamaged as e:
+            out.append(_problem(root, run_id, "damaged", str(e)))
+        except (sqlite3.Error, OSError, StoreError, EnvironmentFault, json.JSONDecodeError, TypeError) as e:
+            out.append(_problem(root, run_id, "unreadable", f"{db} cannot be read ({e}); check its permissions "
+                                "and the disk, or delete the folder."))
     return sorted(out, key=lambda s: s.updated or 0.0, reverse=True)
+
+
+def _problem(root: Path, run_id: str, status: str, problem: str) -> RunSummary:
+    path = root / run_id / DB_NAME
+    try:
+        updated = (path if path.exists() else path.parent).stat().st_mtime
+    except OSError:
+        updated = None
+    return RunSummary(run_id=run_id, path=str(path), model=None, data=None, n_layers=None, n_samples=0,
+                      status=status, target=None, created=None, updated=updated, problem=problem)

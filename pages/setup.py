@@ -30,7 +30,7 @@ dtype = c1.selectbox("dtype", ["float32", "bfloat16", "float16", "auto"],
 device = c2.text_input("device", value=current.model.device, help="cpu | cuda | cuda:N | auto")
 revision = c3.text_input("revision", value=current.model.revision or "", help="hub branch, tag or commit")
 trust = c4.checkbox("trust_remote_code", value=current.model.trust_remote_code,
-                    help="runs code shipped with the model; leave off unless you trust it")
+                    help="lets the model folder or hub repo run its own Python code on this machine, with your permissions (files, network); leave off unless you trust its authors")
 
 st.subheader("Calibration data")
 sources = ["Demo text", "Upload (.txt / .jsonl)", "Local path", "Hugging Face preset"]

@@ -163,10 +163,10 @@ def _rows(db: Path):
 
 
 def test_sigkill_halfway_then_rerun_loses_nothing_and_recomputes_nothing(files, tmp_path):
-    # 12 layers x 4 windows of 128 tokens: slow enough per mask to kill mid-run.
+    # 12 layers x 8 windows of 64 tokens (the model's maximum positions): slow enough per mask to kill mid-run.
     argv = [
-        "sample", "--model", str(files / "tiny12"), "--data", str(files / "text.txt"), "--windows", "4",
-        "--seq-len", "128", "--masks", "24", "--cache-dir", str(tmp_path), "--json", "--threads", "1",
+        "sample", "--model", str(files / "tiny12"), "--data", str(files / "text.txt"), "--windows", "8",
+        "--seq-len", "64", "--masks", "24", "--cache-dir", str(tmp_path), "--json", "--threads", "1",
     ]
     proc = subprocess.Popen([sys.executable, "-m", "engine", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)

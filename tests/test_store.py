@@ -204,8 +204,10 @@ def test_list_runs(tmp_path):
     with a.writer(target=7) as w:
         w.add("1100", 10.0, 0.5, False, 0.1)
     runs = {r.run_id: r for r in list_runs(tmp_path)}
-    assert set(runs) == {"a", "b"}
+    assert set(runs) == {"a", "b", "junk"}  # every run folder is listed, readable or not
+    assert runs["junk"].status == "damaged" and "delete" in runs["junk"].problem.lower()
+    assert runs["a"].problem is None
     assert runs["a"].n_samples == 1 and runs["a"].status == "finished" and runs["a"].target == 7
     assert runs["b"].status == "new" and runs["b"].model == "other" and runs["b"].n_layers == 4
-    assert list_runs(tmp_path)[0].run_id == "a"  # most recently updated first
+    assert [r.run_id for r in list_runs(tmp_path) if r.problem is None][0] == "a"  # most recently updated first
     assert np.isfinite(runs["a"].updated)

@@ -1,0 +1,173 @@
+"""Every option checked before any model is loaded or any mask evaluated.
+
+Contract:
+- ``check_run(spec, remove=None, out_dir=None, overwrite=False, cache_dir=None)`` raises a
+  WorkbenchError (``InputError`` for options, ``ModelLoadError`` for a folder that cannot load,
+  ``EnvironmentFault`` for a cache path that is a file) or returns the ``ModelFacts`` it read.
+  It reads only the model's config.json (``AutoConfig``; no weights, no tokenizer), so it costs
+  milliseconds; a hub id that is neither reachable nor cached is left to ``load_model``, which
+  reports it. Checks: layer count vs ``--remove`` (1..L-1) and the sampling settings (strata),
+  ``--seq-len`` vs the model's maximum positions, the tokenizer files of a local folder, the
+  export folder (``prune.check_export_folder``) and the cache directory.
+- ``check_cache_dir(cache_dir)``: EnvironmentFault when the path is a file.
+- ``check_full_perplexity(lm, windows, ppl_full)`` raises ``NonFiniteModel`` when the full
+  model's perplexity is NaN/inf, naming the parameters holding non-finite values and the first
+  decoder layer whose output is non-finite: sampling such a run would only store score-0 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import ModelSpec, RunSpec
+from engine.errors import EnvironmentFault, InputError, ModelLoadError, NonFiniteModel
+
+COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the config says, read without loading weights."""
+
+    model_type: str | None
+    n_layers: int | None  # decoder layers, from the adapter's count field (None: not found)
+    max_positions: int | None  # longest sequence the position embeddings allow (None: no limit known)
+
+
+def model_facts(spec: ModelSpec) -> ModelFacts | None:
+    """The model's layer count and maximum positions from its config.json; None if it cannot be read here."""
+    from engine.models import ADAPTERS, _resolve
+
+    source, _, local_only = _resolve(spec)  # ModelLoadError for a missing folder / bad name
+    folder = Path(source)
+    if folder.is_dir():
+        _check_tokenizer_files(spec, folder)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                            local_files_only=local_only)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- load_model reports the same failure with its own message
+        if folder.is_dir() and "trust_remote_code" not in str(e):
+            raise ModelLoadError(f"the config.json of {spec.name!r} cannot be read ({_one_line(e)}); "
+                                 "pass a folder saved with save_pretrained") from e
+        return None
+    model_type = getattr(config, "model_type", None)
+    fields = next((a.count_fields for a in ADAPTERS if model_type in a.model_types), ()) + COUNT_FIELDS
+    n_layers = next((v for f in fields if isinstance(v := getattr(config, f, None), int) and not isinstance(v, bool)),
+                    None)  # fmt: skip
+    max_pos = next((v for f in POSITION_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0), None)
+    if model_type == "mamba":
+        max_pos = None  # a state-space model has no position table
+    return ModelFacts(model_type=model_type, n_layers=n_layers, max_positions=max_pos)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:600] or type(e).__name__
+
+
+def _check_tokenizer_files(spec: ModelSpec, folder: Path) -> None:
+    names = {p.name for p in folder.iterdir()}
+    if not names & set(TOKENIZER_FILES) and not any(n.endswith(".tiktoken") for n in names):
+        raise ModelLoadError(
+            f"model folder {folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}). Save the "
+            "tokenizer next to the weights (tokenizer.save_pretrained(folder)) or copy the base model's tokenizer "
+            "files into the folder, then run the command again."
+        )
+
+
+def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite: bool = False,
+              cache_dir=None) -> ModelFacts | None:
+    """Refuse bad options before any model is loaded (see the module contract)."""
+    check_cache_dir(cache_dir)
+    if out_dir is not None:
+        from engine.prune import check_export_folder
+
+        check_export_folder(out_dir, overwrite)
+    facts = model_facts(spec.model)
+    if facts is None:
+        return None
+    L = facts.n_layers
+    if remove is not None and L is not None and not 1 <= remove <= L - 1:
+        raise InputError(
+            f"--remove {remove}: the model has {L} decoder layers, so remove between 1 and {L - 1} of them."
+        )
+    if remove is not None and L is None and remove < 1:
+        raise InputError(f"--remove {remove}: remove at least 1 layer.")
+    if facts.max_positions is not None and spec.data.seq_len > facts.max_positions:
+        raise InputError(
+            f"--seq-len {spec.data.seq_len} is longer than the model allows ({facts.max_positions} positions, "
+            f"from its config); pass --seq-len {facts.max_positions} or less."
+        )
+    if L is not None:
+        from engine.sampling import sample_masks
+
+        sample_masks(dataclasses.replace(spec.sampling, n_masks=0), L)  # SamplingError for bad strata
+    return facts
+
+
+def check_cache_dir(cache_dir) -> None:
+    """EnvironmentFault when the cache directory path is a file (it is created when missing)."""
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise EnvironmentFault(f"--cache-dir {cache_dir} is a file; pass a folder (it is created if missing).")
+
+
+def check_full_perplexity(lm, windows, ppl_full: float) -> None:
+    """NonFiniteModel (naming the cause) unless the full model's perplexity is finite."""
+    if ppl_full is not None and math.isfinite(ppl_full):
+        return
+    import torch
+
+    bad_params = []
+    for name, p in lm.model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad_params.append(f"{name} ({int((~torch.isfinite(p)).sum())} non-finite values)")
+    first = _first_nonfinite_layer(lm, windows)
+    cause = (
+        f"the weights hold NaN/inf values: {', '.join(bad_params[:5])}{' ...' if len(bad_params) > 5 else ''}"
+        if bad_params else
+        "no weight is NaN/inf, so the activations overflow (try --dtype float32 or bfloat16)"
+    )  # fmt: skip
+    where = (
+        "the embeddings already give non-finite values" if first == -1 else
+        f"the first decoder layer whose output is non-finite is layer {first}" if first is not None else
+        "every decoder output is finite, so the head or the loss overflows"
+    )  # fmt: skip
+    raise NonFiniteModel(
+        f"the full model's perplexity on the calibration windows is {ppl_full}: {cause}; {where}. Every mask "
+        "score would be meaningless, so nothing was sampled. Repair or re-download the checkpoint (or choose "
+        "another dtype) and run the command again."
+    )
+
+
+def _first_nonfinite_layer(lm, windows) -> int | None:
+    """Index of the first decoder layer with a non-finite output (-1: the embeddings), or None."""
+    import torch
+
+    ids = windows.input_ids if hasattr(windows, "input_ids") else windows
+    layers = lm.adapter.layers(lm.model)
+    seen: list[int] = []
+
+    def hook(index):
+        def fn(module, args, output):
+            if index == 0 and args and torch.is_tensor(args[0]) and not bool(torch.isfinite(args[0]).all()):
+                seen.append(-1)
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(out) and not bool(torch.isfinite(out).all()):
+                seen.append(index)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            lm.model(input_ids=ids[:1].to(lm.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(seen) if seen else None
