@@ -14,13 +14,13 @@ def no_loading(monkeypatch):
         raise AssertionError("a model was loaded before the options were checked")
 
     monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(pipeline, "load_model", refuse)
+    monkeypatch.setattr(pipeline, "_load", refuse)
 
 
 # (command, extra options, exit code, kind, words the message must contain)
 CASES = {
-    "run --remove 0": ("run", ["--remove", "0"], 2, "input", ["--remove 0", "between 1 and 3"]),
-    "run --remove -1": ("run", ["--remove", "-1"], 2, "input", ["--remove -1", "between 1 and 3"]),
+    "run --remove 0": ("run", ["--remove", "0"], 2, "input", ["--remove", "positive", "got 0"]),
+    "run --remove -1": ("run", ["--remove", "-1"], 2, "input", ["--remove", "positive", "got -1"]),
     "run --remove L": ("run", ["--remove", "4"], 2, "input", ["4 decoder layers", "between 1 and 3"]),
     "prune --remove 16": ("prune", ["--remove", "16"], 2, "input", ["--remove 16", "between 1 and 3"]),
     "sample --seq-len beyond positions": ("sample", ["--seq-len", "65"], 2, "input", ["--seq-len 65", "64 positions"]),
