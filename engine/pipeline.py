@@ -684,6 +684,7 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     from engine.baselines import run_baseline
 
     names = [names] if isinstance(names, str) else list(names)
+    validate.check_run(spec)
     lm, windows = _load(spec, evaluation)
     run_id = spec.run_id(lm.identity, windows.data_hash)
     store = RunStore(cache_dir, run_id) if RunStore(cache_dir, run_id).exists() else None

@@ -96,7 +96,8 @@ def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite:
     L = facts.n_layers
     if remove is not None and L is not None and not 1 <= remove <= L - 1:
         raise InputError(
-            f"--remove {remove}: the model has {L} decoder layers, so remove between 1 and {L - 1} of them."
+            f"--remove {remove}: the model has {L} decoder layers, so the number of layers to remove must be in "
+            f"1..{L - 1}."
         )
     if remove is not None and L is None and remove < 1:
         raise InputError(f"--remove {remove}: remove at least 1 layer.")

@@ -21,8 +21,8 @@ def no_loading(monkeypatch):
 CASES = {
     "run --remove 0": ("run", ["--remove", "0"], 2, "input", ["--remove", "positive", "got 0"]),
     "run --remove -1": ("run", ["--remove", "-1"], 2, "input", ["--remove", "positive", "got -1"]),
-    "run --remove L": ("run", ["--remove", "4"], 2, "input", ["4 decoder layers", "between 1 and 3"]),
-    "prune --remove 16": ("prune", ["--remove", "16"], 2, "input", ["--remove 16", "between 1 and 3"]),
+    "run --remove L": ("run", ["--remove", "4"], 2, "input", ["4 decoder layers", "in 1..3"]),
+    "prune --remove 16": ("prune", ["--remove", "16"], 2, "input", ["--remove 16", "in 1..3"]),
     "sample --seq-len beyond positions": ("sample", ["--seq-len", "65"], 2, "input", ["--seq-len 65", "64 positions"]),
     "info --seq-len beyond positions": ("info", ["--seq-len", "1000"], 2, "input", ["--seq-len 1000", "--seq-len 64"]),
     "strata beyond L": ("sample", ["--strata", "7"], 2, "input", ["between 1 and 3"]),
