@@ -109,7 +109,7 @@ def format_seconds(s: float | None) -> str:
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
     """pipeline.status() rows as a table for display."""
-    cols = ["run_id", "status", "n_samples", "target", "n_layers", "model", "data"]
+    cols = ["run_id", "status", "n_samples", "target", "n_layers", "model", "data", "problem"]
     return pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
 
 
