@@ -109,7 +109,8 @@ def test_sigkill_prune_during_export(seed, models, tmp_path, sampled, cli, recor
         _kill(proc)
     finally:
         code, _, _ = finish(proc, record)
-    assert seen or code == 0, f"the export ended before the '{point}' point"
+    # The manifest exists for microseconds before the rename: a kill there may land after it (a complete export).
+    assert seen or (point == "manifest" and code == 0), f"the export ended before the '{point}' point"
     _no_orphans(tmp_path)
     present = _check_export(out, record)
     # Recovery: the same command again (with --overwrite when the export had completed).
