@@ -50,7 +50,7 @@ import torch
 from engine.config import EvalSpec, ModelSpec
 from engine.data import Windows
 from engine.errors import WorkbenchError
-from engine.evaluate import MaskEvaluator, split_subtrees
+from engine.evaluate import MaskEvaluator, check_masks, split_subtrees
 from engine.models import LoadedModel
 
 TEST_DELAY_ENV = "LAYERPRUNE_TEST_TASK_DELAY_S"  # seconds each task sleeps first (tests only)
@@ -193,12 +193,7 @@ class RayEvaluator:
     # ------------------------------------------------------------ public (MaskEvaluator's surface)
 
     def _check(self, masks) -> np.ndarray:
-        m = np.asarray(masks, dtype=bool)
-        if m.ndim == 1:
-            m = m[None, :]
-        if m.ndim != 2 or m.shape[1] != self.n_layers:
-            raise ValueError(f"masks must have shape (n, {self.n_layers}), got {tuple(np.shape(masks))}")
-        return m
+        return check_masks(masks, self.n_layers)
 
     def iter_perplexities(self, masks) -> Iterator[tuple[int, float, float]]:
         """Yield (index into masks, perplexity, seconds) as subtrees finish; every index exactly once."""

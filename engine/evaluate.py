@@ -153,6 +153,16 @@ def split_subtrees(masks, parts: int) -> list[list[int]]:
     return final + [g[3] for g in sorted(heap, key=lambda g: g[1])]
 
 
+def check_masks(masks, n_layers: int) -> np.ndarray:
+    """bool (n, L) from one mask or a batch; ValueError on the wrong number of layers."""
+    m = np.asarray(masks, dtype=bool)
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.ndim != 2 or m.shape[1] != n_layers:
+        raise ValueError(f"masks must have shape (n, {n_layers}), got {tuple(np.shape(masks))}")
+    return m
+
+
 def scores(ppl, ppl_full: float) -> tuple[np.ndarray, np.ndarray]:
     """(score = ppl_full / ppl, nonfinite flag); non-finite ppl -> score 0, flag True. Order kept."""
     ppl = np.asarray(ppl, dtype=np.float64)
@@ -453,12 +463,7 @@ class MaskEvaluator:
     # ------------------------------------------------------------ public
 
     def _check(self, masks) -> np.ndarray:
-        m = np.asarray(masks, dtype=bool)
-        if m.ndim == 1:
-            m = m[None, :]
-        if m.ndim != 2 or m.shape[1] != self.n_layers:
-            raise ValueError(f"masks must have shape (n, {self.n_layers}), got {tuple(np.shape(masks))}")
-        return m
+        return check_masks(masks, self.n_layers)
 
     def iter_perplexities(self, masks) -> Iterator[tuple[int, float, float]]:
         """Yield (index into masks, perplexity, seconds spent since the previous yield) per mask.

@@ -127,7 +127,7 @@ def status_summary(result: dict) -> str:
     head = f"{'run_id':14} {'status':10} {'samples':>9} {'L':>3}  model / data"
     rows = [
         f"{r['run_id']:14} {r['status']:10} {r['n_samples']:>5}/{r['target'] or '-':<4}"
-        f"{r['n_layers'] or '-':>3}  {r['model']} / {r['data']}"
+        f"{r['n_layers'] or '-':>3}  {r['model'] or '?'} / {r['data'] or '?'}"
         + (f"\n    {r['problem']}" if r.get("problem") else "")  # damaged / unreadable / empty run folders
         for r in runs
     ]
