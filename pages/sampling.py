@@ -42,6 +42,7 @@ if start:
         st.info(f"A writer is already running on run `{run.run_id}`; watching it.")
     else:
         target = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, n_masks=int(n_masks)))
+        st.session_state.spec = target  # every page's caption now says how many masks the run asks for
         jobs.launch(run.store.dir, JOB, views.job_argv("sample", target, cache_dir=_ui.cache_dir(),
                                                        threads=_ui.threads() or None))
         st.toast(f"Sampling {int(n_masks)} masks on run {run.run_id}.")

@@ -9,6 +9,7 @@ here, a background job); generation runs in this process, streamed.
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from engine import pipeline, summary
@@ -40,8 +41,8 @@ c3.metric("parameters", f"{pruned['n_params'] / 1e6:.2f} M", delta=f"{(pruned['n
           delta_color="inverse")
 c4.metric("generation speed", f"{pruned['tokens_per_s']:.1f} tok/s",
           delta=f"{pruned['tokens_per_s'] - full['tokens_per_s']:+.1f}", help=f"measured on {s['machine']}")
-st.table({"": [r[0] for r in summary.rows(s)], "full model": [r[1] for r in summary.rows(s)],
-          "pruned model": [r[2] for r in summary.rows(s)]})
+st.dataframe(pd.DataFrame(summary.rows(s), columns=["measured", "full model", "pruned model"]), hide_index=True,
+             width="stretch")
 st.plotly_chart(summary.ppl_curve(s), key="ppl_curve")
 if report_path.is_file():
     st.download_button("Download the HTML report", report_path.read_bytes(), file_name=f"pruning-{run.run_id}.html",
