@@ -147,3 +147,24 @@ def test_cli_pipeline_and_method_give_the_same_contributions(sampled, capsys):
     from_method = method.contributions(samples, method.fit(samples, mspec.surrogate, curve=False), mspec).values
     np.testing.assert_allclose(from_cli, from_pipeline, rtol=0, atol=0)
     np.testing.assert_allclose(from_cli, from_method, rtol=1e-12, atol=1e-12)
+
+
+def test_export_by_hand_and_report(sampled, tmp_path, capsys):
+    out = tmp_path / "by-hand"
+    assert cli.main(["export", *_base(sampled, *STAGE2, "--removed", "1,4", "--out", str(out))]) == 0
+    human = capsys.readouterr().out
+    assert "layers [1, 4] removed" in human and "generate with KV cache ok" in human
+    code = cli.main(["export", *_base(sampled, *STAGE2, "--removed", "1,4"), "--json"])  # no --out
+    captured = capsys.readouterr()
+    assert code != 0 and "--out" in json.loads(captured.out.strip().splitlines()[-1])["error"]
+    assert json.loads((out / "pruning_manifest.json").read_text())["removed_layers"] == [1, 4]
+
+    assert cli.main(["prune", *_base(sampled, *STAGE2, "--remove", "2")]) == 0
+    capsys.readouterr()
+    html = tmp_path / "report.html"
+    human, js = _both(capsys, ["report", *_base(sampled, *STAGE2, "--remove", "2", "--out", str(html))])
+    assert "perplexity calibration" in human and f"report written to {html}" in human
+    assert len(js["removed"]) == 2 and js["footprint"]["pruned"]["n_layers"] == L - 2
+    assert js["footprint"]["pruned"]["n_params"] < js["footprint"]["full"]["n_params"]
+    text = html.read_text()
+    assert "<html>" in text and "Plotly" in text and '<script src="http' not in text  # plotly.js inlined
