@@ -79,7 +79,7 @@ if cancel:
 
 
 def _live_every(run_id: str):
-    return 2.0 if _state(_ui.store_for(run_id)) == "running" else None
+    return 3.0 if _state(_ui.store_for(run_id)) == "running" else None
 
 
 def live(run_id: str, polling: bool) -> None:
@@ -126,6 +126,6 @@ def live(run_id: str, polling: bool) -> None:
 
 if watched:
     st.subheader(f"Run `{watched}`")
-    # Polls every 2 s only while a writer runs; idle, the page costs nothing.
+    # Polls every 3 s only while a writer runs (each poll redraws the chart); idle, it costs nothing.
     every = _live_every(watched)
     st.fragment(live, run_every=every)(watched, every is not None)
