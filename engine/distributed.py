@@ -50,7 +50,7 @@ import torch
 from engine.config import EvalSpec, ModelSpec
 from engine.data import Windows
 from engine.errors import WorkbenchError
-from engine.evaluate import MaskEvaluator, check_masks, split_subtrees
+from engine.evaluate import MaskEvaluator, check_masks, in_mask_order, split_subtrees
 from engine.models import LoadedModel
 
 TEST_DELAY_ENV = "LAYERPRUNE_TEST_TASK_DELAY_S"  # seconds each task sleeps first (tests only)
@@ -245,11 +245,7 @@ class RayEvaluator:
 
     def perplexities(self, masks) -> np.ndarray:
         """float[n] in the order of `masks`; NaN/inf kept in place."""
-        m = self._check(masks)
-        out = np.full(m.shape[0], np.nan)
-        for i, ppl, _ in self.iter_perplexities(m):
-            out[i] = ppl
-        return out
+        return in_mask_order(self, masks)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this evaluator started it. Safe to call twice."""

@@ -163,6 +163,15 @@ def check_masks(masks, n_layers: int) -> np.ndarray:
     return m
 
 
+def in_mask_order(evaluator, masks) -> np.ndarray:
+    """float[n]: `evaluator.iter_perplexities` (any completion order) put back in the order of `masks`."""
+    m = evaluator._check(masks)
+    out = np.full(m.shape[0], np.nan)
+    for i, ppl, _ in evaluator.iter_perplexities(m):
+        out[i] = ppl
+    return out
+
+
 def scores(ppl, ppl_full: float) -> tuple[np.ndarray, np.ndarray]:
     """(score = ppl_full / ppl, nonfinite flag); non-finite ppl -> score 0, flag True. Order kept."""
     ppl = np.asarray(ppl, dtype=np.float64)
@@ -561,11 +570,7 @@ class MaskEvaluator:
 
     def perplexities(self, masks) -> np.ndarray:
         """float[n] in the order of `masks`; NaN/inf kept in place."""
-        m = self._check(masks)
-        out = np.full(m.shape[0], np.nan)
-        for i, ppl, _ in self.iter_perplexities(m):
-            out[i] = ppl
-        return out
+        return in_mask_order(self, masks)
 
     # ------------------------------------------------------------ per-window losses
 
