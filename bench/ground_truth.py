@@ -11,7 +11,9 @@ soon as it is done: a killed run resumes from its finished chunks.
 
 The merged file (``np.load``-able .npz) holds ``codes`` (int64 mask codes, bit j = layer j
 kept, the encoding of `engine.shapley._masks_from_codes`), ``ppl`` (float64, NaN/inf kept),
-``meta`` (JSON: model identity, data hash, windows, seq len, ppl_full, date, seconds, ...)
+``meta`` (JSON: model identity, data hash, windows, seq len, ppl_full, date, seconds, ...),
+``window_nll`` (float64[n, W], summed NLL per calibration window: multi-fidelity replays),
+``full_window_nll`` / ``window_tokens`` (float64[W] / int64[W], the unmodified model's)
 and ``analysis`` (JSON: exact Shapley values of the real game, the exact restricted-strata
 semivalue for the paper's default strata, the optimal removal set per k).
 """
@@ -87,6 +89,25 @@ class GroundTruth:
     ppl_full: float
     meta: dict
     analysis: dict = dataclasses.field(default_factory=dict)
+    window_nll: np.ndarray | None = None  # float64[n, W]: summed NLL per calibration window (None: older tables)
+    full_window_nll: np.ndarray | None = None  # float64[W]: the same for the unmodified model
+    window_tokens: np.ndarray | None = None  # int64[W]: target tokens per window
+
+    @property
+    def has_windows(self) -> bool:
+        return self.window_nll is not None
+
+    def lookup_rows(self, masks) -> np.ndarray:
+        """Row index of each mask (bool[n, L]) in the table; WorkbenchError for a mask not in it."""
+        codes = mask_codes(masks)
+        if self.complete:
+            return codes
+        idx = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        if np.any(self.codes[idx] != codes):
+            raise WorkbenchError(
+                f"{int((self.codes[idx] != codes).sum())} mask(s) remove more than k_max={self.k_max} layers and are "
+                "not in the ground truth; rerun bench.ground_truth with a larger --k-max.")
+        return idx
 
     @property
     def complete(self) -> bool:
@@ -98,18 +119,14 @@ class GroundTruth:
 
     def lookup_ppl(self, masks) -> np.ndarray:
         """Perplexities of `masks` (bool[n, L]) from the table; WorkbenchError for a mask not in it."""
-        codes = mask_codes(masks)
-        if self.complete:
-            return self.ppl[codes]  # codes are 0..2^L-1 in order
-        idx = np.searchsorted(self.codes, codes)
-        idx = np.minimum(idx, len(self.codes) - 1)
-        missing = self.codes[idx] != codes
-        if np.any(missing):
-            raise WorkbenchError(
-                f"{int(missing.sum())} mask(s) remove more than k_max={self.k_max} layers and are not in the "
-                "ground truth; rerun bench.ground_truth with a larger --k-max."
-            )
-        return self.ppl[idx]
+        return self.ppl[self.lookup_rows(masks)]
+
+    def lookup_window_nll(self, masks) -> np.ndarray:
+        """float64[n, W]: per-window summed NLL of `masks`; WorkbenchError on a table without them."""
+        if not self.has_windows:
+            raise WorkbenchError("this ground-truth table has no per-window losses; rebuild it with "
+                                 "`python -m bench.ground_truth` (the current version stores them).")
+        return self.window_nll[self.lookup_rows(masks)]
 
     def value_function(self, fill: float | None = None):
         """f(masks) -> score = ppl_full / ppl (non-finite -> 0): the real game as a lookup.
@@ -140,10 +157,12 @@ class GroundTruth:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        windows = {} if not self.has_windows else {
+            "window_nll": self.window_nll, "full_window_nll": self.full_window_nll, "window_tokens": self.window_tokens}
         np.savez_compressed(
             path, codes=self.codes, ppl=self.ppl,
             meta=np.array(json.dumps({**self.meta, "n_layers": self.n_layers, "ppl_full": self.ppl_full})),
-            analysis=np.array(json.dumps(self.analysis)),
+            analysis=np.array(json.dumps(self.analysis)), **windows,
         )
         return path
 
@@ -155,8 +174,13 @@ def load(path) -> GroundTruth:
         raise WorkbenchError(f"no ground-truth file at {path}; create it with `python -m bench.ground_truth`.")
     with np.load(path) as z:
         meta = json.loads(str(z["meta"]))
+        windows = {}
+        if "window_nll" in z.files:
+            windows = {"window_nll": z["window_nll"].astype(np.float64),
+                       "full_window_nll": z["full_window_nll"].astype(np.float64),
+                       "window_tokens": z["window_tokens"].astype(np.int64)}
         return GroundTruth(int(meta["n_layers"]), z["codes"].astype(np.int64), z["ppl"].astype(np.float64),
-                           float(meta["ppl_full"]), meta, json.loads(str(z["analysis"])))
+                           float(meta["ppl_full"]), meta, json.loads(str(z["analysis"])), **windows)
 
 
 # ---------------------------------------------------------------- analysis
@@ -241,7 +265,7 @@ def plan(L: int, k_max: int | None, n_workers: int = 1) -> list[list[Chunk]]:
 
 def evaluate_chunks(lm, windows, chunks: list[Chunk], parts_dir, fingerprint: str, progress: bool = True) -> dict:
     """Evaluate every chunk not already saved in `parts_dir` (same fingerprint); save each as it finishes."""
-    from engine.evaluate import MaskEvaluator
+    from engine.evaluate import MaskEvaluator, ppl_from_window_losses
 
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -255,10 +279,13 @@ def evaluate_chunks(lm, windows, chunks: list[Chunk], parts_dir, fingerprint: st
             reused += len(ch.codes)
             continue
         t = time.monotonic()
-        values = ev.perplexities(codes_to_masks(ch.codes, lm.n_layers))  # (n,)
+        masks = codes_to_masks(ch.codes, lm.n_layers)
+        nll, tokens = ev.window_losses(masks)  # (n, W) each
+        values = ppl_from_window_losses(nll, tokens)  # (n,)
+        full_nll, full_tokens = ev.full_window_losses()  # (W,) each
         tmp = file.with_suffix(".tmp.npz")
         np.savez(tmp, codes=ch.codes, ppl=values, fingerprint=np.array(fingerprint), ppl_full=ev.ppl_full,
-                 seconds=time.monotonic() - t)
+                 seconds=time.monotonic() - t, window_nll=nll, full_window_nll=full_nll, window_tokens=full_tokens)
         tmp.replace(file)  # a killed worker never leaves a half-written part
         evaluated += len(ch.codes)
         if progress:
@@ -275,14 +302,17 @@ def _read_part(file: Path, ch: Chunk, fingerprint: str):
     if not file.exists():
         return None
     with np.load(file) as z:
-        if str(z["fingerprint"]) != fingerprint or not np.array_equal(z["codes"], ch.codes):
+        if (str(z["fingerprint"]) != fingerprint or not np.array_equal(z["codes"], ch.codes)
+                or "window_nll" not in z.files):  # parts of the first version lack per-window losses
             return None
-        return z["ppl"].copy(), float(z["ppl_full"]), float(z["seconds"])
+        return (z["ppl"].copy(), float(z["ppl_full"]), float(z["seconds"]), z["window_nll"].copy(),
+                z["full_window_nll"].copy(), z["window_tokens"].copy())
 
 
-def collect(chunks: list[Chunk], parts_dir, fingerprint: str) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(sorted codes, ppl, ppl_full, summed evaluation seconds) from saved parts; error if one is missing."""
-    codes, ppl, fulls, seconds = [], [], [], 0.0
+def collect(chunks: list[Chunk], parts_dir, fingerprint: str) -> tuple:
+    """(sorted codes, ppl, ppl_full, summed evaluation seconds, window_nll (n, W), full_window_nll (W,),
+    window_tokens (W,)) from saved parts; error if one is missing."""
+    codes, ppl, fulls, seconds, nll = [], [], [], 0.0, []
     for ch in chunks:
         got = _read_part(Path(parts_dir) / f"part_{ch.name}.npz", ch, fingerprint)
         if got is None:
@@ -291,9 +321,10 @@ def collect(chunks: list[Chunk], parts_dir, fingerprint: str) -> tuple[np.ndarra
         ppl.append(got[0])
         fulls.append(got[1])
         seconds += got[2]
-    codes, ppl = np.concatenate(codes), np.concatenate(ppl)
+        nll.append(got[3])
+    codes, ppl, nll = np.concatenate(codes), np.concatenate(ppl), np.concatenate(nll)
     order = np.argsort(codes)
-    return codes[order], ppl[order], fulls[0], seconds
+    return codes[order], ppl[order], fulls[0], seconds, nll[order], got[4], got[5]
 
 
 def _load(model: str, data: str, n_windows: int, seq_len: int, seed: int, k_max: int | None):
@@ -340,7 +371,7 @@ def build(model: str = "demo", data: str = "demo", n_windows: int = 8, seq_len: 
         if any(codes):
             raise WorkbenchError(f"a worker failed (exit codes {codes}); run the same command again to resume.")
     chunks = [c for w in work for c in w]
-    codes, ppl, ppl_full, seconds = collect(chunks, parts_dir, fingerprint)
+    codes, ppl, ppl_full, seconds, window_nll, full_window_nll, window_tokens = collect(chunks, parts_dir, fingerprint)
     meta = {
         "model": model, "model_identity": lm.identity, "family": lm.family, "data": data,
         "data_hash": windows.data_hash, "n_windows": n_windows, "seq_len": seq_len, "data_seed": seed,
@@ -348,7 +379,8 @@ def build(model: str = "demo", data: str = "demo", n_windows: int = 8, seq_len: 
         "workers": workers, "threads": threads, "torch": torch.__version__,
         "seconds": round(time.monotonic() - t0, 1), "evaluation_seconds": round(seconds, 1),
     }
-    gt = GroundTruth(lm.n_layers, codes, ppl, ppl_full, meta)
+    gt = GroundTruth(lm.n_layers, codes, ppl, ppl_full, meta, window_nll=window_nll,
+                     full_window_nll=full_window_nll, window_tokens=window_tokens)
     gt = dataclasses.replace(gt, analysis=analyse(gt))
     gt.save(out)
     return gt

@@ -58,6 +58,12 @@ def test_ground_truth_agrees_with_direct_evaluation(tiny):
     again = gtm.load(root / "gt.npz")
     np.testing.assert_array_equal(again.ppl, gt.ppl)
     assert again.meta["data_hash"] == gt.meta["data_hash"] and again.analysis == gt.analysis
+    # per-window losses: (n, W), their perplexity is the mask's, and they survive the round trip
+    assert gt.window_nll.shape == (16, WINDOWS) and gt.window_tokens.tolist() == [SEQ - 1] * WINDOWS
+    np.testing.assert_allclose(np.exp(gt.window_nll.sum(1) / gt.window_tokens.sum()), gt.ppl, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(gt.full_window_nll.sum() / gt.window_tokens.sum()), gt.ppl_full, rtol=1e-12)
+    np.testing.assert_array_equal(again.window_nll, gt.window_nll)
+    np.testing.assert_array_equal(again.lookup_window_nll(masks[:3]), gt.window_nll[gt.lookup_rows(masks[:3])])
 
 
 def test_lookup_value_function_and_analysis(tiny):
