@@ -186,3 +186,15 @@ def to_complete(estimate: FullEstimate, masks, fraction: float) -> np.ndarray:
         picks.append(np.concatenate([rows[:n_best], spread]))
     chosen = np.concatenate(picks)
     return chosen[np.argsort(-estimate.score[chosen], kind="stable")]
+
+
+def plan_completion(estimate: FullEstimate, masks, share: float) -> np.ndarray:
+    """int[]: the partial rows to complete now so that about `share` of all evaluated rows are
+    complete (the run's completion target; rows completed earlier count), picked by `to_complete`.
+    The pipeline calls this after each batch of partial evaluations, the benchmark replays it."""
+    n_rows = int((estimate.n_windows > 0).sum())
+    n_partial = int((~estimate.complete & (estimate.n_windows > 0)).sum())
+    need = int(np.ceil(share * n_rows)) - int(estimate.complete.sum())
+    if need <= 0 or n_partial == 0:
+        return np.zeros(0, dtype=np.int64)
+    return to_complete(estimate, masks, min(1.0, need / n_partial))[:need]

@@ -105,3 +105,14 @@ def test_to_complete_takes_the_best_of_each_size_and_spreads_the_rest():
     assert len(fidelity.to_complete(est, masks, 0.0)) == 0
     full_est = fidelity.estimate_full(nll, tokens, full)
     assert len(fidelity.to_complete(full_est, masks, 0.5)) == 0  # nothing partial
+
+
+def test_plan_completion_reaches_the_share_of_all_rows():
+    masks, nll, tokens, full = _game()
+    pn, pt = _partial(nll, tokens, np.arange(300, 400), 2)  # 300 complete, 100 partial
+    est = fidelity.estimate_full(pn, pt, full)
+    assert len(fidelity.plan_completion(est, masks, 0.5)) == 0  # 75% are complete already
+    pn, pt = _partial(nll, tokens, np.arange(0, 400), 2)
+    est = fidelity.estimate_full(pn, pt, full)
+    picks = fidelity.plan_completion(est, masks, 0.25)
+    assert len(picks) == 100 and len(set(picks.tolist())) == 100
