@@ -63,3 +63,12 @@ def test_points_and_summary(gt_path):
     s = adaptive.summarise(rows, ["stratified", "both"], [0])
     for r in rows:
         assert s[r["mode"]]["mean_work"] == (r["work"] if r["target"] else None)
+
+
+def test_walk_stops_at_the_work_cap(gt_path):
+    gt = gtm.load(gt_path)
+    mode = adaptive.Mode("stratified", method=MethodSpec(surrogate=SurrogateSpec(ensemble=1), boot=0))
+    cap = adaptive.replay_work(gt, mode, 24, 0)
+    rows = adaptive.walk((str(gt_path), mode, 0, [24, 40], (1,), cap))
+    assert [r["n"] for r in rows] == [24] or rows[0]["target"]  # 40 masks cost more than the cap: never run
+    assert adaptive.replay_work(gt, adaptive.Mode("a", rounds=2), 24, 0) is None
