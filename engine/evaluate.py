@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data import Windows
+from engine.fidelity import count_prefix_computations, work  # noqa: F401  (count_...: re-exported here)
 from engine.masking import keep_only, swapped_layers
 from engine.models import LoadedModel
 
@@ -104,16 +105,6 @@ def _lcp(a: tuple, b: tuple) -> int:
             break
         n += 1
     return n
-
-
-def count_prefix_computations(masks) -> int:
-    """Distinct (kept-layer prefix, next kept layer) pairs over `masks`: layer calls with sharing."""
-    seqs = sorted(set(_sequences(np.asarray(masks, dtype=bool))))
-    total, prev = 0, ()
-    for s in seqs:
-        total += len(s) - _lcp(prev, s)
-        prev = s
-    return total
 
 
 def split_subtrees(masks, parts: int) -> list[list[int]]:
@@ -473,8 +464,6 @@ class MaskEvaluator:
     def work(self) -> int:
         """Evaluation work so far in token-layer calls: fidelity.work(layer_calls, leaves, W, T)
         (a leaf counts as one layer call; the recording forward behind `ppl_full` is not counted)."""
-        from engine.fidelity import work
-
         n, T = self.input_ids.shape
         return work(self.layer_calls, self.leaves, n, T)
 
