@@ -139,23 +139,28 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool, json_mode: bool):
         self.total, self.done, self.json_mode = total, 0, json_mode
+        self.requested = enabled
         self.enabled = enabled and total > 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
-        if self.enabled and not json_mode:
+        self._start_bar()
+
+    def _start_bar(self) -> None:
+        if self.enabled and not self.json_mode and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, unit="mask", desc="sampling", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, file=sys.stderr, unit="mask", desc="sampling", dynamic_ncols=True)
 
     def grow(self, n: int) -> None:
         """n more steps (completions planned after the bar started)."""
         if n <= 0:
             return
         self.total += n
-        self.enabled = self.enabled or self.total > 0
+        self.enabled = self.requested and self.total > 0
         if self.bar is not None:
             self.bar.total = self.total
             self.bar.refresh()
+        self._start_bar()
 
     def update(self) -> None:
         self.done += 1
@@ -453,9 +458,10 @@ def _evaluate_round(run, writer, evaluators: _Evaluators, r: int, masks, source,
 
 def _complete_round(run, writer, evaluators: _Evaluators, r: int, bar, state: _SampleState) -> bool:
     """Multi-fidelity: complete the partial rows `fidelity.plan_completion` picks (share
-    `sampling.complete` of all rows complete) on their missing windows. The plan is the artifact
-    ``complete:<round>:<rows>`` (stored before the first completion, so a resumed run completes the
-    same rows). True when stopped by a cancel request."""
+    `sampling.complete` of the rows of rounds <= r complete) on their missing windows. The plan is
+    the artifact ``complete:<round>:<rows of rounds <= round>`` (stored before the first completion,
+    so a resumed run completes the same rows; an extended run plans again). True when stopped by a
+    cancel request."""
     from engine import fidelity
     from engine.sampling import masks_to_strings
 
@@ -465,11 +471,12 @@ def _complete_round(run, writer, evaluators: _Evaluators, r: int, bar, state: _S
     table = run.store.table()
     if table.window_tokens is None:
         return False  # rows without per-window losses (a migrated version-1 store) cannot be completed
-    name = f"complete:{r}:{len(table.rowid)}"
+    mine = np.flatnonzero(table.round <= r)  # rows a resumed run of a later round also holds are left out
+    name = f"complete:{r}:{len(mine)}"
     plan = run.store.get_artifact(name)
     if plan is None:
-        est = fidelity.estimate_full(table.window_nll, table.window_tokens, *_full_losses(run.store))
-        rows = fidelity.plan_completion(est, table.masks, sampling.complete)
+        est = fidelity.estimate_full(table.window_nll[mine], table.window_tokens[mine], *_full_losses(run.store))
+        rows = mine[fidelity.plan_completion(est, table.masks[mine], sampling.complete)]
         plan = {"round": r, "masks": masks_to_strings(table.masks[rows])}
         run.store.put_artifact(name, plan)
     strings = masks_to_strings(table.masks)
