@@ -136,9 +136,44 @@ class SamplingSpec:
                                                       "e.g. 0.1,0.4", parse=parse_fraction_pair)
     paired: bool = option(False, "size-uniform: also evaluate each mask's complement")
     seed: int = option(0, "mask sampling seed")
+    # Multi-fidelity and active sampling (engine/fidelity.py, engine/active.py). At their defaults
+    # nothing changes: every mask on every window, the design's masks in order, and the run id of
+    # a run sampled before these fields existed (RunSpec.identity leaves default-valued ones out).
+    first_windows: int = option(0, "evaluate each new mask on the first N calibration windows only, then complete "
+                                "the masks the fidelity rule picks (0: every window at once)")
+    complete: float = option(0.25, "multi-fidelity: share of the masks completed on every window after each round "
+                             "(fidelity.plan_completion picks which; the rest keep their first windows)")
+    rounds: int = option(1, "sampling rounds: 1 = the fixed design; R > 1 = round 0 is the design's first "
+                         "masks/R masks, later rounds are chosen where the surrogate ensemble disagrees")
+    explore: float = option(0.25, "active rounds: fraction of each round's masks drawn from the design")
+
+    # Fields added after run ids were first derived: left out of the run id at their defaults.
+    LATER_FIELDS = ("first_windows", "complete", "rounds", "explore")
 
     def __post_init__(self):
         _at_least("n_masks", self.n_masks, 0)
+        _at_least("first_windows", self.first_windows, 0)
+        _at_least("rounds", self.rounds, 1)
+        for name in ("complete", "explore"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                need = f"must be a fraction between 0 and 1; got {value}."
+                raise SpecError(f"{name} {need}", name, need)
+
+    def in_identity(self, name: str) -> bool:
+        """Whether a field of LATER_FIELDS changes which numbers the run stores: not at its default,
+        and used (`complete` only with first_windows > 0, `explore` only with rounds > 1)."""
+        if getattr(self, name) == getattr(SamplingSpec, name):
+            return False
+        return {"complete": self.multi_fidelity, "explore": self.active}.get(name, True)
+
+    @property
+    def multi_fidelity(self) -> bool:
+        return self.first_windows > 0
+
+    @property
+    def active(self) -> bool:
+        return self.rounds > 1
 
 
 @dataclass(frozen=True)
@@ -258,6 +293,9 @@ class RunSpec:
         """The JSON-able record hashed into the run id (model files and data content, not names)."""
         sampling = dataclasses.asdict(self.sampling)
         sampling.pop("n_masks")
+        for name in self.sampling.LATER_FIELDS:  # at its default (or unused) a later field leaves the run id as it was
+            if not self.sampling.in_identity(name):
+                sampling.pop(name)
         return {
             "model": model_identity,
             "dtype": self.model.dtype,

@@ -3,7 +3,7 @@
 `open_evaluator(lm, windows, evaluation)` is what `pipeline.sample` uses: a plain `MaskEvaluator`
 when `evaluation.workers <= 1` and no `ray_address` is given (Ray is then never imported), else a
 `RayEvaluator` with the same public surface (`ppl_full`, `iter_perplexities`, `perplexities`,
-`layer_calls`), so the run store, resume, cancel and the app's live view do not change: only the
+`layer_calls`, `leaves`, `work`), so the run store, resume, cancel and the app's live view do not change: only the
 driver (the process that called `pipeline.sample`) writes the store.
 
 Contract of `RayEvaluator`:
@@ -69,6 +69,7 @@ class TaskResult:
     layer_calls: int
     pid: int  # the actor process that evaluated it (tests use it to see restarts)
     seconds: float = 0.0  # wall time the actor spent in the task (its busy time)
+    leaves: int = 0  # final norm + head + loss runs the task made (one per distinct mask)
 
 
 def evaluator_options(evaluation: EvalSpec) -> dict:
@@ -98,12 +99,12 @@ class MaskWorker:
 
     def evaluate(self, masks: np.ndarray) -> TaskResult:
         """All masks of one subtree (bool[k, L]); rows in trie order."""
-        t0, before = time.perf_counter(), self.evaluator.layer_calls
+        t0, before, leaves = time.perf_counter(), self.evaluator.layer_calls, self.evaluator.leaves
         if TEST_DELAY_ENV in os.environ:  # fault-injection hook for tests (kill the driver mid-run)
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
         rows = [(int(i), float(p), float(s)) for i, p, s in self.evaluator.iter_perplexities(masks)]
         return TaskResult(rows=rows, layer_calls=self.evaluator.layer_calls - before, pid=os.getpid(),
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, leaves=self.evaluator.leaves - leaves)
 
 
 def _worker_device(device: str) -> str:
@@ -132,6 +133,9 @@ class RayEvaluator:
         self.workers = max(1, evaluation.workers)
         self.tasks_per_worker, self.masks_per_task, self.in_flight = tasks_per_worker, masks_per_task, in_flight
         self.layer_calls = 0
+        self.leaves = 0  # final norm + head + loss runs, summed over finished tasks
+        ids = windows.input_ids if isinstance(windows, Windows) else windows
+        self._shape = tuple(ids.shape)  # (W, T): for `work`
         self.requeued = 0  # subtrees sent again after their actor died for good
         self.pids: set[int] = set()  # actor processes that returned results
         self.busy_seconds = 0.0  # sum over finished tasks of the time an actor spent in them
@@ -228,6 +232,7 @@ class RayEvaluator:
                 except ray.exceptions.RayTaskError as e:
                     raise e.as_instanceof_cause() from None
                 self.layer_calls += out.layer_calls
+                self.leaves += out.leaves
                 self.busy_seconds += out.seconds
                 self.pids.add(out.pid)
                 for local, ppl, seconds in out.rows:
@@ -236,6 +241,13 @@ class RayEvaluator:
         finally:
             for ref in inflight:
                 ray.cancel(ref)
+
+    @property
+    def work(self) -> int:
+        """Token-layer calls of the finished tasks: fidelity.work(layer_calls, leaves, W, T), as MaskEvaluator.work."""
+        from engine.fidelity import work
+
+        return work(self.layer_calls, self.leaves, *self._shape)
 
     def _requeue(self, group, pending: deque, cause: Exception) -> None:
         if not any(self._alive):

@@ -28,7 +28,7 @@ PERMUTATIONS = 2_000
 @dataclass(frozen=True)
 class EstimationInput:
     """What an estimator may use. `members`: the fitted ensemble's value functions f(bool[n, L]) -> float[n];
-    `samples`: the run's evaluated masks (method.Samples, with its sampling design); `fit_one(X, y)`:
+    `samples`: the run's evaluated masks (method.Samples, with its sampling design); `fit_one(X, y[, w])`:
     a freshly fitted single surrogate's value function (for cross-fitting)."""
 
     members: Sequence[Callable]
@@ -128,19 +128,34 @@ def _regression_adjusted(x: EstimationInput):
     """Shapley on size-uniform runs (fully covered); the restricted-strata semivalue on stratified
     runs, where the correction only sees the sampled kept counts (details['uncovered_weight_fraction'],
     and a stated bias allowance in the interval). engine.uncertainty.regression_adjusted:
-    post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval."""
+    post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval.
+
+    Runs with active rounds (engine.active): the surrogates are fitted on every row, but only the
+    design-drawn rows (source == "design") enter the correction term, because its post-
+    stratification assumes uniform draws within each kept count, which the actively chosen masks
+    are not. Partially evaluated rows count with their fit weights (engine.fidelity.fit_weights)."""
     from engine import shapley, uncertainty
 
     s, L = x.samples, x.n_layers
     weighting = weighting_for("regression-adjusted", s.design, L)
     iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed,
-                                         n_boot=0)  # the analytic variance; bench.uncertainty checks it
+                                         n_boot=0,  # the analytic variance; bench.uncertainty checks it
+                                         **real_rows(s))
     folds = iv.details["n_folds"]
     per_fit = (1 << L) if L <= shapley.EXACT_MAX_L else uncertainty.MC_PER_SIZE * (L + 1)  # surrogate calls
     details = {**iv.details, "interval": iv.to_dict(),
                "stderr_is": "standard error of the cross-fitted correction (stratified by kept count)"}
     return shapley.Contributions(iv.values, iv.se, f"{weighting.name}, regression-adjusted (cross-fitted)",
                                  folds * per_fit, details)
+
+
+def real_rows(samples) -> dict:
+    """Keyword arguments of uncertainty.regression_adjusted for a Samples record: `train_only` (the
+    rows an active round chose; None when every row was drawn by the design) and `sample_weight`
+    (the fit weights of partially evaluated rows; None when there are none)."""
+    design = getattr(samples, "design_rows", None)
+    return {"train_only": None if design is None or design.all() else ~design,
+            "sample_weight": getattr(samples, "weights", None)}
 
 
 def _check_exact(L: int, what: str) -> None:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data import Windows
+from engine.fidelity import count_prefix_computations, work  # noqa: F401  (count_...: re-exported here)
 from engine.masking import keep_only, swapped_layers
 from engine.models import LoadedModel
 
@@ -104,16 +105,6 @@ def _lcp(a: tuple, b: tuple) -> int:
             break
         n += 1
     return n
-
-
-def count_prefix_computations(masks) -> int:
-    """Distinct (kept-layer prefix, next kept layer) pairs over `masks`: layer calls with sharing."""
-    seqs = sorted(set(_sequences(np.asarray(masks, dtype=bool))))
-    total, prev = 0, ()
-    for s in seqs:
-        total += len(s) - _lcp(prev, s)
-        prev = s
-    return total
 
 
 def split_subtrees(masks, parts: int) -> list[list[int]]:
@@ -315,6 +306,7 @@ class MaskEvaluator:
         self.loss_chunk_elems = loss_chunk_elems
         self.layer_calls = 0  # trie nodes computed (each: one layer on all windows for one prefix)
         self.batched_calls = 0  # layer invocations that computed them (== layer_calls unless batch_masks)
+        self.leaves = 0  # final norm + head + loss runs (one per distinct mask evaluated, on all windows)
         self.moves: list[tuple[int, str, str]] = []  # hidden-state moves between devices: (layer, from, to)
         self._layers = list(self.adapter.layers(self.model))
         self._compiled = [torch.compile(layer) for layer in self._layers] if compile else self._layers
@@ -453,6 +445,7 @@ class MaskEvaluator:
 
     def _leaf_nll(self, hidden: torch.Tensor) -> float:
         """Final norm (the model's own, via its base forward) + head + loss for a cached state."""
+        self.leaves += 1
 
         def normed(c):
             inject = nn.ModuleList([_Inject(hidden[c], self._tuple_output)])
@@ -462,8 +455,17 @@ class MaskEvaluator:
         return self._window_nll(lambda c: self.input_ids[c], normed)
 
     def _independent_nll(self, mask) -> float:
+        self.layer_calls += int(np.count_nonzero(mask))  # no sharing: every kept layer runs
+        self.leaves += 1
         with keep_only(self.model, self.adapter, mask):
             return self._window_nll(lambda c: self.input_ids[c], lambda c: self._base(self.input_ids[c]))
+
+    @property
+    def work(self) -> int:
+        """Evaluation work so far in token-layer calls: fidelity.work(layer_calls, leaves, W, T)
+        (a leaf counts as one layer call; the recording forward behind `ppl_full` is not counted)."""
+        n, T = self.input_ids.shape
+        return work(self.layer_calls, self.leaves, n, T)
 
     def _ppl(self, nll: float) -> float:
         with np.errstate(over="ignore", invalid="ignore"):

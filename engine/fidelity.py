@@ -45,13 +45,28 @@ def work(layer_calls: int, leaves: int, n_windows: int, seq_len: int) -> int:
 def count_work(masks, n_windows: int, seq_len: int) -> int:
     """The work `MaskEvaluator` does for `masks` (bool[n, L]) in one prefix-shared batch on
     `n_windows` windows of `seq_len` tokens: trie nodes + one leaf per distinct mask."""
-    from engine.evaluate import count_prefix_computations  # torch-backed module: import on use
-
     m = np.atleast_2d(np.asarray(masks, dtype=bool))
     if m.shape[0] == 0:
         return 0
     distinct = len(np.unique(m, axis=0))
     return work(count_prefix_computations(m), distinct, n_windows, seq_len)
+
+
+def count_prefix_computations(masks) -> int:
+    """Distinct (kept-layer prefix, next kept layer) pairs over `masks` (bool[n, L]): the layer calls
+    a prefix-shared walk of their trie makes (engine.evaluate re-exports it)."""
+    m = np.atleast_2d(np.asarray(masks, dtype=bool))  # (n, L)
+    seqs = sorted({tuple(int(i) for i in np.flatnonzero(row)) for row in m})  # distinct kept-layer sequences
+    total, prev = 0, ()
+    for s in seqs:
+        shared = 0
+        for x, y in zip(prev, s):
+            if x != y:
+                break
+            shared += 1
+        total += len(s) - shared
+        prev = s
+    return total
 
 
 # ---------------------------------------------------------------- partial rows

@@ -49,6 +49,14 @@ class Samples:
     design: SamplingSpec  # how the masks were drawn (strata, scheme): estimators need it
     window_nll: np.ndarray | None = None  # float (n, W) summed NLL per calibration window, when stored
     window_tokens: np.ndarray | None = None  # int (n, W) tokens per window, when stored
+    # Multi-fidelity and active sampling (all optional: None = every row complete, drawn by the design).
+    # For a partial row `scores` is its estimated full-fidelity score (fidelity.estimate_full) and
+    # `ppl` the stored perplexity over its evaluated windows.
+    se: np.ndarray | None = None  # float (n,): standard error of scores (0 for complete rows)
+    weights: np.ndarray | None = None  # float (n,): surrogate fit weights (fidelity.fit_weights; 1 = complete)
+    complete: np.ndarray | None = None  # bool (n,): evaluated on every calibration window
+    round: np.ndarray | None = None  # int (n,): sampling round of each row
+    source: np.ndarray | None = None  # str (n,): "design" | "active" (engine.active)
 
     @property
     def n(self) -> int:
@@ -57,6 +65,16 @@ class Samples:
     @property
     def n_layers(self) -> int:
         return int(self.masks.shape[1])
+
+    @property
+    def design_rows(self) -> np.ndarray:
+        """bool (n,): rows drawn by the sampling design (all of them unless an active round chose some)."""
+        return np.ones(self.n, dtype=bool) if self.source is None else np.asarray(self.source) == "design"
+
+    @property
+    def testable(self) -> np.ndarray | None:
+        """bool (n,) rows whose score is exact (held-out metrics use only these), or None = all."""
+        return self.complete
 
     @classmethod
     def from_perplexities(cls, masks, ppl, ppl_full: float, design: SamplingSpec) -> "Samples":
@@ -100,16 +118,32 @@ def fit(samples: Samples, spec: SurrogateSpec = SurrogateSpec(), curve: bool = T
         compare_kinds: tuple[str, ...] = ()) -> Fit:
     """Fit the surrogate ensemble with a stratified held-out split; learning curve and comparison optional."""
     s = samples.require()
-    fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full)
+    rows = {"sample_weight": s.weights, "testable": s.testable}  # partial rows: weighted, never held out
+    fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full, **rows)
     summary = {"n_masks": s.n, "report": fitted.report.to_dict()}
+    if s.complete is not None:
+        summary["n_complete"] = int(np.count_nonzero(s.complete))
     n_train = len(fitted.report.split.train)
     if curve and n_train >= 16:
         sizes = sorted({int(x) for x in np.geomspace(8, n_train, num=6).round()})
         lc_spec = dataclasses.replace(spec, ensemble=1)
-        summary["learning_curve"] = learning_curve(s.masks, s.scores, sizes, lc_spec, ppl_full=s.ppl_full).to_dict()
+        summary["learning_curve"] = learning_curve(s.masks, s.scores, sizes, lc_spec, ppl_full=s.ppl_full,
+                                                   **rows).to_dict()
     if compare_kinds:
-        summary["comparison"] = compare(s.masks, s.scores, compare_kinds, spec, ppl_full=s.ppl_full).to_dict()
+        summary["comparison"] = compare(s.masks, s.scores, compare_kinds, spec, ppl_full=s.ppl_full, **rows).to_dict()
     return Fit(fitted, s, summary)
+
+
+def committee(samples: Samples, spec: SurrogateSpec = SurrogateSpec()) -> Callable[[np.ndarray], np.ndarray]:
+    """The member predictions an active round plans with (engine.active.plan_round's member_predict):
+    an Ensemble of `spec` fitted on every row (weighted by samples.weights), masks bool[N, L] ->
+    float[M, N]. Rows are put in mask order first, so the fit (seeded) does not depend on the order
+    they were stored in: a resumed run plans the same masks as an uninterrupted one."""
+    s = samples.require()
+    order = np.lexsort(s.masks.T[::-1])  # rows sorted by mask bits, layer 0 first
+    w = None if s.weights is None else s.weights[order]
+    ensemble = Ensemble(spec).fit(s.masks[order], s.scores[order], sample_weight=w)
+    return ensemble.predict_all
 
 
 # ---------------------------------------------------------------- contributions
@@ -125,8 +159,8 @@ def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> 
     budget = est.budget_for(L, spec.budget)
     single = dataclasses.replace(f.fitted.report.spec, ensemble=1)
 
-    def fit_one(X, y):
-        return make_surrogate(single).fit(X, y).predict
+    def fit_one(X, y, sample_weight=None):
+        return make_surrogate(single).fit(X, y, sample_weight=sample_weight).predict
 
     x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level)
     result = est.run(x)
@@ -147,7 +181,7 @@ def contribution_interval(samples: Samples, c: shapley.Contributions, spec: Meth
     L = samples.n_layers
     weighting = estimators.weighting_for(spec.estimator, samples.design, L)
     reference = uncertainty.regression_adjusted(samples.masks, samples.scores, fit_one, weighting, spec.level,
-                                                seed=spec.mc_seed, n_boot=0)
+                                                seed=spec.mc_seed, n_boot=0, **estimators.real_rows(samples))
     members = c.details.get("members")
     return uncertainty.surrogate_interval(samples.masks, samples.scores, fit_one, weighting, c.values,
                                           None if members is None else np.asarray(members), spec.estimator,
@@ -297,7 +331,7 @@ def interaction_bias_check(samples: Samples, spec: SurrogateSpec, index: str = "
     s = samples.require()
     single = dataclasses.replace(spec, ensemble=1)
     prob = mask_probability(s.design, s.n_layers, s.masks)  # (n,)
-    keep = prob > 0  # masks from another design cannot be reweighted
+    keep = (prob > 0) & s.design_rows  # masks from another design, or chosen by an active round, cannot be reweighted
 
     def fit_one(X, y):
         return make_surrogate(single).fit(X, y).predict

@@ -15,7 +15,8 @@ computed in the run's store:
   `artifact_name`), each holding its ``spec`` and the ``n_masks`` it saw, so a result for one
   spec never replaces another's and a reader can tell a stale result (fewer masks than the
   store now holds) from a current one. ``stored(run, stage, method_spec)`` reads them.
-* ``info``, ``baseline``, ``measure``, ``status``.
+* ``info``, ``baseline``, ``measure``, ``status``; ``sampling_progress(run)``: rounds, fidelity and
+  work of every stored row (the app's Sampling page).
 
 Imports of torch-backed modules are inside the functions: ``python -m engine status`` and
 ``--help`` import this module without loading torch, scikit-learn or scipy.
@@ -123,6 +124,12 @@ class SampleResult:
     nonfinite: int  # masks evaluated by this call whose perplexity was NaN/inf
     stopped: str | None  # None (done) | "cancelled" (cancel request) | "interrupted" (Ctrl-C)
     layer_calls: int = 0  # decoder-layer calls this call made (prefix sharing: fewer than kept layers)
+    leaves: int = 0  # final norm + head + loss runs this call made (one per distinct mask and window set)
+    work: int = 0  # token-layer calls this call made (engine.fidelity.work; the full model's forward not counted)
+    completed: int = 0  # partial rows this call completed on every window (multi-fidelity)
+    partial: int = 0  # rows of the run evaluated on some windows only, now
+    work_total: int = 0  # token-layer calls spent on every stored row of the run (store column `work`)
+    rounds: dict = dataclasses.field(default_factory=dict)  # {round: {"masks": rows, "active": rows}} stored now
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,13 +140,28 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool, json_mode: bool):
         self.total, self.done, self.json_mode = total, 0, json_mode
+        self.requested = enabled
         self.enabled = enabled and total > 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
-        if self.enabled and not json_mode:
+        self._start_bar()
+
+    def _start_bar(self) -> None:
+        if self.enabled and not self.json_mode and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, unit="mask", desc="sampling", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, file=sys.stderr, unit="mask", desc="sampling", dynamic_ncols=True)
+
+    def grow(self, n: int) -> None:
+        """n more steps (completions planned after the bar started)."""
+        if n <= 0:
+            return
+        self.total += n
+        self.enabled = self.requested and self.total > 0
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+        self._start_bar()
 
     def update(self) -> None:
         self.done += 1
@@ -194,79 +216,340 @@ def sample(
     reuse a loaded model instead of loading it again; ``evaluation`` sets the evaluator's
     windows per layer call, torch.compile and ``single_pass`` (= ``first_chunk=None``); the
     numbers are the same either way.
+
+    Rounds and fidelity (`SamplingSpec.rounds`, `first_windows`, `complete`; `_round_plans`):
+    the masks come in rounds (one round, the design's masks, unless rounds > 1); each round's new
+    masks are evaluated on the first `first_windows` windows (all windows when 0), then, with
+    multi-fidelity, the partial rows `fidelity.plan_completion` picks are completed on their
+    missing windows (`_complete_round`). Active round plans and completion plans are stored as
+    artifacts before they are evaluated, so a stopped run resumes them with the same masks.
     """
-    from engine.distributed import open_evaluator, uses_ray
-    from engine.evaluate import scores
-    from engine.sampling import masks_to_strings, sample_masks
+    from engine.distributed import uses_ray
+    from engine.sampling import masks_to_strings
 
     t0 = time.monotonic()
     if evaluation.single_pass:
         first_chunk = None
+    if spec.sampling.multi_fidelity and uses_ray(evaluation):
+        raise WorkbenchError("--first-windows needs per-window losses, which Ray workers do not send yet: "
+                             "sample multi-fidelity runs with --workers 1.")
     if run is None:  # with Ray workers the driver needs no weights: the workers load the model
         run = open_run(spec, cache_dir, evaluation, loaded=load(spec, evaluation, weights=False)
                        if uses_ray(evaluation) else None)
     store = run.store
-    masks = sample_masks(spec.sampling, run.n_layers)  # (n, L)
-    strings = masks_to_strings(masks)
-    done = store.done_masks()
-    todo = [i for i, s in enumerate(strings) if s not in done]
     ppl_full = store.meta().get("ppl_full")
     if ppl_full is not None:
         validate.check_full_perplexity(run.lm, run.windows, ppl_full)  # a run stored by an older version
-    evaluated = nonfinite = 0
-    stopped = None
-    evaluator = None
-    if todo or ppl_full is None:
+    target = spec.sampling.n_masks
+    state = _SampleState()
+    evaluators = _Evaluators(run, evaluation)
+    done = store.done_masks()
+    if len(done) < target or ppl_full is None or _has_partial_plans(run):
         try:
-            with store.writer(target=len(strings)) as writer, \
-                    open_evaluator(run.lm, run.windows, evaluation) as evaluator:  # Ray workers if asked
-                if ppl_full is None:
-                    ppl_full = float(evaluator.ppl_full)
-                    validate.check_full_perplexity(run.lm, run.windows, ppl_full)  # before any mask
-                    store.set_meta(ppl_full=ppl_full)
-                # Per-window losses (schema 2) where the evaluator gives them (MaskEvaluator; Ray
-                # workers send perplexities only, so those rows have none).
-                windowed = hasattr(evaluator, "iter_window_losses")
-                if windowed and "window_losses_full" not in store.meta():
-                    full_nll, full_tokens = evaluator.full_window_losses()
-                    store.set_meta(window_losses_full={"nll": full_nll.tolist(), "tokens": full_tokens.tolist()})
-                bar = _Progress(len(todo), progress, json_mode)
+            with store.writer(target=target) as writer, evaluators:
+                ppl_full = _store_full_model(run, evaluators)
+                bar = _Progress(max(0, target - len(done)), progress, json_mode)
                 try:
-                    for lo, hi in _chunks(len(todo), first_chunk):
-                        part = todo[lo:hi]
-                        rows = (evaluator.iter_window_losses(masks[part]) if windowed else
-                                ((i, p, None, None, t) for i, p, t in evaluator.iter_perplexities(masks[part])))
-                        for index, ppl, nll, tokens, seconds in rows:
-                            score, flag = scores(np.array([ppl], dtype=float), ppl_full)
-                            writer.add(strings[part[index]], float(ppl), float(score[0]), bool(flag[0]), float(seconds),
-                                       window_nll=nll, window_tokens=tokens)
-                            evaluated += 1
-                            nonfinite += int(flag[0])
-                            bar.update()
-                            if writer.cancel_requested():
-                                writer.cancelled = True
-                                stopped = "cancelled"
-                                break
-                        if stopped:
+                    for r, masks, source in _round_plans(run, target, evaluators):
+                        state.planned.update(masks_to_strings(masks))
+                        if _evaluate_round(run, writer, evaluators, r, masks, source, ppl_full, first_chunk, bar,
+                                           state) or _complete_round(run, writer, evaluators, r, bar, state):
                             break
                 finally:
                     bar.close()
         except KeyboardInterrupt:
-            stopped = "interrupted"  # the writer recorded it; every committed row stays
-    total = len(set(strings) & store.done_masks())
+            state.stopped = "interrupted"  # the writer recorded it; every committed row stays
+    summary = store.summary()
     return SampleResult(
         run_id=run.run_id,
         store=str(store.path),
-        evaluated=evaluated,
-        total=total,
-        target=len(strings),
+        evaluated=state.evaluated,
+        total=len(state.planned & store.done_masks()) if state.planned else min(target, len(done)),
+        target=target,
         seconds=round(time.monotonic() - t0, 3),
         n_layers=run.n_layers,
         ppl_full=ppl_full,
-        nonfinite=nonfinite,
-        stopped=stopped,
-        layer_calls=evaluator.layer_calls if evaluator is not None else 0,
+        nonfinite=state.nonfinite,
+        stopped=state.stopped,
+        layer_calls=evaluators.layer_calls,
+        leaves=evaluators.leaves,
+        work=evaluators.work,
+        completed=state.completed,
+        partial=summary.partial,
+        work_total=summary.work,
+        rounds=summary.rounds or {},
     )
+
+
+@dataclass
+class _SampleState:
+    """What one `sample` call did so far (its result's counters)."""
+
+    evaluated: int = 0
+    nonfinite: int = 0
+    completed: int = 0
+    stopped: str | None = None
+    planned: set = dataclasses.field(default_factory=set)  # mask strings of the rounds reached
+
+
+class _Evaluators:
+    """The run's evaluators, one per set of calibration windows (all of them; the first k; the
+    missing windows of partial rows), opened on first use and closed together. Counters sum over
+    them: `layer_calls`, `leaves`, `work` (token-layer calls, engine.fidelity.work)."""
+
+    def __init__(self, run: OpenRun, evaluation: EvalSpec):
+        import contextlib
+
+        self.run, self.evaluation = run, evaluation
+        self.n_windows = int(run.windows.input_ids.shape[0])
+        self._stack = contextlib.ExitStack()
+        self._open: dict[tuple[int, ...], object] = {}
+
+    def __enter__(self) -> "_Evaluators":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def on(self, windows: tuple[int, ...]):
+        """The evaluator over these window indices (a MaskEvaluator or RayEvaluator)."""
+        from engine.distributed import open_evaluator
+
+        if windows not in self._open:
+            ids = self.run.windows if len(windows) == self.n_windows else self.run.windows.input_ids[list(windows)]
+            self._open[windows] = self._stack.enter_context(open_evaluator(self.run.lm, ids, self.evaluation))
+        return self._open[windows]
+
+    @property
+    def all(self):
+        return self.on(tuple(range(self.n_windows)))
+
+    def first(self, k: int):
+        """The evaluator of a first evaluation: the first k windows (0 = all)."""
+        return self.on(tuple(range(k or self.n_windows)))
+
+    def _sum(self, name: str) -> int:
+        return int(sum(getattr(ev, name, 0) for ev in self._open.values()))
+
+    layer_calls = property(lambda self: self._sum("layer_calls"))
+    leaves = property(lambda self: self._sum("leaves"))
+    work = property(lambda self: self._sum("work"))
+
+    def rows(self, windows: tuple[int, ...], masks):
+        """Yield (index into masks, ppl, nll float[W], tokens int[W], seconds, work) per mask, the per-
+        window losses scattered into all W windows (tokens 0, nll NaN where not evaluated; None and
+        None from an evaluator without per-window losses: Ray) and `work` the token-layer calls
+        spent since the previous row (prefix sharing: a row pays for the trie nodes it needed first)."""
+        ev = self.on(windows)
+        cols = list(windows)
+        before = ev.work
+        if hasattr(ev, "iter_window_losses"):
+            rows = ev.iter_window_losses(masks)
+        else:
+            rows = ((i, p, None, None, t) for i, p, t in ev.iter_perplexities(masks))
+        for i, ppl, nll, tokens, seconds in rows:
+            spent, before = ev.work - before, ev.work
+            if nll is not None:
+                nll_w = np.full(self.n_windows, np.nan)  # (W,)
+                tok_w = np.zeros(self.n_windows, dtype=np.int64)  # (W,)
+                nll_w[cols], tok_w[cols] = nll, tokens
+                nll, tokens = nll_w, tok_w
+            yield i, ppl, nll, tokens, seconds, spent
+
+
+def _store_full_model(run: OpenRun, evaluators: _Evaluators) -> float:
+    """ppl_full (and the full model's per-window losses) from the store, measured on all windows once."""
+    meta = run.store.meta()
+    ppl_full = meta.get("ppl_full")
+    if ppl_full is None:
+        ppl_full = float(evaluators.all.ppl_full)
+        validate.check_full_perplexity(run.lm, run.windows, ppl_full)  # before any mask
+        run.store.set_meta(ppl_full=ppl_full)
+    # Per-window losses (schema 2) where the evaluator gives them (MaskEvaluator; Ray workers send
+    # perplexities only, so those rows have none).
+    if "window_losses_full" not in meta and hasattr(evaluators.all, "full_window_losses"):
+        full_nll, full_tokens = evaluators.all.full_window_losses()
+        run.store.set_meta(window_losses_full={"nll": full_nll.tolist(), "tokens": full_tokens.tolist()})
+    return float(ppl_full)
+
+
+def _full_losses(store: RunStore) -> tuple[np.ndarray, np.ndarray]:
+    """(nll float[W], tokens int[W]) of the unmodified model, from meta."""
+    full = store.meta()["window_losses_full"]
+    return np.asarray(full["nll"], dtype=np.float64), np.asarray(full["tokens"], dtype=np.int64)
+
+
+def _round_plans(run: OpenRun, n_masks: int, evaluators: _Evaluators):
+    """Yield (round, masks bool[n, L], source str[n]) for the rounds that make up the run's first
+    `n_masks` masks, each planned only when the previous one is evaluated (and completed).
+
+    rounds == 1: one round, the design's first n_masks masks (`sampling.sample_masks`, prefix-stable).
+    rounds == R > 1: round r's plan is the artifact ``round:<r>`` when stored, else
+    `active.plan_round` with the ensemble (`method.committee`, seeded by the sampling seed) fitted
+    on the rows stored so far, stored before it is evaluated. Sizes: `active.round_sizes(n_masks,
+    R)`; when a finished run is extended (more masks), one more round takes the rest."""
+    from engine import active
+    from engine.sampling import sample_masks, strings_to_masks
+
+    sampling, L = run.spec.sampling, run.n_layers
+    if not sampling.active:
+        masks = sample_masks(sampling, L)  # (n, L)
+        yield 0, masks, np.array(["design"] * len(masks))
+        return
+    sizes = active.round_sizes(n_masks, sampling.rounds)
+    planned = np.zeros((0, L), dtype=bool)
+    design_used, total, r = 0, 0, 0
+    while total < n_masks:
+        plan = run.store.get_artifact(f"round:{r}")
+        if plan is None:
+            size = min(sizes[r] if r < len(sizes) else n_masks, n_masks - total)
+            predict = None if r == 0 else _committee(run)
+            plan = active.plan_round(sampling, L, r, size, planned, predict, sampling.explore, design_used).to_dict()
+            run.store.put_artifact(f"round:{r}", plan)
+        masks = strings_to_masks(plan["masks"]).reshape(-1, L)  # (n, L)
+        if len(masks) == 0:
+            return  # the design has no masks left
+        keep = min(len(masks), n_masks - total)
+        yield r, masks[:keep], np.asarray(plan["source"])[:keep]
+        planned = np.vstack([planned, masks])
+        design_used, total, r = plan["design_used"], total + keep, r + 1
+
+
+def _committee(run: OpenRun):
+    """member_predict for the next active round, or None while the run has too few rows to fit."""
+    from engine import method as method_lib
+    from engine.config import SurrogateSpec
+
+    s = samples(run, require=False)
+    if s is None or s.n < method_lib.MIN_MASKS:
+        return None
+    return method_lib.committee(s, SurrogateSpec(seed=run.spec.sampling.seed))
+
+
+def _evaluate_round(run, writer, evaluators: _Evaluators, r: int, masks, source, ppl_full: float,
+                    first_chunk, bar, state: _SampleState) -> bool:
+    """Evaluate the round's masks the store lacks on the first `first_windows` windows (all when 0), in
+    doubling chunks, committing each row; True when stopped by a cancel request."""
+    from engine.evaluate import scores
+    from engine.fidelity import subset_scores
+    from engine.sampling import masks_to_strings
+
+    strings = masks_to_strings(masks)
+    done = run.store.done_masks()
+    todo = [i for i, s in enumerate(strings) if s not in done]
+    windows = tuple(range(run.spec.sampling.first_windows or evaluators.n_windows))
+    full = _full_losses(run.store) if todo and hasattr(evaluators.on(windows), "iter_window_losses") else None
+    for lo, hi in _chunks(len(todo), first_chunk):
+        part = todo[lo:hi]
+        for index, ppl, nll, tokens, seconds, work in evaluators.rows(windows, masks[part]):
+            if nll is None:
+                score, flag = scores(np.array([ppl], dtype=float), ppl_full)
+            else:  # over the evaluated windows (= ppl_full / ppl when every window is evaluated)
+                score, flag = subset_scores(nll[None], tokens[None], *full)
+            i = part[index]
+            writer.add(strings[i], float(ppl), float(score[0]), bool(flag[0]), float(seconds), window_nll=nll,
+                       window_tokens=tokens, round=r, source=str(source[i]), work=work)
+            state.evaluated += 1
+            state.nonfinite += int(flag[0])
+            bar.update()
+            if _cancelled(writer, state):
+                return True
+    return False
+
+
+def _complete_round(run, writer, evaluators: _Evaluators, r: int, bar, state: _SampleState) -> bool:
+    """Multi-fidelity: complete the partial rows `fidelity.plan_completion` picks (share
+    `sampling.complete` of the rows of rounds <= r complete) on their missing windows. The plan is
+    the artifact ``complete:<round>:<rows of rounds <= round>`` (stored before the first completion,
+    so a resumed run completes the same rows; an extended run plans again). True when stopped by a
+    cancel request."""
+    from engine import fidelity
+    from engine.sampling import masks_to_strings
+
+    sampling = run.spec.sampling
+    if not sampling.multi_fidelity:
+        return False
+    table = run.store.table()
+    if table.window_tokens is None:
+        return False  # rows without per-window losses (a migrated version-1 store) cannot be completed
+    mine = np.flatnonzero(table.round <= r)  # rows a resumed run of a later round also holds are left out
+    name = f"complete:{r}:{len(mine)}"
+    plan = run.store.get_artifact(name)
+    if plan is None:
+        est = fidelity.estimate_full(table.window_nll[mine], table.window_tokens[mine], *_full_losses(run.store))
+        rows = mine[fidelity.plan_completion(est, table.masks[mine], sampling.complete)]
+        plan = {"round": r, "masks": masks_to_strings(table.masks[rows])}
+        run.store.put_artifact(name, plan)
+    strings = masks_to_strings(table.masks)
+    where = {s: i for i, s in enumerate(strings)}
+    have = fidelity.evaluated(table.window_tokens)  # (n, W)
+    todo = [where[s] for s in plan["masks"] if not have[where[s]].all()]
+    bar.grow(len(todo))
+    groups: dict[tuple[int, ...], list[int]] = {}  # missing windows -> rows
+    for i in todo:
+        groups.setdefault(tuple(int(j) for j in np.flatnonzero(~have[i])), []).append(i)
+    for windows, rows in groups.items():
+        for index, _, nll, tokens, seconds, work in evaluators.rows(windows, table.masks[rows]):
+            writer.complete(strings[rows[index]], nll, tokens, seconds, work)
+            state.completed += 1
+            bar.update()
+            if _cancelled(writer, state):
+                return True
+    return False
+
+
+def _cancelled(writer, state: _SampleState) -> bool:
+    if writer.cancel_requested():
+        writer.cancelled = True
+        state.stopped = "cancelled"
+        return True
+    return False
+
+
+def _has_partial_plans(run: OpenRun) -> bool:
+    """True when a stored completion plan still has partial rows (a stopped multi-fidelity run)."""
+    return run.spec.sampling.multi_fidelity and run.store.summary().partial > 0
+
+
+def sampling_progress(run) -> dict:
+    """Rounds, fidelity and work of every stored row, for the app's Sampling page (no model needed).
+
+    `run`: an OpenRun or a RunStore. Returns a JSON-able dict:
+    * ``rows``: columns, one entry per stored row in rowid (storage) order: ``rowid``, ``mask``,
+      ``kept``, ``round``, ``source`` (design | active), ``windows`` (calibration windows evaluated;
+      None for rows stored without per-window losses), ``complete`` (every window evaluated),
+      ``work`` (token-layer calls spent on the row: its first evaluation plus its completion),
+      ``cumulative_work`` (running sum of ``work`` in rowid order: a completion's work counts at its
+      row's position), ``created`` and ``completed`` (unix times; completed None if never completed);
+    * ``rounds``: {round: {"masks", "active", "complete", "work"}};
+    * ``n_windows`` (W, None before the full model was measured), ``n_masks``, ``complete``, ``partial``,
+      ``work`` (total). Work is engine.fidelity.work: (layer calls + leaves) x windows x tokens."""
+    store = getattr(run, "store", run)
+    rows = store.results()
+    full = store.meta().get("window_losses_full")
+    W = len(full["tokens"]) if full else None
+    complete = [r.windows is None or (W is not None and r.windows >= W) for r in rows]
+    work = np.cumsum([r.work for r in rows]).tolist() if rows else []
+    rounds: dict[int, dict] = {}
+    for r, c in zip(rows, complete):
+        g = rounds.setdefault(r.round, {"masks": 0, "active": 0, "complete": 0, "work": 0})
+        g["masks"] += 1
+        g["active"] += r.source == "active"
+        g["complete"] += c
+        g["work"] += r.work
+    return {
+        "rows": {"rowid": [r.rowid for r in rows], "mask": [r.mask for r in rows], "kept": [r.kept for r in rows],
+                 "round": [r.round for r in rows], "source": [r.source for r in rows],
+                 "windows": [r.windows for r in rows], "complete": complete, "work": [r.work for r in rows],
+                 "cumulative_work": [int(x) for x in work], "created": [r.created for r in rows],
+                 "completed": [r.completed for r in rows]},
+        "rounds": rounds,
+        "n_windows": W,
+        "n_masks": len(rows),
+        "complete": int(sum(complete)),
+        "partial": len(rows) - int(sum(complete)),
+        "work": int(work[-1]) if work else 0,
+    }
 
 
 def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = EvalSpec()) -> dict:
@@ -321,30 +604,68 @@ def stored(run, stage: str, method: MethodSpec) -> dict | None:
     art = store.get_artifact(artifact_name(stage, method))
     if art is None:
         return None
-    return {**art, "stale": art.get("n_masks") != store.count()}
+    return {**art, "stale": _stale(art, store)}
 
 
-def _put(run: OpenRun, stage: str, method: MethodSpec, n_masks: int, result: dict) -> dict:
-    art = {"stage": stage, "spec": method.key(stage), "n_masks": int(n_masks), **result}
+def _stale(art: dict, store: RunStore) -> bool:
+    """True when the store changed since `art` was computed: more masks, or more evaluated windows
+    (multi-fidelity completions add windows, not masks). Artifacts written before the window count
+    was recorded compare the mask count only."""
+    if art.get("n_masks") != store.count():
+        return True
+    return "n_windows_evaluated" in art and art["n_windows_evaluated"] != store.evaluated_windows()
+
+
+def _seen(samples_or_store) -> dict:
+    """What staleness compares, as the artifact records it: n_masks and n_windows_evaluated of the rows
+    a result was computed from (a method.Samples, or the store itself)."""
+    s = samples_or_store
+    if isinstance(s, RunStore):
+        return {"n_masks": s.count(), "n_windows_evaluated": s.evaluated_windows()}
+    windows = None if s.window_tokens is None else int(np.count_nonzero(s.window_tokens > 0))
+    return {"n_masks": int(s.n), **({} if windows is None else {"n_windows_evaluated": windows})}
+
+
+def _put(run: OpenRun, stage: str, method: MethodSpec, seen, result: dict) -> dict:
+    """Store a stage result; `seen`: the method.Samples it was computed from (or the store)."""
+    art = {"stage": stage, "spec": method.key(stage), **_seen(seen), **result}
     run.store.put_artifact(artifact_name(stage, method), art)
     return art
 
 
-def samples(run: OpenRun):
-    """The run's evaluated masks as a method.Samples (EstimationError when there are too few)."""
+def samples(run: OpenRun, require: bool = True):
+    """The run's evaluated masks as a method.Samples (EstimationError when there are too few; None
+    when there are none and require=False).
+
+    Partially evaluated rows (multi-fidelity) get their estimated full-fidelity score
+    (`fidelity.estimate_full`) with `se`, surrogate fit `weights` (`fidelity.fit_weights`) and
+    `complete`; their `ppl` stays the stored perplexity over the evaluated windows. Complete rows keep
+    their stored score; a run without partial rows has se / weights / complete None (as before).
+    `round` and `source` say which sampling round chose each row and whether the design drew it."""
+    from engine import fidelity
     from engine.method import Samples
 
     table = run.store.table()
-    ppl_full = run.store.meta().get("ppl_full")
+    meta = run.store.meta()
+    ppl_full = meta.get("ppl_full")
     if len(table.rowid) == 0 or ppl_full is None:
+        if not require:
+            return None
         raise EstimationError(
             f"run {run.run_id} has no evaluated masks yet. Run `python -m engine sample` with the same "
             "model, data and sampling options first (or `python -m engine run`, which samples too).")
-    return Samples(table.masks, table.score, table.ppl, table.nonfinite, float(ppl_full),
-                   run.spec.sampling, table.window_nll, table.window_tokens).require()
+    score, partial = table.score, {}
+    if table.window_tokens is not None and "window_losses_full" in meta:
+        est = fidelity.estimate_full(table.window_nll, table.window_tokens, *_full_losses(run.store))
+        if not est.complete.all():
+            score = np.where(est.complete, table.score, est.score)  # (n,)
+            partial = dict(se=est.se, weights=fidelity.fit_weights(est.se), complete=est.complete)
+    s = Samples(table.masks, score, table.ppl, table.nonfinite, float(ppl_full), run.spec.sampling,
+                table.window_nll, table.window_tokens, round=table.round, source=table.source, **partial)
+    return s.require() if require else s
 
 
-_FITS: dict[tuple, object] = {}  # (run_id, n_masks, surrogate hash) -> method.Fit; a few, for the app
+_FITS: dict[tuple, object] = {}  # (run_id, n_masks[, windows evaluated], surrogate hash) -> method.Fit; a few
 _FITS_MAX = 4
 
 
@@ -356,7 +677,7 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
     from engine.surrogate import variants
 
     s = samples(run)
-    key = (run.run_id, s.n, stable_hash(method.key("fit")))
+    key = (run.run_id, *_seen(s).values(), stable_hash(method.key("fit")))
     f = _FITS.get(key)
     have = f.summary if f is not None else {}
     if f is None or (curve and "learning_curve" not in have) or (compare and "comparison" not in have):
@@ -368,7 +689,7 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
             _FITS.pop(next(iter(_FITS)))
     old = stored(run, "fit", method)
     if old is None or old["stale"] or set(f.summary) - set(old):
-        _put(run, "fit", method, s.n, _fit_json(run, f))
+        _put(run, "fit", method, s, _fit_json(run, f))
     return f
 
 
@@ -398,7 +719,7 @@ def _contributions(run: OpenRun, method: MethodSpec):
 
     f = _fit(run, method)
     c = method_lib.contributions(f.samples, f, method)
-    _put(run, "contributions", method, f.samples.n, _contributions_json(run, f, c, method.estimator))
+    _put(run, "contributions", method, f.samples, _contributions_json(run, f, c, method.estimator))
     return f, c
 
 
@@ -494,7 +815,7 @@ def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (
                                   "the calibration windows (the surrogate was fitted on them)", choose=False)
     if measures:
         ds = dataclasses.replace(ds, splits=decision_lib.measure_splits(ds.items, run.n_layers, measures))
-    _put(run, "decisions", method, f.samples.n, {"run_id": run.run_id, "ks": [d.k for d in ds.items],
+    _put(run, "decisions", method, f.samples, {"run_id": run.run_id, "ks": [d.k for d in ds.items],
                                                  "splits_measured": list(splits), **ds.to_dict()})
     return f, c, ds
 
@@ -669,6 +990,8 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
             "kept in the run store. Run the same command again to resume."
         )
     result = prune(spec, method, out_dir, overwrite, eval_data, cache_dir, run, sampled)
+    counters = ("layer_calls", "leaves", "work", "work_total", "completed", "partial", "rounds")
+    result["sampling"] = {k: v for k, v in sampled.to_json().items() if k in counters}
     result["seconds"] = round(time.monotonic() - t0, 3)
     result["stage_seconds"] = {"sample": sampled.seconds, **result["stage_seconds"]}
     return result
@@ -799,7 +1122,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
                    f"{__import__('torch').get_num_threads()}",
         "method_spec": dataclasses.asdict(method),
     }
-    _put(run, "summary", method, run.store.count(), record)
+    _put(run, "summary", method, run.store, record)
     if out_html is not None:
         Path(out_html).write_text(summary_lib.to_html(record), encoding="utf-8")
         record = {**record, "html": str(out_html)}
@@ -826,7 +1149,7 @@ def stored_interactions(run, method: MethodSpec, index: str = "sii", fit_on: str
     """The stored interaction map for these settings (None if not computed); ``stale`` as in `stored`."""
     store = getattr(run, "store", run)
     art = store.get_artifact(interactions_name(method, index, fit_on))
-    return None if art is None else {**art, "stale": art.get("n_masks") != store.count()}
+    return None if art is None else {**art, "stale": _stale(art, store)}
 
 
 def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
@@ -854,7 +1177,7 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
         result["bias_check"]["outside"] = int(outside.sum())
     art = {"stage": "interactions", "spec": {**method.key("fit"), "index": index, "budget": method.budget,
                                              "mc_seed": method.mc_seed, "fit_on": fit_on},
-           "n_masks": int(f.samples.n), **result}
+           **_seen(f.samples), **result}
     run.store.put_artifact(interactions_name(method, index, fit_on), art)
     out = {**result, "n_masks": int(f.samples.n), "seconds": round(time.monotonic() - t, 3)}
     if csv_path is not None:
@@ -894,7 +1217,7 @@ def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, 
     items = method_lib.near_optimal(f.samples, f, ks, top, measured)
     result = {"run_id": run.run_id, "n_layers": run.n_layers, "ppl_full": f.samples.ppl_full, "top": int(top),
               "ks": [n.k for n in items], "candidates": [n.to_dict() for n in items]}
-    run.store.put_artifact(candidates_name(method, top), {"stage": "candidates", "n_masks": int(f.samples.n), **result})
+    run.store.put_artifact(candidates_name(method, top), {"stage": "candidates", **_seen(f.samples), **result})
     return {**result, "n_masks": int(f.samples.n), "seconds": round(time.monotonic() - t, 3)}
 
 
@@ -905,7 +1228,7 @@ def candidates_name(method: MethodSpec, top: int) -> str:
 def stored_candidates(run, method: MethodSpec, top: int = 10) -> dict | None:
     store = getattr(run, "store", run)
     art = store.get_artifact(candidates_name(method, top))
-    return None if art is None else {**art, "stale": art.get("n_masks") != store.count()}
+    return None if art is None else {**art, "stale": _stale(art, store)}
 
 
 def interaction_indices() -> dict[str, str]:

@@ -11,10 +11,17 @@ Contract
     ``model`` (name), ``data_hash``, ``data`` (source), ``n_layers``, ``ppl_full``,
     ``created``, ``versions`` (package versions), ``schema``. Written when the run is
     created; later stages may add keys with ``set_meta``.
-  - ``samples(rowid, mask TEXT UNIQUE, kept, ppl, score, nonfinite, seconds, created)``:
-    one row per evaluated mask, ``mask`` as ``'0101..'`` (``1`` = layer kept). Each row
-    is committed on its own as soon as the mask is evaluated, so a killed writer loses
-    at most the mask it was evaluating. A mask is never stored twice.
+  - ``samples(rowid, mask TEXT UNIQUE, kept, ppl, score, nonfinite, seconds, created, round,
+    source, windows, work, completed)``: one row per evaluated mask, ``mask`` as ``'0101..'``
+    (``1`` = layer kept). Each row is committed on its own as soon as the mask is evaluated, so a
+    killed writer loses at most the mask it was evaluating. A mask is never stored twice.
+    Schema 3: ``round`` (sampling round, 0 = the design's first masks), ``source`` (``design``:
+    drawn by the sampling design | ``active``: chosen by an active round), ``windows`` (calibration
+    windows the row's ppl/score cover; NULL without per-window losses), ``work`` (token-layer calls
+    spent on the row, engine.fidelity.work), ``completed`` (time of the last completion). A
+    *partial* row (windows < W) has ppl/score over its evaluated windows only
+    (fidelity.subset_scores) and tokens 0 / nll NaN for the others; ``Writer.complete`` fills them
+    (never changing an evaluated window) and updates ppl/score in the same transaction.
   - ``window_losses(sample_rowid PRIMARY KEY -> samples.rowid, n_windows, nll BLOB, tokens BLOB)``
     (schema 2): the mask's summed NLL (float64) and target-token count (int64) per calibration
     window, little-endian arrays of ``n_windows`` values; written in the same transaction as the
@@ -39,9 +46,10 @@ Contract
   ``rowid > since_rowid`` as a list of frozen ``Sample`` records in rowid order, so a
   poller passes the last rowid it saw and gets only new rows; ``table()`` returns the
   same rows as numpy arrays for fitting.
-* Versions: ``SCHEMA`` = 2. A version-1 store (no per-window losses) is migrated when opened:
-  the ``window_losses`` table is added and ``meta.schema`` set to 2 in one transaction; its
-  rows keep their whole-mask perplexities and have no per-window losses (None in ``table()``).
+* Versions: ``SCHEMA`` = 3. A version-1 or -2 store is migrated when opened, in one transaction:
+  the ``window_losses`` table is added (version 1: its rows keep their whole-mask perplexities and
+  have no per-window losses, None in ``table()``), the schema-3 columns are added (round 0, source
+  design, windows from the stored per-window losses, work 0) and ``meta.schema`` set to 3.
   A store of a newer schema is refused.
 * Every call opens and closes its own connection, so a ``RunStore`` may be shared
   between threads (Streamlit) and processes.
@@ -80,8 +88,8 @@ from engine.errors import (
     EnvironmentFault, InternalError, ReadOnlyLocation, StoreDamaged, StoreError, StoreLocked, from_exception,
 )
 
-SCHEMA = 2
-MIGRATABLE = (1,)  # older schemas `RunStore.open` upgrades in place
+SCHEMA = 3
+MIGRATABLE = (1, 2)  # older schemas `RunStore.open` upgrades in place
 DB_NAME = "run.sqlite"
 HEARTBEAT_S = 2.0
 LEASE_TIMEOUT_S = 10.0
@@ -89,6 +97,11 @@ _BUSY_TIMEOUT_MS = 10_000
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 QUICK_CHECK_MAX_BYTES = 512 << 20  # quick_check reads every page: ~1 s per GB; bigger stores skip it
 TABLES = ("artifacts", "lease", "meta", "samples")
+# Columns schema 3 added to `samples` (name, declaration); `_migrate` adds the missing ones.
+V3_COLUMNS = (("round", "INTEGER NOT NULL DEFAULT 0"), ("source", "TEXT NOT NULL DEFAULT 'design'"),
+              ("windows", "INTEGER"), ("work", "INTEGER NOT NULL DEFAULT 0"), ("completed", "REAL"))
+SOURCES = ("design", "active")  # where a row's mask came from: the sampling design or an active round
+_SAMPLE_COLUMNS = "rowid, mask, kept, ppl, score, nonfinite, seconds, created, round, source, windows, work, completed"
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, json TEXT NOT NULL);
@@ -100,7 +113,12 @@ CREATE TABLE IF NOT EXISTS samples (
     score REAL NOT NULL,
     nonfinite INTEGER NOT NULL CHECK (nonfinite IN (0, 1)),
     seconds REAL NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT 'design',
+    windows INTEGER,
+    work INTEGER NOT NULL DEFAULT 0,
+    completed REAL
 );
 CREATE TABLE IF NOT EXISTS window_losses (
     sample_rowid INTEGER PRIMARY KEY REFERENCES samples(rowid),
@@ -136,6 +154,11 @@ class Sample:
     nonfinite: bool
     seconds: float
     created: float  # unix time of the commit
+    round: int = 0  # sampling round the mask was chosen in (0: the design's first masks)
+    source: str = "design"  # design (drawn by the sampling design) | active (chosen by an active round)
+    windows: int | None = None  # calibration windows ppl/score cover (None: no per-window losses stored)
+    work: int = 0  # token-layer calls spent on this row (first evaluation + completion; 0 before schema 3)
+    completed: float | None = None  # unix time of the last `Writer.complete` (None: never completed)
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,10 @@ class SampleTable:
     seconds: np.ndarray
     window_nll: np.ndarray | None = None  # float64 (n, W): summed NLL per calibration window; None unless every row has them
     window_tokens: np.ndarray | None = None  # int64 (n, W): target tokens per window; None likewise
+    round: np.ndarray | None = None  # int (n,): sampling round of each row
+    source: np.ndarray | None = None  # str (n,): design | active
+    windows: np.ndarray | None = None  # int (n,): evaluated windows per row (-1: no per-window losses)
+    work: np.ndarray | None = None  # int (n,): token-layer calls spent on each row
 
 
 def _pack_windows(nll, tokens) -> tuple[int, bytes, bytes]:
@@ -159,6 +186,18 @@ def _pack_windows(nll, tokens) -> tuple[int, bytes, bytes]:
     if len(nll) == 0 or len(nll) != len(tokens):
         raise StoreError(f"per-window losses need one nll and one token count per window; got {len(nll)} and {len(tokens)}")
     return len(nll), nll.tobytes(), tokens.tobytes()
+
+
+def _evaluated(tokens) -> int:
+    """Windows a row's per-window losses cover: those with tokens > 0 (missing ones hold 0 tokens, NaN nll)."""
+    return int(np.count_nonzero(np.asarray(tokens) > 0))
+
+
+def _subset_ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
+    """exp(sum nll / sum tokens) over the evaluated windows (tokens > 0); inf on overflow, NaN stays NaN."""
+    done = tokens > 0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return float(np.exp(nll[done].sum() / tokens[done].sum()))
 
 
 def _unpack_windows(n_windows: int, nll: bytes, tokens: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +242,10 @@ class RunSummary:
     created: float | None
     updated: float | None
     problem: str | None = None  # why the store cannot be read (status damaged | unreadable | empty)
+    work: int = 0  # token-layer calls spent on the stored rows (fidelity.work; 0 for rows before schema 3)
+    evaluated_windows: int = 0  # calibration windows evaluated over all rows
+    partial: int = 0  # rows evaluated on some of the calibration windows only
+    rounds: dict | None = None  # {round: {"masks": rows, "active": rows chosen by the active rule}}
 
 
 def pid_alive(pid: int) -> bool:
@@ -275,8 +318,10 @@ class RunStore:
         return self.path.is_file()
 
     def _migrate(self) -> None:
-        """Version 1 -> 2 in one transaction: add ``window_losses`` (empty), set meta.schema = 2.
-        Idempotent; two processes opening the same old store serialise on the write lock."""
+        """Version 1 or 2 -> 3 in one transaction: add ``window_losses`` (empty; version 1), add the
+        schema-3 columns of ``samples`` (round 0, source 'design', windows = the stored per-window
+        count or NULL, work 0), set meta.schema = 3 and ``migrated_from``. Idempotent; two processes
+        opening the same old store serialise on the write lock."""
         with self._write() as con:
             row = con.execute("SELECT json FROM meta WHERE key = 'schema'").fetchone()
             if row is None or json.loads(row[0]) not in MIGRATABLE:
@@ -284,6 +329,12 @@ class RunStore:
             for statement in _DDL.split(";"):
                 if statement.strip():
                     con.execute(statement)  # CREATE TABLE IF NOT EXISTS: only the new table is created
+            have = {r[1] for r in con.execute("PRAGMA table_info(samples)")}
+            for name, declaration in V3_COLUMNS:
+                if name not in have:
+                    con.execute(f"ALTER TABLE samples ADD COLUMN {name} {declaration}")
+            con.execute("UPDATE samples SET windows = (SELECT n_windows FROM window_losses "
+                        "WHERE sample_rowid = samples.rowid) WHERE windows IS NULL")
             con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('schema', ?)", (_dumps(SCHEMA),))
             con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('migrated_from', ?)", (row[0],))
 
@@ -459,14 +510,18 @@ class RunStore:
         """Rows with rowid > since_rowid, in rowid order, as frozen records."""
         with self._connect() as con:
             rows = con.execute(
-                "SELECT rowid, mask, kept, ppl, score, nonfinite, seconds, created FROM samples "
-                "WHERE rowid > ? ORDER BY rowid",
-                (since_rowid,),
+                f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE rowid > ? ORDER BY rowid", (since_rowid,),
             ).fetchall()
         return [
-            Sample(r[0], r[1], r[2], float("nan") if r[3] is None else r[3], r[4], bool(r[5]), r[6], r[7])
+            Sample(r[0], r[1], r[2], float("nan") if r[3] is None else r[3], r[4], bool(r[5]), r[6], r[7], *r[8:])
             for r in rows
         ]
+
+    def evaluated_windows(self) -> int:
+        """Calibration windows evaluated over all rows (a row without per-window losses counts 0). It grows
+        with every new row and every completion, so artifacts record it next to the mask count (staleness)."""
+        with self._connect() as con:
+            return int(con.execute("SELECT COALESCE(SUM(windows), 0) FROM samples").fetchone()[0])
 
     def window_losses(self, since_rowid: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """{rowid: (nll float64[W], tokens int64[W])} for the rows with rowid > since_rowid that have them."""
@@ -497,6 +552,10 @@ class RunStore:
             seconds=np.array([r.seconds for r in rows], dtype=float),
             window_nll=window_nll,
             window_tokens=window_tokens,
+            round=np.array([r.round for r in rows], dtype=np.int64),
+            source=np.array([r.source for r in rows], dtype=object),
+            windows=np.array([-1 if r.windows is None else r.windows for r in rows], dtype=np.int64),
+            work=np.array([r.work for r in rows], dtype=np.int64),
         )
 
     # -- lease -------------------------------------------------------------------------------
@@ -521,7 +580,14 @@ class RunStore:
         meta = self.meta()
         lease = self.lease()
         with self._connect() as con:
-            n, last = con.execute("SELECT COUNT(*), MAX(created) FROM samples").fetchone()
+            n, last, work, done = con.execute(
+                "SELECT COUNT(*), MAX(MAX(created), COALESCE(MAX(completed), 0)), COALESCE(SUM(work), 0), "
+                "COALESCE(SUM(windows), 0) FROM samples").fetchone()
+            rounds = {int(r): {"masks": int(c), "active": int(a)} for r, c, a in con.execute(
+                "SELECT round, COUNT(*), SUM(source = 'active') FROM samples GROUP BY round ORDER BY round")}
+            full = self._full_windows(con)
+            partial = 0 if full is None else con.execute(
+                "SELECT COUNT(*) FROM samples WHERE windows IS NOT NULL AND windows < ?", (full,)).fetchone()[0]
         if lease is None:
             status = "new"
         elif lease.status == "running" and not lease.alive():
@@ -541,7 +607,17 @@ class RunStore:
             target=lease.target if lease else None,
             created=meta.get("created"),
             updated=updated,
+            work=int(work),
+            evaluated_windows=int(done),
+            partial=int(partial),
+            rounds=rounds,
         )
+
+    @staticmethod
+    def _full_windows(con) -> int | None:
+        """W: the calibration windows of the run (from the full model's per-window losses), or None."""
+        row = con.execute("SELECT json FROM meta WHERE key = 'window_losses_full'").fetchone()
+        return None if row is None else len(json.loads(row[0])["tokens"])
 
 
 class Writer:
@@ -603,17 +679,24 @@ class Writer:
         return bool(row and row[0])
 
     def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float,
-            window_nll=None, window_tokens=None) -> int:
+            window_nll=None, window_tokens=None, round: int = 0, source: str = "design", work: int = 0) -> int:
         """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced.
 
         window_nll float[W] / window_tokens int[W] (both or neither): its per-window losses, committed
-        in the same transaction as the row. Refuses (InternalError, nothing written) a score that is
+        in the same transaction as the row. A partially evaluated row has tokens 0 (and nll NaN) for
+        the windows not evaluated yet; its ppl / score are then those of the evaluated windows
+        (fidelity.subset_scores) and `Writer.complete` fills the rest later. round / source: the
+        sampling round and where the mask came from (SOURCES); work: token-layer calls spent on it.
+        Refuses (InternalError, nothing written) a score that is
         not a finite number, a NaN/inf perplexity without the nonfinite flag, or a mask that is not a
         '0'/'1' string: such a row would otherwise be dropped or poison every fit.
         """
         if (window_nll is None) != (window_tokens is None):
             raise StoreError("give both window_nll and window_tokens, or neither")
+        if source not in SOURCES:
+            raise StoreError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
         packed = None if window_nll is None else _pack_windows(window_nll, window_tokens)
+        n_evaluated = None if window_tokens is None else _evaluated(window_tokens)
         now = time.time()
         bad = []
         if not isinstance(mask, str) or not mask or set(mask) - {"0", "1"}:
@@ -632,20 +715,16 @@ class Writer:
                 "report it with the command line."
             )
         with self.store._connect(write=True, con=self._con) as con:
-            holder = con.execute("SELECT token FROM lease").fetchone()
-            if holder is None or holder[0] != self.token:
-                raise StoreLocked(
-                    f"run {self.store.run_id}: this writer lost its lease (its heartbeat stopped for over "
-                    f"{LEASE_TIMEOUT_S:.0f} s and another writer took over); stopping."
-                )
+            self._check_lease(con)
             ppl_value = None if ppl is None or np.isnan(ppl) else float(ppl)
             try:
                 # ON CONFLICT(mask) skips only a mask already stored; a NULL/NOT NULL or CHECK violation
                 # raises (INSERT OR IGNORE would drop such a row without a word).
                 cur = con.execute(
-                    "INSERT INTO samples(mask, kept, ppl, score, nonfinite, seconds, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mask) DO NOTHING",
-                    (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now),
+                    "INSERT INTO samples(mask, kept, ppl, score, nonfinite, seconds, created, round, source, windows, "
+                    "work) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mask) DO NOTHING",
+                    (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now,
+                     int(round), source, n_evaluated, int(work)),
                 )
             except sqlite3.IntegrityError as e:
                 raise InternalError(f"the run store {self.store.path} refused mask {mask!r}: {e}. This is a bug.") from e
@@ -657,6 +736,59 @@ class Writer:
                             (rowid, *packed))
             con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
             return rowid
+
+    def complete(self, mask: str, window_nll, window_tokens, seconds: float = 0.0, work: int = 0) -> tuple[float, float]:
+        """Fill a stored row's missing windows; returns its new (ppl, score). One transaction.
+
+        window_nll float[W] / window_tokens int[W]: losses of the newly evaluated windows (tokens > 0),
+        tokens 0 elsewhere. Only windows the row lacks are written; giving a different value for an
+        evaluated window is refused (StoreError, nothing written), the same value is accepted (a
+        resumed completion). ppl, score (fidelity.subset_scores against the full model's per-window
+        losses in meta `window_losses_full`) and nonfinite are recomputed over the evaluated windows;
+        `seconds` and `work` (token-layer calls) are added to the row's, `completed` set to now.
+        """
+        from engine.fidelity import subset_scores
+
+        new_nll = np.asarray(window_nll, dtype=np.float64).reshape(-1)  # (W,)
+        new_tok = np.asarray(window_tokens, dtype=np.int64).reshape(-1)  # (W,)
+        now = time.time()
+        with self.store._connect(write=True, con=self._con) as con:
+            self._check_lease(con)
+            row = con.execute("SELECT s.rowid, w.n_windows, w.nll, w.tokens FROM samples s JOIN window_losses w "
+                              "ON w.sample_rowid = s.rowid WHERE s.mask = ?", (mask,)).fetchone()
+            if row is None:
+                raise StoreError(f"run {self.store.run_id} has no per-window losses for mask {mask!r} to complete")
+            rowid, W = row[0], row[1]
+            nll, tok = _unpack_windows(W, row[2], row[3])
+            if len(new_nll) != W or len(new_tok) != W:
+                raise StoreError(f"mask {mask!r} has {W} windows; got {len(new_nll)} losses and {len(new_tok)} counts")
+            both = (tok > 0) & (new_tok > 0)
+            same = (tok[both] == new_tok[both]) & ((nll[both] == new_nll[both]) | np.isnan(nll[both]) & np.isnan(new_nll[both]))
+            if not same.all():
+                raise StoreError(f"refusing to change evaluated windows {np.flatnonzero(both)[~same].tolist()} of mask "
+                                 f"{mask!r}: a completion only fills missing windows")
+            fill = (tok == 0) & (new_tok > 0)  # (W,)
+            nll, tok = np.where(fill, new_nll, nll), np.where(fill, new_tok, tok)
+            full = json.loads(con.execute("SELECT json FROM meta WHERE key = 'window_losses_full'").fetchone()[0])
+            score, flag = subset_scores(nll[None], tok[None], np.asarray(full["nll"], dtype=np.float64),
+                                        np.asarray(full["tokens"], dtype=np.int64))
+            ppl = _subset_ppl(nll, tok)
+            _, nll_bytes, tok_bytes = _pack_windows(nll, tok)
+            con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?", (nll_bytes, tok_bytes, rowid))
+            con.execute("UPDATE samples SET ppl = ?, score = ?, nonfinite = ?, windows = ?, seconds = seconds + ?, "
+                        "work = work + ?, completed = ? WHERE rowid = ?",
+                        (None if np.isnan(ppl) else ppl, float(score[0]), int(bool(flag[0])), _evaluated(tok),
+                         float(seconds), int(work), now, rowid))
+            con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
+            return ppl, float(score[0])
+
+    def _check_lease(self, con) -> None:
+        holder = con.execute("SELECT token FROM lease").fetchone()
+        if holder is None or holder[0] != self.token:
+            raise StoreLocked(
+                f"run {self.store.run_id}: this writer lost its lease (its heartbeat stopped for over "
+                f"{LEASE_TIMEOUT_S:.0f} s and another writer took over); stopping."
+            )
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()

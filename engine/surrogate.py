@@ -45,6 +45,16 @@ PREDICT_CHUNK = 2**16
 PRESETS = ("adam", "paper")
 
 
+def _check_weight(sample_weight, n: int) -> np.ndarray | None:
+    """float64[n] non-negative finite weights with a positive sum, or None (every row counts 1)."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    if len(w) != n or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise EstimationError(f"sample_weight must be {n} finite non-negative weights with a positive sum")
+    return w
+
+
 def _check_xy(masks, scores) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(masks, dtype=bool)
     y = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -80,7 +90,9 @@ def _few_threads(work: int):
 
 
 class Surrogate(Protocol):
-    def fit(self, masks: np.ndarray, scores: np.ndarray) -> "Surrogate": ...
+    # sample_weight float[n] (None: all 1): each row's weight in the loss (partially evaluated rows
+    # count less, engine.fidelity.fit_weights).
+    def fit(self, masks: np.ndarray, scores: np.ndarray, sample_weight: np.ndarray | None = None) -> "Surrogate": ...
 
     def predict(self, masks: np.ndarray) -> np.ndarray: ...
 
@@ -149,10 +161,13 @@ class MLPSurrogate(_ValueFunction):
         self.net: _Net | None = None
         self.history: dict = {}
 
-    def fit(self, masks, scores) -> "MLPSurrogate":
+    def fit(self, masks, scores, sample_weight=None) -> "MLPSurrogate":
+        """Minimise the (sample_weight-weighted) mean squared error; weights None = plain MSE."""
         X, y = _check_xy(masks, scores)
+        w = _check_weight(sample_weight, len(y))
         Xt = torch.as_tensor(X, dtype=torch.float32)  # (n, L)
         yt = torch.as_tensor(y, dtype=torch.float32)  # (n,)
+        self._w = None if w is None else torch.as_tensor(w, dtype=torch.float32)  # (n,)
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(self.seed)
             self.net = _Net(X.shape[1])
@@ -163,24 +178,31 @@ class MLPSurrogate(_ValueFunction):
             else:
                 self._fit_adam(Xt, yt, gen)
         self.net.eval()
+        del self._w
         return self
+
+    def _loss(self, pred: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE over the rows `idx` (None: all), weighted by the fit's sample weights when given."""
+        if self._w is None:
+            return torch.nn.functional.mse_loss(pred, y)
+        w = self._w if idx is None else self._w[idx]
+        return (w * (pred - y) ** 2).sum() / w.sum().clamp_min(1e-12)
 
     def _fit_paper(self, X: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> None:
         net = self.net
         opt = torch.optim.SGD(net.parameters(), lr=self.lr, momentum=0.9)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.1)
-        loss_fn = torch.nn.MSELoss()
         for _ in range(self.epochs):
             order = torch.randperm(len(X), generator=gen)
             for a in range(0, len(X), self.batch_size):
                 idx = order[a : a + self.batch_size]
                 opt.zero_grad()
-                loss = loss_fn(net(X[idx]), y[idx])
+                loss = self._loss(net(X[idx]), y[idx], idx)
                 loss.backward()
                 opt.step()
             sched.step()
         with torch.no_grad():
-            self.history = {"epochs": self.epochs, "train_mse": float(loss_fn(net(X), y))}
+            self.history = {"epochs": self.epochs, "train_mse": float(self._loss(net(X), y))}
 
     def _fit_adam(self, X: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> None:
         net = self.net
@@ -189,18 +211,17 @@ class MLPSurrogate(_ValueFunction):
         order = torch.randperm(n, generator=gen)
         val, tr = order[:n_val], order[n_val:]
         Xtr, ytr = X[tr], y[tr]
-        Xv, yv = (X[val], y[val]) if n_val else (Xtr, ytr)  # no slice: stop on training loss
+        Xv, yv, iv = (X[val], y[val], val) if n_val else (Xtr, ytr, tr)  # no slice: stop on training loss
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
-        loss_fn = torch.nn.MSELoss()
         best, best_step, best_state = math.inf, 0, None
         step = 0
         for step in range(1, self.max_steps + 1):
             opt.zero_grad()
-            loss = loss_fn(net(Xtr), ytr)
+            loss = self._loss(net(Xtr), ytr, tr)
             loss.backward()
             opt.step()
             with torch.no_grad():
-                v = float(loss_fn(net(Xv), yv))
+                v = float(self._loss(net(Xv), yv, iv))
             if v < best - 1e-12:
                 best, best_step = v, step
                 best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
@@ -255,11 +276,12 @@ class RidgePairwiseSurrogate(_ValueFunction):
         Xf = X.astype(np.float64)
         return np.concatenate([Xf, Xf[:, iu] * Xf[:, ju]], axis=1)  # (n, L + L(L-1)/2)
 
-    def fit(self, masks, scores) -> "RidgePairwiseSurrogate":
+    def fit(self, masks, scores, sample_weight=None) -> "RidgePairwiseSurrogate":
         X, y = _check_xy(masks, scores)
+        w = _check_weight(sample_weight, len(y))
         L = X.shape[1]
         with _few_threads(X.size):
-            model = RidgeCV(alphas=self.alphas).fit(self.features(X), y)
+            model = RidgeCV(alphas=self.alphas).fit(self.features(X), y, sample_weight=w)
         self.alpha = float(model.alpha_)
         self.intercept = float(model.intercept_)
         self.coef_lin = model.coef_[:L].copy()
@@ -286,14 +308,15 @@ class GBTSurrogate(_ValueFunction):
         self.seed, self.max_iter, self.learning_rate = seed, max_iter, learning_rate
         self.model: HistGradientBoostingRegressor | None = None
 
-    def fit(self, masks, scores) -> "GBTSurrogate":
+    def fit(self, masks, scores, sample_weight=None) -> "GBTSurrogate":
         X, y = _check_xy(masks, scores)
+        w = _check_weight(sample_weight, len(y))
         model = HistGradientBoostingRegressor(
             max_iter=self.max_iter, learning_rate=self.learning_rate, min_samples_leaf=min(20, max(2, len(y) // 10)),
             early_stopping=False, random_state=self.seed,
         )
         with _few_threads(X.size):
-            self.model = model.fit(X.astype(np.float32), y)
+            self.model = model.fit(X.astype(np.float32), y, sample_weight=w)
         return self
 
     def _is_fitted(self) -> bool:
@@ -364,17 +387,20 @@ class Ensemble(_ValueFunction):
         self.options = options
         self.members: list[Surrogate] = []
 
-    def fit(self, masks, scores) -> "Ensemble":
+    def fit(self, masks, scores, sample_weight=None) -> "Ensemble":
+        """Fit every member; sample_weight float[n] (None: all 1) goes to each member's fit (bootstrap
+        members get the weights of the rows they drew)."""
         X, y = _check_xy(masks, scores)
+        w = _check_weight(sample_weight, len(y))
         self.members = []
         for j in range(self.k):
             seed = self.spec.seed + j
             member = make_surrogate(self.spec, seed=seed, **self.options)
             if self.spec.kind == "mlp":
-                member.fit(X, y)
+                member.fit(X, y, sample_weight=w)
             else:
                 idx = np.random.default_rng(seed).integers(0, len(y), len(y)) if self.k > 1 else np.arange(len(y))
-                member.fit(X[idx], y[idx])
+                member.fit(X[idx], y[idx], sample_weight=None if w is None else w[idx])
             self.members.append(member)
         return self
 
@@ -408,11 +434,16 @@ class Split:
         return {"n_train": len(self.train), "n_test": len(self.test), "stratified": self.stratified, "note": self.note}
 
 
-def split(masks, scores, holdout: float = 0.2, seed: int = 0) -> Split:
+def split(masks, scores, holdout: float = 0.2, seed: int = 0, testable=None) -> Split:
     """Hold out ~`holdout` of each kept-count stratum (at least one mask from every stratum with
     two or more; strata with a single mask stay in training). Falls back to an unstratified
-    random split (with a note) when stratifying leaves either side empty."""
+    random split (with a note) when stratifying leaves either side empty.
+
+    testable bool[n] (None: every row): only these rows may be held out, ~`holdout` of them per
+    stratum; the others always train (partially evaluated rows: their scores are estimates, so
+    held-out metrics are computed on completely evaluated rows only)."""
     X, y = _check_xy(masks, scores)
+    ok = np.ones(len(y), dtype=bool) if testable is None else np.asarray(testable, dtype=bool).reshape(-1)
     if not 0.0 < holdout < 1.0:
         raise EstimationError(f"holdout must be a fraction between 0 and 1, got {holdout}")
     rng = np.random.default_rng(seed)
@@ -425,7 +456,9 @@ def split(masks, scores, holdout: float = 0.2, seed: int = 0) -> Split:
             singles.append(int(k))
             train.append(idx)
             continue
-        n_test = min(max(int(round(len(idx) * holdout)), 1), len(idx) - 1)
+        n_ok = int(ok[idx].sum())
+        idx = np.concatenate([idx[ok[idx]], idx[~ok[idx]]])  # testable rows first, shuffled order kept
+        n_test = min(max(int(round(n_ok * holdout)), 1), len(idx) - 1, n_ok)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     train_i = np.sort(np.concatenate(train)) if train else np.array([], int)
@@ -433,7 +466,8 @@ def split(masks, scores, holdout: float = 0.2, seed: int = 0) -> Split:
     note = f"kept counts {singles} have a single mask and stay in training" if singles else ""
     if len(test_i) == 0 or len(train_i) < MIN_MASKS // 2:
         order = rng.permutation(n)
-        n_test = min(max(int(round(n * holdout)), 1), n - 1)
+        order = np.concatenate([order[ok[order]], order[~ok[order]]])
+        n_test = min(max(int(round(int(ok.sum()) * holdout)), 1), n - 1, int(ok.sum()))
         return Split(np.sort(order[n_test:]), np.sort(order[:n_test]), False,
                      "no kept-count stratum could be split: unstratified random split")
     return Split(train_i, test_i, True, note)
@@ -517,13 +551,15 @@ class FittedSurrogate:
 
 
 def fit_with_diagnostics(masks, scores, spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0,
-                         **options) -> FittedSurrogate:
-    """Split (spec.holdout, spec.seed), fit an Ensemble of spec.ensemble members on the training
-    part, and report held-out metrics. The returned ensemble is the one that was diagnosed."""
+                         sample_weight=None, testable=None, **options) -> FittedSurrogate:
+    """Split (spec.holdout, spec.seed; only `testable` rows held out), fit an Ensemble of
+    spec.ensemble members on the training part (weighted by `sample_weight`), and report held-out
+    metrics. The returned ensemble is the one that was diagnosed."""
     X, y = _check_xy(masks, scores)
-    sp = split(X, y, spec.holdout, spec.seed)
+    w = _check_weight(sample_weight, len(y))
+    sp = split(X, y, spec.holdout, spec.seed, testable)
     t0 = time.perf_counter()
-    ens = Ensemble(spec, **options).fit(X[sp.train], y[sp.train])
+    ens = Ensemble(spec, **options).fit(X[sp.train], y[sp.train], None if w is None else w[sp.train])
     secs = time.perf_counter() - t0
     report = FitReport(
         spec, sp, diagnose(X[sp.test], y[sp.test], ens.predict(X[sp.test]), ppl_full),
@@ -548,11 +584,13 @@ class LearningCurve:
 
 
 def learning_curve(masks, scores, sizes: Sequence[int], spec: SurrogateSpec = SurrogateSpec(),
-                   ppl_full: float = 1.0, **options) -> LearningCurve:
+                   ppl_full: float = 1.0, sample_weight=None, testable=None, **options) -> LearningCurve:
     """Fit one surrogate (seed spec.seed) on the first `size` masks of a seeded shuffle of the
-    training part, for each size (nested subsets), and score it on the same held-out part."""
+    training part, for each size (nested subsets), and score it on the same held-out part
+    (sample_weight / testable as in `fit_with_diagnostics`)."""
     X, y = _check_xy(masks, scores)
-    sp = split(X, y, spec.holdout, spec.seed)
+    w = _check_weight(sample_weight, len(y))
+    sp = split(X, y, spec.holdout, spec.seed, testable)
     order = np.random.default_rng(spec.seed).permutation(sp.train)
     kept = sorted({int(s) for s in sizes if MIN_MASKS <= int(s) <= len(order)})
     dropped = sorted({int(s) for s in sizes} - set(kept))
@@ -560,7 +598,8 @@ def learning_curve(masks, scores, sizes: Sequence[int], spec: SurrogateSpec = Su
         raise EstimationError(f"no size in {list(sizes)} fits: need {MIN_MASKS}..{len(order)} training masks")
     out = []
     for s in kept:
-        model = make_surrogate(spec, **options).fit(X[order[:s]], y[order[:s]])
+        rows = order[:s]
+        model = make_surrogate(spec, **options).fit(X[rows], y[rows], sample_weight=None if w is None else w[rows])
         out.append(metrics(y[sp.test], model.predict(X[sp.test]), ppl_full))
     note = f"sizes {dropped} skipped (outside {MIN_MASKS}..{len(order)})" if dropped else ""
     return LearningCurve(tuple(kept), tuple(out), len(sp.test), note)
@@ -584,16 +623,18 @@ class Comparison:
 
 
 def compare(masks, scores, kinds: Sequence[str] | None = None,
-            spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0) -> Comparison:
+            spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0, sample_weight=None,
+            testable=None) -> Comparison:
     """Fit each kind ('mlp:paper' picks a preset) once (seed spec.seed) on the same training part;
-    held-out metrics and fit time per kind."""
+    held-out metrics and fit time per kind (sample_weight / testable as in `fit_with_diagnostics`)."""
     X, y = _check_xy(masks, scores)
-    sp = split(X, y, spec.holdout, spec.seed)
+    w = _check_weight(sample_weight, len(y))
+    sp = split(X, y, spec.holdout, spec.seed, testable)
     rows = []
     for kind in variants() if kinds is None else kinds:
         s = _parse_kind(kind, spec)
         t0 = time.perf_counter()
-        model = make_surrogate(s).fit(X[sp.train], y[sp.train])
+        model = make_surrogate(s).fit(X[sp.train], y[sp.train], sample_weight=None if w is None else w[sp.train])
         secs = time.perf_counter() - t0
         m = metrics(y[sp.test], model.predict(X[sp.test]), ppl_full)
         rows.append({"kind": s.kind, "preset": s.preset if s.kind == "mlp" else None, **m.__dict__,

@@ -61,7 +61,7 @@ ESTIMANDS = {
     "strata": "restricted-strata semivalue of the real game (the paper's estimand: coalitions near the sampling strata)",
     "banzhaf": "Banzhaf value of the real game (every coalition equally weighted)",
 }
-FitFn = Callable[[np.ndarray, np.ndarray], shapley.ValueFn]
+FitFn = Callable[..., shapley.ValueFn]  # fit(masks, scores) or fit(masks, scores, sample_weight) -> value function
 
 
 def estimand_of(weighting: shapley.Weighting) -> str:
@@ -260,27 +260,40 @@ class _CrossFit:
         return var
 
 
-def _cross_fit(masks, scores, fit: FitFn, weighting, folds: int, seed: int) -> _CrossFit:
+def _fit_call(fit: FitFn, X, y, weight):
+    """fit(X, y), or fit(X, y, weight) when rows carry sample weights."""
+    return fit(X, y) if weight is None else fit(X, y, weight)
+
+
+def _cross_fit(masks, scores, fit: FitFn, weighting, folds: int, seed: int, train_only=None,
+               weight=None) -> _CrossFit:
+    """The cross-fit over the sample rows (not `train_only`); train_only rows (bool[n]) train every
+    fold's surrogate but are never in a fold's correction. weight float[n]: sample weights for fit."""
     n, L = masks.shape
-    sizes = masks.sum(axis=1)
+    sample = np.ones(n, dtype=bool) if train_only is None else ~np.asarray(train_only, dtype=bool)
+    rows = np.flatnonzero(sample)  # (s,): index of each sample row
+    Xs = masks[rows]  # (s, L)
+    sizes = Xs.sum(axis=1)
     N = _binom(L)
     n_j = np.bincount(sizes, minlength=L + 1)
     exhausted = n_j == N
-    assign = folds_by_size(masks, folds, seed)
+    assign = folds_by_size(Xs, folds, seed)
     # exhausted kept counts do not need out-of-fold predictions; they still train every fold's surrogate
     fit_rows = ~exhausted[sizes]
     if 0 < fit_rows.sum() < 2 * folds:
         raise EstimationError(f"cross-fitting with {folds} folds needs at least {2 * folds} sampled masks")
     C = np.zeros((folds, L + 1, L))
-    pred = np.zeros(n)
+    pred = np.zeros(len(rows))
     for k in range(folds if fit_rows.any() else 0):  # every mask evaluated: nothing to fit
-        test = (assign == k) & fit_rows
-        g = fit(masks[~test], scores[~test])
+        test = (assign == k) & fit_rows  # (s,)
+        train = np.ones(n, dtype=bool)
+        train[rows[test]] = False
+        g = _fit_call(fit, masks[train], scores[train], None if weight is None else weight[train])
         C[k] = semivalue_by_size(g, L, weighting)
         if test.any():
-            pred[test] = np.asarray(g(masks[test]), dtype=np.float64)
+            pred[test] = np.asarray(g(Xs[test]), dtype=np.float64)
     mass = size_weight_mass(weighting, L)
-    return _CrossFit(masks, sizes, assign, shapley.signed_weights(masks, weighting.vector(L)), pred, C, N, n_j,
+    return _CrossFit(Xs, sizes, assign, shapley.signed_weights(Xs, weighting.vector(L)), pred, C, N, n_j,
                      exhausted, mass > 0, mass)
 
 
@@ -322,8 +335,18 @@ def regression_adjusted(
     allowance: bool = True,
     n_boot: int = 200,
     window_scores: np.ndarray | None = None,
+    train_only: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> Intervals:
     """Cross-fitted, post-stratified regression-adjusted semivalue with its interval (module docstring).
+
+    train_only bool[n] (None: no such rows): rows that train the surrogates but are left out of the
+    correction term, e.g. the masks an active sampling round chose (engine.active). The
+    post-stratified correction assumes the masks of each kept count are uniform draws of that
+    count, which only the design-drawn rows are; rows chosen where the ensemble disagreed are not,
+    so they improve the surrogate (every fold's fit sees them) but do not enter the Monte Carlo
+    correction. sample_weight float[n]: weights of the surrogate fits (fit(masks, scores, weights)),
+    e.g. engine.fidelity.fit_weights for partially evaluated rows.
 
     masks bool[n, L], scores float[n]: the evaluated masks. fit(masks, scores) -> value function
     (a fitted surrogate). full_score: the full mask's known score (1.0; None = not known).
@@ -335,12 +358,21 @@ def regression_adjusted(
     n_in = len(np.asarray(scores))
     X, y = _with_full_mask(masks, scores, full_score)
     L = X.shape[1]
-    cf = _cross_fit(X, y, fit, weighting, folds, seed)
+    extra = np.zeros(len(y), dtype=bool)  # train-only rows; the appended full mask is a sample row
+    if train_only is not None:
+        extra[:n_in] = np.asarray(train_only, dtype=bool)
+    weight = None
+    if sample_weight is not None:
+        weight = np.ones(len(y))
+        weight[:n_in] = np.asarray(sample_weight, dtype=np.float64)
+    cf = _cross_fit(X, y, fit, weighting, folds, seed, extra, weight)
+    in_sample = ~extra  # (n,)
+    y_all, y = y, y[in_sample]  # the correction reads the sample rows only
     phi, P, D = cf.parts(y)
     var_masks = cf.variance(y)  # (L,)
     details: dict = {
         "method": "cross-fitted regression adjustment, post-stratified by kept count",
-        "n_masks": int(n_in), "n_folds": int(folds),
+        "n_masks": int(n_in), "n_folds": int(folds), "n_train_only": int(extra.sum()),
         "sampled_kept_counts": {int(j): int(cf.n_j[j]) for j in np.flatnonzero(cf.n_j)},
         "exhausted_kept_counts": [int(j) for j in np.flatnonzero(cf.exhausted & (cf.n_j > 0))],
         "surrogate_part": cf.C.mean(axis=0).sum(axis=0),
@@ -361,8 +393,9 @@ def regression_adjusted(
         ws = np.asarray(window_scores, dtype=np.float64)
         if ws.ndim != 2 or ws.shape[1] != n_in:
             raise EstimationError(f"window_scores must be float[B, {n_in}], got {ws.shape}")
-        if len(y) > n_in:  # the appended full mask: score 1 on every window resample
-            ws = np.hstack([ws, np.full((len(ws), 1), y[-1])])
+        if len(y_all) > n_in:  # the appended full mask: score 1 on every window resample
+            ws = np.hstack([ws, np.full((len(ws), 1), y_all[-1])])
+        ws = ws[:, in_sample]
         wb = np.stack([cf.parts(row)[0] for row in ws])  # (B, L)
         se_parts["windows"] = wb.std(axis=0, ddof=1)
         var += se_parts["windows"] ** 2

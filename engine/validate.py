@@ -86,6 +86,10 @@ def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite:
               cache_dir=None) -> ModelFacts | None:
     """Refuse bad options before any model is loaded (see the module contract)."""
     check_cache_dir(cache_dir)
+    first = spec.sampling.first_windows
+    if first and first >= spec.data.n_windows:
+        raise InputError(f"--first-windows {first}: the run has {spec.data.n_windows} calibration windows, so a first "
+                         f"evaluation on fewer windows needs 1..{spec.data.n_windows - 1} (0: every window at once).")
     if out_dir is not None:
         from engine.prune import check_export_folder
 

@@ -1,4 +1,4 @@
-"""Per-window losses: MaskEvaluator.window_losses agrees with perplexities; the store keeps them (schema 2)."""
+"""Per-window losses: MaskEvaluator.window_losses agrees with perplexities; the store keeps them (schema 2+)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _v1_store(tmp_path, run_id="old"):
 
 def test_store_keeps_window_losses_with_the_row(tmp_path):
     store = RunStore.open(tmp_path, "run1", META)
-    assert store.meta()["schema"] == store_mod.SCHEMA == 2
+    assert store.meta()["schema"] == store_mod.SCHEMA == 3
     with store.writer() as w:
         w.add("1100", 10.0, 0.5, False, 0.1, window_nll=[3.0, 4.5, 1.25], window_tokens=[7, 7, 7])
         w.add("1010", 11.0, 0.4, False, 0.1, window_nll=np.array([1.0, 2.0, 3.0]), window_tokens=np.array([7, 7, 6]))
@@ -129,7 +129,7 @@ def test_version_1_store_is_migrated_and_keeps_working(tmp_path):
     path = _v1_store(tmp_path)
     store = RunStore.open(tmp_path, "old")
     meta = store.meta()
-    assert meta["schema"] == 2 and meta["migrated_from"] == 1
+    assert meta["schema"] == 3 and meta["migrated_from"] == 1
     t = store.table()  # whole-mask perplexities as before, no per-window losses
     assert t.masks.tolist() == [[True, True, False, True], [False, True, True, False]]
     assert t.ppl[0] == 12.0 and np.isnan(t.ppl[1]) and t.nonfinite.tolist() == [False, True]
@@ -139,18 +139,100 @@ def test_version_1_store_is_migrated_and_keeps_working(tmp_path):
     with store.writer() as w:
         w.add("1111", 10.0, 1.0, False, 0.1, window_nll=[1.0, 2.0], window_tokens=[5, 5])
     assert store.table().window_nll is None and len(store.window_losses()) == 1
-    # opening again is a no-op; the file is a plain schema-2 store now
-    assert RunStore.open(tmp_path, "old").meta()["schema"] == 2
+    # opening again is a no-op; the file is a plain schema-3 store now
+    assert RunStore.open(tmp_path, "old").meta()["schema"] == 3
+    assert [(r.round, r.source, r.windows, r.work) for r in store.results()] == [
+        (0, "design", None, 0), (0, "design", None, 0), (0, "design", 2, 0)]
     con = sqlite3.connect(path)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     con.close()
     assert "window_losses" in tables
 
 
+# The schema-2 layout exactly as version 2 of engine/store.py created it: schema 1 + window_losses.
+V2_DDL = V1_DDL + """
+CREATE TABLE window_losses (
+    sample_rowid INTEGER PRIMARY KEY REFERENCES samples(rowid), n_windows INTEGER NOT NULL, nll BLOB NOT NULL,
+    tokens BLOB NOT NULL);
+"""
+
+
+def _v2_store(tmp_path, run_id="old2"):
+    d = tmp_path / run_id
+    d.mkdir()
+    con = sqlite3.connect(d / "run.sqlite")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.executescript(V2_DDL)
+    meta = {**META, "run_id": run_id, "schema": 2, "created": 1.0, "ppl_full": 10.0,
+            "window_losses_full": {"nll": [20.0, 21.0], "tokens": [9, 9]}}
+    con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    con.executemany("INSERT INTO samples(mask, kept, ppl, score, nonfinite, seconds, created) VALUES (?,?,?,?,?,?,?)",
+                    [("1101", 3, 12.0, 10 / 12, 0, 0.1, 2.0), ("0110", 2, 15.0, 10 / 15, 0, 0.1, 3.0)])
+    con.execute("INSERT INTO window_losses VALUES (1, 2, ?, ?)",
+                (np.array([22.0, 23.0], "<f8").tobytes(), np.array([9, 9], "<i8").tobytes()))
+    con.execute("INSERT INTO artifacts VALUES ('fit:x', '{\"n_masks\": 2}', 4.0)")
+    con.commit()
+    con.close()
+    return d / "run.sqlite"
+
+
+def test_version_2_store_is_migrated_and_keeps_working(tmp_path):
+    """Schema 2 -> 3: rows keep their numbers and windows, gain round 0 / source design / work 0; new rows
+    carry their round and source; an artifact of schema 2 (no window count) is compared on masks only."""
+    from engine import pipeline
+
+    path = _v2_store(tmp_path)
+    store = RunStore.open(tmp_path, "old2")
+    assert store.meta()["schema"] == 3 and store.meta()["migrated_from"] == 2
+    rows = store.results()
+    assert [(r.mask, r.ppl, r.round, r.source, r.windows, r.work, r.completed) for r in rows] == [
+        ("1101", 12.0, 0, "design", 2, 0, None), ("0110", 15.0, 0, "design", None, 0, None)]
+    assert store.evaluated_windows() == 2 and not pipeline.stored(store, "fit", pipeline.MethodSpec())
+    assert pipeline._stale({"n_masks": 2}, store) is False
+    with store.writer() as w:
+        w.add("1111", 10.0, 1.0, False, 0.1, window_nll=[1.0, np.nan], window_tokens=[5, 0], round=1,
+              source="active", work=40)
+    t = store.table()
+    assert t.round.tolist() == [0, 0, 1] and t.source.tolist() == ["design", "design", "active"]
+    assert t.windows.tolist() == [2, -1, 1] and t.work.tolist() == [0, 0, 40]
+    summary = store.summary()
+    assert summary.partial == 1 and summary.work == 40 and summary.rounds == {0: {"masks": 2, "active": 0},
+                                                                              1: {"masks": 1, "active": 1}}
+    assert RunStore.open(tmp_path, "old2").meta()["schema"] == 3  # idempotent
+    con = sqlite3.connect(path)
+    cols = {r[1] for r in con.execute("PRAGMA table_info(samples)")}
+    con.close()
+    assert {"round", "source", "windows", "work", "completed"} <= cols
+
+
+def test_complete_fills_only_missing_windows(tmp_path):
+    """Writer.complete: fills the missing windows, recomputes ppl / score over the evaluated ones in the same
+    transaction, refuses to change an evaluated window, accepts the same value again."""
+    from engine.fidelity import subset_scores
+
+    store = RunStore.open(tmp_path, "run1", META)
+    full_nll, tok = np.array([20.0, 21.0, 22.0]), np.array([7, 7, 7])
+    store.set_meta(window_losses_full={"nll": full_nll.tolist(), "tokens": tok.tolist()})
+    with store.writer() as w:
+        w.add("1100", 1.0, 0.9, False, 0.1, window_nll=[25.0, np.nan, np.nan], window_tokens=[7, 0, 0], work=10)
+        assert store.results()[0].windows == 1 and store.evaluated_windows() == 1
+        ppl, score = w.complete("1100", [np.nan, 26.0, 27.0], [0, 7, 7], seconds=0.5, work=20)
+        with pytest.raises(StoreError, match="refusing to change evaluated windows \\[0\\]"):
+            w.complete("1100", [24.0, np.nan, np.nan], [7, 0, 0])
+        w.complete("1100", [25.0, 26.0, 27.0], [7, 7, 7])  # the same values: accepted, nothing changes
+    r = store.results()[0]
+    nll = np.array([25.0, 26.0, 27.0])
+    assert r.windows == 3 and r.work == 20 + 10 and r.completed is not None and r.seconds == pytest.approx(0.6)
+    assert ppl == r.ppl == pytest.approx(np.exp(nll.sum() / 21), rel=1e-12)
+    assert score == r.score == pytest.approx(subset_scores(nll[None], tok[None], full_nll, tok)[0][0], rel=1e-12)
+    np.testing.assert_array_equal(store.table().window_nll[0], nll)
+    assert store.evaluated_windows() == 3
+
+
 def test_newer_schema_is_refused(tmp_path):
     store = RunStore.open(tmp_path, "run1", META)
-    store.set_meta(schema=3)
-    with pytest.raises(StoreError, match="schema 3, expected 2"):
+    store.set_meta(schema=4)
+    with pytest.raises(StoreError, match="schema 4, expected 3"):
         RunStore.open(tmp_path, "run1")
 
 

@@ -1,0 +1,247 @@
+"""Multi-fidelity and active sampling in the engine: the evaluator's work counter, partial rows and
+their completion, rounds that resume after a kill, and the stage-2 functions on such runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine import fidelity
+from engine.config import RunSpec, SamplingSpec
+from engine.evaluate import MaskEvaluator
+from engine.store import RunStore
+
+META = {"model": "tiny", "data": "t.txt", "n_layers": 8, "model_identity": "abc", "data_hash": "d"}
+
+
+# ---------------------------------------------------------------- work counter
+
+
+def _layer_call_counter(lm):
+    """Forward hooks on every decoder layer: counts[0] = layer forwards seen (each on all windows)."""
+    counts = [0]
+    handles = [layer.register_forward_hook(lambda *a: counts.__setitem__(0, counts[0] + 1))
+               for layer in lm.adapter.layers(lm.model)]
+    return counts, handles
+
+
+@pytest.mark.parametrize("n_layers", [3, 6])
+@pytest.mark.parametrize("batch_masks", [False, True])
+def test_work_counter_equals_count_work_and_the_real_layer_calls(tiny_lm, tiny_windows, n_layers, batch_masks):
+    lm = tiny_lm("llama", n_layers=n_layers)
+    rng = np.random.default_rng(n_layers)
+    masks = rng.random((12, n_layers)) < 0.6  # (12, L)
+    masks = np.vstack([masks, masks[:3], np.zeros((1, n_layers), bool), np.ones((1, n_layers), bool)])  # dups, empty
+    ev = MaskEvaluator(lm, tiny_windows, batch_masks=batch_masks, batch_states=64)
+    counts, handles = _layer_call_counter(lm)  # after the recording forward, which is not counted
+    try:
+        ev.perplexities(masks)
+    finally:
+        for h in handles:
+            h.remove()
+    W, T = tiny_windows.input_ids.shape
+    distinct = len(np.unique(masks, axis=0))
+    assert ev.leaves == distinct
+    assert ev.layer_calls == counts[0] if not batch_masks else ev.batched_calls == counts[0]
+    assert ev.work == fidelity.count_work(masks, W, T) == (ev.layer_calls + distinct) * W * T
+
+
+def test_work_counter_without_prefix_sharing_counts_every_kept_layer(tiny_lm, tiny_windows):
+    lm = tiny_lm("llama", n_layers=4)
+    masks = np.array([[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
+    ev = MaskEvaluator(lm, tiny_windows, prefix_sharing=False)
+    counts, handles = _layer_call_counter(lm)
+    try:
+        ev.perplexities(masks)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ev.layer_calls == counts[0] == 7 and ev.leaves == 3
+    W, T = tiny_windows.input_ids.shape
+    assert ev.work == fidelity.work(7, 3, W, T)
+
+
+# ---------------------------------------------------------------- partial rows, completion
+
+
+def _windows(n: int, seq_len: int = 16, seed: int = 0):
+    from engine.data import Windows
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, seq_len), generator=g)  # (n, T)
+    return Windows(input_ids=ids, data_hash="tiny", source="random", n_tokens=ids.numel())
+
+
+def _run(tmp_path, lm, windows, sampling: SamplingSpec, run_id: str = "r"):
+    from engine import pipeline
+
+    spec = RunSpec(sampling=sampling)
+    store = RunStore.open(tmp_path, run_id, {**META, "n_layers": lm.n_layers})
+    return spec, pipeline.OpenRun(spec=spec, lm=lm, windows=windows, run_id=run_id, store=store)
+
+
+def test_completed_partial_rows_equal_a_full_evaluation(tmp_path, tiny_lm):
+    """--first-windows 2 --complete 0.5: rows are partial (first 2 of 5 windows) or complete; every complete
+    row has exactly the per-window losses and perplexity of a full evaluation (rtol 1e-6)."""
+    from engine import pipeline
+
+    lm, windows = tiny_lm("llama", n_layers=6), _windows(5)
+    spec, run = _run(tmp_path, lm, windows, SamplingSpec(n_masks=20, first_windows=2, complete=0.5))
+    result = pipeline.sample(spec, tmp_path, progress=False, run=run)
+    t = run.store.table()
+    done = fidelity.evaluated(t.window_tokens)  # (n, W)
+    complete = done.all(axis=1)
+    assert result.evaluated == 20 and result.completed == complete.sum() == 10 and result.partial == 10
+    assert (done[~complete] == [True, True, False, False, False]).all()  # partial: the first 2 windows
+    assert result.work == run.store.summary().work == t.work.sum() > 0
+    full_nll, full_tok = MaskEvaluator(lm, windows).window_losses(t.masks)
+    np.testing.assert_allclose(t.window_nll[complete], full_nll[complete], rtol=1e-6)
+    np.testing.assert_allclose(t.ppl[complete], np.exp(full_nll[complete].sum(1) / full_tok[complete].sum(1)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(t.window_nll[~complete][:, :2], full_nll[~complete][:, :2], rtol=1e-6)
+    ppl_sub = np.exp(full_nll[~complete][:, :2].sum(1) / full_tok[~complete][:, :2].sum(1))
+    np.testing.assert_allclose(t.ppl[~complete], ppl_sub, rtol=1e-6)
+    # the stage-2 record: estimated scores for partial rows, stored ppl kept, complete rows exact
+    s = pipeline.samples(run)
+    assert s.complete.tolist() == complete.tolist() and (s.se[complete] == 0).all() and (s.se[~complete] > 0).all()
+    np.testing.assert_array_equal(s.scores[complete], t.score[complete])
+    np.testing.assert_array_equal(s.ppl, t.ppl)
+    assert (s.weights[complete] == 1).all() and (s.weights[~complete] < 1).all()
+    # resuming a finished run evaluates nothing
+    again = pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert again.evaluated == again.completed == again.work == 0 and again.total == 20
+
+
+def test_default_options_keep_run_ids_and_rows_as_before(tmp_path, tiny_lm, tiny_windows):
+    """New sampling fields at their defaults change neither the run id nor the stored numbers."""
+    from engine import pipeline
+
+    ident = RunSpec().identity("m", "d")
+    assert set(ident["sampling"]) == {"scheme", "strata", "remove_range", "paired", "seed"}
+    assert RunSpec(sampling=SamplingSpec(complete=0.5, explore=0.1)).run_id("m", "d") == RunSpec().run_id("m", "d")
+    assert RunSpec(sampling=SamplingSpec(rounds=2)).run_id("m", "d") != RunSpec().run_id("m", "d")
+    lm = tiny_lm("llama", n_layers=4)
+    spec, run = _run(tmp_path, lm, tiny_windows, SamplingSpec(n_masks=6))
+    pipeline.sample(spec, tmp_path, progress=False, run=run)
+    t = run.store.table()
+    ppl = MaskEvaluator(lm, tiny_windows).perplexities(t.masks)
+    np.testing.assert_allclose(t.ppl, ppl, rtol=1e-12)
+    np.testing.assert_allclose(t.score, run.store.meta()["ppl_full"] / ppl, rtol=1e-12)
+    assert set(t.source) == {"design"} and set(t.round) == {0} and (t.windows == tiny_windows.input_ids.shape[0]).all()
+
+
+# ---------------------------------------------------------------- active rounds
+
+
+def _cancel_after(monkeypatch, n: int):
+    """The app's Cancel button, pressed once the store holds n rows."""
+    from engine.store import Writer
+
+    original = Writer.add
+
+    def add_then_cancel(self, *args, **kwargs):
+        rowid = original(self, *args, **kwargs)
+        if rowid == n:
+            assert RunStore.open(self.store.cache_dir, self.store.run_id).request_cancel()
+        return rowid
+
+    monkeypatch.setattr(Writer, "add", add_then_cancel)
+
+
+def _plans(store) -> list:
+    return [store.get_artifact(f"round:{r}") for r in range(3)]
+
+
+def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_lm, monkeypatch):
+    """rounds=3: round 0 is the design's first third, rounds 1-2 mix design and active masks; a run
+    cancelled inside round 1 resumes with the same plans and ends with the same rows as one that ran
+    through; both-mode rows (first_windows) are a mix of partial and complete rows."""
+    from engine import pipeline
+
+    lm, windows = tiny_lm("llama", n_layers=8), _windows(3)
+    sampling = SamplingSpec(n_masks=24, rounds=3, explore=0.25, first_windows=1, complete=0.5, seed=3)
+    spec, run_a = _run(tmp_path / "a", lm, windows, sampling)
+    a = pipeline.sample(spec, tmp_path / "a", progress=False, run=run_a)
+    assert a.evaluated == 24 and a.stopped is None and a.rounds == {0: {"masks": 8, "active": 0},
+                                                                  1: {"masks": 8, "active": 6},
+                                                                  2: {"masks": 8, "active": 6}}
+    plans = _plans(run_a.store)
+    assert [p["source"].count("active") for p in plans] == [0, 6, 6]
+    ta = run_a.store.table()
+    complete = fidelity.evaluated(ta.window_tokens).all(axis=1)
+    assert 0 < complete.sum() < 24 and a.partial == (~complete).sum()  # a mix of partial and complete rows
+
+    _cancel_after(monkeypatch, 11)  # stops in round 1, after 3 of its masks
+    _, run_b = _run(tmp_path / "b", lm, windows, sampling)
+    b = pipeline.sample(spec, tmp_path / "b", progress=False, run=run_b)
+    assert b.stopped == "cancelled" and run_b.store.count() == 11
+    assert run_b.store.get_artifact("round:1") == plans[1] and run_b.store.get_artifact("round:2") is None
+    monkeypatch.undo()
+    b = pipeline.sample(spec, tmp_path / "b", progress=False, run=run_b)
+    assert b.stopped is None and _plans(run_b.store) == plans
+    tb = run_b.store.table()
+    rows = lambda t: sorted(zip(t.masks.tobytes() and map(bytes, t.masks), t.round, t.source, t.windows))  # noqa: E731
+    assert rows(tb) == rows(ta)
+
+
+def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_path, tiny_lm):
+    """method.fit takes the fit weights and holds out complete rows only; the regression-adjusted
+    estimator fits on every row but corrects with the design rows (details n_train_only)."""
+    from engine import method, pipeline
+    from engine.config import MethodSpec, SurrogateSpec
+
+    lm, windows = tiny_lm("llama", n_layers=6), _windows(3)
+    sampling = SamplingSpec(n_masks=30, rounds=2, first_windows=1, complete=0.5, seed=1)
+    spec, run = _run(tmp_path, lm, windows, sampling)
+    pipeline.sample(spec, tmp_path, progress=False, run=run)
+    s = pipeline.samples(run)
+    assert set(s.source) == {"design", "active"} and s.design_rows.sum() < s.n
+    f = method.fit(s, SurrogateSpec(ensemble=2), curve=False)
+    test_rows = f.fitted.report.split.test
+    assert len(test_rows) > 0 and s.complete[test_rows].all()
+    c = method.contributions(s, f, MethodSpec(surrogate=SurrogateSpec(ensemble=2), boot=0))
+    assert c.details["n_train_only"] == int((~s.design_rows).sum()) and np.isfinite(c.values).all()
+
+
+def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm, capsys):
+    from engine import pipeline
+    from engine.report import sample_summary, status_summary
+
+    lm, windows = tiny_lm("llama", n_layers=6), _windows(4)
+    spec, run = _run(tmp_path, lm, windows, SamplingSpec(n_masks=12, first_windows=1, complete=0.5))
+    result = pipeline.sample(spec, tmp_path, progress=False, run=run).to_json()
+    p = pipeline.sampling_progress(run.store)
+    assert p["n_masks"] == 12 and p["n_windows"] == 4 and p["complete"] == 6 and p["partial"] == 6
+    assert p["rows"]["cumulative_work"][-1] == p["work"] == result["work"] == result["work_total"] > 0
+    assert p["rounds"] == {0: {"masks": 12, "active": 0, "complete": 6, "work": p["work"]}}
+    assert sorted(p["rows"]["windows"]) == [1] * 6 + [4] * 6
+    assert "work:" in sample_summary(result) and "6 stay evaluated" in sample_summary(result)
+    status = pipeline.status(tmp_path)
+    assert status[0]["work"] == p["work"] and status[0]["partial"] == 6
+    assert "6 partial rows" in status_summary({"runs": status})
+
+
+def test_cli_sample_and_run_with_fidelity_and_rounds(tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_llama, write_words
+    from engine import cli
+
+    model = save_tiny_llama(tmp_path / "m", n_layers=8)
+    text = write_words(tmp_path / "t.txt", 3000)
+    common = ["--model", str(model), "--data", str(text), "--windows", "3", "--seq-len", "16",
+              "--first-windows", "2", "--complete", "0.25", "--cache-dir", str(tmp_path / "c"), "--json"]
+    assert cli.main(["sample", *common, "--masks", "16", "--rounds", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["evaluated"] == 16 and out["work"] > 0 and out["completed"] == 4 and out["partial"] == 12
+    assert {int(k): v["masks"] for k, v in out["rounds"].items()} == {0: 4, 1: 4, 2: 4, 3: 4}
+    assert cli.main(["run", *common, "--masks", "24", "--rounds", "2", "--remove", "1", "--ensemble", "2",
+                     "--boot", "0", "--n-verify", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n_masks"] == 24 and out["sampling"]["work"] > 0 and len(out["removed"]) == 1
+    assert cli.main(["status", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert {r["n_samples"] for r in runs} == {16, 24} and all(r["work"] > 0 for r in runs)
