@@ -245,3 +245,19 @@ def test_cli_sample_and_run_with_fidelity_and_rounds(tmp_path, capsys):
     assert cli.main(["status", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
     runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
     assert {r["n_samples"] for r in runs} == {16, 24} and all(r["work"] > 0 for r in runs)
+
+
+def test_bad_fidelity_and_round_settings_are_refused_before_any_model_is_loaded(tmp_path):
+    from engine import pipeline, validate
+    from engine.config import DataSpec, EvalSpec, SpecError
+    from engine.errors import InputError, WorkbenchError
+
+    for bad in (dict(first_windows=-1), dict(rounds=0), dict(complete=1.5), dict(explore=-0.1)):
+        with pytest.raises(SpecError, match=next(iter(bad)).replace("_", " ")):
+            SamplingSpec(**bad)
+    spec = RunSpec(data=DataSpec(n_windows=3), sampling=SamplingSpec(first_windows=3))
+    with pytest.raises(InputError, match="--first-windows 3: the run has 3 calibration windows"):
+        validate.check_run(spec)
+    spec = RunSpec(sampling=SamplingSpec(first_windows=2))
+    with pytest.raises(WorkbenchError, match="Ray workers"):
+        pipeline.sample(spec, tmp_path, progress=False, evaluation=EvalSpec(workers=2))
