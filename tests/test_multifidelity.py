@@ -261,3 +261,34 @@ def test_bad_fidelity_and_round_settings_are_refused_before_any_model_is_loaded(
     spec = RunSpec(sampling=SamplingSpec(first_windows=2))
     with pytest.raises(WorkbenchError, match="Ray workers"):
         pipeline.sample(spec, tmp_path, progress=False, evaluation=EvalSpec(workers=2))
+
+
+# ---------------------------------------------------------------- weighted surrogate fits
+
+
+def test_surrogates_take_sample_weights_and_hold_out_exact_rows_only():
+    from engine.config import SurrogateSpec
+    from engine.surrogate import Ensemble, RidgePairwiseSurrogate, split
+
+    rng = np.random.default_rng(0)
+    X = rng.random((60, 6)) < 0.5  # (60, 6)
+    y = 0.2 + 0.1 * X.sum(axis=1) / 6 + 0.05 * X[:, 0]  # (60,)
+    base = split(X, y, 0.2, 0)
+    same = split(X, y, 0.2, 0, testable=np.ones(60, bool))
+    assert base.test.tolist() == same.test.tolist() and base.train.tolist() == same.train.tolist()
+    testable = np.arange(60) % 3 == 0
+    sp = split(X, y, 0.2, 0, testable=testable)
+    assert len(sp.test) > 0 and testable[sp.test].all() and len(sp.test) + len(sp.train) == 60
+    # a zero-weight row counts as if it were not there (ridge), and down-weights a corrupted row (MLP)
+    bad = y.copy()
+    bad[5] = 0.0
+    w = np.ones(60)
+    w[5] = 0.0
+    keep = np.arange(60) != 5
+    r_w = RidgePairwiseSurrogate().fit(X, bad, sample_weight=w)
+    r_drop = RidgePairwiseSurrogate().fit(X[keep], bad[keep])
+    np.testing.assert_allclose(r_w.predict(X), r_drop.predict(X), rtol=1e-6, atol=1e-9)
+    spec = SurrogateSpec(ensemble=2)
+    err_w = abs(Ensemble(spec).fit(X, bad, sample_weight=w).predict(X[5:6])[0] - y[5])
+    err_1 = abs(Ensemble(spec).fit(X, bad).predict(X[5:6])[0] - y[5])
+    assert err_w < err_1
