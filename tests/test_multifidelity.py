@@ -160,6 +160,7 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
     cancelled inside round 1 resumes with the same plans and ends with the same rows as one that ran
     through; both-mode rows (first_windows) are a mix of partial and complete rows."""
     from engine import pipeline
+    from engine.sampling import masks_to_strings
 
     lm, windows = tiny_lm("llama", n_layers=8), _windows(3)
     sampling = SamplingSpec(n_masks=24, rounds=3, explore=0.25, first_windows=1, complete=0.5, seed=3)
@@ -183,7 +184,9 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
     b = pipeline.sample(spec, tmp_path / "b", progress=False, run=run_b)
     assert b.stopped is None and _plans(run_b.store) == plans
     tb = run_b.store.table()
-    rows = lambda t: sorted(zip(t.masks.tobytes() and map(bytes, t.masks), t.round, t.source, t.windows))  # noqa: E731
+    def rows(t):
+        return sorted(zip(masks_to_strings(t.masks), t.round.tolist(), t.source.tolist(), t.windows.tolist()))
+
     assert rows(tb) == rows(ta)
 
 
@@ -292,3 +295,35 @@ def test_surrogates_take_sample_weights_and_hold_out_exact_rows_only():
     err_w = abs(Ensemble(spec).fit(X, bad, sample_weight=w).predict(X[5:6])[0] - y[5])
     err_1 = abs(Ensemble(spec).fit(X, bad).predict(X[5:6])[0] - y[5])
     assert err_w < err_1
+
+
+def test_a_run_stopped_while_completing_finishes_its_completions(tmp_path, tiny_lm, monkeypatch):
+    """Cancelled during the completions: the rerun evaluates no mask and completes the same planned rows;
+    once finished, a rerun takes no writer lease at all."""
+    from engine import pipeline
+    from engine.sampling import masks_to_strings
+    from engine.store import Writer
+
+    original = Writer.complete
+
+    def complete_then_cancel(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        RunStore.open(self.store.cache_dir, self.store.run_id).request_cancel()
+        return out
+
+    monkeypatch.setattr(Writer, "complete", complete_then_cancel)
+    lm, windows = tiny_lm("llama", n_layers=6), _windows(4)
+    spec, run = _run(tmp_path, lm, windows, SamplingSpec(n_masks=12, first_windows=1, complete=0.5))
+    first = pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert first.stopped == "cancelled" and first.evaluated == 12 and first.completed == 1
+    monkeypatch.undo()
+    plan = run.store.get_artifact("complete:0:12")
+    again = pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert again.evaluated == 0 and again.completed == 5 and again.partial == 6
+    assert run.store.get_artifact("complete:0:12") == plan
+    t = run.store.table()
+    complete = dict(zip(masks_to_strings(t.masks), fidelity.evaluated(t.window_tokens).all(axis=1)))
+    assert len(plan["masks"]) == 6 and all(complete[m] for m in plan["masks"])
+    heartbeat = run.store.lease().heartbeat
+    pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert run.store.lease().heartbeat == heartbeat  # nothing left to do: no writer
