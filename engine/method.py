@@ -83,6 +83,21 @@ class Samples:
         score, nonfinite = scores(ppl, ppl_full)
         return cls(np.asarray(masks, dtype=bool), score, ppl, nonfinite, float(ppl_full), design)
 
+    def with_partial_rows(self, full_nll, full_tokens) -> "Samples":
+        """Multi-fidelity: rows whose per-window losses miss some windows get their estimated
+        full-fidelity score (`fidelity.estimate_full`), `se`, surrogate fit `weights` and `complete`;
+        complete rows keep their score. Unchanged when every row is complete (or no row has windows).
+        The one rule for a run store (engine.pipeline.samples) and a replay (bench/adaptive.py)."""
+        from engine import fidelity
+
+        if self.window_tokens is None:
+            return self
+        est = fidelity.estimate_full(self.window_nll, self.window_tokens, full_nll, full_tokens)
+        if est.complete.all():
+            return self
+        return dataclasses.replace(self, scores=np.where(est.complete, self.scores, est.score), se=est.se,
+                                   weights=fidelity.fit_weights(est.se), complete=est.complete)
+
     def require(self, min_masks: int = MIN_MASKS) -> "Samples":
         if self.n < min_masks:
             raise EstimationError(

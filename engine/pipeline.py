@@ -668,14 +668,10 @@ def samples(run: OpenRun, require: bool = True):
         raise EstimationError(
             f"run {run.run_id} has no evaluated masks yet. Run `python -m engine sample` with the same "
             "model, data and sampling options first (or `python -m engine run`, which samples too).")
-    score, partial = table.score, {}
-    if table.window_tokens is not None and "window_losses_full" in meta:
-        est = fidelity.estimate_full(table.window_nll, table.window_tokens, *_full_losses(run.store))
-        if not est.complete.all():
-            score = np.where(est.complete, table.score, est.score)  # (n,)
-            partial = dict(se=est.se, weights=fidelity.fit_weights(est.se), complete=est.complete)
-    s = Samples(table.masks, score, table.ppl, table.nonfinite, float(ppl_full), run.spec.sampling,
-                table.window_nll, table.window_tokens, round=table.round, source=table.source, **partial)
+    s = Samples(table.masks, table.score, table.ppl, table.nonfinite, float(ppl_full), run.spec.sampling,
+                table.window_nll, table.window_tokens, round=table.round, source=table.source)
+    if "window_losses_full" in meta:
+        s = s.with_partial_rows(*_full_losses(run.store))
     return s.require() if require else s
 
 
