@@ -656,7 +656,6 @@ def samples(run: OpenRun, require: bool = True):
     `complete`; their `ppl` stays the stored perplexity over the evaluated windows. Complete rows keep
     their stored score; a run without partial rows has se / weights / complete None (as before).
     `round` and `source` say which sampling round chose each row and whether the design drew it."""
-    from engine import fidelity
     from engine.method import Samples
 
     table = run.store.table()
