@@ -155,6 +155,7 @@ def _plans(store) -> list:
     return [store.get_artifact(f"round:{r}") for r in range(3)]
 
 
+@pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_lm, monkeypatch):
     """rounds=3: round 0 is the design's first third, rounds 1-2 mix design and active masks; a run
     cancelled inside round 1 resumes with the same plans and ends with the same rows as one that ran
@@ -190,6 +191,7 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
     assert rows(tb) == rows(ta)
 
 
+@pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_path, tiny_lm):
     """method.fit takes the fit weights and holds out complete rows only; the regression-adjusted
     estimator fits on every row but corrects with the design rows (details n_train_only)."""
@@ -227,6 +229,7 @@ def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm,
     assert "6 partial rows" in status_summary({"runs": status})
 
 
+@pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_cli_sample_and_run_with_fidelity_and_rounds(tmp_path, capsys):
     import json
 
