@@ -196,7 +196,7 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
 @pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_path, tiny_lm):
     """method.fit takes the fit weights and holds out complete rows only; the regression-adjusted
-    estimator fits on every row but corrects with the design rows (details n_train_only)."""
+    estimator fits on every row but corrects with the complete design rows (details n_train_only)."""
     from engine import method, pipeline
     from engine.config import MethodSpec, SurrogateSpec
 
@@ -210,7 +210,8 @@ def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_pa
     test_rows = f.fitted.report.split.test
     assert len(test_rows) > 0 and s.complete[test_rows].all()
     c = method.contributions(s, f, MethodSpec(surrogate=SurrogateSpec(ensemble=2), boot=0))
-    assert c.details["n_train_only"] == int((~s.design_rows).sum()) and np.isfinite(c.values).all()
+    real = s.design_rows & s.complete  # the correction's rows: complete and drawn by the design
+    assert 0 < real.sum() < s.n and c.details["n_train_only"] == int((~real).sum()) and np.isfinite(c.values).all()
 
 
 def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm, capsys):
