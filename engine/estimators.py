@@ -132,10 +132,11 @@ def _regression_adjusted(x: EstimationInput):
     and a stated bias allowance in the interval). engine.uncertainty.regression_adjusted:
     post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval.
 
-    Runs with active rounds (engine.active): the surrogates are fitted on every row, but only the
-    design-drawn rows (source == "design") enter the correction term, because its post-
-    stratification assumes uniform draws within each kept count, which the actively chosen masks
-    are not. Partially evaluated rows count with their fit weights (engine.fidelity.fit_weights)."""
+    Runs with active rounds (engine.active) or partial rows (multi-fidelity): the surrogates are
+    fitted on every row (partial rows with their fit weights, engine.fidelity.fit_weights), but only
+    the complete design-drawn rows (source == "design", every window evaluated) enter the
+    correction term (`real_rows`): its post-stratification assumes uniform draws within each kept
+    count, which the actively chosen masks are not, and exact scores, which partial rows lack."""
     from engine import shapley, uncertainty
 
     s, L = x.samples, x.n_layers

@@ -297,7 +297,7 @@ def interaction_members(samples: Samples, f: Fit, fit_on: str = "all") -> list:
     if fit_on != "all":
         raise WorkbenchError(f"fit_on must be one of {', '.join(FIT_ON)}; got {fit_on!r}.")
     s = samples.require()
-    return Ensemble(f.fitted.report.spec).fit(s.masks, s.scores).value_functions()
+    return Ensemble(f.fitted.report.spec).fit(s.masks, s.scores, sample_weight=s.weights).value_functions()
 
 
 def interactions(samples: Samples, members, index: str = "sii", budget: int | None = None, seed: int = 0):
@@ -315,10 +315,11 @@ def interactions(samples: Samples, members, index: str = "sii", budget: int | No
 
 
 def measured_sets(samples: Samples, decisions: Mapping | None = None) -> dict[tuple[int, ...], float]:
-    """{removed layers: real calibration perplexity} from the evaluated masks and, when given, the
+    """{removed layers: real calibration perplexity} from the completely evaluated masks and, when given, the
     candidates of a stored decisions artifact (its `decisions[*].candidates[*]`)."""
     out = {}
-    for m, p in zip(samples.masks, samples.ppl):
+    complete = np.ones(samples.n, dtype=bool) if samples.complete is None else samples.complete
+    for m, p in zip(samples.masks[complete], samples.ppl[complete]):  # partial rows: ppl of some windows only
         out[tuple(int(i) for i in np.flatnonzero(~m))] = float(p)
     for d in (decisions or {}).get("decisions", []):
         for c in d.get("candidates", []):

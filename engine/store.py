@@ -580,14 +580,18 @@ class RunStore:
         meta = self.meta()
         lease = self.lease()
         with self._connect() as con:
-            n, last, work, done = con.execute(
-                "SELECT COUNT(*), MAX(MAX(created), COALESCE(MAX(completed), 0)), COALESCE(SUM(work), 0), "
-                "COALESCE(SUM(windows), 0) FROM samples").fetchone()
-            rounds = {int(r): {"masks": int(c), "active": int(a)} for r, c, a in con.execute(
-                "SELECT round, COUNT(*), SUM(source = 'active') FROM samples GROUP BY round ORDER BY round")}
-            full = self._full_windows(con)
-            partial = 0 if full is None else con.execute(
-                "SELECT COUNT(*) FROM samples WHERE windows IS NOT NULL AND windows < ?", (full,)).fetchone()[0]
+            n, last = con.execute("SELECT COUNT(*), MAX(created) FROM samples").fetchone()
+            work, done, partial, rounds = 0, 0, 0, {}
+            if "work" in {r[1] for r in con.execute("PRAGMA table_info(samples)")}:  # schema 3 (list_runs
+                # summarises older stores without migrating them)
+                completed, work, done = con.execute(
+                    "SELECT MAX(completed), COALESCE(SUM(work), 0), COALESCE(SUM(windows), 0) FROM samples").fetchone()
+                last = max([t for t in (last, completed) if t is not None], default=None)
+                rounds = {int(r): {"masks": int(c), "active": int(a)} for r, c, a in con.execute(
+                    "SELECT round, COUNT(*), SUM(source = 'active') FROM samples GROUP BY round ORDER BY round")}
+                full = self._full_windows(con)
+                partial = 0 if full is None else con.execute(
+                    "SELECT COUNT(*) FROM samples WHERE windows IS NOT NULL AND windows < ?", (full,)).fetchone()[0]
         if lease is None:
             status = "new"
         elif lease.status == "running" and not lease.alive():
@@ -763,7 +767,8 @@ class Writer:
             if len(new_nll) != W or len(new_tok) != W:
                 raise StoreError(f"mask {mask!r} has {W} windows; got {len(new_nll)} losses and {len(new_tok)} counts")
             both = (tok > 0) & (new_tok > 0)
-            same = (tok[both] == new_tok[both]) & ((nll[both] == new_nll[both]) | np.isnan(nll[both]) & np.isnan(new_nll[both]))
+            old_v, new_v = nll[both], new_nll[both]
+            same = (tok[both] == new_tok[both]) & ((old_v == new_v) | np.isnan(old_v) & np.isnan(new_v))
             if not same.all():
                 raise StoreError(f"refusing to change evaluated windows {np.flatnonzero(both)[~same].tolist()} of mask "
                                  f"{mask!r}: a completion only fills missing windows")
@@ -774,7 +779,8 @@ class Writer:
                                         np.asarray(full["tokens"], dtype=np.int64))
             ppl = _subset_ppl(nll, tok)
             _, nll_bytes, tok_bytes = _pack_windows(nll, tok)
-            con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?", (nll_bytes, tok_bytes, rowid))
+            con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?",
+                        (nll_bytes, tok_bytes, rowid))
             con.execute("UPDATE samples SET ppl = ?, score = ?, nonfinite = ?, windows = ?, seconds = seconds + ?, "
                         "work = work + ?, completed = ? WHERE rowid = ?",
                         (None if np.isnan(ppl) else ppl, float(score[0]), int(bool(flag[0])), _evaluated(tok),

@@ -176,6 +176,14 @@ def _v2_store(tmp_path, run_id="old2"):
     return d / "run.sqlite"
 
 
+def test_status_lists_a_version_2_store_before_it_is_migrated(tmp_path):
+    from engine.store import list_runs
+
+    _v2_store(tmp_path)
+    (run,) = list_runs(tmp_path)
+    assert run.problem is None and run.n_samples == 2 and run.work == 0 and run.rounds == {}
+
+
 def test_version_2_store_is_migrated_and_keeps_working(tmp_path):
     """Schema 2 -> 3: rows keep their numbers and windows, gain round 0 / source design / work 0; new rows
     carry their round and source; an artifact of schema 2 (no window count) is compared on masks only."""
@@ -208,6 +216,7 @@ def test_version_2_store_is_migrated_and_keeps_working(tmp_path):
 def test_complete_fills_only_missing_windows(tmp_path):
     """Writer.complete: fills the missing windows, recomputes ppl / score over the evaluated ones in the same
     transaction, refuses to change an evaluated window, accepts the same value again."""
+    from engine import pipeline
     from engine.fidelity import subset_scores
 
     store = RunStore.open(tmp_path, "run1", META)
@@ -216,7 +225,10 @@ def test_complete_fills_only_missing_windows(tmp_path):
     with store.writer() as w:
         w.add("1100", 1.0, 0.9, False, 0.1, window_nll=[25.0, np.nan, np.nan], window_tokens=[7, 0, 0], work=10)
         assert store.results()[0].windows == 1 and store.evaluated_windows() == 1
+        seen = pipeline._seen(store)  # what an artifact computed now records
+        assert seen == {"n_masks": 1, "n_windows_evaluated": 1} and not pipeline._stale(seen, store)
         ppl, score = w.complete("1100", [np.nan, 26.0, 27.0], [0, 7, 7], seconds=0.5, work=20)
+        assert pipeline._stale(seen, store)  # the completion made it stale (same mask count)
         with pytest.raises(StoreError, match="refusing to change evaluated windows \\[0\\]"):
             w.complete("1100", [24.0, np.nan, np.nan], [7, 0, 0])
         w.complete("1100", [25.0, 26.0, 27.0], [7, 7, 7])  # the same values: accepted, nothing changes
