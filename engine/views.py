@@ -57,14 +57,107 @@ def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list
     return job_argv("sample", spec, cache_dir=cache_dir, threads=threads)
 
 
-SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created"]
+SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created", "round", "source",
+                  "windows", "work"]
+FIDELITY = ("complete", "partial", "unknown")  # evaluated on every window | on some | no per-window losses stored
 
 
-def samples_frame(rows) -> pd.DataFrame:
-    """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels."""
+def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
+    """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels, `round_label`
+    ('round r') and `fidelity` (FIDELITY: windows evaluated against the run's n_windows; unknown when
+    the row has no per-window losses or n_windows is None)."""
     df = pd.DataFrame([asdict(r) for r in rows], columns=SAMPLE_COLUMNS)
     df["stratum"] = df["kept"].map(lambda k: f"kept {int(k)}")
+    df["round_label"] = df["round"].map(lambda r: f"round {int(r)}")
+    df["fidelity"] = fidelity_labels(df["windows"], n_windows)
     return df
+
+
+def n_windows_of(meta: dict) -> int | None:
+    """W, the run's calibration windows, from its stored meta (the full model's per-window losses), or None."""
+    full = meta.get("window_losses_full")
+    return len(full["tokens"]) if full else None
+
+
+def fidelity_labels(windows, n_windows: int | None) -> list[str]:
+    """complete | partial | unknown for each row's evaluated window count."""
+    out = []
+    for w in windows:
+        if n_windows is None or w is None or (isinstance(w, float) and math.isnan(w)):
+            out.append("unknown")
+        else:
+            out.append("complete" if int(w) >= n_windows else "partial")
+    return out
+
+
+def round_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per sampling round: masks, design / active (where they came from), complete / partial
+    (fidelity), and the work (token-layer calls) spent on them, with its share of the run's."""
+    total = max(int(df["work"].sum()), 1)
+    rows = []
+    for r, g in df.groupby("round", sort=True):
+        rows.append({"round": int(r), "masks": len(g), "design": int((g["source"] == "design").sum()),
+                     "active": int((g["source"] == "active").sum()),
+                     "complete": int((g["fidelity"] == "complete").sum()),
+                     "partial": int((g["fidelity"] == "partial").sum()),
+                     "work (token-layer calls)": int(g["work"].sum()),
+                     "share of work": float(g["work"].sum() / total)})
+    return pd.DataFrame(rows, columns=["round", "masks", "design", "active", "complete", "partial",
+                                       "work (token-layer calls)", "share of work"])
+
+
+def fidelity_table(df: pd.DataFrame, n_windows: int | None) -> pd.DataFrame:
+    """Masks per number of evaluated windows ('k of W'), with their share of the masks."""
+    known = df["windows"].notna()
+    counts = df.loc[known, "windows"].astype(int).value_counts().sort_index(ascending=False)
+    rows = [{"windows evaluated": f"{k} of {n_windows or '?'}", "masks": int(c), "share": c / len(df)}
+            for k, c in counts.items()]
+    if (~known).any():
+        rows.append({"windows evaluated": "not stored", "masks": int((~known).sum()), "share": (~known).sum() / len(df)})
+    return pd.DataFrame(rows, columns=["windows evaluated", "masks", "share"])
+
+
+def work_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Cumulative work (token-layer calls) in store order: x = masks stored so far, with each row's round
+    (a row's work includes its completion, however late that came)."""
+    d = df.sort_values("rowid")
+    return pd.DataFrame({"masks stored": np.arange(1, len(d) + 1), "cumulative work": d["work"].cumsum().to_numpy(),
+                         "round": d["round_label"].to_numpy(), "fidelity": d["fidelity"].to_numpy()})
+
+
+def work_curve_frame(curve: dict) -> pd.DataFrame:
+    """The fit artifact's `work_curve` points as a table (store order: work, masks, held-out metrics with intervals)."""
+    cols = ["work", "work_fitted", "train_masks", "rows_stored", "n_test", "r2", "r2_low", "r2_high", "spearman",
+            "spearman_low", "spearman_high", "mae"]
+    return pd.DataFrame(curve.get("points") or [], columns=cols)
+
+
+def format_count(x: float | int | None) -> str:
+    """12,345 -> '12.3 k'; 4.5e9 -> '4.50 G' (work counts on metrics)."""
+    if x is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {unit}"
+    return str(int(x))
+
+
+def adaptive_caption(sampling, n_windows: int) -> str:
+    """' · first 2 of 8 windows, 25% completed · 3 rounds, 25% from the design' for a multi-fidelity /
+    active SamplingSpec ('' when it is neither)."""
+    out = ""
+    if sampling.multi_fidelity:
+        out += f" · first {sampling.first_windows} of {n_windows} windows, {sampling.complete:.0%} completed"
+    if sampling.active:
+        out += f" · {sampling.rounds} rounds, {sampling.explore:.0%} from the design"
+    return out
+
+
+def option_help(cls, name: str) -> str:
+    """The help text an `option(...)` field declares (the CLI's --help says the same)."""
+    from dataclasses import fields
+
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
 # One colour per kept-layer count on every page (largest count first), whatever order rows arrive in.
@@ -109,7 +202,7 @@ def format_seconds(s: float | None) -> str:
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
     """pipeline.status() rows as a table for display."""
-    cols = ["run_id", "status", "n_samples", "target", "n_layers", "model", "data", "problem"]
+    cols = ["run_id", "status", "n_samples", "target", "partial", "work", "n_layers", "model", "data", "problem"]
     return pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
 
 
@@ -212,7 +305,9 @@ APP_LABELS = {"--text-field": "the jsonl text field (Setup)", "--strata": "the k
               "--data demo": "the demo text (Setup)", "--masks": "masks in the run (Sampling)",
               "--remove": "layers to remove (Prune)", "--overwrite": "overwrite (Prune, Export)",
               "--out": "the export folder (Prune)", "--holdout": "held-out fraction (Surrogate)",
-              "--ensemble": "ensemble members (Surrogate)", "--budget": "budget (Shapley)"}
+              "--ensemble": "ensemble members (Surrogate)", "--budget": "budget (Shapley)",
+              "--first-windows": "first windows (Sampling)", "--complete": "share completed (Sampling)",
+              "--rounds": "rounds (Sampling)", "--explore": "share drawn from the design (Sampling)"}
 
 
 def in_users_words(message: str, uploads: dict[str, str] | None = None) -> str:

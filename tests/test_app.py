@@ -48,11 +48,13 @@ def demo_run(tmp_path_factory):
             os.environ[k] = v
 
 
-def _app(page: str | None = None):
+def _app(page: str | None = None, spec: RunSpec | None = None, method=None):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(APP, default_timeout=60)
-    at.session_state["spec"] = SPEC
+    at.session_state["spec"] = spec or SPEC
+    if method is not None:
+        at.session_state["method"] = method
     at.run()
     assert not at.exception
     if page:
@@ -139,8 +141,9 @@ def test_sampling_lists_and_watches_the_run(demo_run):
     assert run_id in list(at.dataframe[0].value["run_id"])
     m = _metrics(at)
     assert m["samples"] == "24" and m["status"] == "finished"
-    assert _charts(at) == 1  # perplexity vs kept layers
-    assert len(at.dataframe) == 3  # runs, counts per stratum, latest samples
+    assert _charts(at) == 2  # perplexity vs kept layers, cumulative work
+    assert len(at.dataframe) == 5  # runs, counts per stratum, rounds, fidelity, latest samples
+    assert m["rounds"] == "1" and m["active masks"] == "0 / 24" and m["complete masks"] == "24 / 24"
 
 
 def test_sampling_start_never_launches_a_second_writer(demo_run):
@@ -162,7 +165,8 @@ def test_surrogate_fit_metrics_and_charts(demo_run):
     assert not _click_job(at, "Fit")
     m = _metrics(at)
     assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)"} <= set(m)
-    assert _charts(at) == 3  # predicted vs true, residuals by stratum, learning curve
+    assert _charts(at) == 4  # predicted vs true, residuals by stratum, learning curve, quality vs work
+    assert "Held-out quality vs work" in at.get("plotly_chart")[3].proto.spec  # stored by `engine fit`
 
 
 def test_shapley_contributions_baselines_and_csv(demo_run):
@@ -319,3 +323,118 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     sets = next(d.value for d in at.dataframe if "predicted PPL" in d.value.columns)
     assert len(sets) == 4 and all(len(r.split(", ")) == 2 for r in sets["removed"])
     assert _charts(at) == 4  # + layer frequency
+
+
+# ---------------------------------------------------------------- multi-fidelity and active runs
+
+ADAPTIVE = SamplingSpec(n_masks=24, seed=3, first_windows=2, complete=0.5, rounds=2, explore=0.5)
+
+
+@pytest.fixture(scope="session")
+def adaptive_run(demo_run, tmp_path_factory):
+    """(cache, run_id, spec, method) of a 24-mask demo run in two rounds (the second half active), each mask
+    first evaluated on 2 of the 4 windows and half of them completed, fitted with its quality-vs-work
+    curve (what `engine fit` stores), in a cache of its own."""
+    from engine import pipeline
+    from engine.config import MethodSpec, SurrogateSpec
+
+    cache = tmp_path_factory.mktemp("adaptive")
+    spec = dataclasses.replace(SPEC, sampling=ADAPTIVE)
+    run = pipeline.open_run(spec, cache)
+    result = pipeline.sample(spec, cache, progress=False, run=run)
+    assert result.total == 24 and 0 < result.partial < 24 and len(result.rounds) == 2
+    method = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=1))
+    pipeline.fit(spec, method, run=run)
+    pipeline.work_curve(run, method)
+    return cache, run.run_id, spec, method
+
+
+def _frame(at, column: str):
+    frames = [d.value for d in at.dataframe if column in d.value.columns]
+    assert frames, f"no table with a {column!r} column"
+    return frames[0]
+
+
+def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
+    from engine.store import RunStore
+
+    cache, run_id, spec, _ = adaptive_run
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(cache))
+    at = _app("sampling", spec)
+    store = RunStore(cache, run_id)
+    summary, t = store.summary(), store.table()
+    m = _metrics(at)
+    assert m["samples"] == "24" and m["rounds"] == "2"
+    active = sum(r["active"] for r in summary.rounds.values())
+    assert 0 < active < 24 and m["active masks"] == f"{active} / 24"
+    assert m["complete masks"] == f"{24 - summary.partial} / 24"
+    assert m["work (token-layer calls)"] == views.format_count(summary.work)
+    rounds = _frame(at, "active")
+    assert rounds["round"].tolist() == sorted(summary.rounds)
+    assert rounds["masks"].tolist() == [summary.rounds[r]["masks"] for r in sorted(summary.rounds)]
+    assert rounds["active"].tolist() == [summary.rounds[r]["active"] for r in sorted(summary.rounds)]
+    assert (rounds["design"] + rounds["active"] == rounds["masks"]).all()
+    assert rounds["partial"].sum() == summary.partial and rounds["work (token-layer calls)"].sum() == summary.work
+    fidelity = _frame(at, "windows evaluated")
+    expect = {f"{k} of 4": int((t.windows == k).sum()) for k in np.unique(t.windows)}
+    assert dict(zip(fidelity["windows evaluated"], fidelity["masks"])) == expect and set(expect) == {"2 of 4", "4 of 4"}
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    scatter = charts[0]["data"]
+    assert {tr["name"].split(",")[0] for tr in scatter} == {"round 0", "round 1"}  # coloured by round
+    assert {tr["marker"]["symbol"] for tr in scatter} == {"circle", "circle-open"}  # complete / partial
+    work = charts[1]["data"]
+    y = np.concatenate([_plotly_array(tr["y"]) for tr in work])
+    assert y.max() == summary.work and len(y) == 24  # cumulative work reaches the store's
+    assert any("first 2 of 4 windows" in c.value and "2 rounds" in c.value for c in at.caption)
+
+
+def test_sampling_start_launches_the_adaptive_run_on_screen(adaptive_run, monkeypatch):
+    """The four inputs set on screen become the sampling job's flags (generated from the spec): the CLI
+    parses them back to exactly that spec, so the job samples the run on screen (same run id)."""
+    from engine import jobs
+    from engine.cli import build_parser, run_spec
+
+    cache, run_id, spec, _ = adaptive_run
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(cache))
+    launched = []
+    monkeypatch.setattr(jobs, "launch", lambda run_dir, name, argv: launched.append((Path(run_dir).name, argv)))
+    at = _app("sampling", dataclasses.replace(spec, sampling=SamplingSpec(n_masks=24, seed=3)))
+    for label, value in (("first windows", 2), ("share completed", 0.5), ("rounds", 2),
+                         ("share drawn from the design", 0.5)):
+        next(w for w in at.number_input if w.label == label).set_value(value).run()
+        assert not at.exception, at.exception
+    assert at.session_state["spec"].sampling == ADAPTIVE
+    assert any("first 2 of 4 windows, 50% completed · 2 rounds, 50% from the design" in c.value for c in at.caption)
+    _button(at, "Start / resume").click().run()
+    assert not at.exception, at.exception
+    (folder, argv), = launched
+    assert folder == run_id  # the run store of these settings
+    words = " ".join(argv)
+    assert "--first-windows 2" in words and "--complete 0.5" in words and "--rounds 2" in words
+    assert "--explore 0.5" in words
+    assert run_spec(build_parser().parse_args(argv[3:])) == spec
+
+
+def test_surrogate_shows_the_quality_vs_work_curve(adaptive_run, monkeypatch):
+    from engine import pipeline
+    from engine.store import RunStore
+
+    cache, run_id, spec, method = adaptive_run
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(cache))
+    at = _app("surrogate", spec, method)
+    store = RunStore(cache, run_id)
+    fit = pipeline.stored(store, "fit", method)
+    curve = fit["work_curve"]
+    assert not fit["stale"] and curve["points"]
+    frame = _frame(at, "work_fitted")
+    assert frame["work"].tolist() == [p["work"] for p in curve["points"]]
+    assert frame["n_test"].tolist() == [fit["report"]["split"]["n_test"]] * len(frame)
+    np.testing.assert_allclose(frame["spearman"], [p["spearman"] for p in curve["points"]])
+    assert frame["work"].is_monotonic_increasing and frame["work"].iloc[-1] <= store.summary().work
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                 if "Held-out quality vs work" in c.proto.spec)
+    names = [tr["name"] for tr in chart["data"]]
+    assert names == ["held-out R²", "held-out Spearman"]
+    assert _plotly_array(chart["data"][1]["x"]).tolist() == frame["work"].tolist()
+    assert "error_y" in chart["data"][1]  # intervals on every point
+    assert any("evaluated on every window" in c.value for c in at.caption)  # partial masks are said
