@@ -141,8 +141,8 @@ class SamplingSpec:
     # a run sampled before these fields existed (RunSpec.identity leaves default-valued ones out).
     first_windows: int = option(0, "evaluate each new mask on the first N calibration windows only, then complete "
                                 "the masks the fidelity rule picks (0: every window at once)")
-    complete: float = option(0.25, "multi-fidelity: fraction of the partially evaluated masks completed on every "
-                             "window after each round")
+    complete: float = option(0.25, "multi-fidelity: share of the masks completed on every window after each round "
+                             "(fidelity.plan_completion picks which; the rest keep their first windows)")
     rounds: int = option(1, "sampling rounds: 1 = the fixed design; R > 1 = round 0 is the design's first "
                          "masks/R masks, later rounds are chosen where the surrogate ensemble disagrees")
     explore: float = option(0.25, "active rounds: fraction of each round's masks drawn from the design")

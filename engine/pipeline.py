@@ -15,7 +15,8 @@ computed in the run's store:
   `artifact_name`), each holding its ``spec`` and the ``n_masks`` it saw, so a result for one
   spec never replaces another's and a reader can tell a stale result (fewer masks than the
   store now holds) from a current one. ``stored(run, stage, method_spec)`` reads them.
-* ``info``, ``baseline``, ``measure``, ``status``.
+* ``info``, ``baseline``, ``measure``, ``status``; ``sampling_progress(run)``: rounds, fidelity and
+  work of every stored row (the app's Sampling page).
 
 Imports of torch-backed modules are inside the functions: ``python -m engine status`` and
 ``--help`` import this module without loading torch, scikit-learn or scipy.
@@ -510,6 +511,47 @@ def _has_partial_plans(run: OpenRun) -> bool:
     return run.spec.sampling.multi_fidelity and run.store.summary().partial > 0
 
 
+def sampling_progress(run) -> dict:
+    """Rounds, fidelity and work of every stored row, for the app's Sampling page (no model needed).
+
+    `run`: an OpenRun or a RunStore. Returns a JSON-able dict:
+    * ``rows``: columns, one entry per stored row in rowid (storage) order: ``rowid``, ``mask``,
+      ``kept``, ``round``, ``source`` (design | active), ``windows`` (calibration windows evaluated;
+      None for rows stored without per-window losses), ``complete`` (every window evaluated),
+      ``work`` (token-layer calls spent on the row: its first evaluation plus its completion),
+      ``cumulative_work`` (running sum of ``work`` in rowid order: a completion's work counts at its
+      row's position), ``created`` and ``completed`` (unix times; completed None if never completed);
+    * ``rounds``: {round: {"masks", "active", "complete", "work"}};
+    * ``n_windows`` (W, None before the full model was measured), ``n_masks``, ``complete``, ``partial``,
+      ``work`` (total). Work is engine.fidelity.work: (layer calls + leaves) x windows x tokens."""
+    store = getattr(run, "store", run)
+    rows = store.results()
+    full = store.meta().get("window_losses_full")
+    W = len(full["tokens"]) if full else None
+    complete = [r.windows is None or (W is not None and r.windows >= W) for r in rows]
+    work = np.cumsum([r.work for r in rows]).tolist() if rows else []
+    rounds: dict[int, dict] = {}
+    for r, c in zip(rows, complete):
+        g = rounds.setdefault(r.round, {"masks": 0, "active": 0, "complete": 0, "work": 0})
+        g["masks"] += 1
+        g["active"] += r.source == "active"
+        g["complete"] += c
+        g["work"] += r.work
+    return {
+        "rows": {"rowid": [r.rowid for r in rows], "mask": [r.mask for r in rows], "kept": [r.kept for r in rows],
+                 "round": [r.round for r in rows], "source": [r.source for r in rows],
+                 "windows": [r.windows for r in rows], "complete": complete, "work": [r.work for r in rows],
+                 "cumulative_work": [int(x) for x in work], "created": [r.created for r in rows],
+                 "completed": [r.completed for r in rows]},
+        "rounds": rounds,
+        "n_windows": W,
+        "n_masks": len(rows),
+        "complete": int(sum(complete)),
+        "partial": len(rows) - int(sum(complete)),
+        "work": int(work[-1]) if work else 0,
+    }
+
+
 def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = EvalSpec()) -> dict:
     """Model family, size, class, dtype, device, identity and its perplexity on the data's windows."""
     from engine.data import make_windows
@@ -948,6 +990,8 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
             "kept in the run store. Run the same command again to resume."
         )
     result = prune(spec, method, out_dir, overwrite, eval_data, cache_dir, run, sampled)
+    counters = ("layer_calls", "leaves", "work", "work_total", "completed", "partial", "rounds")
+    result["sampling"] = {k: v for k, v in sampled.to_json().items() if k in counters}
     result["seconds"] = round(time.monotonic() - t0, 3)
     result["stage_seconds"] = {"sample": sampled.seconds, **result["stage_seconds"]}
     return result

@@ -126,14 +126,22 @@ def baseline_summary(r: dict) -> str:
     return "\n\n".join(blocks)
 
 
+def _work(x) -> str:
+    """Token-layer calls, short: 1.2e+09."""
+    return "-" if not x else f"{float(x):.2g}"
+
+
 def status_summary(result: dict) -> str:
     runs = result["runs"]
     if not runs:
         return "no runs yet (python -m engine sample ...)"
-    head = f"{'run_id':14} {'status':10} {'samples':>9} {'L':>3}  model / data"
+    head = f"{'run_id':14} {'status':10} {'samples':>9} {'L':>3} {'work':>8}  model / data"
     rows = [
         f"{r['run_id']:14} {r['status']:10} {r['n_samples']:>5}/{r['target'] or '-':<4}"
-        f"{r['n_layers'] or '-':>3}  {r['model'] or '?'} / {r['data'] or '?'}"
+        f"{r['n_layers'] or '-':>3} {_work(r.get('work')):>8}  {r['model'] or '?'} / {r['data'] or '?'}"
+        + (f"\n    {r['partial']} partial rows" if r.get("partial") else "")
+        + (f"\n    rounds: " + ", ".join(f"{k}: {v['masks']} ({v['active']} active)" for k, v in r["rounds"].items())
+           if len(r.get("rounds") or {}) > 1 else "")
         + (f"\n    {r['problem']}" if r.get("problem") else "")  # damaged / unreadable / empty run folders
         for r in runs
     ]
@@ -143,6 +151,13 @@ def status_summary(result: dict) -> str:
 def sample_summary(r: dict) -> str:
     line = (f"run {r['run_id']}: evaluated {r['evaluated']} masks in {r['seconds']:.1f} s; "
             f"{r['total']}/{r['target']} done; PPL(full) {_num(r['ppl_full'])}; store {r['store']}")
+    if r.get("work"):
+        line += f"\nwork: {_work(r['work'])} token-layer calls now, {_work(r.get('work_total'))} over the stored rows"
+    if r.get("completed") or r.get("partial"):
+        line += (f"\nmulti-fidelity: {r.get('completed', 0)} masks completed now; {r.get('partial', 0)} stay evaluated on "
+                 "their first windows only")
+    if len(r.get("rounds") or {}) > 1:
+        line += "\nrounds: " + ", ".join(f"{k}: {v['masks']} ({v['active']} active)" for k, v in r["rounds"].items())
     if r["nonfinite"]:
         line += f"\n{r['nonfinite']} masks gave a non-finite perplexity (score 0)."
     if r["stopped"]:

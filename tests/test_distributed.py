@@ -24,6 +24,7 @@ from conftest import save_tiny_llama, write_words
 
 from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SamplingSpec
 from engine.evaluate import MaskEvaluator, count_prefix_computations, split_subtrees
+from engine.fidelity import count_work
 from engine.sampling import sample_masks
 
 ray = pytest.importorskip("ray")
@@ -146,6 +147,10 @@ class TestTwoWorkers:
         assert ev.pids == {i["pid"] for i in ev.info}  # both workers evaluated subtrees
         # Sharing stays inside each subtree: exactly the layer calls of the split, no more.
         assert ev.layer_calls == sum(count_prefix_computations(masks[g]) for g in split_subtrees(masks, 16))
+        groups = split_subtrees(masks, 16)  # the work counter: the same definition as one process's
+        assert ev.leaves == sum(len(np.unique(masks[g], axis=0)) for g in groups)
+        W, T = ev._shape
+        assert ev.work == sum(count_work(masks[g], W, T) for g in groups)
 
     def test_actor_killed_mid_run_is_restarted_by_ray(self, evaluator, want):
         ev = evaluator

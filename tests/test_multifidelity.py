@@ -204,3 +204,60 @@ def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_pa
     assert len(test_rows) > 0 and s.complete[test_rows].all()
     c = method.contributions(s, f, MethodSpec(surrogate=SurrogateSpec(ensemble=2), boot=0))
     assert c.details["n_train_only"] == int((~s.design_rows).sum()) and np.isfinite(c.values).all()
+
+
+def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm, capsys):
+    from engine import pipeline
+    from engine.report import sample_summary, status_summary
+
+    lm, windows = tiny_lm("llama", n_layers=6), _windows(4)
+    spec, run = _run(tmp_path, lm, windows, SamplingSpec(n_masks=12, first_windows=1, complete=0.5))
+    result = pipeline.sample(spec, tmp_path, progress=False, run=run).to_json()
+    p = pipeline.sampling_progress(run.store)
+    assert p["n_masks"] == 12 and p["n_windows"] == 4 and p["complete"] == 6 and p["partial"] == 6
+    assert p["rows"]["cumulative_work"][-1] == p["work"] == result["work"] == result["work_total"] > 0
+    assert p["rounds"] == {0: {"masks": 12, "active": 0, "complete": 6, "work": p["work"]}}
+    assert sorted(p["rows"]["windows"]) == [1] * 6 + [4] * 6
+    assert "work:" in sample_summary(result) and "6 stay evaluated" in sample_summary(result)
+    status = pipeline.status(tmp_path)
+    assert status[0]["work"] == p["work"] and status[0]["partial"] == 6
+    assert "6 partial rows" in status_summary({"runs": status})
+
+
+def test_cli_sample_and_run_with_fidelity_and_rounds(tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_llama, write_words
+    from engine import cli
+
+    model = save_tiny_llama(tmp_path / "m", n_layers=8)
+    text = write_words(tmp_path / "t.txt", 3000)
+    common = ["--model", str(model), "--data", str(text), "--windows", "3", "--seq-len", "16",
+              "--first-windows", "2", "--complete", "0.25", "--cache-dir", str(tmp_path / "c"), "--json"]
+    assert cli.main(["sample", *common, "--masks", "16", "--rounds", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["evaluated"] == 16 and out["work"] > 0 and out["completed"] == 4 and out["partial"] == 12
+    assert {int(k): v["masks"] for k, v in out["rounds"].items()} == {0: 4, 1: 4, 2: 4, 3: 4}
+    assert cli.main(["run", *common, "--masks", "24", "--rounds", "2", "--remove", "1", "--ensemble", "2",
+                     "--boot", "0", "--n-verify", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n_masks"] == 24 and out["sampling"]["work"] > 0 and len(out["removed"]) == 1
+    assert cli.main(["status", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert {r["n_samples"] for r in runs} == {16, 24} and all(r["work"] > 0 for r in runs)
+
+
+def test_bad_fidelity_and_round_settings_are_refused_before_any_model_is_loaded(tmp_path):
+    from engine import pipeline, validate
+    from engine.config import DataSpec, EvalSpec, SpecError
+    from engine.errors import InputError, WorkbenchError
+
+    for bad in (dict(first_windows=-1), dict(rounds=0), dict(complete=1.5), dict(explore=-0.1)):
+        with pytest.raises(SpecError, match=next(iter(bad)).replace("_", " ")):
+            SamplingSpec(**bad)
+    spec = RunSpec(data=DataSpec(n_windows=3), sampling=SamplingSpec(first_windows=3))
+    with pytest.raises(InputError, match="--first-windows 3: the run has 3 calibration windows"):
+        validate.check_run(spec)
+    spec = RunSpec(sampling=SamplingSpec(first_windows=2))
+    with pytest.raises(WorkbenchError, match="Ray workers"):
+        pipeline.sample(spec, tmp_path, progress=False, evaluation=EvalSpec(workers=2))
