@@ -59,13 +59,12 @@ def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list
 
 SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created", "round", "source",
                   "windows", "work"]
-FIDELITY = ("complete", "partial", "unknown")  # evaluated on every window | on some | no per-window losses stored
+FIDELITY = ("complete", "partial")  # evaluated on every calibration window | on its first windows only so far
 
 
 def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
     """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels, `round_label`
-    ('round r') and `fidelity` (FIDELITY: windows evaluated against the run's n_windows; unknown when
-    the row has no per-window losses or n_windows is None)."""
+    ('round r') and `fidelity` (FIDELITY, from the windows evaluated against the run's n_windows)."""
     df = pd.DataFrame([asdict(r) for r in rows], columns=SAMPLE_COLUMNS)
     df["stratum"] = df["kept"].map(lambda k: f"kept {int(k)}")
     df["round_label"] = df["round"].map(lambda r: f"round {int(r)}")
@@ -73,56 +72,48 @@ def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
     return df
 
 
-def n_windows_of(meta: dict) -> int | None:
-    """W, the run's calibration windows, from its stored meta (the full model's per-window losses), or None."""
-    full = meta.get("window_losses_full")
-    return len(full["tokens"]) if full else None
-
-
 def fidelity_labels(windows, n_windows: int | None) -> list[str]:
-    """complete | partial | unknown for each row's evaluated window count."""
+    """complete | partial per row, as pipeline.sampling_progress counts them: a row without per-window
+    losses (None: evaluated by Ray workers, or stored before them) was evaluated on every window."""
     out = []
     for w in windows:
-        if n_windows is None or w is None or (isinstance(w, float) and math.isnan(w)):
-            out.append("unknown")
-        else:
-            out.append("complete" if int(w) >= n_windows else "partial")
+        missing = w is None or (isinstance(w, float) and math.isnan(w))
+        out.append("complete" if missing or n_windows is None or int(w) >= n_windows else "partial")
     return out
 
 
-def round_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per sampling round: masks, design / active (where they came from), complete / partial
-    (fidelity), and the work (token-layer calls) spent on them, with its share of the run's."""
-    total = max(int(df["work"].sum()), 1)
-    rows = []
-    for r, g in df.groupby("round", sort=True):
-        rows.append({"round": int(r), "masks": len(g), "design": int((g["source"] == "design").sum()),
-                     "active": int((g["source"] == "active").sum()),
-                     "complete": int((g["fidelity"] == "complete").sum()),
-                     "partial": int((g["fidelity"] == "partial").sum()),
-                     "work (token-layer calls)": int(g["work"].sum()),
-                     "share of work": float(g["work"].sum() / total)})
+def round_table(progress: dict) -> pd.DataFrame:
+    """pipeline.sampling_progress -> one row per sampling round: masks, design / active (where they came
+    from), complete / partial (fidelity), and the work (token-layer calls) spent on them with its share."""
+    total = max(int(progress["work"]), 1)
+    rows = [{"round": int(r), "masks": g["masks"], "design": g["masks"] - g["active"], "active": g["active"],
+             "complete": g["complete"], "partial": g["masks"] - g["complete"], "work (token-layer calls)": g["work"],
+             "share of work": g["work"] / total}
+            for r, g in sorted(progress["rounds"].items(), key=lambda kv: int(kv[0]))]
     return pd.DataFrame(rows, columns=["round", "masks", "design", "active", "complete", "partial",
                                        "work (token-layer calls)", "share of work"])
 
 
-def fidelity_table(df: pd.DataFrame, n_windows: int | None) -> pd.DataFrame:
-    """Masks per number of evaluated windows ('k of W'), with their share of the masks."""
-    known = df["windows"].notna()
-    counts = df.loc[known, "windows"].astype(int).value_counts().sort_index(ascending=False)
-    rows = [{"windows evaluated": f"{k} of {n_windows or '?'}", "masks": int(c), "share": c / len(df)}
-            for k, c in counts.items()]
-    if (~known).any():
-        rows.append({"windows evaluated": "not stored", "masks": int((~known).sum()), "share": (~known).sum() / len(df)})
+def fidelity_table(progress: dict) -> pd.DataFrame:
+    """pipeline.sampling_progress -> masks per number of evaluated windows ('k of W'), with their share."""
+    W, windows = progress["n_windows"], progress["rows"]["windows"]
+    n = max(len(windows), 1)
+    known = pd.Series([w for w in windows if w is not None], dtype="int64")
+    rows = [{"windows evaluated": f"{k} of {W or '?'}", "masks": int(c), "share": c / n}
+            for k, c in known.value_counts().sort_index(ascending=False).items()]
+    if len(known) < len(windows):
+        rows.append({"windows evaluated": "all (no per-window losses stored)", "masks": len(windows) - len(known),
+                     "share": (len(windows) - len(known)) / n})
     return pd.DataFrame(rows, columns=["windows evaluated", "masks", "share"])
 
 
-def work_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Cumulative work (token-layer calls) in store order: x = masks stored so far, with each row's round
-    (a row's work includes its completion, however late that came)."""
-    d = df.sort_values("rowid")
-    return pd.DataFrame({"masks stored": np.arange(1, len(d) + 1), "cumulative work": d["work"].cumsum().to_numpy(),
-                         "round": d["round_label"].to_numpy(), "fidelity": d["fidelity"].to_numpy()})
+def work_frame(progress: dict) -> pd.DataFrame:
+    """pipeline.sampling_progress -> cumulative work (token-layer calls) in store order: x = masks stored so
+    far, with each row's round and fidelity (a row's work includes its completion, however late it came)."""
+    rows = progress["rows"]
+    return pd.DataFrame({"masks stored": np.arange(1, len(rows["rowid"]) + 1), "cumulative work": rows["cumulative_work"],
+                         "round": [f"round {int(r)}" for r in rows["round"]],
+                         "fidelity": ["complete" if c else "partial" for c in rows["complete"]]})
 
 
 def work_curve_frame(curve: dict) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from pages import _ui
 
 JOB = "sample"  # one sampling job per run (the store allows one writer)
 # Markers: fidelity (open = partial: evaluated on the first windows only), or source when colouring by fidelity.
-SYMBOLS = {"complete": "circle", "partial": "circle-open", "unknown": "x", "design": "circle", "active": "diamond"}
+SYMBOLS = {"complete": "circle", "partial": "circle-open", "design": "circle", "active": "diamond"}
 
 
 def _state(store) -> str:
@@ -123,8 +123,7 @@ def live(run_id: str, polling: bool) -> None:
     c1.metric("samples", p["done"])
     c2.metric("status", state if state != "idle" else (lease.status if lease else "new"))
     c3.metric("masks / s", f"{p['rate']:.2f}" if p["rate"] else "-", help="over the commits so far")
-    meta = store.meta()
-    ppl_full = meta.get("ppl_full")
+    ppl_full = store.meta().get("ppl_full")
     c4.metric("full-model PPL", f"{ppl_full:.3f}" if ppl_full else "-")
     if lease and lease.status == "failed" and lease.message:
         st.error(lease.message)
@@ -132,11 +131,12 @@ def live(run_id: str, polling: bool) -> None:
         st.error(job.message)
     if not rows:
         return
-    W = views.n_windows_of(meta)
+    progress = pipeline.sampling_progress(store)  # rounds, fidelity and work of every stored row
+    W = progress["n_windows"]
     df = views.samples_frame(rows, W)
-    n, rt = len(df), views.round_table(df)
-    n_active, n_complete = int((df["source"] == "active").sum()), int((df["fidelity"] == "complete").sum())
-    work = int(df["work"].sum())
+    n, rt = progress["n_masks"], views.round_table(progress)
+    n_active, n_complete = int(rt["active"].sum()), progress["complete"]
+    work = progress["work"]
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("rounds", len(rt), help=f"sampling rounds of the {n} stored masks (round 0: the design's first masks)")
     c2.metric("active masks", f"{n_active} / {n}",
@@ -171,9 +171,9 @@ def live(run_id: str, polling: bool) -> None:
     st.markdown("**Rounds and fidelity**")
     a, b, c = st.columns([3, 2, 3])
     a.dataframe(rt, hide_index=True, column_config={"share of work": st.column_config.NumberColumn(format="percent")})
-    b.dataframe(views.fidelity_table(df, W), hide_index=True,
+    b.dataframe(views.fidelity_table(progress), hide_index=True,
                 column_config={"share": st.column_config.NumberColumn(format="percent")})
-    wf = views.work_frame(df)
+    wf = views.work_frame(progress)
     c.plotly_chart(px.line(wf, x="masks stored", y="cumulative work", color="round", markers=True,
                            hover_data=["fidelity"], labels={"cumulative work": "work (token-layer calls)"},
                            title=f"Cumulative work: {work:,} token-layer calls over {n} masks"),

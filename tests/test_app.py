@@ -386,6 +386,13 @@ def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
     y = np.concatenate([_plotly_array(tr["y"]) for tr in work])
     assert y.max() == summary.work and len(y) == 24  # cumulative work reaches the store's
     assert any("first 2 of 4 windows" in c.value and "2 rounds" in c.value for c in at.caption)
+    # rows the live view read before they were completed are read again (completions add windows, not rows)
+    done = [r for r in store.results() if r.windows == 4][-1]  # among the 20 latest rows shown
+    stale = [dataclasses.replace(r, windows=2, ppl=-1.0) if r.rowid == done.rowid else r for r in store.results()]
+    at.session_state[f"rows:{run_id}"] = stale
+    at.run()
+    latest = _frame(at, "seconds")
+    assert (latest["ppl"] > 0).all() and sorted(latest["windows"]) == sorted(t.windows[-len(latest):])
 
 
 def test_sampling_start_launches_the_adaptive_run_on_screen(adaptive_run, monkeypatch):
@@ -438,3 +445,20 @@ def test_surrogate_shows_the_quality_vs_work_curve(adaptive_run, monkeypatch):
     assert _plotly_array(chart["data"][1]["x"]).tolist() == frame["work"].tolist()
     assert "error_y" in chart["data"][1]  # intervals on every point
     assert any("evaluated on every window" in c.value for c in at.caption)  # partial masks are said
+
+
+def test_fidelity_and_round_tables_follow_the_progress_record():
+    progress = {"rounds": {0: {"masks": 3, "active": 0, "complete": 2, "work": 30},
+                           1: {"masks": 2, "active": 1, "complete": 1, "work": 10}},
+                "rows": {"rowid": [1, 2, 3, 4, 5], "round": [0, 0, 0, 1, 1], "windows": [4, 2, None, 4, 2],
+                         "complete": [True, False, True, True, False], "cumulative_work": [10, 20, 30, 35, 40]},
+                "n_windows": 4, "n_masks": 5, "complete": 3, "partial": 2, "work": 40}
+    rt = views.round_table(progress)
+    assert rt["design"].tolist() == [3, 1] and rt["partial"].tolist() == [1, 1]
+    assert rt["share of work"].tolist() == [0.75, 0.25]
+    ft = views.fidelity_table(progress)
+    assert dict(zip(ft["windows evaluated"], ft["masks"])) == {"4 of 4": 2, "2 of 4": 2,
+                                                               "all (no per-window losses stored)": 1}
+    wf = views.work_frame(progress)
+    assert wf["cumulative work"].tolist() == [10, 20, 30, 35, 40] and wf["fidelity"].tolist()[1] == "partial"
+    assert views.fidelity_labels([4, 2, None, float("nan")], 4) == ["complete", "partial", "complete", "complete"]
