@@ -116,6 +116,26 @@ def work_frame(progress: dict) -> pd.DataFrame:
                          "fidelity": ["complete" if c else "partial" for c in rows["complete"]]})
 
 
+def round_colours(labels) -> dict[str, str]:
+    """'round r' -> a colour fixed by r (the same in every chart of the page, whatever rows are shown)."""
+    return {lab: STRATUM_PALETTE[int(str(lab).split()[-1]) % len(STRATUM_PALETTE)] for lab in set(labels)}
+
+
+def work_curve_table(curve: dict, level: float) -> pd.DataFrame:
+    """The `work_curve` points for display: work, masks fitted, held-out n, and R² / Spearman with their
+    intervals written out ('0.812 [0.701, 0.880]')."""
+    def with_interval(p: dict, k: str) -> str:
+        v, lo, hi = p.get(k), p.get(f"{k}_low"), p.get(f"{k}_high")
+        if v is None:
+            return "-"
+        return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else " (no interval)")
+
+    return pd.DataFrame([{"work (token-layer calls)": p["work"], "work on fitted masks": p["work_fitted"],
+                          "masks fitted": p["train_masks"], "masks stored": p["rows_stored"], "held-out n": p["n_test"],
+                          f"R² [{level:.0%}]": with_interval(p, "r2"), f"Spearman [{level:.0%}]": with_interval(p, "spearman")}
+                         for p in curve.get("points") or []])
+
+
 def work_curve_frame(curve: dict) -> pd.DataFrame:
     """The fit artifact's `work_curve` points as a table (store order: work, masks, held-out metrics with intervals)."""
     cols = ["work", "work_fitted", "train_masks", "rows_stored", "n_test", "r2", "r2_low", "r2_high", "spearman",

@@ -50,6 +50,8 @@ chosen = dataclasses.replace(spec.sampling, first_windows=int(first_windows), co
 if chosen != spec.sampling:
     spec = st.session_state.spec = dataclasses.replace(spec, sampling=chosen)
 _ui.spec_caption(spec)
+if st.session_state.pop("sync_n_masks", False):  # a run's settings were just taken: its mask count too
+    st.session_state.n_masks_run = spec.sampling.n_masks
 c1, c2, c3 = st.columns([2, 1, 1])
 n_masks = c1.number_input("masks in the run", 1, 1_000_000, spec.sampling.n_masks, key="n_masks_run",
                           help="evaluated masks are kept: asking for more extends the run, asking again resumes it")
@@ -79,6 +81,7 @@ if runs:
         meta = _ui.store_for(watched).meta()
         st.session_state.spec = views.spec_from_dict(meta["spec"])
         st.session_state.run_id = st.session_state.selected_run = watched
+        st.session_state.sync_n_masks = True
         st.rerun()
 else:
     watched = None
@@ -161,7 +164,8 @@ def live(run_id: str, polling: bool) -> None:
                      hover_data=["mask", "rowid", "round", "source", "windows", "work"],
                      labels={"kept": "kept layers", "ppl": "perplexity", "stratum": "stratum", "round_label": "round"},
                      category_orders=orders, symbol_map=SYMBOLS,
-                     color_discrete_map=views.stratum_colours(df) if colour == "stratum" else None,
+                     color_discrete_map=views.stratum_colours(df) if colour == "stratum" else
+                     views.round_colours(df["round_label"]) if colour == "round" else None,
                      title="Perplexity vs kept layers")
     fig.update_xaxes(dtick=1)
     right.plotly_chart(fig, key=f"scatter:{run_id}")
@@ -169,19 +173,21 @@ def live(run_id: str, polling: bool) -> None:
         right.caption(f"Open markers: the {n - n_complete} partial masks, whose perplexity covers their evaluated "
                       f"windows only (out of {W or '?'}).")
     st.markdown("**Rounds and fidelity**")
-    a, b, c = st.columns([3, 2, 3])
-    a.dataframe(rt, hide_index=True, column_config={"share of work": st.column_config.NumberColumn(format="percent")})
-    b.dataframe(views.fidelity_table(progress), hide_index=True,
+    a, b = st.columns([3, 2])
+    a.dataframe(rt, hide_index=True, width="stretch",
+                column_config={"share of work": st.column_config.NumberColumn(format="percent")})
+    b.dataframe(views.fidelity_table(progress), hide_index=True, width="stretch",
                 column_config={"share": st.column_config.NumberColumn(format="percent")})
     wf = views.work_frame(progress)
-    c.plotly_chart(px.line(wf, x="masks stored", y="cumulative work", color="round", markers=True,
-                           hover_data=["fidelity"], labels={"cumulative work": "work (token-layer calls)"},
-                           title=f"Cumulative work: {work:,} token-layer calls over {n} masks"),
-                   key=f"work:{run_id}")
-    c.caption("In store order; a mask's work includes its completion on the remaining windows, when that came.")
+    fig = px.line(wf, x="masks stored", y="cumulative work", color="round", markers=True, hover_data=["fidelity"],
+                  color_discrete_map=views.round_colours(wf["round"]),
+                  labels={"cumulative work": "work (token-layer calls)"}, title="Cumulative work, in store order")
+    fig.update_layout(height=320)
+    st.plotly_chart(fig, key=f"work:{run_id}")
+    st.caption(f"{work:,} token-layer calls over {n} masks. A mask's work includes its completion on the remaining "
+               "windows, whenever that came.")
     st.dataframe(df.tail(20).iloc[::-1][["rowid", "mask", "kept", "ppl", "score", "round", "source", "windows", "work",
                                          "seconds"]], hide_index=True, width="stretch")
-
 
 
 if watched:

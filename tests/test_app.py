@@ -433,16 +433,18 @@ def test_surrogate_shows_the_quality_vs_work_curve(adaptive_run, monkeypatch):
     fit = pipeline.stored(store, "fit", method)
     curve = fit["work_curve"]
     assert not fit["stale"] and curve["points"]
-    frame = _frame(at, "work_fitted")
-    assert frame["work"].tolist() == [p["work"] for p in curve["points"]]
-    assert frame["n_test"].tolist() == [fit["report"]["split"]["n_test"]] * len(frame)
-    np.testing.assert_allclose(frame["spearman"], [p["spearman"] for p in curve["points"]])
-    assert frame["work"].is_monotonic_increasing and frame["work"].iloc[-1] <= store.summary().work
+    frame = _frame(at, "work on fitted masks")
+    work = frame["work (token-layer calls)"]
+    assert work.tolist() == [p["work"] for p in curve["points"]]
+    assert work.is_monotonic_increasing and work.iloc[-1] <= store.summary().work
+    assert frame["held-out n"].tolist() == [fit["report"]["split"]["n_test"]] * len(frame)
+    assert frame["Spearman [90%]"].tolist() == [f"{p['spearman']:.3f} [{p['spearman_low']:.3f}, "
+                                                f"{p['spearman_high']:.3f}]" for p in curve["points"]]
     chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                  if "Held-out quality vs work" in c.proto.spec)
     names = [tr["name"] for tr in chart["data"]]
     assert names == ["held-out R²", "held-out Spearman"]
-    assert _plotly_array(chart["data"][1]["x"]).tolist() == frame["work"].tolist()
+    assert _plotly_array(chart["data"][1]["x"]).tolist() == work.tolist()
     assert "error_y" in chart["data"][1]  # intervals on every point
     assert any("evaluated on every window" in c.value for c in at.caption)  # partial masks are said
 
