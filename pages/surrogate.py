@@ -98,13 +98,12 @@ else:
             customdata=wcf[["train_masks", "n_test", "work_fitted"]],
             hovertemplate=(f"{name} %{{y:.3f}} on %{{customdata[1]}} held-out masks<br>fitted on %{{customdata[0]}} "
                            "masks<br>work %{x:,} token-layer calls (fitted rows: %{customdata[2]:,})<extra></extra>")))
-    low = float(min(wcf[["r2", "spearman"]].min().min(), 0.0))
+    low = float(min(wcf[["r2", "spearman", "r2_low", "spearman_low"]].min().min(), 0.0))
     fig.update_layout(title=f"Held-out quality vs work ({wc['level']:.0%} intervals, {wc['n_test']} held-out masks)",
                       xaxis_title="work spent so far (token-layer calls, store order)", yaxis_title="held-out value",
                       yaxis_range=[max(low, -1.0) - 0.05, 1.05])  # R² intervals can reach far below -1: cut there
-    left, right = st.columns(2)
-    left.plotly_chart(fig, key="work_curve")
-    right.dataframe(views.work_curve_table(wc, wc["level"]), hide_index=True, width="stretch")
+    st.plotly_chart(fig, key="work_curve")
+    st.dataframe(views.work_curve_table(wc, wc["level"]), hide_index=True, width="stretch")
     st.caption(f"Each point: one {variant_label(variant)} surrogate fitted on the run's first training masks in store "
                f"order (the order they were evaluated in), scored on the fit's {wc['n_test']} held-out masks; x = the "
                f"work the run had spent when the last of them was stored (all {wc['work_total']:,} token-layer calls "
