@@ -10,6 +10,8 @@ lexicographically, so sequences with a common prefix are contiguous; walking the
 order is a depth-first walk of their trie. A stack keeps one hidden state per depth (memory
 bounded by L + 1 states of (n_windows, T, d)), so every distinct (prefix, next kept layer) is
 computed once (`layer_calls` counts them; `count_prefix_computations` predicts the count).
+`leaves` counts the final norm + head + loss runs (one per distinct mask) and `work` is both in
+token-layer calls, `fidelity.work(layer_calls, leaves, W, T)`, which `fidelity.count_work` predicts.
 
 How a single layer is run without re-implementing each family's forward: once, at start-up,
 the model's own base forward runs with every decoder layer wrapped in a `_Recorder` that

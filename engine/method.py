@@ -282,7 +282,7 @@ def interaction_members(samples: Samples, f: Fit, fit_on: str = "all") -> list:
     if fit_on != "all":
         raise WorkbenchError(f"fit_on must be one of {', '.join(FIT_ON)}; got {fit_on!r}.")
     s = samples.require()
-    return Ensemble(f.fitted.report.spec).fit(s.masks, s.scores).value_functions()
+    return Ensemble(f.fitted.report.spec).fit(s.masks, s.scores, sample_weight=s.weights).value_functions()
 
 
 def interactions(samples: Samples, members, index: str = "sii", budget: int | None = None, seed: int = 0):

@@ -580,14 +580,18 @@ class RunStore:
         meta = self.meta()
         lease = self.lease()
         with self._connect() as con:
-            n, last, work, done = con.execute(
-                "SELECT COUNT(*), MAX(MAX(created), COALESCE(MAX(completed), 0)), COALESCE(SUM(work), 0), "
-                "COALESCE(SUM(windows), 0) FROM samples").fetchone()
-            rounds = {int(r): {"masks": int(c), "active": int(a)} for r, c, a in con.execute(
-                "SELECT round, COUNT(*), SUM(source = 'active') FROM samples GROUP BY round ORDER BY round")}
-            full = self._full_windows(con)
-            partial = 0 if full is None else con.execute(
-                "SELECT COUNT(*) FROM samples WHERE windows IS NOT NULL AND windows < ?", (full,)).fetchone()[0]
+            n, last = con.execute("SELECT COUNT(*), MAX(created) FROM samples").fetchone()
+            work, done, partial, rounds = 0, 0, 0, {}
+            if "work" in {r[1] for r in con.execute("PRAGMA table_info(samples)")}:  # schema 3 (list_runs
+                # summarises older stores without migrating them)
+                completed, work, done = con.execute(
+                    "SELECT MAX(completed), COALESCE(SUM(work), 0), COALESCE(SUM(windows), 0) FROM samples").fetchone()
+                last = max([t for t in (last, completed) if t is not None], default=None)
+                rounds = {int(r): {"masks": int(c), "active": int(a)} for r, c, a in con.execute(
+                    "SELECT round, COUNT(*), SUM(source = 'active') FROM samples GROUP BY round ORDER BY round")}
+                full = self._full_windows(con)
+                partial = 0 if full is None else con.execute(
+                    "SELECT COUNT(*) FROM samples WHERE windows IS NOT NULL AND windows < ?", (full,)).fetchone()[0]
         if lease is None:
             status = "new"
         elif lease.status == "running" and not lease.alive():

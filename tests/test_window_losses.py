@@ -176,6 +176,14 @@ def _v2_store(tmp_path, run_id="old2"):
     return d / "run.sqlite"
 
 
+def test_status_lists_a_version_2_store_before_it_is_migrated(tmp_path):
+    from engine.store import list_runs
+
+    _v2_store(tmp_path)
+    (run,) = list_runs(tmp_path)
+    assert run.problem is None and run.n_samples == 2 and run.work == 0 and run.rounds == {}
+
+
 def test_version_2_store_is_migrated_and_keeps_working(tmp_path):
     """Schema 2 -> 3: rows keep their numbers and windows, gain round 0 / source design / work 0; new rows
     carry their round and source; an artifact of schema 2 (no window count) is compared on masks only."""
