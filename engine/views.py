@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +64,9 @@ FIDELITY = ("complete", "partial")  # evaluated on every calibration window | on
 def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
     """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels, `round_label`
     ('round r') and `fidelity` (FIDELITY, from the windows evaluated against the run's n_windows)."""
-    df = pd.DataFrame([asdict(r) for r in rows], columns=SAMPLE_COLUMNS)
-    df["stratum"] = df["kept"].map(lambda k: f"kept {int(k)}")
-    df["round_label"] = df["round"].map(lambda r: f"round {int(r)}")
+    df = pd.DataFrame({c: [getattr(r, c) for r in rows] for c in SAMPLE_COLUMNS}, columns=SAMPLE_COLUMNS)
+    df["stratum"] = "kept " + df["kept"].astype(str)
+    df["round_label"] = "round " + df["round"].astype(str)
     df["fidelity"] = fidelity_labels(df["windows"], n_windows)
     return df
 
@@ -75,11 +74,10 @@ def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
 def fidelity_labels(windows, n_windows: int | None) -> list[str]:
     """complete | partial per row, as pipeline.sampling_progress counts them: a row without per-window
     losses (None: evaluated by Ray workers, or stored before them) was evaluated on every window."""
-    out = []
-    for w in windows:
-        missing = w is None or (isinstance(w, float) and math.isnan(w))
-        out.append("complete" if missing or n_windows is None or int(w) >= n_windows else "partial")
-    return out
+    w = pd.to_numeric(pd.Series(windows, dtype=object), errors="coerce").to_numpy(dtype=float)  # None -> NaN
+    if n_windows is None:
+        return ["complete"] * len(w)
+    return np.where(np.isnan(w) | (w >= n_windows), "complete", "partial").tolist()
 
 
 def round_table(progress: dict) -> pd.DataFrame:
