@@ -82,7 +82,8 @@ if lc:
 st.subheader("Quality against evaluation work")
 wc = fit.get("work_curve")
 if not wc:
-    st.info("No quality-vs-work curve is stored with this fit (a fit made before it existed): press Fit.")
+    st.info("This fit was stored without its quality-vs-work curve (by `engine run` or another stage, or before the "
+            "curve existed): press Fit to compute it.")
 elif wc.get("n_masks") != fit["n_masks"] or wc.get("n_windows_evaluated") != fit.get("n_windows_evaluated"):
     st.warning(f"The stored quality-vs-work curve saw {wc.get('n_masks')} masks, this fit {fit['n_masks']}: press Fit.")
 elif not wc["points"]:
