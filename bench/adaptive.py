@@ -95,13 +95,12 @@ class Replay:
     work: int = 0
 
     def samples(self, gt: gtm.GroundTruth, design: SamplingSpec) -> method.Samples:
-        est = fidelity.estimate_full(self.nll, self.tokens, gt.full_window_nll)
-        ppl = gt.ppl_full / np.where(est.score > 0, est.score, np.nan)
-        extra = {"se": est.se, "weights": fidelity.fit_weights(est.se), "complete": est.complete,
-                 "source": np.array(self.source)}
-        names = {f.name for f in dataclasses.fields(method.Samples)}
-        return method.Samples(self.masks, est.score, ppl, est.score == 0, gt.ppl_full, design,
-                              **{k: v for k, v in extra.items() if k in names})
+        """What `engine.pipeline.samples` builds from such a store: stored rows, then `with_partial_rows`."""
+        score, nonfinite = fidelity.subset_scores(self.nll, self.tokens, gt.full_window_nll)  # as the store holds
+        ppl = np.where(nonfinite, np.inf, gt.ppl_full / np.where(nonfinite, 1.0, score))
+        s = method.Samples(self.masks, score, ppl, nonfinite, gt.ppl_full, design, self.nll, self.tokens,
+                           source=np.array(self.source))
+        return s.with_partial_rows(gt.full_window_nll, gt.window_tokens)
 
 
 def _evaluate(gt: gtm.GroundTruth, rep: Replay, rows: np.ndarray, windows: np.ndarray) -> None:
@@ -122,10 +121,8 @@ def replay(gt: gtm.GroundTruth, mode: Mode, design: SamplingSpec) -> Replay:
     rep = Replay(np.zeros((0, L), bool), np.zeros((0, W)), np.zeros((0, W), np.int64), [])
     used = 0
     for r, size in enumerate(active.round_sizes(design.n_masks, mode.rounds)):
-        predict = None
-        if r > 0:
-            fit = method.fit(rep.samples(gt, design), mode.method.surrogate, curve=False)
-            predict = lambda m, fit=fit: np.stack([member(m) for member in fit.members])  # noqa: E731
+        # the pipeline's committee (engine.pipeline._committee): default surrogate seeded by the sampling seed
+        predict = None if r == 0 else method.committee(rep.samples(gt, design), SurrogateSpec(seed=design.seed))
         plan = active.plan_round(design, L, r, size, rep.masks, predict, mode.explore, used)
         used = plan.design_used
         start = len(rep.masks)

@@ -126,7 +126,11 @@ class GroundTruth:
         if not self.has_windows:
             raise WorkbenchError("this ground-truth table has no per-window losses; rebuild it with "
                                  "`python -m bench.ground_truth` (the current version stores them).")
-        return self.window_nll[self.lookup_rows(masks)]
+        nll = self.window_nll[self.lookup_rows(masks)]  # (n, W)
+        if np.isnan(nll).all(axis=1).any():
+            raise WorkbenchError("some masks have no per-window losses in this ground-truth table (it was merged "
+                                 "from a partial build); finish it with `python -m bench.ground_truth`.")
+        return nll
 
     def value_function(self, fill: float | None = None):
         """f(masks) -> score = ppl_full / ppl (non-finite -> 0): the real game as a lookup.

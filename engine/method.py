@@ -83,6 +83,21 @@ class Samples:
         score, nonfinite = scores(ppl, ppl_full)
         return cls(np.asarray(masks, dtype=bool), score, ppl, nonfinite, float(ppl_full), design)
 
+    def with_partial_rows(self, full_nll, full_tokens) -> "Samples":
+        """Multi-fidelity: rows whose per-window losses miss some windows get their estimated
+        full-fidelity score (`fidelity.estimate_full`), `se`, surrogate fit `weights` and `complete`;
+        complete rows keep their score. Unchanged when every row is complete (or no row has windows).
+        The one rule for a run store (engine.pipeline.samples) and a replay (bench/adaptive.py)."""
+        from engine import fidelity
+
+        if self.window_tokens is None:
+            return self
+        est = fidelity.estimate_full(self.window_nll, self.window_tokens, full_nll, full_tokens)
+        if est.complete.all():
+            return self
+        return dataclasses.replace(self, scores=np.where(est.complete, self.scores, est.score), se=est.se,
+                                   weights=fidelity.fit_weights(est.se), complete=est.complete)
+
     def require(self, min_masks: int = MIN_MASKS) -> "Samples":
         if self.n < min_masks:
             raise EstimationError(
@@ -300,10 +315,11 @@ def interactions(samples: Samples, members, index: str = "sii", budget: int | No
 
 
 def measured_sets(samples: Samples, decisions: Mapping | None = None) -> dict[tuple[int, ...], float]:
-    """{removed layers: real calibration perplexity} from the evaluated masks and, when given, the
+    """{removed layers: real calibration perplexity} from the completely evaluated masks and, when given, the
     candidates of a stored decisions artifact (its `decisions[*].candidates[*]`)."""
     out = {}
-    for m, p in zip(samples.masks, samples.ppl):
+    complete = np.ones(samples.n, dtype=bool) if samples.complete is None else samples.complete
+    for m, p in zip(samples.masks[complete], samples.ppl[complete]):  # partial rows: ppl of some windows only
         out[tuple(int(i) for i in np.flatnonzero(~m))] = float(p)
     for d in (decisions or {}).get("decisions", []):
         for c in d.get("candidates", []):

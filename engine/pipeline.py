@@ -244,7 +244,7 @@ def sample(
     state = _SampleState()
     evaluators = _Evaluators(run, evaluation)
     done = store.done_masks()
-    if len(done) < target or ppl_full is None or _has_partial_plans(run):
+    if len(done) < target or ppl_full is None or _completion_pending(run):
         try:
             with store.writer(target=target) as writer, evaluators:
                 ppl_full = _store_full_model(run, evaluators)
@@ -506,9 +506,23 @@ def _cancelled(writer, state: _SampleState) -> bool:
     return False
 
 
-def _has_partial_plans(run: OpenRun) -> bool:
-    """True when a stored completion plan still has partial rows (a stopped multi-fidelity run)."""
-    return run.spec.sampling.multi_fidelity and run.store.summary().partial > 0
+def _completion_pending(run: OpenRun) -> bool:
+    """True when a multi-fidelity run has a round whose completion was not planned yet, or whose
+    completion plan still names partial rows (a run stopped while completing)."""
+    from engine import fidelity
+    from engine.sampling import masks_to_strings
+
+    if not run.spec.sampling.multi_fidelity:
+        return False
+    table = run.store.table()
+    if table.window_tokens is None or len(table.rowid) == 0:
+        return False
+    partial = set(np.asarray(masks_to_strings(table.masks))[~fidelity.evaluated(table.window_tokens).all(axis=1)])
+    for r in np.unique(table.round):
+        plan = run.store.get_artifact(f"complete:{r}:{int((table.round <= r).sum())}")
+        if plan is None or partial & set(plan["masks"]):
+            return True
+    return False
 
 
 def sampling_progress(run) -> dict:
@@ -642,7 +656,6 @@ def samples(run: OpenRun, require: bool = True):
     `complete`; their `ppl` stays the stored perplexity over the evaluated windows. Complete rows keep
     their stored score; a run without partial rows has se / weights / complete None (as before).
     `round` and `source` say which sampling round chose each row and whether the design drew it."""
-    from engine import fidelity
     from engine.method import Samples
 
     table = run.store.table()
@@ -654,14 +667,10 @@ def samples(run: OpenRun, require: bool = True):
         raise EstimationError(
             f"run {run.run_id} has no evaluated masks yet. Run `python -m engine sample` with the same "
             "model, data and sampling options first (or `python -m engine run`, which samples too).")
-    score, partial = table.score, {}
-    if table.window_tokens is not None and "window_losses_full" in meta:
-        est = fidelity.estimate_full(table.window_nll, table.window_tokens, *_full_losses(run.store))
-        if not est.complete.all():
-            score = np.where(est.complete, table.score, est.score)  # (n,)
-            partial = dict(se=est.se, weights=fidelity.fit_weights(est.se), complete=est.complete)
-    s = Samples(table.masks, score, table.ppl, table.nonfinite, float(ppl_full), run.spec.sampling,
-                table.window_nll, table.window_tokens, round=table.round, source=table.source, **partial)
+    s = Samples(table.masks, table.score, table.ppl, table.nonfinite, float(ppl_full), run.spec.sampling,
+                table.window_nll, table.window_tokens, round=table.round, source=table.source)
+    if "window_losses_full" in meta:
+        s = s.with_partial_rows(*_full_losses(run.store))
     return s.require() if require else s
 
 

@@ -154,8 +154,8 @@ def sample_summary(r: dict) -> str:
     if r.get("work"):
         line += f"\nwork: {_work(r['work'])} token-layer calls now, {_work(r.get('work_total'))} over the stored rows"
     if r.get("completed") or r.get("partial"):
-        line += (f"\nmulti-fidelity: {r.get('completed', 0)} masks completed now; {r.get('partial', 0)} stay evaluated on "
-                 "their first windows only")
+        line += (f"\nmulti-fidelity: {r.get('completed', 0)} masks completed now; {r.get('partial', 0)} stay "
+                 "evaluated on their first windows only")
     if len(r.get("rounds") or {}) > 1:
         line += "\nrounds: " + ", ".join(f"{k}: {v['masks']} ({v['active']} active)" for k, v in r["rounds"].items())
     if r["nonfinite"]:

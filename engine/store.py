@@ -767,7 +767,8 @@ class Writer:
             if len(new_nll) != W or len(new_tok) != W:
                 raise StoreError(f"mask {mask!r} has {W} windows; got {len(new_nll)} losses and {len(new_tok)} counts")
             both = (tok > 0) & (new_tok > 0)
-            same = (tok[both] == new_tok[both]) & ((nll[both] == new_nll[both]) | np.isnan(nll[both]) & np.isnan(new_nll[both]))
+            old_v, new_v = nll[both], new_nll[both]
+            same = (tok[both] == new_tok[both]) & ((old_v == new_v) | np.isnan(old_v) & np.isnan(new_v))
             if not same.all():
                 raise StoreError(f"refusing to change evaluated windows {np.flatnonzero(both)[~same].tolist()} of mask "
                                  f"{mask!r}: a completion only fills missing windows")
@@ -778,7 +779,8 @@ class Writer:
                                         np.asarray(full["tokens"], dtype=np.int64))
             ppl = _subset_ppl(nll, tok)
             _, nll_bytes, tok_bytes = _pack_windows(nll, tok)
-            con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?", (nll_bytes, tok_bytes, rowid))
+            con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?",
+                        (nll_bytes, tok_bytes, rowid))
             con.execute("UPDATE samples SET ppl = ?, score = ?, nonfinite = ?, windows = ?, seconds = seconds + ?, "
                         "work = work + ?, completed = ? WHERE rowid = ?",
                         (None if np.isnan(ppl) else ppl, float(score[0]), int(bool(flag[0])), _evaluated(tok),

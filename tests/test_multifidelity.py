@@ -155,11 +155,13 @@ def _plans(store) -> list:
     return [store.get_artifact(f"round:{r}") for r in range(3)]
 
 
+@pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_lm, monkeypatch):
     """rounds=3: round 0 is the design's first third, rounds 1-2 mix design and active masks; a run
     cancelled inside round 1 resumes with the same plans and ends with the same rows as one that ran
     through; both-mode rows (first_windows) are a mix of partial and complete rows."""
     from engine import pipeline
+    from engine.sampling import masks_to_strings
 
     lm, windows = tiny_lm("llama", n_layers=8), _windows(3)
     sampling = SamplingSpec(n_masks=24, rounds=3, explore=0.25, first_windows=1, complete=0.5, seed=3)
@@ -183,10 +185,13 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
     b = pipeline.sample(spec, tmp_path / "b", progress=False, run=run_b)
     assert b.stopped is None and _plans(run_b.store) == plans
     tb = run_b.store.table()
-    rows = lambda t: sorted(zip(t.masks.tobytes() and map(bytes, t.masks), t.round, t.source, t.windows))  # noqa: E731
+    def rows(t):
+        return sorted(zip(masks_to_strings(t.masks), t.round.tolist(), t.source.tolist(), t.windows.tolist()))
+
     assert rows(tb) == rows(ta)
 
 
+@pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_path, tiny_lm):
     """method.fit takes the fit weights and holds out complete rows only; the regression-adjusted
     estimator fits on every row but corrects with the design rows (details n_train_only)."""
@@ -224,6 +229,7 @@ def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm,
     assert "6 partial rows" in status_summary({"runs": status})
 
 
+@pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_cli_sample_and_run_with_fidelity_and_rounds(tmp_path, capsys):
     import json
 
@@ -261,3 +267,66 @@ def test_bad_fidelity_and_round_settings_are_refused_before_any_model_is_loaded(
     spec = RunSpec(sampling=SamplingSpec(first_windows=2))
     with pytest.raises(WorkbenchError, match="Ray workers"):
         pipeline.sample(spec, tmp_path, progress=False, evaluation=EvalSpec(workers=2))
+
+
+# ---------------------------------------------------------------- weighted surrogate fits
+
+
+def test_surrogates_take_sample_weights_and_hold_out_exact_rows_only():
+    from engine.config import SurrogateSpec
+    from engine.surrogate import Ensemble, RidgePairwiseSurrogate, split
+
+    rng = np.random.default_rng(0)
+    X = rng.random((60, 6)) < 0.5  # (60, 6)
+    y = 0.2 + 0.1 * X.sum(axis=1) / 6 + 0.05 * X[:, 0]  # (60,)
+    base = split(X, y, 0.2, 0)
+    same = split(X, y, 0.2, 0, testable=np.ones(60, bool))
+    assert base.test.tolist() == same.test.tolist() and base.train.tolist() == same.train.tolist()
+    testable = np.arange(60) % 3 == 0
+    sp = split(X, y, 0.2, 0, testable=testable)
+    assert len(sp.test) > 0 and testable[sp.test].all() and len(sp.test) + len(sp.train) == 60
+    # a zero-weight row counts as if it were not there (ridge), and down-weights a corrupted row (MLP)
+    bad = y.copy()
+    bad[5] = 0.0
+    w = np.ones(60)
+    w[5] = 0.0
+    keep = np.arange(60) != 5
+    r_w = RidgePairwiseSurrogate().fit(X, bad, sample_weight=w)
+    r_drop = RidgePairwiseSurrogate().fit(X[keep], bad[keep])
+    np.testing.assert_allclose(r_w.predict(X), r_drop.predict(X), rtol=1e-6, atol=1e-9)
+    spec = SurrogateSpec(ensemble=2)
+    err_w = abs(Ensemble(spec).fit(X, bad, sample_weight=w).predict(X[5:6])[0] - y[5])
+    err_1 = abs(Ensemble(spec).fit(X, bad).predict(X[5:6])[0] - y[5])
+    assert err_w < err_1
+
+
+def test_a_run_stopped_while_completing_finishes_its_completions(tmp_path, tiny_lm, monkeypatch):
+    """Cancelled during the completions: the rerun evaluates no mask and completes the same planned rows;
+    once finished, a rerun takes no writer lease at all."""
+    from engine import pipeline
+    from engine.sampling import masks_to_strings
+    from engine.store import Writer
+
+    original = Writer.complete
+
+    def complete_then_cancel(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        RunStore.open(self.store.cache_dir, self.store.run_id).request_cancel()
+        return out
+
+    monkeypatch.setattr(Writer, "complete", complete_then_cancel)
+    lm, windows = tiny_lm("llama", n_layers=6), _windows(4)
+    spec, run = _run(tmp_path, lm, windows, SamplingSpec(n_masks=12, first_windows=1, complete=0.5))
+    first = pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert first.stopped == "cancelled" and first.evaluated == 12 and first.completed == 1
+    monkeypatch.undo()
+    plan = run.store.get_artifact("complete:0:12")
+    again = pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert again.evaluated == 0 and again.completed == 5 and again.partial == 6
+    assert run.store.get_artifact("complete:0:12") == plan
+    t = run.store.table()
+    complete = dict(zip(masks_to_strings(t.masks), fidelity.evaluated(t.window_tokens).all(axis=1)))
+    assert len(plan["masks"]) == 6 and all(complete[m] for m in plan["masks"])
+    heartbeat = run.store.lease().heartbeat
+    pipeline.sample(spec, tmp_path, progress=False, run=run)
+    assert run.store.lease().heartbeat == heartbeat  # nothing left to do: no writer

@@ -216,6 +216,7 @@ def test_version_2_store_is_migrated_and_keeps_working(tmp_path):
 def test_complete_fills_only_missing_windows(tmp_path):
     """Writer.complete: fills the missing windows, recomputes ppl / score over the evaluated ones in the same
     transaction, refuses to change an evaluated window, accepts the same value again."""
+    from engine import pipeline
     from engine.fidelity import subset_scores
 
     store = RunStore.open(tmp_path, "run1", META)
@@ -224,7 +225,10 @@ def test_complete_fills_only_missing_windows(tmp_path):
     with store.writer() as w:
         w.add("1100", 1.0, 0.9, False, 0.1, window_nll=[25.0, np.nan, np.nan], window_tokens=[7, 0, 0], work=10)
         assert store.results()[0].windows == 1 and store.evaluated_windows() == 1
+        seen = pipeline._seen(store)  # what an artifact computed now records
+        assert seen == {"n_masks": 1, "n_windows_evaluated": 1} and not pipeline._stale(seen, store)
         ppl, score = w.complete("1100", [np.nan, 26.0, 27.0], [0, 7, 7], seconds=0.5, work=20)
+        assert pipeline._stale(seen, store)  # the completion made it stale (same mask count)
         with pytest.raises(StoreError, match="refusing to change evaluated windows \\[0\\]"):
             w.complete("1100", [24.0, np.nan, np.nan], [7, 0, 0])
         w.complete("1100", [25.0, 26.0, 27.0], [7, 7, 7])  # the same values: accepted, nothing changes
