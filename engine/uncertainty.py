@@ -663,7 +663,7 @@ def compare_candidates(candidates: Sequence[Sequence[int]], window_nll: np.ndarr
 
 
 def work_curve(masks, scores, work, spec, ppl_full: float = 1.0, sample_weight=None, testable=None,
-               n_points: int = 6, level: float = LEVEL, n_boot: int = 500, seed: int = 0) -> dict:
+               n_points: int = 5, level: float = LEVEL, n_boot: int = 500, seed: int = 0) -> dict:
     """Held-out quality of the surrogate against the real evaluation work spent on the rows it was
     fitted on, the rows taken in store order (the order the run evaluated them in).
 

@@ -33,7 +33,7 @@ def test_points_are_store_order_prefixes_with_their_cumulative_work():
     train = np.sort(sp.train)
     assert out["order"] == "store" and out["n_test"] == len(sp.test) and out["work_total"] == work.sum()
     pts = out["points"]
-    assert [p["train_masks"] for p in pts] == sorted({int(s) for s in np.geomspace(8, len(train), 6).round()})
+    assert [p["train_masks"] for p in pts] == sorted({int(s) for s in np.geomspace(8, len(train), 5).round()})
     for p in pts:
         rows = train[:p["train_masks"]]  # the first training rows in store order
         assert p["rows_stored"] == rows[-1] + 1
