@@ -163,6 +163,7 @@ def test_sampling_start_never_launches_a_second_writer(demo_run):
         assert _metrics(at)["status"] == "running"
 
 
+@pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
 def test_surrogate_fit_metrics_and_charts(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(2)  # ensemble members
@@ -190,6 +191,7 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
     assert "spearman vs shapley" in at.dataframe[1].value.columns
 
 
+@pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
 def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     at = _app("surrogate")
     at.number_input[0].set_value(1)  # one surrogate: Prune reuses the session's fit (keeps the test short)
@@ -256,6 +258,7 @@ def test_comparison_page_only_with_bench_results(demo_run, tmp_path, monkeypatch
     assert list(at.dataframe[0].value["method"]) == ["last", "optimum", "shapley:paper"]
 
 
+@pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
 def test_summary_page_builds_the_report_and_generates(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(1)
@@ -359,6 +362,7 @@ def _frame(at, column: str):
     return frames[0]
 
 
+@pytest.mark.timeout(900)  # sets up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine
 def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
     from engine.store import RunStore
 
@@ -399,6 +403,7 @@ def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
     assert (latest["ppl"] > 0).all() and sorted(latest["windows"]) == sorted(t.windows[-len(latest):])
 
 
+@pytest.mark.timeout(900)  # may set up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine
 def test_sampling_start_launches_the_adaptive_run_on_screen(adaptive_run, monkeypatch):
     """The four inputs set on screen become the sampling job's flags (generated from the spec): the CLI
     parses them back to exactly that spec, so the job samples the run on screen (same run id)."""
@@ -426,6 +431,7 @@ def test_sampling_start_launches_the_adaptive_run_on_screen(adaptive_run, monkey
     assert run_spec(build_parser().parse_args(argv[3:])) == spec
 
 
+@pytest.mark.timeout(900)  # may set up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine
 def test_surrogate_shows_the_quality_vs_work_curve(adaptive_run, monkeypatch):
     from engine import pipeline
     from engine.store import RunStore

@@ -58,6 +58,7 @@ def test_testable_rows_only_are_held_out_and_no_work_gives_a_note():
         work_curve(masks, scores, work[:10], RIDGE)
 
 
+@pytest.mark.timeout(900)  # a committee fit (5 MLPs) for round 1: minutes on a loaded 2-core machine
 def test_pipeline_stores_the_curve_of_a_multi_fidelity_active_run_in_the_fit_artifact(tmp_path, tiny_lm):
     from engine import pipeline
     from engine.data import Windows
