@@ -108,8 +108,8 @@ else:
     st.caption(f"Each point: one {variant_label(variant)} surrogate fitted on the run's first training masks in store "
                f"order (the order they were evaluated in), scored on the fit's {wc['n_test']} held-out masks; x = the "
                f"work the run had spent when the last of them was stored (all {wc['work_total']:,} token-layer calls "
-               "at the end; a mask's completion counts with it). Intervals: bootstrap over the held-out masks (the chart "
-               "is cut at -1; the table has every interval).")
+               "at the end; a mask's completion counts with it). Intervals: bootstrap over the held-out masks (an interval "
+               "below -1 is cut there in the chart; the table has it whole).")
 comparison = fit.get("comparison")
 if comparison:
     st.subheader("Surrogate comparison (same split, one fit each)")
