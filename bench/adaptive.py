@@ -133,7 +133,8 @@ def replay(gt: gtm.GroundTruth, mode: Mode, design: SamplingSpec) -> Replay:
         _evaluate(gt, rep, np.arange(start, len(rep.masks)), np.arange(f))
         if f < W:
             est = fidelity.estimate_full(rep.nll, rep.tokens, gt.full_window_nll)
-            _evaluate(gt, rep, fidelity.plan_completion(est, rep.masks, mode.complete), np.arange(f, W))
+            _evaluate(gt, rep, fidelity.plan_completion(est, rep.masks, mode.complete, seed=[design.seed, r]),
+                      np.arange(f, W))
     return rep
 
 

@@ -15,6 +15,8 @@ torch); the estimators import engine.shapley when they run.
 
 from __future__ import annotations
 
+import numpy as np
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -130,10 +132,11 @@ def _regression_adjusted(x: EstimationInput):
     and a stated bias allowance in the interval). engine.uncertainty.regression_adjusted:
     post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval.
 
-    Runs with active rounds (engine.active): the surrogates are fitted on every row, but only the
-    design-drawn rows (source == "design") enter the correction term, because its post-
-    stratification assumes uniform draws within each kept count, which the actively chosen masks
-    are not. Partially evaluated rows count with their fit weights (engine.fidelity.fit_weights)."""
+    Runs with active rounds (engine.active) or partial rows (multi-fidelity): the surrogates are
+    fitted on every row (partial rows with their fit weights, engine.fidelity.fit_weights), but only
+    the complete design-drawn rows (source == "design", every window evaluated) enter the
+    correction term (`real_rows`): its post-stratification assumes uniform draws within each kept
+    count, which the actively chosen masks are not, and exact scores, which partial rows lack."""
     from engine import shapley, uncertainty
 
     s, L = x.samples, x.n_layers
@@ -150,11 +153,18 @@ def _regression_adjusted(x: EstimationInput):
 
 
 def real_rows(samples) -> dict:
-    """Keyword arguments of uncertainty.regression_adjusted for a Samples record: `train_only` (the
-    rows an active round chose; None when every row was drawn by the design) and `sample_weight`
-    (the fit weights of partially evaluated rows; None when there are none)."""
+    """Keyword arguments of uncertainty.regression_adjusted for a Samples record: `train_only` (rows
+    that train the surrogates but stay out of the correction: those an active round chose and the
+    partially evaluated ones, whose scores are estimates; None when there are none) and
+    `sample_weight` (the fit weights of partially evaluated rows; None when there are none). The
+    correction then runs over the complete design rows, a uniform subsample of the design (completed
+    rows are drawn at random within each kept count, engine.fidelity.to_complete)."""
     design = getattr(samples, "design_rows", None)
-    return {"train_only": None if design is None or design.all() else ~design,
+    real = None if design is None else design.copy()
+    complete = getattr(samples, "complete", None)
+    if complete is not None:
+        real = np.asarray(complete, dtype=bool) if real is None else real & np.asarray(complete, dtype=bool)
+    return {"train_only": None if real is None or real.all() else ~real,
             "sample_weight": getattr(samples, "weights", None)}
 
 

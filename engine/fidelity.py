@@ -19,9 +19,8 @@ unbiased one). Every partial row of pattern S then gets ``D_hat = beta_S * d(S)`
 error from that variance plus beta's own. The same windows are used for every partial mask (common
 random numbers): the differences between masks, which the contributions are made of, are measured
 on identical text, and beta removes the level shift of those windows. Selecting which rows to
-complete by their d(S) (`to_complete`) keeps the estimator unbiased under the model (selection on
-the covariate is ignorable), and the spread-out part of the completion set checks the model over
-the whole range of d(S) rather than extrapolating from the best masks.
+complete at random within each kept count (`to_complete`) keeps the calibration rows like the rows
+it extrapolates to, and makes the complete design rows a uniform subsample for the estimators.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_CALIBRATION = 8  # complete rows needed to calibrate a pattern; fewer: beta = 1 and a wide error
-BEST_SHARE = 0.75  # share of the completion set taken from the best rows of each kept count
 
 
 # ---------------------------------------------------------------- work
@@ -177,33 +175,32 @@ def fit_weights(se, scale: float | None = None) -> np.ndarray:
     return s**2 / (s**2 + se**2)
 
 
-def to_complete(estimate: FullEstimate, masks, fraction: float) -> np.ndarray:
-    """int[]: the partial rows to complete, most needed first, about `fraction` of the partial rows.
+def to_complete(estimate: FullEstimate, masks, fraction: float, seed=0) -> np.ndarray:
+    """int[]: the partial rows to complete, about `fraction` of the partial rows of each kept-layer
+    count, drawn uniformly at random within the count (seeded by `seed`, an int or a sequence).
 
-    Per kept-layer count (the decision compares masks of one size; the contributions weigh sizes
-    separately), BEST_SHARE of the picks are the rows with the highest estimated score (where the
-    decision for that k is made and where absolute score errors are largest: catastrophic masks
-    sit near score 0 whatever their windows say), the rest are spread evenly over the remaining
-    ranks, so the completed rows calibrate the ratio estimator over the whole range."""
+    Random, not the best rows: the completed rows are then a uniform subsample of the design, so
+    (1) the ratio estimator is calibrated on rows like the ones it extrapolates to, and (2) the
+    regression-adjusted estimator can take its correction from the complete design rows alone
+    (engine.estimators.real_rows) and stay unbiased for the full-fidelity game, while the partial
+    rows still train the surrogate. Measured on the demo game (bench/adaptive.py): completing the
+    best rows of each count and correcting with every row left the contributions at the first
+    window's game (Spearman with the exact Shapley values stuck near 0.65 however many masks)."""
     masks = np.asarray(masks, dtype=bool)
     partial = np.flatnonzero(~estimate.complete & (estimate.n_windows > 0))
     if len(partial) == 0 or fraction <= 0:
         return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
     kept = masks[partial].sum(axis=1)
-    picks: list[np.ndarray] = []
+    picks = []
     for k in np.unique(kept):
         rows = partial[kept == k]
-        rows = rows[np.argsort(-estimate.score[rows], kind="stable")]  # best first
         m = min(len(rows), int(np.ceil(fraction * len(rows))))
-        n_best = int(np.ceil(BEST_SHARE * m))
-        rest = rows[n_best:]
-        spread = rest[np.unique(np.linspace(0, len(rest) - 1, m - n_best).round().astype(int))] if m > n_best else rest[:0]
-        picks.append(np.concatenate([rows[:n_best], spread]))
-    chosen = np.concatenate(picks)
-    return chosen[np.argsort(-estimate.score[chosen], kind="stable")]
+        picks.append(rng.permutation(rows)[:m])
+    return np.sort(np.concatenate(picks))
 
 
-def plan_completion(estimate: FullEstimate, masks, share: float) -> np.ndarray:
+def plan_completion(estimate: FullEstimate, masks, share: float, seed=0) -> np.ndarray:
     """int[]: the partial rows to complete now so that about `share` of all evaluated rows are
     complete (the run's completion target; rows completed earlier count), picked by `to_complete`.
     The pipeline calls this after each batch of partial evaluations, the benchmark replays it."""
@@ -212,4 +209,5 @@ def plan_completion(estimate: FullEstimate, masks, share: float) -> np.ndarray:
     need = int(np.ceil(share * n_rows)) - int(estimate.complete.sum())
     if need <= 0 or n_partial == 0:
         return np.zeros(0, dtype=np.int64)
-    return to_complete(estimate, masks, min(1.0, need / n_partial))[:need]
+    picks = to_complete(estimate, masks, min(1.0, need / n_partial), seed)
+    return np.random.default_rng(seed).permutation(picks)[:need]

@@ -477,7 +477,7 @@ def _complete_round(run, writer, evaluators: _Evaluators, r: int, bar, state: _S
     plan = run.store.get_artifact(name)
     if plan is None:
         est = fidelity.estimate_full(table.window_nll[mine], table.window_tokens[mine], *_full_losses(run.store))
-        rows = mine[fidelity.plan_completion(est, table.masks[mine], sampling.complete)]
+        rows = mine[fidelity.plan_completion(est, table.masks[mine], sampling.complete, seed=[sampling.seed, r])]
         plan = {"round": r, "masks": masks_to_strings(table.masks[rows])}
         run.store.put_artifact(name, plan)
     strings = masks_to_strings(table.masks)

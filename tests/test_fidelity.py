@@ -88,20 +88,20 @@ def test_fit_weights():
     np.testing.assert_array_equal(fidelity.fit_weights(np.zeros(3)), np.ones(3))
 
 
-def test_to_complete_takes_the_best_of_each_size_and_spreads_the_rest():
+def test_to_complete_draws_each_size_at_random_and_is_seeded():
     masks, nll, tokens, full = _game()
     pn, pt = _partial(nll, tokens, np.arange(400), 2)
     est = fidelity.estimate_full(pn, pt, full)
-    chosen = fidelity.to_complete(est, masks, 0.2)
+    chosen = fidelity.to_complete(est, masks, 0.2, seed=1)
     assert len(set(chosen.tolist())) == len(chosen)
     kept = masks.sum(1)
     for k in np.unique(kept):
         rows = np.flatnonzero(kept == k)
-        mine = np.intersect1d(chosen, rows)
-        m = int(np.ceil(0.2 * len(rows)))
-        assert len(mine) == m
-        best = rows[np.argsort(-est.score[rows], kind="stable")][: int(np.ceil(fidelity.BEST_SHARE * m))]
-        assert set(best.tolist()) <= set(mine.tolist())
+        assert len(np.intersect1d(chosen, rows)) == int(np.ceil(0.2 * len(rows)))
+    np.testing.assert_array_equal(fidelity.to_complete(est, masks, 0.2, seed=1), chosen)
+    assert not np.array_equal(fidelity.to_complete(est, masks, 0.2, seed=2), chosen)
+    # not the best rows: the picks' scores spread like the partial rows' scores
+    assert est.score[chosen].min() < np.quantile(est.score, 0.25) < np.quantile(est.score, 0.75) < est.score[chosen].max()
     assert len(fidelity.to_complete(est, masks, 0.0)) == 0
     full_est = fidelity.estimate_full(nll, tokens, full)
     assert len(fidelity.to_complete(full_est, masks, 0.5)) == 0  # nothing partial

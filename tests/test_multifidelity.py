@@ -164,22 +164,24 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
     from engine.sampling import masks_to_strings
 
     lm, windows = tiny_lm("llama", n_layers=8), _windows(3)
-    sampling = SamplingSpec(n_masks=24, rounds=3, explore=0.25, first_windows=1, complete=0.5, seed=3)
+    # rounds of 12 masks: the committee's MLPs get an early-stopping slice (below 10 masks they would
+    # train for max_steps), which keeps this test fast
+    sampling = SamplingSpec(n_masks=36, rounds=3, explore=0.25, first_windows=1, complete=0.5, seed=3)
     spec, run_a = _run(tmp_path / "a", lm, windows, sampling)
     a = pipeline.sample(spec, tmp_path / "a", progress=False, run=run_a)
-    assert a.evaluated == 24 and a.stopped is None and a.rounds == {0: {"masks": 8, "active": 0},
-                                                                  1: {"masks": 8, "active": 6},
-                                                                  2: {"masks": 8, "active": 6}}
+    assert a.evaluated == 36 and a.stopped is None and a.rounds == {0: {"masks": 12, "active": 0},
+                                                                  1: {"masks": 12, "active": 9},
+                                                                  2: {"masks": 12, "active": 9}}
     plans = _plans(run_a.store)
-    assert [p["source"].count("active") for p in plans] == [0, 6, 6]
+    assert [p["source"].count("active") for p in plans] == [0, 9, 9]
     ta = run_a.store.table()
     complete = fidelity.evaluated(ta.window_tokens).all(axis=1)
-    assert 0 < complete.sum() < 24 and a.partial == (~complete).sum()  # a mix of partial and complete rows
+    assert 0 < complete.sum() < 36 and a.partial == (~complete).sum()  # a mix of partial and complete rows
 
-    _cancel_after(monkeypatch, 11)  # stops in round 1, after 3 of its masks
+    _cancel_after(monkeypatch, 17)  # stops in round 1, after 5 of its masks
     _, run_b = _run(tmp_path / "b", lm, windows, sampling)
     b = pipeline.sample(spec, tmp_path / "b", progress=False, run=run_b)
-    assert b.stopped == "cancelled" and run_b.store.count() == 11
+    assert b.stopped == "cancelled" and run_b.store.count() == 17
     assert run_b.store.get_artifact("round:1") == plans[1] and run_b.store.get_artifact("round:2") is None
     monkeypatch.undo()
     b = pipeline.sample(spec, tmp_path / "b", progress=False, run=run_b)
@@ -194,7 +196,7 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
 @pytest.mark.timeout(900)  # committee fits (5 MLPs per round): minutes on a loaded 2-core machine
 def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_path, tiny_lm):
     """method.fit takes the fit weights and holds out complete rows only; the regression-adjusted
-    estimator fits on every row but corrects with the design rows (details n_train_only)."""
+    estimator fits on every row but corrects with the complete design rows (details n_train_only)."""
     from engine import method, pipeline
     from engine.config import MethodSpec, SurrogateSpec
 
@@ -208,7 +210,8 @@ def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_pa
     test_rows = f.fitted.report.split.test
     assert len(test_rows) > 0 and s.complete[test_rows].all()
     c = method.contributions(s, f, MethodSpec(surrogate=SurrogateSpec(ensemble=2), boot=0))
-    assert c.details["n_train_only"] == int((~s.design_rows).sum()) and np.isfinite(c.values).all()
+    real = s.design_rows & s.complete  # the correction's rows: complete and drawn by the design
+    assert 0 < real.sum() < s.n and c.details["n_train_only"] == int((~real).sum()) and np.isfinite(c.values).all()
 
 
 def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm, capsys):
