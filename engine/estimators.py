@@ -152,6 +152,9 @@ def _regression_adjusted(x: EstimationInput):
                                  folds * per_fit, details)
 
 
+MIN_CORRECTION_ROWS = 20  # complete design rows below which partial rows join the correction
+
+
 def real_rows(samples) -> dict:
     """Keyword arguments of uncertainty.regression_adjusted for a Samples record: `train_only` (rows
     that train the surrogates but stay out of the correction: those an active round chose and the
@@ -163,7 +166,11 @@ def real_rows(samples) -> dict:
     real = None if design is None else design.copy()
     complete = getattr(samples, "complete", None)
     if complete is not None:
-        real = np.asarray(complete, dtype=bool) if real is None else real & np.asarray(complete, dtype=bool)
+        exact = np.asarray(complete, dtype=bool) if real is None else real & np.asarray(complete, dtype=bool)
+        # Too few complete design rows for a cross-fitted correction: correct with the estimated
+        # scores of every design row instead (biased toward the first windows' game; the run needs
+        # a larger --complete share or more masks for the unbiased correction).
+        real = exact if exact.sum() >= MIN_CORRECTION_ROWS else real
     return {"train_only": None if real is None or real.all() else ~real,
             "sample_weight": getattr(samples, "weights", None)}
 

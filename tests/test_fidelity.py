@@ -116,3 +116,20 @@ def test_plan_completion_reaches_the_share_of_all_rows():
     est = fidelity.estimate_full(pn, pt, full)
     picks = fidelity.plan_completion(est, masks, 0.25)
     assert len(picks) == 100 and len(set(picks.tolist())) == 100
+
+
+def test_real_rows_correct_with_complete_design_rows_only():
+    """The regression adjustment's correction rows: complete design rows once there are enough."""
+    from types import SimpleNamespace
+
+    from engine.estimators import MIN_CORRECTION_ROWS, real_rows
+
+    n = 60
+    design = np.arange(n) % 4 != 0  # every 4th row chosen by an active round
+    complete = np.arange(n) < 2 * MIN_CORRECTION_ROWS
+    s = SimpleNamespace(design_rows=design, complete=complete, weights=np.ones(n))
+    out = real_rows(s)
+    np.testing.assert_array_equal(out["train_only"], ~(design & complete))
+    few = SimpleNamespace(design_rows=design, complete=np.arange(n) < 5, weights=None)
+    np.testing.assert_array_equal(real_rows(few)["train_only"], ~design)  # too few exact rows: all design rows
+    assert real_rows(SimpleNamespace(design_rows=np.ones(n, bool), complete=None, weights=None))["train_only"] is None

@@ -197,7 +197,7 @@ def test_active_rounds_are_reproducible_and_resume_after_a_kill(tmp_path, tiny_l
 def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_path, tiny_lm):
     """method.fit takes the fit weights and holds out complete rows only; the regression-adjusted
     estimator fits on every row but corrects with the complete design rows (details n_train_only)."""
-    from engine import method, pipeline
+    from engine import estimators, method, pipeline
     from engine.config import MethodSpec, SurrogateSpec
 
     lm, windows = tiny_lm("llama", n_layers=6), _windows(3)
@@ -210,8 +210,9 @@ def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_pa
     test_rows = f.fitted.report.split.test
     assert len(test_rows) > 0 and s.complete[test_rows].all()
     c = method.contributions(s, f, MethodSpec(surrogate=SurrogateSpec(ensemble=2), boot=0))
-    real = s.design_rows & s.complete  # the correction's rows: complete and drawn by the design
-    assert 0 < real.sum() < s.n and c.details["n_train_only"] == int((~real).sum()) and np.isfinite(c.values).all()
+    train_only = estimators.real_rows(s)["train_only"]  # active rows (and partial ones once enough are complete)
+    assert train_only[~s.design_rows].all() and c.details["n_train_only"] == int(train_only.sum()) > 0
+    assert np.isfinite(c.values).all()
 
 
 def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm, capsys):
@@ -247,8 +248,9 @@ def test_cli_sample_and_run_with_fidelity_and_rounds(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["evaluated"] == 16 and out["work"] > 0 and out["completed"] == 4 and out["partial"] == 12
     assert {int(k): v["masks"] for k, v in out["rounds"].items()} == {0: 4, 1: 4, 2: 4, 3: 4}
+    # the paper's estimator: on 24 masks the regression adjustment has too few complete design rows to cross-fit
     assert cli.main(["run", *common, "--masks", "24", "--rounds", "2", "--remove", "1", "--ensemble", "2",
-                     "--boot", "0", "--n-verify", "1"]) == 0
+                     "--boot", "0", "--n-verify", "1", "--estimator", "paper", "--budget", "900"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n_masks"] == 24 and out["sampling"]["work"] > 0 and len(out["removed"]) == 1
     assert cli.main(["status", "--cache-dir", str(tmp_path / "c"), "--json"]) == 0
