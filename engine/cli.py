@@ -244,13 +244,16 @@ def _status(args) -> dict:
     return {"runs": pipeline.status(args.cache_dir)}
 
 
-@command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, and a "
-         "comparison of every surrogate kind", ("model", "data", "sampling", "surrogate", "fit", "threads"))
+@command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, quality "
+         "against evaluation work, and a comparison of every surrogate kind",
+         ("model", "data", "sampling", "surrogate", "fit", "threads"))
 def _fit(args) -> dict:
     from engine import pipeline
 
-    return pipeline.fit(run_spec(args), method_spec(args), args.cache_dir, compare=not args.no_compare,
-                        evaluation=eval_spec(args))
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    run = pipeline.open_run(spec, args.cache_dir, evaluation, create=False)  # analysis: never creates a run
+    out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation)
+    return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
 
 @command("shapley", "per-layer contributions on the surrogate (choose the estimator)",

@@ -1267,3 +1267,25 @@ def measure_pair(run: OpenRun, i: int, j: int) -> dict:
             if (m["i"], m["j"]) != (out["i"], out["j"])]
     run.store.put_artifact("pair_measurements", {"items": [*past, out]})
     return out
+
+
+# ---------------------------------------------------------------- quality against real work (the Surrogate page)
+
+
+def work_curve(run: OpenRun, method: MethodSpec = MethodSpec()) -> dict:
+    """The run's quality-vs-work curve for `method.surrogate`: held-out R² and Spearman (intervals at
+    `method.level`, n) of a surrogate fitted on the first training rows in store order, against the
+    real evaluation work (token-layer calls) spent on them (`uncertainty.work_curve`, same held-out
+    rows as the fit). Stored in the fit artifact under ``work_curve`` (when that artifact exists:
+    `engine fit` writes it first), with the n_masks / n_windows_evaluated it saw."""
+    from engine.uncertainty import work_curve as curve
+
+    s = samples(run)
+    work = run.store.table().work[:s.n]  # rows only ever append: the first s.n are the rows of s
+    result = {**curve(s.masks, s.scores, work, method.surrogate, ppl_full=s.ppl_full, sample_weight=s.weights,
+                      testable=s.testable, level=method.level, seed=method.surrogate.seed), **_seen(s)}
+    name = artifact_name("fit", method)
+    art = run.store.get_artifact(name)
+    if art is not None:
+        run.store.put_artifact(name, {**art, "work_curve": result})
+    return result

@@ -52,6 +52,12 @@ def fit_summary(r: dict) -> str:
         lc = r["learning_curve"]
         pts = ", ".join(f"{n}: {_num(m['r2'], 3)}" for n, m in zip(lc["sizes"], lc["metrics"]))
         lines.append(f"learning curve (training masks: held-out R²): {pts}")
+    wc = r.get("work_curve") or {}
+    if wc.get("points"):
+        pts = ", ".join(f"{p['work']:,}: {_num(p['spearman'], 3)}" for p in wc["points"])
+        lines.append(f"quality vs work (token-layer calls, store order: held-out Spearman, n={wc['n_test']}): {pts}")
+    elif wc.get("note"):
+        lines.append(f"quality vs work: {wc['note']}")
     if "comparison" in r:
         lines.append("comparison on the same split:")
         for row in r["comparison"]["rows"]:

@@ -544,6 +544,26 @@ def _spearman(y, p):
     return float(spearmanr(y, p).statistic) if np.ptp(y) > 0 and np.ptp(p) > 0 else math.nan
 
 
+def _r2_rows(y, p):
+    """_r2 of each row of y, p float[B, n] -> float[B] (NaN where y is constant)."""
+    ss = np.sum((y - y.mean(axis=1, keepdims=True)) ** 2, axis=1)  # (B,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ss > 0, 1.0 - np.sum((y - p) ** 2, axis=1) / np.where(ss > 0, ss, 1.0), math.nan)
+
+
+def _spearman_rows(y, p):
+    """_spearman of each row of y, p float[B, n] -> float[B]: Pearson correlation of the average ranks
+    (scipy.stats.spearmanr's definition), NaN where either row is constant."""
+    from scipy.stats import rankdata
+
+    ry, rp = rankdata(y, axis=1), rankdata(p, axis=1)  # (B, n)
+    ry, rp = ry - ry.mean(axis=1, keepdims=True), rp - rp.mean(axis=1, keepdims=True)
+    den = np.sqrt(np.sum(ry**2, axis=1) * np.sum(rp**2, axis=1))  # (B,)
+    ok = (np.ptp(y, axis=1) > 0) & (np.ptp(p, axis=1) > 0) & (den > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, np.clip(np.sum(ry * rp, axis=1) / np.where(ok, den, 1.0), -1.0, 1.0), math.nan)
+
+
 def metric_intervals(y_true, y_pred, strata=None, level: float = LEVEL, n_boot: int = 1000,
                      seed: int = 0) -> dict[str, MetricInterval]:
     """Held-out R² and Spearman with percentile bootstrap intervals over the held-out masks
@@ -556,11 +576,8 @@ def metric_intervals(y_true, y_pred, strata=None, level: float = LEVEL, n_boot: 
     groups = np.zeros(len(y), dtype=np.int64) if strata is None else np.asarray(strata)
     rng = np.random.default_rng([seed, 4])
     out = {}
-    boots = {"r2": np.empty(n_boot), "spearman": np.empty(n_boot)}
-    for b in range(n_boot):
-        idx = _stratified_resample(groups, rng)
-        boots["r2"][b] = _r2(y[idx], p[idx])
-        boots["spearman"][b] = _spearman(y[idx], p[idx])
+    idx = np.stack([_stratified_resample(groups, rng) for _ in range(n_boot)]) if n_boot else np.zeros((0, len(y)), int)
+    boots = {"r2": _r2_rows(y[idx], p[idx]), "spearman": _spearman_rows(y[idx], p[idx])}  # (n_boot,) each
     a = (1 - level) / 2
     for name, fn in (("r2", _r2), ("spearman", _spearman)):
         v = boots[name][np.isfinite(boots[name])]
@@ -640,3 +657,67 @@ def compare_candidates(candidates: Sequence[Sequence[int]], window_nll: np.ndarr
         ppl = tuple(float(x) for x in np.exp(logp))
     return CandidateComparison(cands, ppl, cands[best], tuple(ratio), tuple(lo), tuple(hi), tuple(tied),
                                float(level), int(W), int(n_boot))
+
+
+# ---------------------------------------------------------------- quality against real evaluation work
+
+
+def work_curve(masks, scores, work, spec, ppl_full: float = 1.0, sample_weight=None, testable=None,
+               n_points: int = 5, level: float = LEVEL, n_boot: int = 500, seed: int = 0) -> dict:
+    """Held-out quality of the surrogate against the real evaluation work spent on the rows it was
+    fitted on, the rows taken in store order (the order the run evaluated them in).
+
+    masks bool[n, L], scores float[n], work int[n] (token-layer calls spent on each row,
+    engine.fidelity.work, a completion included in its row's), in store order; spec: the
+    SurrogateSpec; sample_weight / testable as in `surrogate.fit_with_diagnostics`, whose held-out
+    part (`surrogate.split` with spec.holdout, spec.seed) is the same for every point. Point i fits
+    one surrogate (spec with ensemble = 1, like the learning curve) on the first n_i training rows
+    in store order, n_i geometric from surrogate.MIN_MASKS to every training row, and scores it on
+    the held-out rows: R² and Spearman with `metric_intervals` (bootstrap over the held-out masks,
+    within kept counts when each has two or more, `level`), MAE, n.
+
+    x of a point: ``work`` = the work of every row stored up to its last training row (held-out rows
+    included: the run had spent that much when the row was stored); ``work_fitted`` = the work of
+    the fitted rows alone. A row completed later (multi-fidelity) counts with its completion, as
+    stored now. Returns a JSON-able dict: points, n_test, level, work_total, note."""
+    from dataclasses import replace as _replace
+
+    from engine import surrogate as sg
+
+    X = np.asarray(masks, dtype=bool)  # (n, L)
+    y = np.asarray(scores, dtype=np.float64).reshape(-1)  # (n,)
+    cost = np.asarray(work, dtype=np.int64).reshape(-1)  # (n,)
+    if len(cost) != len(y) or len(X) != len(y):
+        raise EstimationError(f"work_curve needs one work count per mask; got {len(cost)} for {len(y)} masks")
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    sp = sg.split(X, y, spec.holdout, spec.seed, testable)
+    train = np.sort(sp.train)  # store order
+    out = {"order": "store", "n_test": int(len(sp.test)), "level": float(level), "work_total": int(cost.sum()),
+           "points": [], "note": ""}
+    if cost.sum() <= 0:
+        out["note"] = "no evaluation work is recorded for these rows (stored before work was counted)"
+        return out
+    if len(train) < sg.MIN_MASKS:
+        out["note"] = f"{len(train)} training masks; at least {sg.MIN_MASKS} are needed for a point"
+        return out
+    sizes = sorted({int(s) for s in np.geomspace(sg.MIN_MASKS, len(train), num=max(1, n_points)).round()})
+    one = _replace(spec, ensemble=1)
+    strata = X[sp.test].sum(axis=1)  # (n_test,) kept counts: the bootstrap resamples within them, unless
+    if np.unique(strata, return_counts=True)[1].min(initial=2) < 2:  # one holds a single mask (its interval
+        strata = None  # would collapse to the point): then over all held-out masks
+    cumulative = np.cumsum(cost)  # (n,) work of the store up to each row
+    for size in sizes:
+        rows = train[:size]
+        model = sg.make_surrogate(one).fit(X[rows], y[rows], sample_weight=None if w is None else w[rows])
+        pred = model.predict(X[sp.test])  # (n_test,)
+        m = sg.metrics(y[sp.test], pred, ppl_full)
+        point = {"train_masks": int(size), "rows_stored": int(rows[-1] + 1), "work": int(cumulative[rows[-1]]),
+                 "work_fitted": int(cost[rows].sum()), "n_test": int(m.n), "r2": m.r2, "spearman": m.spearman,
+                 "mae": m.mae}
+        try:
+            ci = metric_intervals(y[sp.test], pred, strata, level=level, n_boot=n_boot, seed=seed)
+            point.update({f"{k}_{b}": getattr(ci[k], f"ci_{b}") for k in ("r2", "spearman") for b in ("low", "high")})
+        except EstimationError:  # fewer than 3 held-out masks: no interval, n says why
+            point.update({f"{k}_{b}": math.nan for k in ("r2", "spearman") for b in ("low", "high")})
+        out["points"].append(point)
+    return jsonable(out)

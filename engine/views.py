@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +56,117 @@ def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list
     return job_argv("sample", spec, cache_dir=cache_dir, threads=threads)
 
 
-SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created"]
+SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created", "round", "source",
+                  "windows", "work"]
+FIDELITY = ("complete", "partial")  # evaluated on every calibration window | on its first windows only so far
 
 
-def samples_frame(rows) -> pd.DataFrame:
-    """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels."""
-    df = pd.DataFrame([asdict(r) for r in rows], columns=SAMPLE_COLUMNS)
-    df["stratum"] = df["kept"].map(lambda k: f"kept {int(k)}")
+def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
+    """store.Sample records -> DataFrame (one row per mask) with `stratum` = 'kept k' labels, `round_label`
+    ('round r') and `fidelity` (FIDELITY, from the windows evaluated against the run's n_windows)."""
+    df = pd.DataFrame({c: [getattr(r, c) for r in rows] for c in SAMPLE_COLUMNS}, columns=SAMPLE_COLUMNS)
+    df["stratum"] = "kept " + df["kept"].astype(str)
+    df["round_label"] = "round " + df["round"].astype(str)
+    df["fidelity"] = fidelity_labels(df["windows"], n_windows)
     return df
+
+
+def fidelity_labels(windows, n_windows: int | None) -> list[str]:
+    """complete | partial per row, as pipeline.sampling_progress counts them: a row without per-window
+    losses (None: evaluated by Ray workers, or stored before them) was evaluated on every window."""
+    w = pd.to_numeric(pd.Series(windows, dtype=object), errors="coerce").to_numpy(dtype=float)  # None -> NaN
+    if n_windows is None:
+        return ["complete"] * len(w)
+    return np.where(np.isnan(w) | (w >= n_windows), "complete", "partial").tolist()
+
+
+def round_table(progress: dict) -> pd.DataFrame:
+    """pipeline.sampling_progress -> one row per sampling round: masks, design / active (where they came
+    from), complete / partial (fidelity), and the work (token-layer calls) spent on them with its share."""
+    total = max(int(progress["work"]), 1)
+    rows = [{"round": int(r), "masks": g["masks"], "design": g["masks"] - g["active"], "active": g["active"],
+             "complete": g["complete"], "partial": g["masks"] - g["complete"], "work (token-layer calls)": g["work"],
+             "share of work": g["work"] / total}
+            for r, g in sorted(progress["rounds"].items(), key=lambda kv: int(kv[0]))]
+    return pd.DataFrame(rows, columns=["round", "masks", "design", "active", "complete", "partial",
+                                       "work (token-layer calls)", "share of work"])
+
+
+def fidelity_table(progress: dict) -> pd.DataFrame:
+    """pipeline.sampling_progress -> masks per number of evaluated windows ('k of W'), with their share."""
+    W, windows = progress["n_windows"], progress["rows"]["windows"]
+    n = max(len(windows), 1)
+    known = pd.Series([w for w in windows if w is not None], dtype="int64")
+    rows = [{"windows evaluated": f"{k} of {W or '?'}", "masks": int(c), "share": c / n}
+            for k, c in known.value_counts().sort_index(ascending=False).items()]
+    if len(known) < len(windows):
+        rows.append({"windows evaluated": "all (no per-window losses stored)", "masks": len(windows) - len(known),
+                     "share": (len(windows) - len(known)) / n})
+    return pd.DataFrame(rows, columns=["windows evaluated", "masks", "share"])
+
+
+def work_frame(progress: dict) -> pd.DataFrame:
+    """pipeline.sampling_progress -> cumulative work (token-layer calls) in store order: x = masks stored so
+    far, with each row's round and fidelity (a row's work includes its completion, however late it came)."""
+    rows = progress["rows"]
+    return pd.DataFrame({"masks stored": np.arange(1, len(rows["rowid"]) + 1), "cumulative work": rows["cumulative_work"],
+                         "round": [f"round {int(r)}" for r in rows["round"]],
+                         "fidelity": ["complete" if c else "partial" for c in rows["complete"]]})
+
+
+def round_colours(labels) -> dict[str, str]:
+    """'round r' -> a colour fixed by r (the same in every chart of the page, whatever rows are shown)."""
+    return {lab: STRATUM_PALETTE[int(str(lab).split()[-1]) % len(STRATUM_PALETTE)] for lab in set(labels)}
+
+
+def work_curve_table(curve: dict, level: float) -> pd.DataFrame:
+    """The `work_curve` points for display: work, masks fitted, held-out n, and R² / Spearman with their
+    intervals written out ('0.812 [0.701, 0.880]')."""
+    def with_interval(p: dict, k: str) -> str:
+        v, lo, hi = p.get(k), p.get(f"{k}_low"), p.get(f"{k}_high")
+        if v is None:
+            return "-"
+        return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else " (no interval)")
+
+    return pd.DataFrame([{"work (token-layer calls)": p["work"], "work on fitted masks": p["work_fitted"],
+                          "masks fitted": p["train_masks"], "masks stored": p["rows_stored"], "held-out n": p["n_test"],
+                          f"R² [{level:.0%}]": with_interval(p, "r2"), f"Spearman [{level:.0%}]": with_interval(p, "spearman")}
+                         for p in curve.get("points") or []])
+
+
+def work_curve_frame(curve: dict) -> pd.DataFrame:
+    """The fit artifact's `work_curve` points as a table (store order: work, masks, held-out metrics with intervals)."""
+    cols = ["work", "work_fitted", "train_masks", "rows_stored", "n_test", "r2", "r2_low", "r2_high", "spearman",
+            "spearman_low", "spearman_high", "mae"]
+    return pd.DataFrame(curve.get("points") or [], columns=cols)
+
+
+def format_count(x: float | int | None) -> str:
+    """12,345 -> '12.3 k'; 4.5e9 -> '4.50 G' (work counts on metrics)."""
+    if x is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {unit}"
+    return str(int(x))
+
+
+def adaptive_caption(sampling, n_windows: int) -> str:
+    """' · first 2 of 8 windows, 25% completed · 3 rounds, 25% from the design' for a multi-fidelity /
+    active SamplingSpec ('' when it is neither)."""
+    out = ""
+    if sampling.multi_fidelity:
+        out += f" · first {sampling.first_windows} of {n_windows} windows, {sampling.complete:.0%} completed"
+    if sampling.active:
+        out += f" · {sampling.rounds} rounds, {sampling.explore:.0%} from the design"
+    return out
+
+
+def option_help(cls, name: str) -> str:
+    """The help text an `option(...)` field declares (the CLI's --help says the same)."""
+    from dataclasses import fields
+
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
 # One colour per kept-layer count on every page (largest count first), whatever order rows arrive in.
@@ -109,7 +211,7 @@ def format_seconds(s: float | None) -> str:
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
     """pipeline.status() rows as a table for display."""
-    cols = ["run_id", "status", "n_samples", "target", "n_layers", "model", "data", "problem"]
+    cols = ["run_id", "status", "n_samples", "target", "partial", "work", "n_layers", "model", "data", "problem"]
     return pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
 
 
@@ -212,7 +314,9 @@ APP_LABELS = {"--text-field": "the jsonl text field (Setup)", "--strata": "the k
               "--data demo": "the demo text (Setup)", "--masks": "masks in the run (Sampling)",
               "--remove": "layers to remove (Prune)", "--overwrite": "overwrite (Prune, Export)",
               "--out": "the export folder (Prune)", "--holdout": "held-out fraction (Surrogate)",
-              "--ensemble": "ensemble members (Surrogate)", "--budget": "budget (Shapley)"}
+              "--ensemble": "ensemble members (Surrogate)", "--budget": "budget (Shapley)",
+              "--first-windows": "first windows (Sampling)", "--complete": "share completed (Sampling)",
+              "--rounds": "rounds (Sampling)", "--explore": "share drawn from the design (Sampling)"}
 
 
 def in_users_words(message: str, uploads: dict[str, str] | None = None) -> str:

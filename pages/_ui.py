@@ -113,7 +113,7 @@ def spec_caption(s: RunSpec | None = None) -> None:
     s = s or spec()
     st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{s.data.source}** "
                f"({s.data.n_windows}×{s.data.seq_len} tokens) · {s.sampling.scheme} sampling, "
-               f"{s.sampling.n_masks} masks, seed {s.sampling.seed}")
+               f"{s.sampling.n_masks} masks, seed {s.sampling.seed}" + views.adaptive_caption(s.sampling, s.data.n_windows))
 
 
 # ---------------------------------------------------------------- background CLI jobs

@@ -88,8 +88,9 @@ new = RunSpec(
                     device=device.strip() or "cpu", trust_remote_code=trust),
     data=DataSpec(source=source, n_windows=int(n_windows), seq_len=int(seq_len), seed=int(data_seed),
                   text_field=text_field),
-    sampling=SamplingSpec(scheme=scheme, n_masks=int(n_masks), strata=strata, remove_range=remove_range,
-                          paired=paired, seed=int(seed)),
+    # Multi-fidelity and active rounds are set on the Sampling page: kept as they are here.
+    sampling=dataclasses.replace(current.sampling, scheme=scheme, n_masks=int(n_masks), strata=strata,
+                                 remove_range=remove_range, paired=paired, seed=int(seed)),
 )
 st.session_state.spec = new
 st.session_state.threads = int(n_threads)

@@ -41,7 +41,10 @@ _ui.job_panel(run, "fit", "Fit", mspec, extra=() if compare_all else ("--no-comp
 
 fit = _ui.stored_or_stop(run, "fit", mspec, "Fit")
 st.caption(f"{variant_label(variant)} · ensemble of {sspec.ensemble} · fitted on {fit['report']['split']['n_train']} "
-           f"masks, {fit['report']['split']['n_test']} held out · fit {fit['report']['fit_seconds']:.1f} s")
+           f"masks, {fit['report']['split']['n_test']} held out · fit {fit['report']['fit_seconds']:.1f} s"
+           + (f" · {fit['n_complete']} of {fit['n_masks']} masks evaluated on every window: the others (multi-fidelity) "
+              "are fitted with their estimated score, weighted by its precision, and never held out"
+              if fit.get("n_complete") is not None and fit["n_complete"] < fit["n_masks"] else ""))
 c1, c2, c3, c4 = st.columns(4)
 n_test = fit["report"]["test"]["overall"]["n"]
 c1.metric("held-out R²", f"{fit['r2']:.3f}", help=f"on {n_test} held-out masks")
@@ -76,6 +79,37 @@ if lc:
                               labels={"train_masks": "training masks"},
                               title=f"Learning curve (held-out, {lc['n_test']} masks)"), key="learning_curve")
     right.dataframe(lcf, hide_index=True)
+st.subheader("Quality against evaluation work")
+wc = fit.get("work_curve")
+if not wc:
+    st.info("This fit was stored without its quality-vs-work curve (by `engine run` or another stage, or before the "
+            "curve existed): press Fit to compute it.")
+elif wc.get("n_masks") != fit["n_masks"] or wc.get("n_windows_evaluated") != fit.get("n_windows_evaluated"):
+    st.warning(f"The stored quality-vs-work curve saw {wc.get('n_masks')} masks, this fit {fit['n_masks']}: press Fit.")
+elif not wc["points"]:
+    st.info(f"No quality-vs-work curve for this run: {wc['note']}.")
+else:
+    wcf = views.work_curve_frame(wc)
+    fig = go.Figure()
+    for metric, name in (("r2", "R²"), ("spearman", "Spearman")):
+        fig.add_trace(go.Scatter(
+            x=wcf["work"], y=wcf[metric], mode="lines+markers", name=f"held-out {name}",
+            error_y=dict(type="data", symmetric=False, array=wcf[f"{metric}_high"] - wcf[metric],
+                         arrayminus=wcf[metric] - wcf[f"{metric}_low"]),
+            customdata=wcf[["train_masks", "n_test", "work_fitted"]],
+            hovertemplate=(f"{name} %{{y:.3f}} on %{{customdata[1]}} held-out masks<br>fitted on %{{customdata[0]}} "
+                           "masks<br>work %{x:,} token-layer calls (fitted rows: %{customdata[2]:,})<extra></extra>")))
+    low = float(min(wcf[["r2", "spearman", "r2_low", "spearman_low"]].min().min(), 0.0))
+    fig.update_layout(title=f"Held-out quality vs work ({wc['level']:.0%} intervals, {wc['n_test']} held-out masks)",
+                      xaxis_title="work spent so far (token-layer calls, store order)", yaxis_title="held-out value",
+                      yaxis_range=[max(low, -1.0) - 0.05, 1.05])  # R² intervals can reach far below -1: cut there
+    st.plotly_chart(fig, key="work_curve")
+    st.dataframe(views.work_curve_table(wc, wc["level"]), hide_index=True, width="stretch")
+    st.caption(f"Each point: one {variant_label(variant)} surrogate fitted on the run's first training masks in store "
+               f"order (the order they were evaluated in), scored on the fit's {wc['n_test']} held-out masks; x = the "
+               f"work the run had spent when the last of them was stored (all {wc['work_total']:,} token-layer calls "
+               "at the end; a mask's completion counts with it). Intervals: bootstrap over the held-out masks (an interval "
+               "below -1 is cut there in the chart; the table has it whole).")
 comparison = fit.get("comparison")
 if comparison:
     st.subheader("Surrogate comparison (same split, one fit each)")

@@ -48,11 +48,13 @@ def demo_run(tmp_path_factory):
             os.environ[k] = v
 
 
-def _app(page: str | None = None):
+def _app(page: str | None = None, spec: RunSpec | None = None, method=None):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(APP, default_timeout=60)
-    at.session_state["spec"] = SPEC
+    at.session_state["spec"] = spec or SPEC
+    if method is not None:
+        at.session_state["method"] = method
     at.run()
     assert not at.exception
     if page:
@@ -139,8 +141,13 @@ def test_sampling_lists_and_watches_the_run(demo_run):
     assert run_id in list(at.dataframe[0].value["run_id"])
     m = _metrics(at)
     assert m["samples"] == "24" and m["status"] == "finished"
-    assert _charts(at) == 1  # perplexity vs kept layers
-    assert len(at.dataframe) == 3  # runs, counts per stratum, latest samples
+    assert _charts(at) == 2  # perplexity vs kept layers, cumulative work
+    assert len(at.dataframe) == 5  # runs, counts per stratum, rounds, fidelity, latest samples
+    from engine.store import RunStore
+
+    summary = RunStore(cache, run_id).summary()  # the run's rounds and fidelity, whatever the sampling defaults
+    assert m["rounds"] == str(len(summary.rounds)) and m["complete masks"] == f"{24 - summary.partial} / 24"
+    assert m["active masks"] == f"{sum(r['active'] for r in summary.rounds.values())} / 24"
 
 
 def test_sampling_start_never_launches_a_second_writer(demo_run):
@@ -156,13 +163,15 @@ def test_sampling_start_never_launches_a_second_writer(demo_run):
         assert _metrics(at)["status"] == "running"
 
 
+@pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
 def test_surrogate_fit_metrics_and_charts(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(2)  # ensemble members
     assert not _click_job(at, "Fit")
     m = _metrics(at)
     assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)"} <= set(m)
-    assert _charts(at) == 3  # predicted vs true, residuals by stratum, learning curve
+    assert _charts(at) == 4  # predicted vs true, residuals by stratum, learning curve, quality vs work
+    assert "Held-out quality vs work" in at.get("plotly_chart")[3].proto.spec  # stored by `engine fit`
 
 
 def test_shapley_contributions_baselines_and_csv(demo_run):
@@ -182,6 +191,7 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
     assert "spearman vs shapley" in at.dataframe[1].value.columns
 
 
+@pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
 def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     at = _app("surrogate")
     at.number_input[0].set_value(1)  # one surrogate: Prune reuses the session's fit (keeps the test short)
@@ -248,6 +258,7 @@ def test_comparison_page_only_with_bench_results(demo_run, tmp_path, monkeypatch
     assert list(at.dataframe[0].value["method"]) == ["last", "optimum", "shapley:paper"]
 
 
+@pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
 def test_summary_page_builds_the_report_and_generates(demo_run):
     at = _app("surrogate")
     at.number_input[0].set_value(1)
@@ -319,3 +330,147 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     sets = next(d.value for d in at.dataframe if "predicted PPL" in d.value.columns)
     assert len(sets) == 4 and all(len(r.split(", ")) == 2 for r in sets["removed"])
     assert _charts(at) == 4  # + layer frequency
+
+
+# ---------------------------------------------------------------- multi-fidelity and active runs
+
+ADAPTIVE = SamplingSpec(n_masks=24, seed=3, first_windows=2, complete=0.5, rounds=2, explore=0.5)
+
+
+@pytest.fixture(scope="session")
+def adaptive_run(demo_run, tmp_path_factory):
+    """(cache, run_id, spec, method) of a 24-mask demo run in two rounds (the second half active), each mask
+    first evaluated on 2 of the 4 windows and half of them completed, fitted with its quality-vs-work
+    curve (what `engine fit` stores), in a cache of its own."""
+    from engine import pipeline
+    from engine.config import MethodSpec, SurrogateSpec
+
+    cache = tmp_path_factory.mktemp("adaptive")
+    spec = dataclasses.replace(SPEC, sampling=ADAPTIVE)
+    run = pipeline.open_run(spec, cache)
+    result = pipeline.sample(spec, cache, progress=False, run=run)
+    assert result.total == 24 and 0 < result.partial < 24 and len(result.rounds) == 2
+    method = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=1))
+    pipeline.fit(spec, method, run=run)
+    pipeline.work_curve(run, method)
+    return cache, run.run_id, spec, method
+
+
+def _frame(at, column: str):
+    frames = [d.value for d in at.dataframe if column in d.value.columns]
+    assert frames, f"no table with a {column!r} column"
+    return frames[0]
+
+
+@pytest.mark.timeout(900)  # sets up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine
+def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
+    from engine.store import RunStore
+
+    cache, run_id, spec, _ = adaptive_run
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(cache))
+    at = _app("sampling", spec)
+    store = RunStore(cache, run_id)
+    summary, t = store.summary(), store.table()
+    m = _metrics(at)
+    assert m["samples"] == "24" and m["rounds"] == "2"
+    active = sum(r["active"] for r in summary.rounds.values())
+    assert 0 < active < 24 and m["active masks"] == f"{active} / 24"
+    assert m["complete masks"] == f"{24 - summary.partial} / 24"
+    assert m["work (token-layer calls)"] == views.format_count(summary.work)
+    rounds = _frame(at, "active")
+    assert rounds["round"].tolist() == sorted(summary.rounds)
+    assert rounds["masks"].tolist() == [summary.rounds[r]["masks"] for r in sorted(summary.rounds)]
+    assert rounds["active"].tolist() == [summary.rounds[r]["active"] for r in sorted(summary.rounds)]
+    assert (rounds["design"] + rounds["active"] == rounds["masks"]).all()
+    assert rounds["partial"].sum() == summary.partial and rounds["work (token-layer calls)"].sum() == summary.work
+    fidelity = _frame(at, "windows evaluated")
+    expect = {f"{k} of 4": int((t.windows == k).sum()) for k in np.unique(t.windows)}
+    assert dict(zip(fidelity["windows evaluated"], fidelity["masks"])) == expect and set(expect) == {"2 of 4", "4 of 4"}
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    scatter = charts[0]["data"]
+    assert {tr["name"].split(",")[0] for tr in scatter} == {"round 0", "round 1"}  # coloured by round
+    assert {tr["marker"]["symbol"] for tr in scatter} == {"circle", "circle-open"}  # complete / partial
+    work = charts[1]["data"]
+    y = np.concatenate([_plotly_array(tr["y"]) for tr in work])
+    assert y.max() == summary.work and len(y) == 24  # cumulative work reaches the store's
+    assert any("first 2 of 4 windows" in c.value and "2 rounds" in c.value for c in at.caption)
+    # rows the live view read before they were completed are read again (completions add windows, not rows)
+    done = [r for r in store.results() if r.windows == 4][-1]  # among the 20 latest rows shown
+    stale = [dataclasses.replace(r, windows=2, ppl=-1.0) if r.rowid == done.rowid else r for r in store.results()]
+    at.session_state[f"rows:{run_id}"] = stale
+    at.run()
+    latest = _frame(at, "seconds")
+    assert (latest["ppl"] > 0).all() and sorted(latest["windows"]) == sorted(t.windows[-len(latest):])
+
+
+@pytest.mark.timeout(900)  # may set up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine
+def test_sampling_start_launches_the_adaptive_run_on_screen(adaptive_run, monkeypatch):
+    """The four inputs set on screen become the sampling job's flags (generated from the spec): the CLI
+    parses them back to exactly that spec, so the job samples the run on screen (same run id)."""
+    from engine import jobs
+    from engine.cli import build_parser, run_spec
+
+    cache, run_id, spec, _ = adaptive_run
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(cache))
+    launched = []
+    monkeypatch.setattr(jobs, "launch", lambda run_dir, name, argv: launched.append((Path(run_dir).name, argv)))
+    at = _app("sampling", dataclasses.replace(spec, sampling=SamplingSpec(n_masks=24, seed=3)))
+    for label, value in (("first windows", 2), ("share completed", 0.5), ("rounds", 2),
+                         ("share drawn from the design", 0.5)):
+        next(w for w in at.number_input if w.label == label).set_value(value).run()
+        assert not at.exception, at.exception
+    assert at.session_state["spec"].sampling == ADAPTIVE
+    assert any("first 2 of 4 windows, 50% completed · 2 rounds, 50% from the design" in c.value for c in at.caption)
+    _button(at, "Start / resume").click().run()
+    assert not at.exception, at.exception
+    (folder, argv), = launched
+    assert folder == run_id  # the run store of these settings
+    words = " ".join(argv)
+    assert "--first-windows 2" in words and "--complete 0.5" in words and "--rounds 2" in words
+    assert "--explore 0.5" in words
+    assert run_spec(build_parser().parse_args(argv[3:])) == spec
+
+
+@pytest.mark.timeout(900)  # may set up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine
+def test_surrogate_shows_the_quality_vs_work_curve(adaptive_run, monkeypatch):
+    from engine import pipeline
+    from engine.store import RunStore
+
+    cache, run_id, spec, method = adaptive_run
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(cache))
+    at = _app("surrogate", spec, method)
+    store = RunStore(cache, run_id)
+    fit = pipeline.stored(store, "fit", method)
+    curve = fit["work_curve"]
+    assert not fit["stale"] and curve["points"]
+    frame = _frame(at, "work on fitted masks")
+    work = frame["work (token-layer calls)"]
+    assert work.tolist() == [p["work"] for p in curve["points"]]
+    assert work.is_monotonic_increasing and work.iloc[-1] <= store.summary().work
+    assert frame["held-out n"].tolist() == [fit["report"]["split"]["n_test"]] * len(frame)
+    assert frame["Spearman [90%]"].tolist() == [f"{p['spearman']:.3f} [{p['spearman_low']:.3f}, "
+                                                f"{p['spearman_high']:.3f}]" for p in curve["points"]]
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                 if "Held-out quality vs work" in c.proto.spec)
+    names = [tr["name"] for tr in chart["data"]]
+    assert names == ["held-out R²", "held-out Spearman"]
+    assert _plotly_array(chart["data"][1]["x"]).tolist() == work.tolist()
+    assert "error_y" in chart["data"][1]  # intervals on every point
+    assert any("evaluated on every window" in c.value for c in at.caption)  # partial masks are said
+
+
+def test_fidelity_and_round_tables_follow_the_progress_record():
+    progress = {"rounds": {0: {"masks": 3, "active": 0, "complete": 2, "work": 30},
+                           1: {"masks": 2, "active": 1, "complete": 1, "work": 10}},
+                "rows": {"rowid": [1, 2, 3, 4, 5], "round": [0, 0, 0, 1, 1], "windows": [4, 2, None, 4, 2],
+                         "complete": [True, False, True, True, False], "cumulative_work": [10, 20, 30, 35, 40]},
+                "n_windows": 4, "n_masks": 5, "complete": 3, "partial": 2, "work": 40}
+    rt = views.round_table(progress)
+    assert rt["design"].tolist() == [3, 1] and rt["partial"].tolist() == [1, 1]
+    assert rt["share of work"].tolist() == [0.75, 0.25]
+    ft = views.fidelity_table(progress)
+    assert dict(zip(ft["windows evaluated"], ft["masks"])) == {"4 of 4": 2, "2 of 4": 2,
+                                                               "all (no per-window losses stored)": 1}
+    wf = views.work_frame(progress)
+    assert wf["cumulative work"].tolist() == [10, 20, 30, 35, 40] and wf["fidelity"].tolist()[1] == "partial"
+    assert views.fidelity_labels([4, 2, None, float("nan")], 4) == ["complete", "partial", "complete", "complete"]

@@ -75,9 +75,12 @@ def test_status(sampled, capsys):
 def test_fit(sampled, capsys):
     human, js = _both(capsys, ["fit", *_base(sampled, *STAGE2)])
     assert "held-out" in human and "learning curve" in human and "comparison on the same split" in human
-    for key in ("run_id", "r2", "spearman", "mae", "mae_ppl", "n_masks", "report", "learning_curve", "comparison"):
+    for key in ("run_id", "r2", "spearman", "mae", "mae_ppl", "n_masks", "report", "learning_curve", "comparison",
+                "work_curve"):
         assert key in js, key
     assert js["n_masks"] == 24 and js["report"]["split"]["n_train"] + js["report"]["split"]["n_test"] == 24
+    assert "quality vs work" in human and js["work_curve"]["points"] and js["work_curve"]["n_test"] == \
+        js["report"]["split"]["n_test"]
 
 
 def test_shapley(sampled, capsys):
