@@ -184,7 +184,7 @@ def _candidate_options(p: argparse.ArgumentParser) -> None:
 
 
 _THREADS = ("threads",)
-_ESTIMATE = ("estimator", "budget", "mc_seed")
+_ESTIMATE = ("estimator", "budget", "mc_seed", "level", "boot", "window_boot")
 # Option groups by name: (spec class or builder, title, fields shown or None for all).
 _GROUPS: dict[str, tuple] = {
     "model": (ModelSpec, "model", None),

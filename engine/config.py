@@ -216,6 +216,11 @@ class MethodSpec:
     level: float = option(0.9, "level of the contribution intervals and of the ties between candidate sets")
     boot: int = option(20, "bootstrap refits of the surrogate behind the intervals of surrogate-only estimators "
                        "(0: no intervals for them)")
+    # Resampling the calibration windows (uncertainty.window_resampled_scores) adds the noise of which
+    # text the windows happen to hold: the interval is then for the game on the text they were drawn from.
+    window_boot: int = option(0, "bootstrap resamples over the calibration windows whose spread is added to the "
+                              "contribution intervals (needs the per-window losses a schema-2 store keeps; "
+                              "0: none)")
     val_windows: int = option(0, "validation windows of the calibration text, not overlapping the calibration "
                               "windows: candidate sets are chosen there and ties listed (0: ties on the "
                               "calibration windows, choice as the decision rule says)")
@@ -225,19 +230,22 @@ class MethodSpec:
         _at_least("remove", self.remove, 1)
         _at_least("n_verify", self.n_verify, 0)
         _at_least("boot", self.boot, 0)
+        _at_least("window_boot", self.window_boot, 0)
         _at_least("val_windows", self.val_windows, 0)
         if not 0 < self.level < 1:
             need = f"must be a fraction between 0 and 1; got {self.level}."
             raise SpecError(f"the interval level {need}", "level", need)
-        if self.boot == 1:
-            raise SpecError("boot must be 0 (no intervals) or at least 2; got 1.", "boot", "must be 0 or >= 2; got 1.")
+        for name in ("boot", "window_boot"):
+            if getattr(self, name) == 1:
+                raise SpecError(f"{name.replace('_', ' ')} must be 0 (none) or at least 2; got 1.", name,
+                                "must be 0 or >= 2; got 1.")
 
     def key(self, *parts: str) -> dict:
         """The fields that decide a result of the given stage (for spec-keyed artifacts)."""
         d = {"surrogate": dataclasses.asdict(self.surrogate)}
         if {"contributions", "decisions", "summary"} & set(parts):
             d.update(estimator=self.estimator, budget=self.budget, mc_seed=self.mc_seed, level=self.level,
-                     boot=self.boot)
+                     boot=self.boot, window_boot=self.window_boot)
         if {"decisions", "summary"} & set(parts):
             d.update(decision=self.decision, n_verify=self.n_verify, val_windows=self.val_windows)
         if "summary" in parts:

@@ -40,6 +40,7 @@ class EstimationInput:
     seed: int
     fit_one: Callable
     level: float = 0.9  # interval level (estimators that make their own interval: regression-adjusted)
+    window_scores: object = None  # float[B, n]: the samples' scores on B window resamples, or None (no window part)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _regression_adjusted(x: EstimationInput):
     weighting = weighting_for("regression-adjusted", s.design, L)
     iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed,
                                          n_boot=0,  # the analytic variance; bench.uncertainty checks it
-                                         **real_rows(s))
+                                         **real_rows(s), window_scores=x.window_scores)
     folds = iv.details["n_folds"]
     per_fit = (1 << L) if L <= shapley.EXACT_MAX_L else uncertainty.MC_PER_SIZE * (L + 1)  # surrogate calls
     details = {**iv.details, "interval": iv.to_dict(),

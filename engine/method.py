@@ -57,6 +57,8 @@ class Samples:
     complete: np.ndarray | None = None  # bool (n,): evaluated on every calibration window
     round: np.ndarray | None = None  # int (n,): sampling round of each row
     source: np.ndarray | None = None  # str (n,): "design" | "active" (engine.active)
+    full_window_nll: np.ndarray | None = None  # float (W,) the full model's summed NLL per window, when stored
+    full_window_tokens: np.ndarray | None = None  # int (W,)
 
     @property
     def n(self) -> int:
@@ -177,26 +179,48 @@ def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> 
     def fit_one(X, y, sample_weight=None):
         return make_surrogate(single).fit(X, y, sample_weight=sample_weight).predict
 
-    x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level)
+    ws = window_scores(samples, spec)
+    x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level, ws)
     result = est.run(x)
     eff = shapley.efficiency_check(result.values, f.predict, L)
     details = {**result.details, "efficiency": eff.to_dict(), "budget": budget,
                "estimand": estimators.estimand(spec.estimator, samples.design)}
     if "interval" not in details and spec.boot:
-        details["interval"] = contribution_interval(samples, result, spec, fit_one).to_dict()
+        details["interval"] = contribution_interval(samples, result, spec, fit_one, ws).to_dict()
     return dataclasses.replace(result, details=details)
 
 
-def contribution_interval(samples: Samples, c: shapley.Contributions, spec: MethodSpec, fit_one):
+def window_scores(samples: Samples, spec: MethodSpec) -> np.ndarray | None:
+    """float[spec.window_boot, n]: the samples' scores on window resamples (uncertainty.window_resampled_scores,
+    seeded by spec.mc_seed), or None when spec.window_boot is 0. EstimationError when the run lacks the
+    per-window losses (a version-1 store's rows, or rows evaluated by Ray workers)."""
+    from engine import uncertainty
+
+    if not spec.window_boot:
+        return None
+    partial = samples.complete is not None and not np.all(samples.complete)
+    if samples.window_nll is None or samples.full_window_nll is None or partial:
+        raise EstimationError(
+            "window resampling needs each mask's loss per calibration window, and this run does not have them for "
+            "every mask (masks evaluated before store schema 2, by Ray workers, or on some windows only in a "
+            "multi-fidelity run). Drop --window-boot, or sample "
+            "into a new run (another --cache-dir) without --workers.")
+    return uncertainty.window_resampled_scores(samples.window_nll, samples.window_tokens, samples.full_window_nll,
+                                               samples.full_window_tokens, spec.window_boot, spec.mc_seed)
+
+
+def contribution_interval(samples: Samples, c: shapley.Contributions, spec: MethodSpec, fit_one, ws=None):
     """uncertainty.Intervals for a surrogate-only estimate `c` (paper, exact, permutation, banzhaf):
     `spec.boot` bootstrap refits over the masks, the ensemble spread (c.details['members']) and the
-    bias estimated by cross-fitted regression adjustment toward the same estimand."""
+    bias estimated by cross-fitted regression adjustment toward the same estimand. `ws` (window_scores):
+    the reference is re-evaluated on the window resamples and that spread joins the noise (the estimate
+    and its reference move together with the windows, so it is the estimate's own window noise)."""
     from engine import uncertainty
 
     L = samples.n_layers
     weighting = estimators.weighting_for(spec.estimator, samples.design, L)
     reference = uncertainty.regression_adjusted(samples.masks, samples.scores, fit_one, weighting, spec.level,
-                                                seed=spec.mc_seed, n_boot=0, **estimators.real_rows(samples))
+                                                seed=spec.mc_seed, n_boot=0, **estimators.real_rows(samples), window_scores=ws)
     members = c.details.get("members")
     return uncertainty.surrogate_interval(samples.masks, samples.scores, fit_one, weighting, c.values,
                                           None if members is None else np.asarray(members), spec.estimator,

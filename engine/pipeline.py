@@ -669,8 +669,10 @@ def samples(run: OpenRun, require: bool = True):
             "model, data and sampling options first (or `python -m engine run`, which samples too).")
     s = Samples(table.masks, table.score, table.ppl, table.nonfinite, float(ppl_full), run.spec.sampling,
                 table.window_nll, table.window_tokens, round=table.round, source=table.source)
-    if "window_losses_full" in meta:
-        s = s.with_partial_rows(*_full_losses(run.store))
+    if "window_losses_full" in meta:  # the full model's per-window losses (schema 2)
+        full_nll, full_tokens = _full_losses(run.store)
+        s = dataclasses.replace(s, full_window_nll=full_nll, full_window_tokens=full_tokens)
+        s = s.with_partial_rows(full_nll, full_tokens)
     return s.require() if require else s
 
 

@@ -437,6 +437,16 @@ def bootstrap_semivalues(masks: np.ndarray, scores: np.ndarray, fit: FitFn, weig
     return out
 
 
+def _reference_se(reference: Intervals) -> dict:
+    """The reference's noise as reported components: the bias estimate's sampling noise and, when the
+    reference was re-evaluated on window resamples, the window part (the estimate and its reference
+    move together with the windows, so that is the estimate's own window noise)."""
+    parts = reference.details.get("se", {})
+    if "windows" not in parts:
+        return {"bias_estimate": reference.se}
+    return {"bias_estimate": parts["masks"], "windows": parts["windows"]}
+
+
 def surrogate_interval(
     masks: np.ndarray,
     scores: np.ndarray,
@@ -463,7 +473,8 @@ def surrogate_interval(
     reference: the regression-adjusted Intervals of the same estimand on the same masks (computed
     here if None); estimate - reference.values is the estimated bias, added to the half-width
     with the reference's allowance for uncovered kept counts. boots float[B, L]: bootstrap
-    semivalues already computed (`bootstrap_semivalues`), instead of refitting here.
+    semivalues already computed (`bootstrap_semivalues`), instead of refitting here. A reference
+    computed with `window_scores` carries the window noise into the interval (details['se']['windows']).
     """
     X, y = _with_full_mask(masks, scores, full_score)
     L = X.shape[1]
@@ -486,7 +497,7 @@ def surrogate_interval(
         "method": "bootstrap over masks (stratified by kept count, surrogate refitted) + ensemble spread; "
                   "bias estimated by cross-fitted regression adjustment",
         "n_boot": int(len(boots)),
-        "se": {"masks": se_boot, "ensemble": se_ens, "bias_estimate": reference.se},
+        "se": {"masks": se_boot, "ensemble": se_ens, **_reference_se(reference)},
         "bias_estimate": bias,
         "uncovered_kept_counts": reference.details.get("uncovered_kept_counts", []),
         "uncovered_weight_fraction": reference.details.get("uncovered_weight_fraction"),

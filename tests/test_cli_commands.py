@@ -92,6 +92,18 @@ def test_shapley(sampled, capsys):
     assert len(js["contributions"]) == L and sorted(js["ranking"]) == list(range(L))
 
 
+def test_shapley_window_boot_adds_the_window_part_to_the_interval(sampled, capsys):
+    argv = ["shapley", *_base(sampled, *STAGE2, "--estimator", "regression-adjusted")]
+    _, plain = _both(capsys, argv)
+    _, windowed = _both(capsys, [*argv, "--window-boot", "10"])
+    interval = windowed["details"]["interval"]
+    assert interval["details"]["window_resamples"] == 10 and len(interval["details"]["se"]["windows"]) == L
+    assert "windows" not in plain["details"]["interval"]["details"]["se"]
+    assert windowed["contributions"] == pytest.approx(plain["contributions"])  # the estimate is the same
+    width = np.subtract(windowed["ci_high"], windowed["ci_low"]) - np.subtract(plain["ci_high"], plain["ci_low"])
+    assert np.all(width >= -1e-12) and np.any(width > 0)  # an independent noise source only widens
+
+
 def test_prune_exports_and_refuses_a_full_folder(sampled, tmp_path, capsys):
     out = tmp_path / "pruned"
     argv = ["prune", *_base(sampled, *STAGE2, "--remove", "1", "--out", str(out))]
@@ -121,6 +133,7 @@ def test_run_and_baselines(sampled, capsys):
     (["fit", "--holdout", "1.5"], "--holdout must be a fraction"),
     (["run", "--remove", str(L)], "1..5"),
     (["sample", "--strata", "a,b"], "integers"),
+    (["shapley", "--window-boot", "1"], "--window-boot must be 0 or >= 2"),
 ])
 def test_a_failing_command_prints_one_paragraph_and_a_json_error(sampled, capsys, argv, words):
     code = cli.main([argv[0], *_base(sampled, *RUN), *argv[1:], "--json"])

@@ -181,3 +181,29 @@ def test_decisions_list_ties_and_choose_on_validation_windows(setup):
         assert tuple(d["removed"]) == sets[int(np.argmin(ppl))]  # the best candidate on validation text
         assert d["validation_ppl"] == pytest.approx(float(ppl.min()), rel=1e-9)
     assert pipeline.artifact_name("decisions", val) != pipeline.artifact_name("decisions", base)
+
+
+@pytest.mark.parametrize("estimator", ["regression-adjusted", "exact"])
+def test_window_boot_widens_the_intervals_by_the_window_noise_only(setup, estimator):
+    _, _, run = setup
+    s = pipeline.samples(run)
+    assert s.window_nll.shape == (s.n, 2) and s.full_window_nll.shape == (2,)
+    f = method.fit(s, RIDGE, curve=False)
+    spec = MethodSpec(surrogate=RIDGE, estimator=estimator, boot=2)
+    plain = method.contributions(s, f, spec).details["interval"]
+    windowed = method.contributions(s, f, dataclasses.replace(spec, window_boot=30)).details["interval"]
+    win = np.array(windowed["details"]["se"]["windows"])
+    assert win.shape == (L,) and np.all(win >= 0) and np.any(win > 0)
+    assert "windows" not in plain["details"]["se"]
+    np.testing.assert_allclose(windowed["values"], plain["values"])
+    # se = sqrt(se_without_windows^2 + se_windows^2): the window part is added as an independent source
+    np.testing.assert_allclose(np.square(windowed["se"]), np.square(plain["se"]) + win**2, rtol=1e-9, atol=1e-15)
+
+
+def test_window_boot_without_per_window_losses_says_what_to_do(setup):
+    _, _, run = setup
+    s = dataclasses.replace(pipeline.samples(run), window_nll=None, window_tokens=None)
+    f = method.fit(s, RIDGE, curve=False)
+    with pytest.raises(EstimationError, match="per calibration window"):
+        method.contributions(s, f, MethodSpec(surrogate=RIDGE, estimator="regression-adjusted", window_boot=10))
+    assert method.window_scores(s, MethodSpec(window_boot=0)) is None
