@@ -85,33 +85,46 @@ def lookup_samples(gt: gtm.GroundTruth, sampling: SamplingSpec) -> method.Sample
 
 
 def method_spec(estimator: str, L: int, seed: int = 0, surrogate: SurrogateSpec = SurrogateSpec(),
-                mc_masks: int = PAPER_MASKS) -> MethodSpec:
+                mc_masks: int = PAPER_MASKS, val_windows: int = 0) -> MethodSpec:
     """The pipeline's defaults, with `seed` for the surrogate and the Monte Carlo draws and the paper
     estimator's Monte Carlo masks set by `mc_masks` (each with all L flips)."""
     budget = mc_masks * (L + 1) if estimator == "paper" and mc_masks != PAPER_MASKS else None
     return MethodSpec(surrogate=dataclasses.replace(surrogate, seed=seed), estimator=estimator, budget=budget,
-                      mc_seed=seed, boot=0)  # no bootstrap intervals here: bench.uncertainty measures them
+                      mc_seed=seed, boot=0,  # no bootstrap intervals here: bench.uncertainty measures them
+                      val_windows=val_windows)
 
 
 # ---------------------------------------------------------------- the Shapley pipeline
 
 
 def pipeline_sets(samples: method.Samples, gt: gtm.GroundTruth, estimators, ks, seed: int = 0,
-                  surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = PAPER_MASKS) -> tuple[dict, dict]:
-    """({(method name, k): removed set}, {estimator: Contributions}) for every estimator: its
-    rank-and-cut set and the set the verified decision keeps on calibration (lookup).
-    The same method functions, with the same defaults, as engine.pipeline."""
+                  surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = PAPER_MASKS,
+                  validation=None) -> tuple[dict, dict, dict]:
+    """({(method name, k): removed set}, {estimator: Contributions}, {estimator: method.Decisions}) for
+    every estimator: its rank-and-cut set and the set the decision keeps. The same method functions,
+    with the same defaults, as engine.pipeline: candidates verified on calibration (lookup), then,
+    with `validation` = (n windows, window_losses(bool[n, L]) -> (nll, tokens)) on validation windows
+    of the calibration text, chosen there with their ties (method.with_ties, as pipeline._decide);
+    without it, ties on the calibration windows (the ground truth's per-window losses, when stored)."""
     L = gt.n_layers
     f = method.fit(samples, dataclasses.replace(surrogate, seed=seed), curve=False)
-    sets, contribs = {}, {}
+    sets, contribs, decisions = {}, {}, {}
     for est in estimators:
-        mspec = method_spec(est, L, seed, surrogate, mc_masks)
+        mspec = method_spec(est, L, seed, surrogate, mc_masks, validation[0] if validation else 0)
         c = method.contributions(samples, f, mspec)
         contribs[est] = c
-        for d in method.decide(f, c, ks, gt.lookup_ppl, spec=mspec).items:
+        ds = method.decide(f, c, ks, gt.lookup_ppl, spec=mspec)
+        if validation:
+            ds = method.with_ties(ds, validation[1], mspec, f"{validation[0]} validation windows of the calibration "
+                                  "text", choose=True)
+        elif gt.has_windows:
+            ds = method.with_ties(ds, lambda m: (gt.lookup_window_nll(m), np.broadcast_to(gt.window_tokens, (
+                len(m), len(gt.window_tokens)))), mspec, "the calibration windows", choose=False)
+        decisions[est] = ds
+        for d in ds.items:
             sets[(f"shapley:{est}", d.k)] = d.removed
             sets[(f"shapley:{est}:rank-and-cut", d.k)] = decision_lib.rank_and_cut(c.values, d.k)
-    return sets, contribs
+    return sets, contribs, decisions
 
 
 def baseline_sets(lm, windows, gt: gtm.GroundTruth, ks, names=tuple(BASELINES)) -> dict:
@@ -150,7 +163,7 @@ def fidelity(gt: gtm.GroundTruth, ns, seeds, ks, estimators, progress: bool = Tr
         for seed in seeds:
             t0 = time.monotonic()
             samples = lookup_samples(gt, SamplingSpec(n_masks=n, seed=seed))
-            sets, contribs = pipeline_sets(samples, gt, estimators, ks, seed, surrogate, mc_masks)
+            sets, contribs, _ = pipeline_sets(samples, gt, estimators, ks, seed, surrogate, mc_masks)
             for est in estimators:
                 values = contribs[est].values
                 row = {"n": n, "seed": seed, "estimator": est, "target": TARGET[est]}
@@ -180,6 +193,59 @@ def measure(lm, data: DataSpec, removal_sets: list[tuple[int, ...]]) -> tuple[di
     ev = MaskEvaluator(lm, make_windows(lm.tokenizer, data))
     masks = np.stack([decision_lib.removal_mask(s, lm.n_layers) for s in removal_sets])  # (n, L)
     return dict(zip(removal_sets, ev.perplexities(masks))), float(ev.ppl_full)
+
+
+def validation_losses(lm, data: DataSpec, n: int):
+    """(n, window_losses): per-window losses of keep-masks on `n` validation windows of the calibration
+    text (data.validation_windows, as the pipeline draws them), each mask evaluated once."""
+    from engine.data import validation_windows
+    from engine.evaluate import MaskEvaluator
+
+    ev = MaskEvaluator(lm, validation_windows(lm.tokenizer, data, n))
+    seen: dict[bytes, tuple] = {}
+
+    def window_losses(masks):
+        masks = np.asarray(masks, dtype=bool)
+        todo = [m for m in dict.fromkeys(m.tobytes() for m in masks) if m not in seen]
+        if todo:
+            nll, tok = ev.window_losses(np.stack([np.frombuffer(m, dtype=bool) for m in todo]))
+            seen.update({m: (nll[i], tok[i]) for i, m in enumerate(todo)})
+        return (np.stack([seen[m.tobytes()][0] for m in masks]), np.stack([seen[m.tobytes()][1] for m in masks]))
+
+    return n, window_losses
+
+
+def decision_rule(ds: method.Decisions) -> str:
+    d = ds.items[0]
+    if d.tied_on and "validation" in d.tied_on:
+        return f"the best of its candidates on {d.tied_on}"
+    return "the best of its candidates on the calibration windows"
+
+
+def heldout_table(gt: gtm.GroundTruth, near: dict, heldout: dict, ds: method.Decisions, splits) -> tuple[list, list]:
+    """Per k and held-out split: the decision's chosen set over the best held-out perplexity among the
+    near-optimal calibration sets `near[k]`, its ties, and whether the held-out best of the decision's
+    measured candidates is the choice or tied with it. (markdown lines, rows)."""
+    L = gt.n_layers
+    lines = ["| k | split | calibration ppl of the %d best sets | their held-out ppl (min - max) | chosen | "
+             "chosen / best of them | tied | best among chosen + tied |" % len(next(iter(near.values()))),
+             "|---:|---|---|---|---:|---:|---:|---|"]
+    rows = []
+    for d in ds.items:
+        cal = [float(gt.lookup_ppl(decision_lib.removal_mask(r, L)[None])[0]) for r in near[d.k]]
+        for name in splits:
+            v = [float(heldout[name][r]) for r in near[d.k]]
+            cands = [c.removed for c in d.candidates]
+            best_cand = min(cands, key=lambda r: heldout[name][r])
+            ok = best_cand == d.removed or best_cand in d.tied
+            ratio = float(heldout[name][d.removed]) / min(v)
+            rows.append({"k": d.k, "split": name, "ratio": ratio, "chosen": list(d.removed),
+                         "tied": [list(t) for t in d.tied], "heldout_best_candidate": list(best_cand),
+                         "heldout_best_among_chosen_and_tied": ok, "heldout_best_near": list(min(near[d.k],
+                                                                                              key=lambda r: heldout[name][r]))})
+            lines.append(f"| {d.k} | {name} | {min(cal):.3f} - {max(cal):.3f} | {min(v):.3f} - {max(v):.3f} | "
+                         f"{heldout[name][d.removed]:.3f} | {ratio:.4f} | {len(d.tied)} | {'yes' if ok else 'no'} |")
+    return lines, rows
 
 
 # ---------------------------------------------------------------- outputs
@@ -339,8 +405,9 @@ def run(args) -> dict:
     # Everything is computed in memory from the ground truth: no run store.
     t = time.monotonic()
     surrogate = SurrogateSpec(ensemble=args.ensemble)
-    sets, contribs = pipeline_sets(lookup_samples(gt, SamplingSpec(n_masks=args.n_masks)), gt, args.estimators,
-                                   ks, 0, surrogate, args.mc_masks)
+    validation = validation_losses(lm, data, args.val_windows) if args.val_windows else None
+    sets, contribs, decisions = pipeline_sets(lookup_samples(gt, SamplingSpec(n_masks=args.n_masks)), gt,
+                                              args.estimators, ks, 0, surrogate, args.mc_masks, validation)
     timings["pipeline"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     sets.update(baseline_sets(lm, windows, gt, ks, args.baselines))
@@ -358,7 +425,9 @@ def run(args) -> dict:
                    not args.json, surrogate, args.mc_masks) if args.fidelity_n else []
     timings["fidelity"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
-    distinct = sorted(set(sets.values()) | {r for k in ks for r in near[k]})
+    chosen_by = MethodSpec().estimator if MethodSpec().estimator in args.estimators else "paper"
+    candidates = {c.removed for d in decisions[chosen_by].items for c in d.candidates}
+    distinct = sorted(set(sets.values()) | {r for k in ks for r in near[k]} | candidates)
     heldout, full = {}, {"calibration": gt.ppl_full}
     for name in args.eval_data:
         heldout[name], full[name] = measure(lm, dataclasses.replace(data, source=name), distinct)
@@ -374,20 +443,7 @@ def run(args) -> dict:
     order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in sets))}
     rows.sort(key=lambda r: (order[r["method"]], r["k"]))
     vlines, vrows = verdict(rows, ks, splits)
-    # How much held-out perplexity moves among sets that are all near-optimal on calibration.
-    # The held-out ratio: the pipeline's set over the best held-out set among the near-optimal ones.
-    spread = ["| k | split | calibration ppl of the %d best sets | their held-out ppl (min - max) | pipeline | "
-              "pipeline / best of them |" % args.near, "|---:|---|---|---|---:|---:|"]
-    pipe = {(r["k"]): r for r in rows if r["method"] == "shapley:paper"}
-    heldout_ratio = []
-    for k in ks:
-        cal = [float(gt.lookup_ppl(decision_lib.removal_mask(r, L)[None])[0]) for r in near[k]]
-        for name in args.eval_data:
-            v = [float(heldout[name][r]) for r in near[k]]
-            ratio = pipe[k][f"ppl_{name}"] / min(v)
-            heldout_ratio.append({"k": k, "split": name, "ratio": ratio})
-            spread.append(f"| {k} | {name} | {min(cal):.3f} - {max(cal):.3f} | {min(v):.3f} - {max(v):.3f} | "
-                          f"{pipe[k][f'ppl_{name}']:.3f} | {ratio:.4f} |")
+    spread, heldout_ratio = heldout_table(gt, near, heldout, decisions[chosen_by], args.eval_data)
     md = [f"# Layer removal on {gt.meta['model']} (L={L}): every method against the optimum", "",
           f"Ground truth: {len(gt.codes)} masks, {gt.meta['n_windows']} x {gt.meta['seq_len']} calibration tokens "
           f"({gt.meta['data']}), computed {gt.meta['date']}. Shapley pipeline: {args.n_masks} stratified masks "
@@ -396,10 +452,14 @@ def run(args) -> dict:
           "`shapley:<estimator>:rank-and-cut` the paper's rule alone. `optimum` is the best set on calibration, "
           "measured on every split.", "",
           f"Command: `python -m bench.compare {' '.join(args.argv)}`", "",
-          "## Shapley pipeline (paper estimator, verified) vs best baseline and optimum", "",
+          "## Shapley pipeline (paper estimator) vs best baseline and optimum", "",
           "Best baseline = the best of the %d baselines on that split and k (chosen after the fact); optimum = "
           "the set with the lowest calibration perplexity, measured on the split." % len(args.baselines), "",
-          *vlines, "", "Held-out spread among near-optimal sets (the %d best on calibration):" % args.near, "",
+          *vlines, "", "## Held-out ratio: the decision against the %d best sets on calibration" % args.near, "",
+          f"The set the default pipeline (`{chosen_by}`, {decision_rule(decisions[chosen_by])}) chooses, over the "
+          f"best held-out perplexity among the {args.near} best calibration sets (target <= 1.01); `tied`: the "
+          "candidates the decision reports as statistically tied with its choice; `best among chosen + tied`: "
+          "whether the held-out best of the candidates it measured is the choice or one of those ties.", "",
           *(spread if args.eval_data else []), "",
           "## All methods", "", *comparison_tables(rows, ks, splits, full)]
     if "shapley" in gt.analysis:
@@ -424,7 +484,7 @@ def run(args) -> dict:
     write_csv(out / "compare.csv", rows)
     write_csv(out / "fidelity.csv", fid)
     files = plots(out, rows, fid, ks, splits)
-    return {"ks": ks, "verdict": vrows, "heldout_ratio": heldout_ratio, "rows": rows, "fidelity": fid, "ppl_full": full, "seconds": timings,
+    return {"ks": ks, "verdict": vrows, "heldout_ratio": heldout_ratio, "val_windows": args.val_windows, "rows": rows, "fidelity": fid, "ppl_full": full, "seconds": timings,
             "files": [str(out / "compare.md"), str(out / "compare.csv"), str(out / "fidelity.csv"), *files]}
 
 
@@ -449,6 +509,8 @@ def parse(argv=None):
     p.add_argument("--ensemble", type=int, default=SurrogateSpec().ensemble, help="surrogate ensemble members")
     p.add_argument("--mc-masks", type=int, default=PAPER_MASKS, help="Monte Carlo masks of the paper's estimator")
     p.add_argument("--near", type=int, default=10, help="near-optimal calibration sets measured on held-out splits")
+    p.add_argument("--val-windows", type=int, default=MethodSpec().val_windows,
+                   help="validation windows the pipeline chooses on (the engine's default; 0: calibration only)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")

@@ -150,7 +150,7 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
             "--data", str(tiny6 / "cal.txt"), "--windows", str(WINDOWS), "--seq-len", str(SEQ),
             "--eval-data", str(tiny6 / "test.txt"), str(tiny6 / "ood.txt"),  # default ks: L/8..L/2 -> 1 2 3
             "--n-masks", "24", "--fidelity-n", "16", "24", "--estimators", "paper", "exact", "regression-adjusted",
-            "--ensemble", "2", "--mc-masks", "4000", "--fidelity-estimators", "paper",
+            "--ensemble", "2", "--mc-masks", "4000", "--fidelity-estimators", "paper", "--val-windows", "4",
             "--out", str(out), "--json"]
     result = compare.main(args)
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -179,8 +179,14 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
     assert {(r["k"], r["split"]) for r in result["heldout_ratio"]} == {
         (k, str(tiny6 / name)) for k in (1, 2, 3) for name in ("test.txt", "ood.txt")}
     assert all(np.isfinite(r["ratio"]) and r["ratio"] > 0 for r in result["heldout_ratio"])
+    for r in result["heldout_ratio"]:  # the default estimator's decision, chosen on 4 validation windows
+        assert " ".join(map(str, r["chosen"])) == rows[("shapley:regression-adjusted", r["k"])]["removed"]
+        assert all(len(t) == r["k"] and t != r["chosen"] for t in r["tied"])
+        assert r["heldout_best_among_chosen_and_tied"] == (r["heldout_best_candidate"] in [r["chosen"], *r["tied"]])
+    assert result["val_windows"] == 4
     md = (out / "compare.md").read_text()
-    assert "Held-out spread" in md and "rank-and-cut sets" in md and "above the optimum" in md
+    assert "4 validation windows of the calibration text" in md
+    assert "Held-out ratio" in md and "rank-and-cut sets" in md and "above the optimum" in md
 
 
 def test_strata_semivalue_from_a_k_max_table_equals_the_complete_one(tiny, tmp_path):
