@@ -99,27 +99,22 @@ def method_spec(estimator: str, L: int, seed: int = 0, surrogate: SurrogateSpec 
 
 def pipeline_sets(samples: method.Samples, gt: gtm.GroundTruth, estimators, ks, seed: int = 0,
                   surrogate: SurrogateSpec = SurrogateSpec(), mc_masks: int = PAPER_MASKS,
-                  validation=None) -> tuple[dict, dict, dict]:
+                  windows: "WindowCheck | None" = None) -> tuple[dict, dict, dict]:
     """({(method name, k): removed set}, {estimator: Contributions}, {estimator: method.Decisions}) for
     every estimator: its rank-and-cut set and the set the decision keeps. The same method functions,
-    with the same defaults, as engine.pipeline: candidates verified on calibration (lookup), then,
-    with `validation` = (n windows, window_losses(bool[n, L]) -> (nll, tokens)) on validation windows
-    of the calibration text, chosen there with their ties (method.with_ties, as pipeline._decide);
-    without it, ties on the calibration windows (the ground truth's per-window losses, when stored)."""
+    with the same defaults, as engine.pipeline: candidates verified on calibration (lookup), then
+    compared window by window with `windows` (method.with_ties, as pipeline._decide): chosen there
+    when they are validation windows, only their ties listed when they are the calibration windows."""
     L = gt.n_layers
     f = method.fit(samples, dataclasses.replace(surrogate, seed=seed), curve=False)
     sets, contribs, decisions = {}, {}, {}
     for est in estimators:
-        mspec = method_spec(est, L, seed, surrogate, mc_masks, validation[0] if validation else 0)
+        mspec = method_spec(est, L, seed, surrogate, mc_masks, windows.n if windows and windows.choose else 0)
         c = method.contributions(samples, f, mspec)
         contribs[est] = c
         ds = method.decide(f, c, ks, gt.lookup_ppl, spec=mspec)
-        if validation:
-            ds = method.with_ties(ds, validation[1], mspec, f"{validation[0]} validation windows of the calibration "
-                                  "text", choose=True)
-        elif gt.has_windows:
-            ds = method.with_ties(ds, lambda m: (gt.lookup_window_nll(m), np.broadcast_to(gt.window_tokens, (
-                len(m), len(gt.window_tokens)))), mspec, "the calibration windows", choose=False)
+        if windows:
+            ds = method.with_ties(ds, windows.window_losses, mspec, windows.on, windows.choose)
         decisions[est] = ds
         for d in ds.items:
             sets[(f"shapley:{est}", d.k)] = d.removed
@@ -195,13 +190,29 @@ def measure(lm, data: DataSpec, removal_sets: list[tuple[int, ...]]) -> tuple[di
     return dict(zip(removal_sets, ev.perplexities(masks))), float(ev.ppl_full)
 
 
-def validation_losses(lm, data: DataSpec, n: int):
-    """(n, window_losses): per-window losses of keep-masks on `n` validation windows of the calibration
-    text (data.validation_windows, as the pipeline draws them), each mask evaluated once."""
-    from engine.data import validation_windows
+@dataclasses.dataclass(frozen=True)
+class WindowCheck:
+    """Windows the decision's candidates are compared on, as engine.pipeline._decide does: `n` validation
+    windows of the calibration text (choose=True: they choose), or the calibration windows (ties only)."""
+
+    n: int
+    on: str  # the decision's `tied_on` wording (the pipeline's)
+    window_losses: object  # bool[n, L] -> (nll float[n, W], tokens int[n, W]), each mask evaluated once
+    choose: bool
+
+
+def window_check(lm, data: DataSpec, val_windows: int) -> WindowCheck:
+    """The pipeline's comparison windows for `val_windows` (data.validation_windows, or the calibration windows
+    when 0), with a per-mask cache so the estimators' shared candidates are evaluated once."""
+    from engine.data import make_windows, validation_windows
     from engine.evaluate import MaskEvaluator
 
-    ev = MaskEvaluator(lm, validation_windows(lm.tokenizer, data, n))
+    if val_windows:
+        ev = MaskEvaluator(lm, validation_windows(lm.tokenizer, data, val_windows))
+        on = f"{val_windows} validation windows of the calibration text"
+    else:
+        ev = MaskEvaluator(lm, make_windows(lm.tokenizer, data))
+        on = "the calibration windows (the surrogate was fitted on them)"
     seen: dict[bytes, tuple] = {}
 
     def window_losses(masks):
@@ -212,14 +223,14 @@ def validation_losses(lm, data: DataSpec, n: int):
             seen.update({m: (nll[i], tok[i]) for i, m in enumerate(todo)})
         return (np.stack([seen[m.tobytes()][0] for m in masks]), np.stack([seen[m.tobytes()][1] for m in masks]))
 
-    return n, window_losses
+    return WindowCheck(val_windows, on, window_losses, bool(val_windows))
 
 
 def decision_rule(ds: method.Decisions) -> str:
     d = ds.items[0]
     if d.tied_on and "validation" in d.tied_on:
-        return f"the best of its candidates on {d.tied_on}"
-    return "the best of its candidates on the calibration windows"
+        return f"the best of its candidates on {d.tied_on}, ties there"
+    return "the best of its candidates on the calibration windows, ties there"
 
 
 def heldout_table(gt: gtm.GroundTruth, near: dict, heldout: dict, ds: method.Decisions, splits) -> tuple[list, list]:
@@ -405,9 +416,9 @@ def run(args) -> dict:
     # Everything is computed in memory from the ground truth: no run store.
     t = time.monotonic()
     surrogate = SurrogateSpec(ensemble=args.ensemble)
-    validation = validation_losses(lm, data, args.val_windows) if args.val_windows else None
     sets, contribs, decisions = pipeline_sets(lookup_samples(gt, SamplingSpec(n_masks=args.n_masks)), gt,
-                                              args.estimators, ks, 0, surrogate, args.mc_masks, validation)
+                                              args.estimators, ks, 0, surrogate, args.mc_masks,
+                                              window_check(lm, data, args.val_windows))
     timings["pipeline"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     sets.update(baseline_sets(lm, windows, gt, ks, args.baselines))
