@@ -172,11 +172,12 @@ def make_windows(tokenizer, spec: DataSpec, text: str | None = None) -> Windows:
     return Windows(input_ids=input_ids, data_hash=data_hash, source=spec.source, n_tokens=m)
 
 
-def validation_windows(tokenizer, spec: DataSpec, n: int, seed: int = 1, text: str | None = None) -> Windows:
+def validation_windows(tokenizer, spec: DataSpec, n: int, seed: int = 1, text: str | None = None,
+                       at_most: bool = False) -> Windows:
     """`n` windows of `spec`'s text that overlap none of `make_windows(tokenizer, spec)`'s windows: a
     validation split of the calibration text (for choosing among candidate sets on text the surrogate
     was not fitted on). Windows are aligned blocks of seq_len tokens, `n` of the free ones chosen with
-    `seed`; DataError when fewer than `n` are free."""
+    `seed`; DataError when fewer than `n` are free, unless `at_most` (then all the free ones, maybe none)."""
     text = load_text(spec.source, spec.text_field) if text is None else text
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     n_cal, T, m = spec.n_windows, spec.seq_len, len(ids)
@@ -188,6 +189,8 @@ def validation_windows(tokenizer, spec: DataSpec, n: int, seed: int = 1, text: s
     for s in cuts + np.arange(n_cal) * T:
         used[s : s + T] = True
     free = [b for b in range(0, m - T + 1, T) if not used[b : b + T].any()]
+    if at_most:
+        n = min(n, len(free))
     if len(free) < n:
         raise DataError(f"{spec.source!r}: only {len(free)} windows of {T} tokens do not overlap the {n_cal} "
                         f"calibration windows; ask for at most {len(free)} validation windows or give more text")

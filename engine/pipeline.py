@@ -803,10 +803,14 @@ class _RecordingMeasure:
         return (np.stack([self.seen[k][0] for k in keys]), np.stack([self.seen[k][1] for k in keys]))
 
 
+MIN_VAL_WINDOWS = 2  # fewer validation windows than this: no bootstrap over them, the calibration windows decide
+
+
 def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (), fc=None):
     """Decide per k; list the candidates tied with each choice (paired bootstrap over windows): on
-    `method.val_windows` validation windows of the calibration text, which then also choose, or
-    else on the calibration windows themselves."""
+    `method.val_windows` validation windows of the calibration text (fewer when the text has fewer
+    outside the calibration windows), which then also choose, or else (0, or fewer than
+    MIN_VAL_WINDOWS free) on the calibration windows themselves, which only list ties."""
     from engine import decision as decision_lib
     from engine import method as method_lib
     from engine.data import validation_windows
@@ -817,13 +821,15 @@ def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (
     measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
     calibration = _RecordingMeasure(MaskEvaluator(run.lm, run.windows))
     ds = method_lib.decide(f, c, ks, calibration.perplexities, None, method)
-    if method.val_windows:
-        val = validation_windows(run.lm.tokenizer, run.spec.data, method.val_windows)
+    val = validation_windows(run.lm.tokenizer, run.spec.data, method.val_windows, at_most=True)
+    n_val = int(val.input_ids.shape[0])
+    if n_val >= MIN_VAL_WINDOWS:
         ds = method_lib.with_ties(ds, MaskEvaluator(run.lm, val).window_losses, method,
-                                  f"{method.val_windows} validation windows of the calibration text", choose=True)
+                                  f"{n_val} validation windows of the calibration text", choose=True)
     else:
+        short = f"; the text has {n_val} windows outside them, too few to validate on" if method.val_windows else ""
         ds = method_lib.with_ties(ds, calibration.window_losses, method,
-                                  "the calibration windows (the surrogate was fitted on them)", choose=False)
+                                  f"the calibration windows (the surrogate was fitted on them){short}", choose=False)
     if measures:
         ds = dataclasses.replace(ds, splits=decision_lib.measure_splits(ds.items, run.n_layers, measures))
     _put(run, "decisions", method, f.samples, {"run_id": run.run_id, "ks": [d.k for d in ds.items],

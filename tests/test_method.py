@@ -164,7 +164,7 @@ def test_decisions_list_ties_and_choose_on_validation_windows(setup):
     from engine.evaluate import MaskEvaluator
 
     _, spec, run = setup
-    base = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0)
+    base = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0, val_windows=0)
     art = pipeline.decide(spec, base, run=run)
     for d in art["decisions"]:
         assert d["tie_level"] == 0.9 and "calibration windows" in d["tied_on"]
@@ -181,6 +181,13 @@ def test_decisions_list_ties_and_choose_on_validation_windows(setup):
         assert tuple(d["removed"]) == sets[int(np.argmin(ppl))]  # the best candidate on validation text
         assert d["validation_ppl"] == pytest.approx(float(ppl.min()), rel=1e-9)
     assert pipeline.artifact_name("decisions", val) != pipeline.artifact_name("decisions", base)
+    # more validation windows than the text holds outside the calibration windows: all of the free ones
+    free = validation_windows(run.lm.tokenizer, spec.data, 10**6, at_most=True).input_ids.shape[0]
+    assert 6 < free < 10**6
+    many = dataclasses.replace(val, val_windows=free + 50)
+    assert all(d["tied_on"] == f"{free} validation windows of the calibration text"
+               for d in pipeline.decide(spec, many, run=run)["decisions"])
+    assert MethodSpec().val_windows == 32  # the default chooses on validation windows (README: the rule and why)
 
 
 @pytest.mark.parametrize("estimator", ["regression-adjusted", "exact"])
