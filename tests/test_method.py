@@ -187,7 +187,7 @@ def test_decisions_list_ties_and_choose_on_validation_windows(setup):
     many = dataclasses.replace(val, val_windows=free + 50)
     assert all(d["tied_on"] == f"{free} validation windows of the calibration text"
                for d in pipeline.decide(spec, many, run=run)["decisions"])
-    assert MethodSpec().val_windows == 32  # the default chooses on validation windows (README: the rule and why)
+    assert MethodSpec().val_windows == 64  # the default chooses on validation windows (README: the rule and why)
 
 
 @pytest.mark.parametrize("estimator", ["regression-adjusted", "exact"])
