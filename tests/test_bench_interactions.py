@@ -41,4 +41,7 @@ def test_json_rows_on_the_demo_ground_truth(capsys):
         for key in ("spearman_all", "spearman_top15", "pearson"):
             assert -1.0 <= r[key] <= 1.0
     assert out["rows"][0]["unsampled_weight_fraction"] > 0.5 and out["rows"][1]["unsampled_weight_fraction"] < 0.05
+    for r in out["rows"]:  # the interval engine interactions reports (5-group jackknife), against the truth
+        assert r["folds"] == 5 and r["level"] == 0.9 and r["fit_on"] == "all"
+        assert 0.0 <= r["coverage"] <= 1.0 and 0.0 <= r["coverage_top15"] <= 1.0 and r["median_halfwidth"] > 0
     assert out["cost"][0]["L"] == 24 and out["cost"][0]["evaluations"] == 5 * 4 * (1 + 24 + 24 * 23 // 2)
