@@ -490,11 +490,13 @@ def jackknife_interval(
     mc_seed: int = 0,
     level: float = 0.9,
     bias: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> Interactions:
     """`estimate` (the index of an ensemble fitted on all the masks) with a standard error that
     includes the sampling of the masks: the delete-a-group jackknife over `folds` random groups.
 
-    For each group k: fit(masks without group k, their values) -> one value function, its index
+    For each group k: fit(masks without group k, their values[, their sample_weight when given]) -> one
+    value function, its index
     (exact for L <= EXACT_MAX_L unless n_samples, else Monte Carlo with `mc_seed`, the same draws
     for every group). Jackknife variance: (K-1)/K * sum_k (I_k - mean)^2, float[L, L].
     seed_noise: each fit also varies with its random seed (MLP members); the jackknife multiplies
@@ -516,8 +518,10 @@ def jackknife_interval(
     if not 0 < level < 1:
         raise EstimationError(f"level must be in (0, 1); got {level}")
     group = np.random.default_rng(seed).permutation(n) % folds  # (n,)
-    parts = [interaction_index(fit(masks[group != k], values[group != k]), L, index, n_samples=n_samples,
-                               seed=mc_seed) for k in range(folds)]
+    keep = [group != k for k in range(folds)]  # (n,) rows fitted without group k
+    fits = [fit(masks[r], values[r]) if sample_weight is None else fit(masks[r], values[r], np.asarray(sample_weight)[r])
+            for r in keep]
+    parts = [interaction_index(g, L, index, n_samples=n_samples, seed=mc_seed) for g in fits]
     mats = np.stack([r.matrix for r in parts])  # (K, L, L)
     jk_var = (folds - 1) / folds * ((mats - mats.mean(axis=0)) ** 2).sum(axis=0)  # (L, L)
     spread = np.asarray(estimate.details.get("ensemble_spread", np.zeros((L, L))))  # (L, L), one member's sd

@@ -100,11 +100,12 @@ class Samples:
                                    weights=fidelity.fit_weights(est.se), complete=est.complete)
 
     def subset(self, rows) -> "Samples":
-        """The same record restricted to `rows` (indices or a bool[n] selector), in that order."""
-        pick = (lambda a: None if a is None else a[rows])
-        return dataclasses.replace(self, masks=self.masks[rows], scores=self.scores[rows], ppl=self.ppl[rows],
-                                   nonfinite=self.nonfinite[rows], window_nll=pick(self.window_nll),
-                                   window_tokens=pick(self.window_tokens))
+        """The same record restricted to `rows` (indices or a bool[n] selector), in that order: every
+        per-row array (those that are None stay None)."""
+        per_row = ("masks", "scores", "ppl", "nonfinite", "window_nll", "window_tokens", "se", "weights", "complete",
+                   "round", "source")
+        return dataclasses.replace(self, **{k: None if getattr(self, k) is None else np.asarray(getattr(self, k))[rows]
+                                            for k in per_row})
 
     def require(self, min_masks: int = MIN_MASKS) -> "Samples":
         if self.n < min_masks:
@@ -313,16 +314,16 @@ def interaction_members(samples: Samples, spec: SurrogateSpec, fit_on: str = "al
     (``all``, the default) or on the fit step's training part (``train``: `f`'s split; its own members
     when `f` was fitted with `spec`)."""
     s = samples.require()
-    if fit_on == "all":
-        return Ensemble(spec).fit(s.masks, s.scores).value_functions()
+    if fit_on == "all":  # partially evaluated rows weighted as in the fit step (samples.weights)
+        return Ensemble(spec).fit(s.masks, s.scores, sample_weight=s.weights).value_functions()
     if fit_on != "train":
         raise WorkbenchError(f"fit_on must be one of {', '.join(FIT_ON)}; got {fit_on!r}.")
     if f is None:
         raise WorkbenchError("fit_on='train' needs the fit step's result (its held-out split).")
     if f.fitted.report.spec == spec:
         return f.members
-    train = np.asarray(f.fitted.report.split.train)
-    return Ensemble(spec).fit(s.masks[train], s.scores[train]).value_functions()
+    t = s.subset(np.asarray(f.fitted.report.split.train))
+    return Ensemble(spec).fit(t.masks, t.scores, sample_weight=t.weights).value_functions()
 
 
 def interaction_interval(samples: Samples, spec: SurrogateSpec, estimate, index: str = "sii",
@@ -340,13 +341,13 @@ def interaction_interval(samples: Samples, spec: SurrogateSpec, estimate, index:
     L = s.n_layers
     n_samples = None if budget is None else max(2, int(budget) // (1 + L + L * (L - 1) // 2))
 
-    def fit_one(X, y):
-        return make_surrogate(single, seed=spec.seed + 1000).fit(X, y)
+    def fit_one(X, y, w=None):
+        return make_surrogate(single, seed=spec.seed + 1000).fit(X, y, sample_weight=w)
 
     bias = inter.parts_disagreement(members, L, index, n_samples, seed) if members else None
     return inter.jackknife_interval(s.masks, s.scores, fit_one, estimate, index, folds, seed,
                                     seed_noise=not SURROGATES[spec.kind].bootstrap, n_samples=n_samples,
-                                    mc_seed=seed, level=level, bias=bias)
+                                    mc_seed=seed, level=level, bias=bias, sample_weight=s.weights)
 
 
 def interactions(samples: Samples, members, index: str = "sii", budget: int | None = None, seed: int = 0):

@@ -479,3 +479,26 @@ def test_parts_disagreement_is_half_the_gap_between_the_parts():
     iu = np.triu_indices(L, 1)
     np.testing.assert_allclose(d[iu], np.abs(B1 - B2)[iu] / 2, atol=1e-12)
     assert parts_disagreement([g1], L) is None
+
+
+def test_jackknife_interval_passes_each_groups_weights_to_the_fit():
+    from engine.interactions import jackknife_interval
+
+    L = 4
+    f, _, _ = pairwise_game(L, seed=6)
+    X = np.random.default_rng(4).random((24, L)) < 0.5
+    y = f(X)
+    w = np.arange(1.0, 25.0)  # row i weighs i + 1: identifies the rows each fit received
+    seen = []
+
+    def fit(Xk, yk, wk):
+        rows = (wk - 1).astype(int)
+        np.testing.assert_array_equal(Xk, X[rows])
+        np.testing.assert_array_equal(yk, y[rows])
+        seen.append(set(rows.tolist()))
+        return _pairwise_lstsq(Xk, yk)
+
+    est = interaction_index(_pairwise_lstsq(X, y), L, "sii")
+    jackknife_interval(X, y, fit, est, "sii", folds=3, sample_weight=w)
+    assert len(seen) == 3 and all(len(s) == 16 for s in seen)  # each fit leaves out one group of 8
+    assert set().union(*[set(range(24)) - s for s in seen]) == set(range(24))  # every row left out once
