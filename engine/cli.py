@@ -31,7 +31,8 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
+    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec,
+    SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError, describe
 

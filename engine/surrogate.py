@@ -347,8 +347,9 @@ class LogPairwiseSurrogate(_ValueFunction):
 
 class HybridSurrogate(_ValueFunction):
     """The mean of the paper's MLP (preset adam, `seed`) and a LogPairwiseSurrogate, both fitted on
-    the same masks: the MLP's errors and the log-pairwise model's differ, and their mean ranked the
-    pairwise interactions of the demo game better than either (bench/README.md, Interactions)."""
+    the same masks: the MLP's errors and the log-pairwise model's differ, and at 256 stratified masks
+    their mean ranked the pairwise interactions of the demo game better than either (bench/README.md,
+    Interactions). `parts()` gives both (their disagreement is the map's bias allowance)."""
 
     def __init__(self, seed: int = 0, **mlp_options):
         self.mlp = MLPSurrogate(preset="adam", seed=seed, **mlp_options)
