@@ -1,9 +1,9 @@
 """Fidelity of surrogate interaction maps against the exact interactions of the real demo game.
 
     .venv/bin/python -m bench.interactions [--ground-truth bench/data/ground_truth_demo.npz]
-        [--masks 128 256 1024] [--surrogates mlp ridge-pairwise gbt]
+        [--masks 128 256 1024] [--surrogates mlp ridge-pairwise gbt log-pairwise mlp+log-pairwise]
         [--schemes stratified size-uniform paired mixed] [--seeds 0 1 2] [--ensemble 5] [--index sii]
-        [--fit-on train|all] [--bias-check]
+        [--fit-on all|train] [--folds 5] [--level 0.9] [--bias-check]
         [--cost-layers 22 32 40 80] [--cost-samples 2000] [--threads 1] [--json]
 
 The truth: the exact index (default SII) of the real game, from all 2^16 masks of the demo model in
@@ -11,14 +11,18 @@ the ground truth (`python -m bench.ground_truth`), computed with `engine.interac
 For each (masks, surrogate, scheme, seed): the masks that `engine.sampling.sample_masks` draws for
 that scheme (stratified = the paper's strata; size-uniform; paired = size-uniform with complements;
 mixed = half stratified, half paired, duplicates dropped), their real scores looked up in the table
-(no model call), a surrogate ensemble of `--ensemble` members fitted either the way the pipeline's
-fit step does (`--fit-on train`: `surrogate.fit_with_diagnostics`, 20% held out for diagnostics) or
-on every mask (`--fit-on all`, what `pipeline.interactions` uses), and the exact index of the
-ensemble. Reported per row, as the mean over seeds:
+(no model call), a surrogate ensemble of `--ensemble` members fitted either on every mask
+(`--fit-on all`, the default, what `pipeline.interactions` uses) or the way the pipeline's fit step does
+(`--fit-on train`: `surrogate.fit_with_diagnostics`, 20% held out for diagnostics), and the exact index
+of the ensemble. Reported per row, as the mean over seeds:
 Spearman over all pairs, Spearman over the 15 strongest true pairs (by |value|), Pearson over all
-pairs, the share of the index's weight on kept counts the scheme never samples, the share of pairs
-whose exact value lies within 2 stderr of the estimate (the ensemble interval; with --bias-check also
-the cross-fitted residual check's interval, `engine.interactions.residual_check`), and fit seconds.
+pairs, the share of the index's weight on kept counts the scheme never samples, `coverage`: the share
+of pairs whose exact value lies inside the `--level` interval that `engine interactions` reports
+(`engine.interactions.jackknife_interval` over `--folds` groups of the masks, through
+`method.interaction_interval`; `coverage_top15` over the 15 strongest true pairs; 0 folds: not
+computed), the share within 2 stderr of the ensemble spread alone (`coverage_ensemble`; with
+--bias-check also the cross-fitted residual check's interval, `engine.interactions.residual_check`),
+and fit seconds.
 
 Cost: interactions of a 5-member ensemble of the paper's MLP at each of `--cost-layers` (exact up to
 22 layers, Monte Carlo with `--cost-samples` base masks above) (random weights; the time does not depend on them), with the median
@@ -26,7 +30,8 @@ standard error of the pair values relative to their median magnitude.
 
 With --json the last stdout line is one JSON object: `rows` (masks, surrogate, scheme,
 spearman_all, spearman_top15, pearson, their std over seeds, unsampled_weight_fraction,
-mean_stderr, coverage_ensemble, coverage_bias_check, fit_seconds, fit_on), `truth_top` (the strongest true pairs), `cost`.
+mean_stderr, coverage, coverage_top15, median_halfwidth, coverage_ensemble, coverage_bias_check, fit_seconds,
+fit_on, folds, level), `truth_top` (the strongest true pairs), `cost`.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from scipy.stats import pearsonr, spearmanr
 
 from bench import ground_truth as gtm
 from bench.common import emit, run_script
-from engine.config import SamplingSpec, SurrogateSpec
+from engine.config import MethodSpec, SamplingSpec, SurrogateSpec
 from engine.interactions import interaction_index, residual_check
+from engine.method import Samples, interaction_interval
 from engine.sampling import mask_probability, sample_masks, size_distribution
 from engine.surrogate import Ensemble, fit_with_diagnostics, make_surrogate
 
@@ -88,13 +94,29 @@ def agreement(est: np.ndarray, truth: np.ndarray, top: int = TOP) -> dict:
     }
 
 
-def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "train", bias_check: bool = False) -> dict:
+def interval_coverage(r, truth: np.ndarray, top: int = TOP) -> dict:
+    """Share of all pairs / of the `top` strongest true pairs inside r.details['interval'], median half-width."""
+    iu = np.triu_indices(truth.shape[0], 1)
+    iv = r.details["interval"]
+    t = truth[iu]
+    inside = (np.asarray(iv["low"])[iu] <= t) & (t <= np.asarray(iv["high"])[iu])  # (P,)
+    strongest = np.argsort(-np.abs(t), kind="stable")[:top]
+    return {"coverage": float(inside.mean()), "coverage_top15": float(inside[strongest].mean()),
+            "median_halfwidth": float(np.median((np.asarray(iv["high"]) - np.asarray(iv["low"]))[iu] / 2))}
+
+
+def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "all", bias_check: bool = False,
+            folds: int = 5, level: float = 0.9) -> dict:
     L = gt.n_layers
     masks, sizes = design_masks(scheme, n, seed, L)  # (n, L)
     y = gt.value_function()(masks)  # real scores from the table
     spec = SurrogateSpec(kind=kind, ensemble=ensemble, seed=seed)
     t0 = time.perf_counter()
-    ens = fit_with_diagnostics(masks, y, spec, gt.ppl_full).ensemble if fit_on == "train" else Ensemble(spec).fit(masks, y)
+    if fit_on == "train":
+        fitted = fit_with_diagnostics(masks, y, spec, gt.ppl_full)
+        ens, part = fitted.ensemble, np.asarray(fitted.report.split.train)
+    else:
+        ens, part = Ensemble(spec).fit(masks, y), np.arange(len(y))
     fit_s = time.perf_counter() - t0
     r = interaction_index(ens.value_functions(), L, index, sampled_sizes=sizes)
     iu = np.triu_indices(L, 1)
@@ -102,6 +124,11 @@ def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "tr
            "unsampled_weight_fraction": r.details["unsampled_weight_fraction"],
            "mean_stderr": float(np.mean(r.stderr[iu])),
            "coverage_ensemble": float(np.mean(np.abs(r.matrix - truth)[iu] <= 2 * r.stderr[iu]))}
+    if folds:
+        samples = Samples(masks[part], y[part], gt.ppl_full / np.maximum(y[part], 1e-12), y[part] == 0, gt.ppl_full,
+                          SCHEMES.get(scheme, SamplingSpec()))
+        ri = interaction_interval(samples, spec, r, index, None, seed, folds, level, ens.value_functions())
+        out.update(interval_coverage(ri, truth))
     if bias_check:
         single = replace(spec, ensemble=1)
         chk = residual_check(masks, y, design_probability(scheme, masks, L),
@@ -133,9 +160,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.interactions", description=__doc__.split("\n")[0])
     ap.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
     ap.add_argument("--masks", type=int, nargs="*", default=[128, 256, 1024])
-    ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt"])
+    ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt", "log-pairwise", "mlp+log-pairwise"])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=[*SCHEMES, "mixed"])
-    ap.add_argument("--fit-on", default="train", choices=["train", "all"])
+    ap.add_argument("--fit-on", default="all", choices=["all", "train"])
+    ap.add_argument("--folds", type=int, default=5, help="jackknife groups of the reported interval (0: no interval)")
+    ap.add_argument("--level", type=float, default=MethodSpec().level)
     ap.add_argument("--bias-check", action="store_true",
                     help="also the coverage of the exact values by the cross-fitted residual check's 2-stderr intervals")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -160,15 +189,17 @@ def main(argv=None) -> dict:
         rows = []
         lines = [f"exact {a.index.upper()} of the real game ({gt.n_layers} layers): strongest pairs "
                  + ", ".join(f"({p['i']},{p['j']}) {p['value']:+.3f}" for p in truth_top[:5]),
-                 "", "| masks | surrogate | scheme | Spearman all | Spearman top 15 | Pearson | unsampled weight | "
-                 "2-se coverage: ensemble | bias check | fit s |",
-                 "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "", f"| masks | surrogate | scheme | Spearman all | Spearman top 15 | Pearson | unsampled weight | "
+                 f"{a.level:.0%} coverage (top 15) | median half-width | 2-se coverage: ensemble | bias check | fit s |",
+                 "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n in a.masks:
             for kind in a.surrogates:
                 for scheme in a.schemes:
-                    per = [one_row(gt, truth, n, kind, scheme, s, a.ensemble, a.index, a.fit_on, a.bias_check) for s in a.seeds]
+                    per = [one_row(gt, truth, n, kind, scheme, s, a.ensemble, a.index, a.fit_on, a.bias_check,
+                                   a.folds, a.level) for s in a.seeds]
                     row = {"masks": n, "surrogate": kind, "scheme": scheme, "seeds": list(a.seeds),
-                           "ensemble": a.ensemble, "index": a.index, "fit_on": a.fit_on}
+                           "ensemble": a.ensemble, "index": a.index, "fit_on": a.fit_on, "folds": a.folds,
+                           "level": a.level}
                     for key in per[0]:
                         vals = np.array([p[key] for p in per])
                         row[key] = float(vals.mean())
@@ -178,6 +209,8 @@ def main(argv=None) -> dict:
                     lines.append(f"| {n} | {kind} | {scheme} | {row['spearman_all']:.3f} ± {row['spearman_all_std']:.3f}"
                                  f" | {row['spearman_top15']:.3f} ± {row['spearman_top15_std']:.3f}"
                                  f" | {row['pearson']:.3f} | {row['unsampled_weight_fraction']:.2f}"
+                                 f" | {row.get('coverage', float('nan')):.2f} ({row.get('coverage_top15', float('nan')):.2f})"
+                                 f" | {row.get('median_halfwidth', float('nan')):.4f}"
                                  f" | {row['coverage_ensemble']:.2f} | {row.get('coverage_bias_check', float('nan')):.2f}"
                                  f" | {row['fit_seconds']:.1f} |")
                     print(lines[-1], flush=True) if not a.json else None

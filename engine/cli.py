@@ -31,7 +31,8 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
+    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec,
+    SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError, describe
 
@@ -172,6 +173,13 @@ def _interaction_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fit-on", default="all", choices=("all", "train"),
                    help="surrogate ensemble refitted on every mask (all) or the fit step's training part (train) "
                         "(default %(default)s)")
+    g.add_argument("--interaction-surrogate", default=INTERACTION_SURROGATE, metavar="KIND",
+                   help="surrogate kind fitted for the map, with the other --surrogate settings, or 'same' (the run's "
+                        "--surrogate); default %(default)s: on the demo game it ranked the pairs closest to the exact "
+                        "index (bench/README.md)")
+    g.add_argument("--folds", type=int, default=INTERACTION_FOLDS,
+                   help="jackknife groups over the evaluated masks for the stderr and the 90%% interval "
+                        "(that many extra fits; 0: ensemble spread and Monte Carlo only) (default %(default)s)")
     g.add_argument("--csv", default=None, metavar="PATH", help="also write the pairs and the diagonal as CSV")
     g.add_argument("--bias-check", action="store_true",
                    help="also estimate each pair from the real evaluations (cross-fitted residual correction, "
@@ -311,7 +319,8 @@ def _interactions(args) -> dict:
     from engine import pipeline
 
     return pipeline.interactions(run_spec(args), method_spec(args), args.index, args.fit_on, args.cache_dir,
-                                 evaluation=eval_spec(args), csv_path=args.csv, bias_check=args.bias_check)
+                                 evaluation=eval_spec(args), csv_path=args.csv, bias_check=args.bias_check,
+                                 surrogate=args.interaction_surrogate, folds=args.folds)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "

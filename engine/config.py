@@ -176,6 +176,13 @@ class SamplingSpec:
         return self.rounds > 1
 
 
+# `engine interactions` defaults (bench/README.md, Interactions): the surrogate kind fitted for the map
+# (engine.surrogate.SURROGATES; its mean of the MLP and an exp-of-pairwise model ranked the demo game's
+# pairs best at 256 masks) and the jackknife groups of its interval.
+INTERACTION_SURROGATE = "mlp+log-pairwise"
+INTERACTION_FOLDS = 5
+
+
 @dataclass(frozen=True)
 class SurrogateSpec:
     kind: str = option("mlp", "surrogate model", flag="--surrogate", registry="engine.surrogate:SURROGATES")

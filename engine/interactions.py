@@ -472,3 +472,95 @@ def residual_check(
     covered = float(sw[np.unique(masks.sum(axis=1))].sum())
     return {"corrected": _to_matrix(surrogate + correction, L), "stderr": _to_matrix(se, L),
             "correction": _to_matrix(correction, L), "covered_weight": covered, "folds": int(folds)}
+
+
+# ---------------------------------------------------------------- resampling interval over the masks
+
+
+def jackknife_interval(
+    masks: np.ndarray,
+    values: np.ndarray,
+    fit: Callable[[np.ndarray, np.ndarray], ValueFn],
+    estimate: Interactions,
+    index: str = "sii",
+    folds: int = 5,
+    seed: int = 0,
+    seed_noise: bool = False,
+    n_samples: int | None = None,
+    mc_seed: int = 0,
+    level: float = 0.9,
+    bias: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> Interactions:
+    """`estimate` (the index of an ensemble fitted on all the masks) with a standard error that
+    includes the sampling of the masks: the delete-a-group jackknife over `folds` random groups.
+
+    For each group k: fit(masks without group k, their values[, their sample_weight when given]) -> one
+    value function, its index
+    (exact for L <= EXACT_MAX_L unless n_samples, else Monte Carlo with `mc_seed`, the same draws
+    for every group). Jackknife variance: (K-1)/K * sum_k (I_k - mean)^2, float[L, L].
+    seed_noise: each fit also varies with its random seed (MLP members); the jackknife multiplies
+    that variance by (K-1)^2/K, so it is subtracted (estimated by the ensemble's spread over members,
+    `estimate.details['ensemble_spread']`), and the ensemble mean's own seed variance spread^2/k is
+    added back. bias: float[L, L], a bias allowance added in quadrature (`parts_disagreement`: the
+    jackknife sees the noise of the fits, not a bias that all of them share). Returned: `estimate`
+    with stderr = sqrt(jackknife (corrected) + spread^2/k + Monte Carlo variance + bias^2),
+    details['interval'] = {level, low, high, folds, jackknife_stderr, bias_allowance}, float[L, L]
+    each. Calibrated on the demo game in bench/README.md (Interactions: coverage).
+    """
+    masks = np.asarray(masks, dtype=bool)
+    values = np.asarray(values, dtype=np.float64)
+    n, L = masks.shape
+    if len(values) != n:
+        raise EstimationError("masks and values must have the same length")
+    if folds < 2 or n < 2 * folds:
+        raise EstimationError(f"a {folds}-group jackknife needs at least {2 * folds} masks, got {n}")
+    if not 0 < level < 1:
+        raise EstimationError(f"level must be in (0, 1); got {level}")
+    group = np.random.default_rng(seed).permutation(n) % folds  # (n,)
+    keep = [group != k for k in range(folds)]  # (n,) rows fitted without group k
+    fits = [fit(masks[r], values[r]) if sample_weight is None else fit(masks[r], values[r], np.asarray(sample_weight)[r])
+            for r in keep]
+    parts = [interaction_index(g, L, index, n_samples=n_samples, seed=mc_seed) for g in fits]
+    mats = np.stack([r.matrix for r in parts])  # (K, L, L)
+    jk_var = (folds - 1) / folds * ((mats - mats.mean(axis=0)) ** 2).sum(axis=0)  # (L, L)
+    spread = np.asarray(estimate.details.get("ensemble_spread", np.zeros((L, L))))  # (L, L), one member's sd
+    k = int(estimate.details.get("n_members", 1))
+    if seed_noise:
+        jk_var = np.maximum(jk_var - (folds - 1) ** 2 / folds * spread**2, 0.0)
+    mc = np.asarray(estimate.details.get("monte_carlo_stderr", np.zeros((L, L))))
+    allowance = np.zeros((L, L)) if bias is None else np.abs(np.asarray(bias, dtype=np.float64))  # (L, L)
+    se = np.sqrt(jk_var + spread**2 / k + mc**2 + allowance**2)  # (L, L)
+    z = _normal_quantile(0.5 + level / 2)
+    details = {**estimate.details,
+               "interval": {"level": level, "low": estimate.matrix - z * se, "high": estimate.matrix + z * se,
+                            "folds": int(folds), "jackknife_stderr": np.sqrt(jk_var), "seed_noise_removed": seed_noise,
+                            "bias_allowance": allowance},
+               "stderr_is": f"sqrt(delete-a-group jackknife over the masks ({folds} groups) + the ensemble mean's seed "
+                            "variance + Monte Carlo variance" + (" + the surrogate parts' disagreement^2" if bias is not
+                                                                 None else "") + "): the sampling noise of the evaluated "
+                            "masks is included" + ("; a bias that both parts share is not" if bias is not None else
+                                                   "; a bias that every fit shares (kept counts never sampled) is not")}
+    n_eval = estimate.n_evaluations + sum(r.n_evaluations for r in parts)
+    return Interactions(estimate.index, estimate.matrix, se, estimate.method, int(n_eval), details)
+
+
+def parts_disagreement(members: Sequence, L: int, index: str = "sii", n_samples: int | None = None,
+                       seed: int = 0) -> np.ndarray | None:
+    """Half the absolute difference, float[L, L], between the index of the members' first parts and of
+    their second parts (members with ``parts() -> (g1, g2)`` whose mean they are, e.g. the MLP and the
+    log-pairwise model of surrogate mlp+log-pairwise): the index of the mean lies between the two, so
+    this is a bias allowance from two model classes fitted on the same masks. None if a member has no
+    parts. 2 x (k) more index computations (exact, or Monte Carlo with `n_samples` and `seed`)."""
+    if not members or not all(hasattr(m, "parts") for m in members):
+        return None
+    first = interaction_index([m.parts()[0] for m in members], L, index, n_samples=n_samples, seed=seed).matrix
+    second = interaction_index([m.parts()[1] for m in members], L, index, n_samples=n_samples, seed=seed).matrix
+    return np.abs(first - second) / 2  # (L, L)
+
+
+def _normal_quantile(p: float) -> float:
+    """Standard normal quantile (scipy-free)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(p)

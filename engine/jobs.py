@@ -59,12 +59,21 @@ def _paths(run_dir: Path, name: str) -> tuple[Path, Path]:
     return folder / f"{name}.json", folder / f"{name}.log"
 
 
-def _tail_lines(path: Path) -> list[str]:
+def _tail_lines(path: Path, window: int | None = None) -> list[str]:
+    """The lines at the end of the log: the last `window` bytes (default TAIL_BYTES), widened (doubling)
+    until the last line is whole, so a result line longer than the window (an interaction map of many
+    layers) is still read in full. A partial first line may remain; callers skip what is not JSON."""
+    size = window or TAIL_BYTES
     try:
         with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - TAIL_BYTES))
-            return fh.read().decode(errors="replace").splitlines()
+            end = fh.seek(0, os.SEEK_END)
+            while True:
+                start = max(0, end - size)
+                fh.seek(start)
+                data = fh.read()
+                if start == 0 or b"\n" in data.rstrip(b"\n"):  # the last line starts inside the window
+                    return data.decode(errors="replace").splitlines()
+                size *= 2
     except OSError:
         return []
 

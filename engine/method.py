@@ -22,10 +22,11 @@ import numpy as np
 
 from engine import decision as decision_lib
 from engine import estimators, shapley
-from engine.config import DEMO_DATA, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
+from engine.config import DEMO_DATA, INTERACTION_SURROGATE, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.evaluate import scores
-from engine.surrogate import Ensemble, FittedSurrogate, compare, fit_with_diagnostics, learning_curve, make_surrogate
+from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, compare, fit_with_diagnostics,
+                              learning_curve, make_surrogate)
 
 MIN_MASKS = 8  # below this no surrogate fit is meaningful
 # Held-out splits measured next to the calibration split when the run uses the bundled text.
@@ -99,6 +100,14 @@ class Samples:
             return self
         return dataclasses.replace(self, scores=np.where(est.complete, self.scores, est.score), se=est.se,
                                    weights=fidelity.fit_weights(est.se), complete=est.complete)
+
+    def subset(self, rows) -> "Samples":
+        """The same record restricted to `rows` (indices or a bool[n] selector), in that order: every
+        per-row array (those that are None stay None)."""
+        per_row = ("masks", "scores", "ppl", "nonfinite", "window_nll", "window_tokens", "se", "weights", "complete",
+                   "round", "source")
+        return dataclasses.replace(self, **{k: None if getattr(self, k) is None else np.asarray(getattr(self, k))[rows]
+                                            for k in per_row})
 
     def require(self, min_masks: int = MIN_MASKS) -> "Samples":
         if self.n < min_masks:
@@ -310,18 +319,59 @@ def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn,
 # ---------------------------------------------------------------- interactions and near-optimal sets
 
 FIT_ON = ("all", "train")
+SAME = "same"  # interaction surrogate: the run's own --surrogate
 
 
-def interaction_members(samples: Samples, f: Fit, fit_on: str = "all") -> list:
-    """Value functions the interaction map is computed on: ``train`` = the fit's ensemble (fitted on
-    the 80% training part), ``all`` = the same surrogate spec refitted on every mask (the default:
-    on the demo game it raised the Spearman over all pairs with the exact SII, see bench/README.md)."""
-    if fit_on == "train":
-        return f.members
-    if fit_on != "all":
-        raise WorkbenchError(f"fit_on must be one of {', '.join(FIT_ON)}; got {fit_on!r}.")
+def interaction_spec(spec: SurrogateSpec, surrogate: str = INTERACTION_SURROGATE) -> SurrogateSpec:
+    """The surrogate spec an interaction map is fitted with: `spec` for ``same``, else `spec` with kind
+    `surrogate` (default mlp+log-pairwise: it ranked the demo game's pairs best, see bench/README.md)."""
+    if surrogate == SAME:
+        return spec
+    if surrogate not in SURROGATES:
+        raise WorkbenchError(f"unknown interaction surrogate {surrogate!r}; choose {SAME} or one of "
+                             f"{', '.join(SURROGATES)}.")
+    return dataclasses.replace(spec, kind=surrogate)
+
+
+def interaction_members(samples: Samples, spec: SurrogateSpec, fit_on: str = "all", f: Fit | None = None) -> list:
+    """Value functions the interaction map is computed on: an ensemble of `spec` fitted on every mask
+    (``all``, the default) or on the fit step's training part (``train``: `f`'s split; its own members
+    when `f` was fitted with `spec`)."""
     s = samples.require()
-    return Ensemble(f.fitted.report.spec).fit(s.masks, s.scores, sample_weight=s.weights).value_functions()
+    if fit_on == "all":  # partially evaluated rows weighted as in the fit step (samples.weights)
+        return Ensemble(spec).fit(s.masks, s.scores, sample_weight=s.weights).value_functions()
+    if fit_on != "train":
+        raise WorkbenchError(f"fit_on must be one of {', '.join(FIT_ON)}; got {fit_on!r}.")
+    if f is None:
+        raise WorkbenchError("fit_on='train' needs the fit step's result (its held-out split).")
+    if f.fitted.report.spec == spec:
+        return f.members
+    t = s.subset(np.asarray(f.fitted.report.split.train))
+    return Ensemble(spec).fit(t.masks, t.scores, sample_weight=t.weights).value_functions()
+
+
+def interaction_interval(samples: Samples, spec: SurrogateSpec, estimate, index: str = "sii",
+                         budget: int | None = None, seed: int = 0, folds: int = 5, level: float = 0.9,
+                         members=None):
+    """`estimate` (from `interactions`, on the ensemble `members` fitted on `samples`) with stderr and a
+    `level` interval that include the sampling of the masks: `interactions.jackknife_interval` over
+    `folds` groups of the masks, each refitted as one member of `spec` (`folds` extra fits; the seed
+    noise of the MLP kinds is separated from the jackknife), plus, for members made of two parts
+    (mlp+log-pairwise), half the disagreement of the parts' indices as a bias allowance."""
+    from engine import interactions as inter
+
+    s = samples.require()
+    single = dataclasses.replace(spec, ensemble=1)
+    L = s.n_layers
+    n_samples = None if budget is None else max(2, int(budget) // (1 + L + L * (L - 1) // 2))
+
+    def fit_one(X, y, w=None):
+        return make_surrogate(single, seed=spec.seed + 1000).fit(X, y, sample_weight=w)
+
+    bias = inter.parts_disagreement(members, L, index, n_samples, seed) if members else None
+    return inter.jackknife_interval(s.masks, s.scores, fit_one, estimate, index, folds, seed,
+                                    seed_noise=not SURROGATES[spec.kind].bootstrap, n_samples=n_samples,
+                                    mc_seed=seed, level=level, bias=bias, sample_weight=s.weights)
 
 
 def interactions(samples: Samples, members, index: str = "sii", budget: int | None = None, seed: int = 0):

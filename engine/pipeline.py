@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from engine import validate
-from engine.config import DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, stable_hash
+from engine.config import (INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec,
+                           RunSpec, stable_hash)
 from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore, list_runs
 
@@ -1156,25 +1157,41 @@ def generate(run: OpenRun, prompt: str, removed=(), max_new_tokens: int = 40, se
 # ---------------------------------------------------------------- interactions and near-optimal sets
 
 
-def interactions_name(method: MethodSpec, index: str, fit_on: str = "all") -> str:
-    """Artifact name of an interaction map: the surrogate spec, index, budget, Monte Carlo seed, fit_on."""
-    return "interactions:" + stable_hash({**method.key("fit"), "index": index, "budget": method.budget,
-                                          "mc_seed": method.mc_seed, "fit_on": fit_on})
+def _interaction_key(method: MethodSpec, index: str, fit_on: str, surrogate: str, folds: int) -> dict:
+    """The settings an interaction map depends on: the resolved surrogate spec (``same`` and the run's
+    kind give the same key), index, budget, Monte Carlo seed, fit_on, jackknife groups and level."""
+    from engine.method import interaction_spec
+
+    spec = interaction_spec(method.surrogate, surrogate)
+    return {"surrogate": dataclasses.asdict(spec), "index": index, "budget": method.budget, "mc_seed": method.mc_seed,
+            "fit_on": fit_on, "folds": folds, **({"level": method.level} if folds else {})}
 
 
-def stored_interactions(run, method: MethodSpec, index: str = "sii", fit_on: str = "all") -> dict | None:
+def interactions_name(method: MethodSpec, index: str, fit_on: str = "all", surrogate: str = INTERACTION_SURROGATE,
+                      folds: int = INTERACTION_FOLDS) -> str:
+    """Artifact name of an interaction map (`_interaction_key` hashed)."""
+    return "interactions:" + stable_hash(_interaction_key(method, index, fit_on, surrogate, folds))
+
+
+def stored_interactions(run, method: MethodSpec, index: str = "sii", fit_on: str = "all",
+                        surrogate: str = INTERACTION_SURROGATE, folds: int = INTERACTION_FOLDS) -> dict | None:
     """The stored interaction map for these settings (None if not computed); ``stale`` as in `stored`."""
     store = getattr(run, "store", run)
-    art = store.get_artifact(interactions_name(method, index, fit_on))
+    art = store.get_artifact(interactions_name(method, index, fit_on, surrogate, folds))
     return None if art is None else {**art, "stale": _stale(art, store)}
 
 
 def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
                  cache_dir=None, run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(),
-                 csv_path=None, bias_check: bool = False) -> dict:
-    """Pairwise interaction index of every layer pair on the run's surrogate (engine.interactions):
+                 csv_path=None, bias_check: bool = False, surrogate: str = INTERACTION_SURROGATE,
+                 folds: int = INTERACTION_FOLDS) -> dict:
+    """Pairwise interaction index of every layer pair on a surrogate of the run (engine.interactions):
     `matrix`, `stderr`, `pairs` (strongest first), `diagonal` (what the diagonal holds), stored as an
     artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr).
+    `surrogate`: the kind fitted for the map (default mlp+log-pairwise, the most faithful on the demo
+    game; ``same`` = the run's `method.surrogate`), with the rest of `method.surrogate`'s settings.
+    `folds` > 0: stderr and `details.interval` (level `method.level`) from a `folds`-group jackknife over
+    the masks (method.interaction_interval; `folds` extra fits); 0: ensemble spread and Monte Carlo only.
     `bias_check` adds `bias_check` (method.interaction_bias_check: an unbiased, cross-fitted estimate
     from the real evaluations with its stderr, and `outside`: pairs whose value lies outside its
     2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes."""
@@ -1182,21 +1199,27 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
 
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
-    f = _fit(run, method)
-    members = method_lib.interaction_members(f.samples, f, fit_on)
-    r = method_lib.interactions(f.samples, members, index, method.budget, method.mc_seed)
-    result = {"run_id": run.run_id, "n_layers": run.n_layers, "fit_on": fit_on, **r.to_dict()}
+    key = _interaction_key(method, index, fit_on, surrogate, folds)
+    sspec = method_lib.interaction_spec(method.surrogate, surrogate)
+    f = _fit(run, method) if fit_on == "train" else None  # the fit step's split; "all" needs no fit step
+    s = f.samples if f is not None else samples(run)
+    members = method_lib.interaction_members(s, sspec, fit_on, f)
+    r = method_lib.interactions(s, members, index, method.budget, method.mc_seed)
+    if folds:
+        part = s if fit_on == "all" else s.subset(f.fitted.report.split.train)
+        r = method_lib.interaction_interval(part, sspec, r, index, method.budget, method.mc_seed, folds, method.level,
+                                            members)
+    result = {"run_id": run.run_id, "n_layers": run.n_layers, "fit_on": fit_on, "surrogate": sspec.kind,
+              "folds": folds, **r.to_dict()}
     if bias_check:
-        chk = method_lib.interaction_bias_check(f.samples, method.surrogate, index, method.mc_seed)
+        chk = method_lib.interaction_bias_check(s, sspec, index, method.mc_seed)
         iu = np.triu_indices(run.n_layers, 1)
         outside = np.abs(r.matrix - chk["corrected"])[iu] > 2 * chk["stderr"][iu]
         result["bias_check"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in chk.items()}
         result["bias_check"]["outside"] = int(outside.sum())
-    art = {"stage": "interactions", "spec": {**method.key("fit"), "index": index, "budget": method.budget,
-                                             "mc_seed": method.mc_seed, "fit_on": fit_on},
-           **_seen(f.samples), **result}
-    run.store.put_artifact(interactions_name(method, index, fit_on), art)
-    out = {**result, "n_masks": int(f.samples.n), "seconds": round(time.monotonic() - t, 3)}
+    art = {"stage": "interactions", "spec": key, **_seen(s), **result}
+    run.store.put_artifact(interactions_name(method, index, fit_on, surrogate, folds), art)
+    out = {**result, "n_masks": int(s.n), "seconds": round(time.monotonic() - t, 3)}
     if csv_path is not None:
         out["csv"] = str(write_interactions_csv(out, csv_path))
     return out

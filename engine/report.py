@@ -193,15 +193,20 @@ def report_summary(r: dict) -> str:
 def interactions_summary(r: dict, n_pairs: int = 10) -> str:
     """Header, what the diagonal holds, the strongest pairs with standard errors, the bias note."""
     d = r["details"]
+    surrogate = f"{r['surrogate']} " if r.get("surrogate") else ""
     lines = [f"{r['name']} ({r['index']}) of {r['n_layers']} layers on the surrogate ({r['method']}; "
-             f"{r['n_evaluations']:,} evaluations; ensemble of {d['n_members']} fitted on {r['fit_on']} masks)",
+             f"{r['n_evaluations']:,} evaluations; {surrogate}ensemble of {d['n_members']} fitted on {r['fit_on']} masks)",
              f"diagonal: {r['diagonal']}",
+             f"± err: {d['stderr_is']}" + (f"; {d['interval']['level']:.0%} interval = value ± "
+                                          f"{_z(d['interval']['level']):.3f} err" if d.get("interval") else ""),
              f"{'pair':>9} {'value':>10} {'± err':>9}  (+ synergy: worth more together; - redundancy)"]
     for p in r["pairs"][:n_pairs]:
         lines.append(f"{'(%d, %d)' % (p['i'], p['j']):>9} {p['value']:+10.4f} {_num(p['stderr'], 4):>9}")
     if (d.get("unsampled_weight_fraction") or 0.0) >= 0.005:
         lines.append(f"{d['unsampled_weight_fraction']:.0%} of this index's weight is on kept-layer counts the run "
-                     "never sampled: there the surrogate extrapolates, and the errors do not include that bias.")
+                     "never sampled: there the surrogate extrapolates, and the errors do not include that bias"
+                     + (" beyond the surrogate parts' disagreement." if d.get("interval", {}).get("bias_allowance")
+                        is not None and r.get("surrogate") == "mlp+log-pairwise" else "."))
     chk = r.get("bias_check")
     if chk:
         n_pairs = len(r["pairs"])
@@ -212,6 +217,13 @@ def interactions_summary(r: dict, n_pairs: int = 10) -> str:
     if r.get("csv"):
         lines.append(f"CSV: {r['csv']}")
     return "\n".join(lines)
+
+
+def _z(level: float) -> float:
+    """Two-sided standard normal quantile of a `level` interval."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def candidates_summary(r: dict) -> str:

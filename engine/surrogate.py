@@ -12,9 +12,14 @@ Kinds (`SurrogateSpec.kind`):
   shuffled minibatches of 300, no validation).
 - ``ridge-pairwise``: RidgeCV on the mask and all pairwise products (second-order game).
 - ``gbt``: scikit-learn HistGradientBoostingRegressor.
+- ``log-pairwise``: exp of a second-order game: RidgeCV on the mask and all pairwise products of
+  log(score), each mask weighted by score^2 (so the fit approximates least squares on the score).
+- ``mlp+log-pairwise``: the mean of the MLP (adam) and the log-pairwise model. On the demo game it
+  ranks the pairwise Shapley interactions best at 256 stratified masks (bench/README.md), so
+  `engine interactions` uses it by default (`INTERACTION_SURROGATE`).
 
-`Ensemble` fits k members (MLP: different init and validation split; others: bootstrap
-resamples) for error bars. `split` holds out a stratified (by kept count) test part;
+`Ensemble` fits k members (MLP and mlp+log-pairwise: different init and validation split; others:
+bootstrap resamples) for error bars. `split` holds out a stratified (by kept count) test part;
 `diagnose`, `fit_with_diagnostics`, `learning_curve` and `compare` report R², Spearman and MAE
 in score space and in perplexity space (predicted PPL = ppl_full / max(score, SCORE_FLOOR)),
 overall and per kept count. Everything is seeded and deterministic.
@@ -35,7 +40,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import RidgeCV
 from threadpoolctl import threadpool_limits
 
-from engine.config import SurrogateSpec
+from engine.config import INTERACTION_SURROGATE, SurrogateSpec  # noqa: F401 (re-exported)
 from engine.errors import EstimationError
 from engine.jsonable import jsonable
 
@@ -43,6 +48,7 @@ MIN_MASKS = 8  # below this no fit or diagnostic is meaningful
 SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (PPL <= 1000 x full)
 PREDICT_CHUNK = 2**16
 PRESETS = ("adam", "paper")
+LOG_FLOOR = 1e-4  # scores are clipped here before the log of the log-pairwise surrogate
 
 
 def _check_weight(sample_weight, n: int) -> np.ndarray | None:
@@ -298,6 +304,74 @@ class RidgePairwiseSurrogate(_ValueFunction):
         return self.intercept + xb @ self.coef_lin + np.einsum("nj,nj->n", xb @ self.coef_pair, xb)
 
 
+class LogPairwiseSurrogate(_ValueFunction):
+    """exp of a second-order game: score ~ exp(b + m.a + m^T B m).
+
+    Fit: RidgeCV on the features of RidgePairwiseSurrogate with target log(max(score, LOG_FLOOR))
+    and sample weights max(score, LOG_FLOOR)^2 (a log-space error e costs about score * e in score
+    space, so this is least squares on the score to first order; masks whose score is ~0 carry no
+    weight). predict: exp of the fitted game, capped at `cap` (twice the largest of 1 and the highest
+    training score) so that extrapolation cannot blow up. Deterministic; `seed` is unused.
+    """
+
+    def __init__(self, seed: int = 0, alphas: Sequence[float] = tuple(np.logspace(-4, 2, 13))):
+        self.game = RidgePairwiseSurrogate(seed=seed, alphas=alphas)
+        self.cap = math.inf
+
+    def fit(self, masks, scores, sample_weight=None) -> "LogPairwiseSurrogate":
+        """Weighted ridge in log space: row weight score^2 x sample_weight (None: 1)."""
+        X, y = _check_xy(masks, scores)
+        w = _check_weight(sample_weight, len(y))
+        yc = np.maximum(y, LOG_FLOOR)  # (n,)
+        L = X.shape[1]
+        weight = yc**2 if w is None else yc**2 * w  # (n,)
+        with _few_threads(X.size):
+            model = RidgeCV(alphas=self.game.alphas).fit(self.game.features(X), np.log(yc), sample_weight=weight)
+        g = self.game
+        g.alpha, g.intercept, g.coef_lin = float(model.alpha_), float(model.intercept_), model.coef_[:L].copy()
+        g.coef_pair = np.zeros((L, L))
+        g.coef_pair[np.triu_indices(L, k=1)] = model.coef_[L:]
+        self.cap = 2.0 * max(1.0, float(y.max()))
+        return self
+
+    @property
+    def alpha(self) -> float:
+        return self.game.alpha
+
+    def _is_fitted(self) -> bool:
+        return self.game._is_fitted()
+
+    def _predict_chunk(self, X: np.ndarray) -> np.ndarray:
+        return np.minimum(np.exp(np.minimum(self.game._predict_chunk(X), 700.0)), self.cap)  # (c,)
+
+
+class HybridSurrogate(_ValueFunction):
+    """The mean of the paper's MLP (preset adam, `seed`) and a LogPairwiseSurrogate, both fitted on
+    the same masks: the MLP's errors and the log-pairwise model's differ, and at 256 stratified masks
+    their mean ranked the pairwise interactions of the demo game better than either (bench/README.md,
+    Interactions). `parts()` gives both (their disagreement is the map's bias allowance)."""
+
+    def __init__(self, seed: int = 0, **mlp_options):
+        self.mlp = MLPSurrogate(preset="adam", seed=seed, **mlp_options)
+        self.log_pairwise = LogPairwiseSurrogate(seed=seed)
+        self.seed = seed
+
+    def fit(self, masks, scores, sample_weight=None) -> "HybridSurrogate":
+        self.mlp.fit(masks, scores, sample_weight=sample_weight)
+        self.log_pairwise.fit(masks, scores, sample_weight=sample_weight)
+        return self
+
+    def parts(self) -> tuple[_ValueFunction, _ValueFunction]:
+        """(the MLP, the log-pairwise model): the two value functions whose mean this is."""
+        return self.mlp, self.log_pairwise
+
+    def _is_fitted(self) -> bool:
+        return self.mlp._is_fitted() and self.log_pairwise._is_fitted()
+
+    def _predict_chunk(self, X: np.ndarray) -> np.ndarray:
+        return 0.5 * (self.mlp._predict_chunk(X) + self.log_pairwise._predict_chunk(X))  # (c,)
+
+
 # ---------------------------------------------------------------- gradient-boosted trees
 
 
@@ -335,6 +409,7 @@ class SurrogateKind:
     help: str
     make: Callable[..., Surrogate]
     presets: tuple[str, ...] = ()  # training presets (SurrogateSpec.preset); () = preset ignored
+    bootstrap: bool = True  # ensemble members fitted on bootstrap resamples (False: all masks, seeds differ)
 
 
 # The only list of surrogate kinds: the CLI's --surrogate choices, the app's selectbox and
@@ -343,11 +418,16 @@ SURROGATES: dict[str, SurrogateKind] = {
     k.name: k for k in (
         SurrogateKind("mlp", "the paper's MLP", "Linear(L,2L)-CELU-Linear(2L,1)-Sigmoid; preset adam (full-batch, "
                       "early stopping) or paper (the reference SGD schedule)",
-                      lambda seed, preset, **o: MLPSurrogate(preset=preset, seed=seed, **o), PRESETS),
+                      lambda seed, preset, **o: MLPSurrogate(preset=preset, seed=seed, **o), PRESETS, bootstrap=False),
         SurrogateKind("ridge-pairwise", "ridge, pairwise", "RidgeCV on the mask and all pairwise products "
                       "(the best second-order game)", lambda seed, preset, **o: RidgePairwiseSurrogate(seed=seed, **o)),
         SurrogateKind("gbt", "gradient-boosted trees", "scikit-learn HistGradientBoostingRegressor on the mask bits",
                       lambda seed, preset, **o: GBTSurrogate(seed=seed, **o)),
+        SurrogateKind("log-pairwise", "exp of pairwise", "exp of a second-order game fitted by ridge on log(score), "
+                      "weighted by score^2", lambda seed, preset, **o: LogPairwiseSurrogate(seed=seed, **o)),
+        SurrogateKind("mlp+log-pairwise", "MLP + exp of pairwise", "mean of the MLP (adam) and the log-pairwise "
+                      "model; the default of engine interactions",
+                      lambda seed, preset, **o: HybridSurrogate(seed=seed, **o), bootstrap=False),
     )
 }
 KINDS = tuple(SURROGATES)
@@ -376,8 +456,9 @@ def make_surrogate(spec: SurrogateSpec = SurrogateSpec(), seed: int | None = Non
 
 
 class Ensemble(_ValueFunction):
-    """k fitted surrogates. MLP members differ in seed (init and validation slice); other kinds
-    are fitted on bootstrap resamples. predict = mean of members."""
+    """k fitted surrogates. Members of kinds with ``bootstrap=False`` (mlp, mlp+log-pairwise) differ in
+    seed (init and validation slice); other kinds are fitted on bootstrap resamples. predict = mean
+    of members."""
 
     def __init__(self, spec: SurrogateSpec = SurrogateSpec(), k: int | None = None, **options):
         self.spec = spec
@@ -396,7 +477,7 @@ class Ensemble(_ValueFunction):
         for j in range(self.k):
             seed = self.spec.seed + j
             member = make_surrogate(self.spec, seed=seed, **self.options)
-            if self.spec.kind == "mlp":
+            if not SURROGATES[self.spec.kind].bootstrap:
                 member.fit(X, y, sample_weight=w)
             else:
                 idx = np.random.default_rng(seed).integers(0, len(y), len(y)) if self.k > 1 else np.arange(len(y))

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import pipeline, views
+from engine.config import INTERACTION_SURROGATE
 from engine.estimators import ESTIMATORS
 from pages import _ui
 
@@ -25,8 +26,14 @@ L = run.n_layers
 mspec = _ui.method_spec()
 
 indices = pipeline.interaction_indices()
-c1, c2, c3 = st.columns([2, 1, 1])
+c1, c0, c2, c3 = st.columns([2, 2, 1, 1])
 index = c1.selectbox("index", list(indices), format_func=lambda k: f"{indices[k]} ({k})", key="interaction_index")
+surrogate = c0.selectbox("map surrogate", [INTERACTION_SURROGATE, "same"], key="interaction_surrogate",
+                         format_func=lambda k: f"{k} (recommended)" if k != "same" else
+                         f"the run's surrogate ({mspec.surrogate.kind})",
+                         help=f"{INTERACTION_SURROGATE}: the mean of the MLP and an exp-of-pairwise model, the closest "
+                              "to the exact interactions of the demo game at 256 masks (bench/README.md); the "
+                              "run's surrogate: the one chosen on the Surrogate page")
 fit_on = c2.radio("surrogate fitted on", ["all", "train"], horizontal=True, key="interaction_fit_on",
                   help="all: the ensemble refitted on every evaluated mask (more accurate maps on the demo game); "
                        "train: the fit step's ensemble (80% of the masks)")
@@ -34,10 +41,11 @@ check = c3.checkbox("bias check", key="interaction_bias_check",
                     help="also estimate every pair from the real evaluations (5 cross-fitted fits): an interval that "
                          "accounts for the surrogate's bias on the kept counts the run sampled")
 _ui.job_panel(run, "interactions", "Compute interactions", mspec,
-             extra=("--index", index, "--fit-on", fit_on, *(("--bias-check",) if check else ())),
+             extra=("--index", index, "--fit-on", fit_on, "--interaction-surrogate", surrogate,
+                    *(("--bias-check",) if check else ())),
              help="runs `python -m engine interactions` in the background; the map is stored in the run")
 
-result = pipeline.stored_interactions(run, mspec, index, fit_on)
+result = pipeline.stored_interactions(run, mspec, index, fit_on, surrogate)
 if not result:
     st.info("No interaction map stored for these settings yet: press Compute interactions.")
     st.stop()
@@ -53,18 +61,22 @@ unsampled = details.get("unsampled_weight_fraction")
 if unsampled is not None:
     m3.metric("index weight on unsampled sizes", f"{unsampled:.0%}",
               help="share of this index's weight on kept-layer counts the run never sampled: the surrogate "
-                   "extrapolates there, and the error bars (ensemble spread + Monte Carlo) do not include that bias")
+                   "extrapolates there; the error bars include the jackknife over the masks and, for "
+                   f"{INTERACTION_SURROGATE}, the disagreement of its two parts, not a bias both parts share")
 if run.spec.sampling.scheme == "stratified" and unsampled:
-    st.caption("This run samples the paper's strata: the strongest pairs (which draw on small coalitions) come out "
-               "shrunk. On the demo game, paired size-uniform sampling with 1,024 masks ranked pairs best "
-               "(bench/README.md, Interactions).")
+    st.caption("This run samples the paper's strata: the strongest pairs (which draw on small coalitions) can come "
+               f"out shrunk. On the demo game, {INTERACTION_SURROGATE} on 256 stratified masks ranked the pairs "
+               "closest to the exact index (bench/README.md, Interactions).")
 chk = result.get("bias_check")
 if chk:
     m4.metric("pairs outside the bias check", f"{chk['outside']} of {len(result['pairs'])}",
               help=f"pairs whose surrogate value lies outside the 2-stderr interval estimated from the real "
                    f"evaluations ({chk['folds']} cross-fitted folds; {chk['covered_weight']:.0%} of the index weight "
                    "on sampled kept counts)")
-st.caption(f"Diagonal (not drawn in the heatmap): {result['diagonal']}. Error: {details['stderr_is']}.")
+interval = details.get("interval")
+st.caption(f"Map of {result.get('surrogate', mspec.surrogate.kind)} fitted on {result['fit_on']} masks. Diagonal (not "
+           f"drawn in the heatmap): {result['diagonal']}. Error: {details['stderr_is']}"
+           + (f"; {interval['level']:.0%} interval: the {interval['folds']}-group jackknife's" if interval else "") + ".")
 
 M, se = np.array(result["matrix"], float), np.array(result["stderr"], float)
 Z = views.off_diagonal(M)

@@ -41,4 +41,23 @@ def test_json_rows_on_the_demo_ground_truth(capsys):
         for key in ("spearman_all", "spearman_top15", "pearson"):
             assert -1.0 <= r[key] <= 1.0
     assert out["rows"][0]["unsampled_weight_fraction"] > 0.5 and out["rows"][1]["unsampled_weight_fraction"] < 0.05
+    for r in out["rows"]:  # the interval engine interactions reports (5-group jackknife), against the truth
+        assert r["folds"] == 5 and r["level"] == 0.9 and r["fit_on"] == "all"
+        assert 0.0 <= r["coverage"] <= 1.0 and 0.0 <= r["coverage_top15"] <= 1.0 and r["median_halfwidth"] > 0
     assert out["cost"][0]["L"] == 24 and out["cost"][0]["evaluations"] == 5 * 4 * (1 + 24 + 24 * 23 // 2)
+
+
+def test_interval_coverage_counts_pairs_inside_and_the_strongest_separately():
+    from types import SimpleNamespace
+
+    L = 6
+    iu = np.triu_indices(L, 1)
+    truth = np.zeros((L, L))
+    truth[iu] = np.arange(1, 16) / 100.0  # 15 pairs, the strongest is (4, 5)
+    truth = truth + truth.T
+    low, high = truth - 0.001, truth + 0.001
+    high[4, 5] = high[5, 4] = truth[4, 5] - 0.0005  # the strongest pair falls outside
+    r = SimpleNamespace(details={"interval": {"low": low, "high": high}})
+    cov = bi.interval_coverage(r, truth, top=3)
+    assert cov["coverage"] == pytest.approx(14 / 15) and cov["coverage_top15"] == pytest.approx(2 / 3)
+    assert cov["median_halfwidth"] == pytest.approx(0.001)

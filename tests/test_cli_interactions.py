@@ -19,6 +19,7 @@ TEXT = " ".join(f"Sentence {i} says something new about how layers interact with
 L = 6
 RUN = ("--scheme", "size-uniform", "--masks", "24")
 STAGE2 = (*RUN, "--surrogate", "ridge-pairwise", "--ensemble", "2")
+SAME = (*STAGE2, "--interaction-surrogate", "same")  # the map on the run's (fast) ridge surrogate
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,12 @@ def _both(capsys, argv):
 @pytest.mark.parametrize("index", ["sii", "fsii"])
 def test_interactions_human_json_and_csv(sampled, capsys, tmp_path, index):
     path = tmp_path / "pairs.csv"
-    human, js = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--index", index, "--csv", str(path)])
+    human, js = _both(capsys, ["interactions", *_base(sampled, *SAME), "--index", index, "--csv", str(path)])
     assert f"({index})" in human and "diagonal:" in human and "± err" in human
     M, se = np.array(js["matrix"]), np.array(js["stderr"])
     assert M.shape == (L, L) and np.allclose(M, M.T) and np.all(se >= 0)
     assert js["index"] == index and js["diagonal"] and js["n_masks"] == 24 and js["fit_on"] == "all"
+    assert js["surrogate"] == "ridge-pairwise" and js["folds"] == 5 and "jackknife" in js["details"]["stderr_is"]
     pairs = js["pairs"]
     assert len(pairs) == L * (L - 1) // 2
     assert [abs(p["value"]) for p in pairs] == sorted((abs(p["value"]) for p in pairs), reverse=True)
@@ -80,12 +82,15 @@ def test_interactions_human_json_and_csv(sampled, capsys, tmp_path, index):
     run = pipeline.open_run(RunSpec(ModelSpec(name=str(sampled / "tiny")),
                                     DataSpec(source=str(sampled / "text.txt"), n_windows=2, seq_len=16),
                                     SamplingSpec(scheme="size-uniform", n_masks=24)), sampled / "cache")
-    art = pipeline.stored_interactions(run, MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=2)), index)
+    ridge = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=2))
+    art = pipeline.stored_interactions(run, ridge, index, surrogate="same")
     assert art is not None and not art["stale"] and art["matrix"] == js["matrix"]
+    assert pipeline.stored_interactions(run, ridge, index, surrogate="ridge-pairwise")["matrix"] == js["matrix"]
+    assert pipeline.stored_interactions(run, ridge, index, folds=0, surrogate="same") is None  # other settings
 
 
 def test_interactions_bias_check(sampled, capsys):
-    human, js = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--bias-check"])
+    human, js = _both(capsys, ["interactions", *_base(sampled, *SAME), "--bias-check"])
     chk = js["bias_check"]
     corrected, se = np.array(chk["corrected"]), np.array(chk["stderr"])
     assert corrected.shape == (L, L) and np.allclose(corrected, corrected.T) and np.all(se[np.triu_indices(L, 1)] > 0)
@@ -95,11 +100,33 @@ def test_interactions_bias_check(sampled, capsys):
 
 def test_interactions_monte_carlo_budget_and_train_fit(sampled, capsys):
     per_base = 1 + L + L * (L - 1) // 2
-    _, js = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--budget", str(300 * per_base),
-                           "--fit-on", "train"])
+    _, js = _both(capsys, ["interactions", *_base(sampled, *SAME), "--budget", str(300 * per_base),
+                           "--fit-on", "train", "--folds", "0"])
     assert js["method"].startswith("Monte Carlo (300 base masks") and js["fit_on"] == "train"
     assert js["n_evaluations"] == 2 * 300 * per_base
     assert np.all(np.array(js["details"]["monte_carlo_stderr"])[np.triu_indices(L, 1)] > 0)
+
+
+def test_interactions_default_surrogate_and_jackknife_interval(sampled, capsys):
+    human, js = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--folds", "3"])
+    assert js["surrogate"] == "mlp+log-pairwise" and js["folds"] == 3  # the default map surrogate, not the run's ridge
+    assert "mlp+log-pairwise ensemble of 2" in human and "90% interval = value ± 1.645 err" in human
+    M, se = np.array(js["matrix"]), np.array(js["stderr"])
+    iv = js["details"]["interval"]
+    np.testing.assert_allclose(np.array(iv["high"]) - M, 1.6448536 * se, rtol=1e-6)
+    np.testing.assert_allclose(M - np.array(iv["low"]), 1.6448536 * se, rtol=1e-6)
+    allowance, jk = np.array(iv["bias_allowance"]), np.array(iv["jackknife_stderr"])
+    iu = np.triu_indices(L, 1)
+    assert iv["folds"] == 3 and iv["seed_noise_removed"] and np.all(allowance[iu] > 0)  # MLP and log-pairwise differ
+    assert np.all(se >= np.maximum(allowance, jk) - 1e-12)
+    _, bare = _both(capsys, ["interactions", *_base(sampled, *STAGE2), "--folds", "0"])
+    assert "interval" not in bare["details"] and bare["matrix"] == js["matrix"]  # the same map, ensemble spread only
+    assert np.all(np.array(bare["stderr"])[iu] < se[iu])
+
+
+def test_interactions_rejects_an_unknown_surrogate(sampled, capsys):
+    assert cli.main(["interactions", *_base(sampled, *STAGE2), "--interaction-surrogate", "svm"]) != 0
+    assert "unknown interaction surrogate 'svm'" in capsys.readouterr().err
 
 
 def test_candidates_human_and_json(sampled, capsys):

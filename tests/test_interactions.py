@@ -374,3 +374,131 @@ def test_residual_check_is_unbiased_for_a_misspecified_surrogate():
     z = (r["corrected"] - truth) / r["stderr"]
     assert np.abs(z).max() < 4.5 and r["covered_weight"] == pytest.approx(1.0)
     assert abs(r["corrected"][0, 2] - truth[0, 2]) < abs(biased[0, 2] - truth[0, 2]) / 3
+
+
+def _pairwise_lstsq(X, y):
+    """Least squares on [1, m, m_i m_j]: exact on a pairwise game, a value function of its fit."""
+    iu, ju = np.triu_indices(X.shape[1], 1)
+
+    def feats(m):
+        m = np.asarray(m, float)
+        return np.c_[np.ones(len(m)), m, m[:, iu] * m[:, ju]]
+
+    coef = np.linalg.lstsq(feats(X), y, rcond=None)[0]
+    return lambda m: feats(m) @ coef
+
+
+def test_jackknife_interval_matches_the_spread_over_fresh_samples():
+    from engine.interactions import jackknife_interval
+
+    L, n, sd = 5, 60, 0.3
+    f, _, _ = pairwise_game(L, seed=1)
+    rng = np.random.default_rng(0)
+    iu = np.triu_indices(L, 1)
+    estimates, ses = [], []
+    for rep in range(150):  # fresh noisy data sets: the real spread of the estimate vs the jackknife's
+        X = rng.random((n, L)) < 0.5
+        y = f(X) + rng.normal(0, sd, n)
+        est = interaction_index(_pairwise_lstsq(X, y), L, "sii")
+        r = jackknife_interval(X, y, _pairwise_lstsq, est, "sii", folds=5, seed=rep)
+        estimates.append(est.matrix[iu])
+        ses.append(r.stderr[iu])
+    ratio = np.mean(ses, axis=0) / np.std(estimates, axis=0)  # (P,)
+    assert 0.75 < np.median(ratio) < 1.35  # without the (K-1)/K factor it would be ~2
+
+
+def test_jackknife_interval_bias_allowance_level_and_exact_fits():
+    from engine.interactions import jackknife_interval
+
+    L = 5
+    f, _, B = pairwise_game(L, seed=2)
+    X = np.random.default_rng(1).random((40, L)) < 0.5
+    est = interaction_index(_pairwise_lstsq(X, f(X)), L, "sii")
+    exact = jackknife_interval(X, f(X), _pairwise_lstsq, est, "sii", folds=4)
+    np.testing.assert_allclose(exact.stderr, 0, atol=1e-9)  # every group's fit is exact: nothing to resample
+    bias = np.full((L, L), 0.01)
+    r = jackknife_interval(X, f(X), _pairwise_lstsq, est, "sii", folds=4, level=0.8, bias=bias)
+    np.testing.assert_allclose(r.stderr, 0.01, atol=1e-9)
+    iv = r.details["interval"]
+    np.testing.assert_allclose(iv["high"] - r.matrix, 1.2815516 * 0.01, rtol=1e-6)
+    np.testing.assert_allclose(r.matrix - iv["low"], 1.2815516 * 0.01, rtol=1e-6)
+    assert iv["folds"] == 4 and r.n_evaluations == est.n_evaluations + 4 * (1 << L)
+    json.dumps(r.to_dict())
+    with pytest.raises(EstimationError, match="jackknife"):
+        jackknife_interval(X, f(X), _pairwise_lstsq, est, "sii", folds=1)
+    with pytest.raises(EstimationError, match="at least 60"):
+        jackknife_interval(X, f(X), _pairwise_lstsq, est, "sii", folds=30)
+
+
+def test_jackknife_interval_separates_the_seed_noise_of_the_fits():
+    # every fit is exact plus seed noise (independent of the data): the jackknife alone inflates it by
+    # (K-1)^2/K; with seed_noise the inflation is removed and the ensemble mean's own sigma^2/k kept
+    from engine.interactions import jackknife_interval
+
+    L, K, k, sigma = 5, 5, 10, 0.05
+    f, _, _ = pairwise_game(L, seed=3)
+    X = np.random.default_rng(2).random((50, L)) < 0.5
+    rng = np.random.default_rng(3)
+
+    def noisy(_X, _y):
+        g = _pairwise_lstsq(_X, _y)
+        e, _, _ = pairwise_game(L, seed=int(rng.integers(1 << 30)))
+        return lambda m: g(m) + sigma * e(m)
+
+    iu = np.triu_indices(L, 1)
+    raw, fixed = [], []
+    for rep in range(30):
+        est = interaction_index([noisy(X, f(X)) for _ in range(k)], L, "sii")
+        raw.append(jackknife_interval(X, f(X), noisy, est, folds=K, seed=rep).stderr[iu] ** 2)
+        fixed.append(jackknife_interval(X, f(X), noisy, est, folds=K, seed=rep, seed_noise=True).stderr[iu] ** 2)
+    member_var = sigma**2  # the pair values of the noise game are N(0, 1) x sigma
+    assert 2.5 < np.mean(raw) / member_var < 4.5  # (K-1)^2/K = 3.2 member variances, plus 1/k
+    # 1/k of a member's variance remains, plus what max(., 0) keeps of the noisy difference (the
+    # spread is estimated from k = 10 members)
+    assert 0.25 < np.mean(fixed) / member_var < 0.5 * np.mean(raw) / member_var
+
+
+def test_parts_disagreement_is_half_the_gap_between_the_parts():
+    from engine.interactions import parts_disagreement
+
+    L = 4
+    g1, _, B1 = pairwise_game(L, seed=4)
+    g2, _, B2 = pairwise_game(L, seed=5)
+
+    class Mean:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+        def parts(self):
+            return self.a, self.b
+
+        def __call__(self, m):
+            return 0.5 * (self.a(m) + self.b(m))
+
+    d = parts_disagreement([Mean(g1, g2), Mean(g1, g2)], L, "sii")
+    iu = np.triu_indices(L, 1)
+    np.testing.assert_allclose(d[iu], np.abs(B1 - B2)[iu] / 2, atol=1e-12)
+    assert parts_disagreement([g1], L) is None
+
+
+def test_jackknife_interval_passes_each_groups_weights_to_the_fit():
+    from engine.interactions import jackknife_interval
+
+    L = 4
+    f, _, _ = pairwise_game(L, seed=6)
+    X = np.random.default_rng(4).random((24, L)) < 0.5
+    y = f(X)
+    w = np.arange(1.0, 25.0)  # row i weighs i + 1: identifies the rows each fit received
+    seen = []
+
+    def fit(Xk, yk, wk):
+        rows = (wk - 1).astype(int)
+        np.testing.assert_array_equal(Xk, X[rows])
+        np.testing.assert_array_equal(yk, y[rows])
+        seen.append(set(rows.tolist()))
+        return _pairwise_lstsq(Xk, yk)
+
+    est = interaction_index(_pairwise_lstsq(X, y), L, "sii")
+    jackknife_interval(X, y, fit, est, "sii", folds=3, sample_weight=w)
+    assert len(seen) == 3 and all(len(s) == 16 for s in seen)  # each fit leaves out one group of 8
+    assert set().union(*[set(range(24)) - s for s in seen]) == set(range(24))  # every row left out once

@@ -63,8 +63,10 @@ def data():
         (SurrogateSpec(kind="mlp", preset="paper"), {"epochs": 30}),
         (SurrogateSpec(kind="ridge-pairwise"), {}),
         (SurrogateSpec(kind="gbt"), {"max_iter": 50}),
+        (SurrogateSpec(kind="log-pairwise"), {}),
+        (SurrogateSpec(kind="mlp+log-pairwise"), FAST),
     ],
-    ids=["mlp-adam", "mlp-paper", "ridge-pairwise", "gbt"],
+    ids=["mlp-adam", "mlp-paper", "ridge-pairwise", "gbt", "log-pairwise", "mlp+log-pairwise"],
 )
 def test_every_kind_fits_and_is_deterministic(data, spec, options):
     X, y, Xt, yt = data
@@ -74,7 +76,7 @@ def test_every_kind_fits_and_is_deterministic(data, spec, options):
     np.testing.assert_array_equal(p1, p2)  # same seed, same numbers
     if spec.kind != "mlp" or spec.preset == "adam":
         assert metrics(yt, p1).r2 > 0.8, spec
-    if spec.kind == "mlp":
+    if spec.kind in ("mlp", "mlp+log-pairwise"):
         p3 = make_surrogate(spec, seed=spec.seed + 1, **options).fit(X, y).predict(Xt)
         assert not np.array_equal(p1, p3)
 
@@ -142,6 +144,36 @@ def test_ridge_pairwise_recovers_a_pairwise_game():
     model = make_surrogate(SurrogateSpec(kind="ridge-pairwise")).fit(X, y)
     np.testing.assert_allclose(model.predict(X), y, atol=0.05)
     np.testing.assert_allclose(model.coef_pair, B, atol=0.05)
+
+
+def test_log_pairwise_recovers_the_exp_of_a_pairwise_game_and_caps_extrapolation():
+    rng = np.random.default_rng(4)
+    a, B = rng.normal(0.2, 0.1, L), np.triu(rng.normal(0, 0.05, (L, L)), 1)
+    X = rng.random((300, L)) < 0.7
+    Xf = X.astype(float)
+    y = np.exp(Xf @ a + np.einsum("ni,ij,nj->n", Xf, B, Xf) - a.sum())  # (300,): scores in (0, ~1.5)
+    model = make_surrogate(SurrogateSpec(kind="log-pairwise")).fit(X, y)
+    np.testing.assert_allclose(model.predict(X), y, rtol=0.02)
+    np.testing.assert_allclose(model.game.coef_pair, B, atol=0.02)
+    assert model.cap == pytest.approx(2 * max(1.0, y.max()))
+    few = stratified_masks(120, seed=5, strata=(5, 4, 3))  # fitted on 3-5 kept layers only
+    wild = make_surrogate(SurrogateSpec(kind="log-pairwise")).fit(few, np.exp(few.sum(axis=1) - 5.0))  # <= 1
+    full = np.ones((1, L), bool)
+    assert np.exp(wild.game.predict(full))[0] > 100  # the fitted game extrapolates to ~exp(7) at 12 kept
+    assert wild.predict(full)[0] == wild.cap == 2.0
+
+
+def test_hybrid_is_the_mean_of_its_mlp_and_log_pairwise_parts(data):
+    X, y, Xt, _ = data
+    model = make_surrogate(SurrogateSpec(kind="mlp+log-pairwise"), **FAST).fit(X, y)
+    mlp, logp = model.parts()
+    np.testing.assert_allclose(model.predict(Xt), 0.5 * (mlp.predict(Xt) + logp.predict(Xt)))
+    alone = make_surrogate(SurrogateSpec(kind="mlp"), **FAST).fit(X, y)
+    np.testing.assert_array_equal(mlp.predict(Xt), alone.predict(Xt))  # the same MLP as the mlp kind
+    ens = Ensemble(SurrogateSpec(kind="mlp+log-pairwise", ensemble=2), **FAST).fit(X, y)
+    a, b = ens.members  # all masks, seeds differ: the log-pairwise parts are equal, the MLPs are not
+    np.testing.assert_array_equal(a.log_pairwise.predict(Xt), b.log_pairwise.predict(Xt))
+    assert not np.array_equal(a.mlp.predict(Xt), b.mlp.predict(Xt))
 
 
 def test_stratified_split_keeps_proportions():
