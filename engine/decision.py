@@ -11,7 +11,8 @@ Contract:
 - `beam_search(f, L, k, ...)` searches k-subsets to remove on `f`; every beam step is ONE
   `f` call over all (beam x remaining layer) extensions. Returns the best distinct sets.
 - `decide(...)` measures, for every k, the rank-and-cut set and the beam-search candidates
-  in ONE `measure` call over all k, and keeps the best measured set per k.
+  in ONE `measure` call over all k, then (`swap_rounds` > 0) every single swap of each k's best
+  measured set, one `measure` call per round over all k, and keeps the best measured set per k.
 - `measure_splits(decisions, L, measures)` re-measures the chosen sets on other splits.
 - `near_optimal_sets(f, L, k, top, ...)` (the explorer): the `top` best k-sets by f (exhaustive
   up to EXHAUSTIVE_LIMIT sets, else beam search), ensemble intervals, measured perplexities where
@@ -33,6 +34,7 @@ ValueFn = Callable[[np.ndarray], np.ndarray]
 
 RANK_AND_CUT = "rank-and-cut"
 VERIFIED_SEARCH = "surrogate search + verification"
+SWAP = "swap"  # a candidate found by the real local search (one removed layer traded for a kept one)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Candidate:
 
     removed: tuple[int, ...]  # removed layer indices, ascending
     predicted: float  # surrogate score f(mask), higher = better
-    source: str  # "rank-and-cut" | "beam" | "rank-and-cut+beam"
+    source: str  # "rank-and-cut" | "beam" | "rank-and-cut+beam" | "swap"
     ppl_predicted: float = float("nan")  # ppl_full / predicted
     ppl_measured: float = float("nan")  # real perplexity (NaN until measured)
 
@@ -57,11 +59,12 @@ class Decision:
     ppl_predicted: float  # ppl_full / surrogate score of the chosen set
     ppl_measured: float  # real perplexity of the chosen set
     ppl_full: float  # real perplexity of the unpruned model (same windows)
-    candidates: tuple[Candidate, ...]  # every set measured for this k, best measured first
+    candidates: tuple[Candidate, ...]  # the sets kept for comparison (see decide's n_keep), best measured first
     tied: tuple[tuple[int, ...], ...] = ()  # candidates statistically tied with the chosen set (see tied_on)
     tie_level: float | None = None  # level of the paired bootstrap intervals behind `tied`
     tied_on: str | None = None  # which windows the candidates were compared on (None: not compared)
     validation_ppl: float | None = None  # chosen set's perplexity on those windows
+    n_measured: int = 0  # removal sets measured for this k (candidates + the swap search's other sets)
 
     @property
     def mask(self) -> np.ndarray:
@@ -157,6 +160,13 @@ def _ppl_from_score(ppl_full: float, score: float) -> float:
     return ppl_full / score if score > 0 and np.isfinite(score) else float("inf")
 
 
+def swap_neighbours(removed: tuple[int, ...], L: int, protect: frozenset = frozenset()) -> list[tuple[int, ...]]:
+    """Every removal set one swap from `removed`: one removed layer put back, one kept (unprotected) layer
+    removed instead; k * (L - k - |protected kept|) sets, sorted."""
+    free = [j for j in range(L) if j not in removed and j not in protect]
+    return sorted({tuple(sorted((set(removed) - {a}) | {b})) for a in removed for b in free})
+
+
 def decide(
     f: ValueFn,
     contributions: Sequence[float],
@@ -167,17 +177,26 @@ def decide(
     n_verify: int = 5,
     beam_width: int = 8,
     protect: Iterable[int] = (),
+    swap_rounds: int = 0,
+    n_keep: int | None = None,
 ) -> list[Decision]:
-    """For each k, verify rank-and-cut and the top `n_verify` beam-search sets by real perplexity.
+    """For each k, verify rank-and-cut and the top `n_verify` beam-search sets by real perplexity,
+    then search the real game locally: each of `swap_rounds` rounds measures every `swap_neighbours`
+    set of each k's best measured set (all k in one `measure` call) and stops for a k once a round
+    leaves its best set unchanged. The surrogate ranks near-optimal sets only roughly; the swaps find
+    the measured sets around the best one that a later comparison on other windows needs (on the demo,
+    the 10 best calibration sets per k; bench/README.md).
 
-    All candidate masks of all ks are predicted in one `f` call and measured in one `measure`
-    call. The chosen set is the lowest measured perplexity (non-finite counts as worst); a tie
-    keeps rank-and-cut. `method` says whether verification changed the paper's choice.
-    `n_verify=0` measures rank-and-cut alone.
+    The chosen set is the lowest measured perplexity (non-finite counts as worst); a tie keeps
+    rank-and-cut. `candidates` holds rank-and-cut and the `n_keep` best measured sets (all when None),
+    `n_measured` counts every set measured. `n_verify=0` measures rank-and-cut alone (no swaps).
     """
     contributions = np.asarray(contributions, dtype=float)
     if contributions.shape != (L,):
         raise ValueError(f"contributions has shape {contributions.shape}, expected ({L},)")
+    if swap_rounds < 0 or (n_keep is not None and n_keep < 1):
+        raise WorkbenchError("swap_rounds must be >= 0 and n_keep >= 1.")
+    protect = frozenset(int(p) for p in protect)
     ks = sorted({int(k) for k in ks})
     per_k: dict[int, dict[tuple[int, ...], str]] = {}
     for k in ks:
@@ -187,32 +206,48 @@ def decide(
             for c in beam_search(f, L, k, beam_width=beam_width, n_candidates=n_verify, protect=protect):
                 sets[c.removed] = "rank-and-cut+beam" if c.removed == rc else "beam"
         per_k[k] = sets
-    rows = [(k, s) for k in ks for s in per_k[k]]
-    masks = np.stack([removal_mask(s, L) for _, s in rows]) if rows else np.ones((0, L), bool)  # (n, L)
-    predicted = _call(f, masks, "surrogate")
-    measured = _call(measure, masks, "measure")
+    found: dict[int, dict[tuple[int, ...], tuple[float, float]]] = {k: {} for k in ks}  # set -> (predicted, ppl)
+
+    def measure_round(rows: list[tuple[int, tuple[int, ...]]]) -> None:
+        if not rows:
+            return
+        masks = np.stack([removal_mask(s, L) for _, s in rows])  # (n, L)
+        predicted, measured = _call(f, masks, "surrogate"), _call(measure, masks, "measure")
+        for r, (k, s) in enumerate(rows):
+            found[k][s] = (float(predicted[r]), float(measured[r]))
+
+    def best_of(k: int) -> tuple[int, ...]:
+        return min(found[k], key=lambda s: (_finite(found[k][s][1]), s))
+
+    measure_round([(k, s) for k in ks for s in per_k[k]])
+    searching = [k for k in ks if n_verify > 0]
+    for _ in range(swap_rounds):
+        start = {k: best_of(k) for k in searching}
+        rows = [(k, s) for k in searching for s in swap_neighbours(start[k], L, protect) if s not in found[k]]
+        if not rows:
+            break
+        for k, s in rows:
+            per_k[k].setdefault(s, SWAP)
+        measure_round(rows)
+        searching = [k for k in searching if best_of(k) != start[k]]
+        if not searching:
+            break
 
     decisions = []
     for k in ks:
-        cands = []
-        for r, (kk, s) in enumerate(rows):
-            if kk != k:
-                continue
-            cands.append(
-                Candidate(
-                    removed=s,
-                    predicted=float(predicted[r]),
-                    source=per_k[k][s],
-                    ppl_predicted=_ppl_from_score(ppl_full, float(predicted[r])),
-                    ppl_measured=float(measured[r]),
-                )
-            )
+        cands = [
+            Candidate(removed=s, predicted=p, source=per_k[k][s], ppl_predicted=_ppl_from_score(ppl_full, p),
+                      ppl_measured=m)
+            for s, (p, m) in found[k].items()
+        ]
+
         # Best measured first; non-finite last; tie keeps rank-and-cut (source order), then predicted.
         def key(c: Candidate):
-            m = c.ppl_measured if np.isfinite(c.ppl_measured) else np.inf
-            return (m, not c.source.startswith(RANK_AND_CUT), -c.predicted, c.removed)
+            return (_finite(c.ppl_measured), not c.source.startswith(RANK_AND_CUT), -c.predicted, c.removed)
 
         cands.sort(key=key)
+        if n_keep is not None:
+            cands = [c for i, c in enumerate(cands) if i < n_keep or c.source.startswith(RANK_AND_CUT)]
         best = cands[0]
         decisions.append(
             Decision(
@@ -224,9 +259,14 @@ def decide(
                 ppl_measured=best.ppl_measured,
                 ppl_full=float(ppl_full),
                 candidates=tuple(cands),
+                n_measured=len(found[k]),
             )
         )
     return decisions
+
+
+def _finite(ppl: float) -> float:
+    return ppl if np.isfinite(ppl) else np.inf
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,8 @@ def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn,
     L = f.samples.n_layers
     ks = check_ks(ks, L)
     n_verify = spec.n_verify if spec.decision == "verified" else 0
-    items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify)
+    items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify,
+                                swap_rounds=spec.swaps, n_keep=spec.n_compare)
     splits = decision_lib.measure_splits(items, L, eval_measures) if eval_measures else {}
     return Decisions(tuple(items), splits, contribs)
 

@@ -972,6 +972,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
                     for name, sp in ds.splits.items()},
         "by_k": [{"k": x.k, "removed": list(x.removed), "ppl_predicted": x.ppl_predicted,
                   "ppl_measured": x.ppl_measured, "method": x.method, "tied": [list(t) for t in x.tied],
+                  "n_measured": x.n_measured, "n_compared": len(x.candidates),
                   "heldout": {name: sp.ppl[list(sp.ks).index(x.k)] for name, sp in ds.splits.items()}}
                  for x in ds.items],
         "out": None if exported is None else exported["out"],

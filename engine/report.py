@@ -93,13 +93,14 @@ def run_summary(r: dict) -> str:
         contributions_table(r["contributions"], r.get("contributions_stderr"), r.get("ci_low"), r.get("ci_high"),
                             r.get("level")),
         "",
-        f"{'k':>3}  {'removed':24} {'predicted':>10} {'measured':>10}  method",
+        f"{'k':>3}  {'removed':24} {'predicted':>10} {'measured':>10} {'sets':>5}  method",
     ]
     for d in r["by_k"]:
         lines.append(f"{d['k']:>3}  {str(d['removed']):24} {_num(d['ppl_predicted'], 2):>10} "
-                     f"{_num(d['ppl_measured'], 2):>10}  {d['method']}"
+                     f"{_num(d['ppl_measured'], 2):>10} {d.get('n_measured', ''):>5}  {d['method']}"
                      + (f"; tied: {', '.join(map(str, d['tied']))}" if d.get("tied") else ""))
     if r.get("tied_on"):
+        lines.append("sets = removal sets measured on the calibration windows for that k (verification and swaps)")
         lines.append(f"tied = paired bootstrap interval ({_num(r.get('tie_level'), 2)}) of the perplexity ratio "
                      f"to the chosen set contains 1, on {r['tied_on']}")
     lines.append(f"calibration perplexity: full {_num(r['ppl_full'], 2)} -> pruned {_num(r['ppl_measured'], 2)} "

@@ -63,7 +63,7 @@ c2.metric(f"measured, {k} removed", f"{d['ppl_measured']:.3f}", delta=f"{d['ppl_
           delta_color="inverse")
 c3.metric("predicted by the surrogate", f"{d['ppl_predicted']:.3f}")
 st.write(f"Chosen for k = {k}: remove layers **{', '.join(map(str, d['removed']))}** ({d['method']}; "
-         f"{len(d['candidates'])} candidate sets measured)")
+         f"{d.get('n_measured') or len(d['candidates'])} sets measured, the best {len(d['candidates'])} compared)")
 if d.get("tied_on"):
     tied = "; ".join("{" + ", ".join(map(str, t)) + "}" for t in d.get("tied") or []) or "none"
     st.write(f"Statistically tied with it ({d['tie_level']:.0%} paired bootstrap over windows, on {d['tied_on']}): "

@@ -184,6 +184,11 @@ def test_compare_quick_end_to_end(tiny6, tmp_path, capsys):
         assert all(len(t) == r["k"] and t != r["chosen"] for t in r["tied"])
         assert r["heldout_best_among_chosen_and_tied"] == (r["heldout_best_candidate"] in [r["chosen"], *r["tied"]])
     assert result["val_windows"] == 4
+    # held-out splits are measured on every window of seq_len their text holds (the default)
+    lm = load_model(ModelSpec(name=str(tiny6 / "model")))
+    for name in ("test.txt", "ood.txt"):
+        n_tokens = len(lm.tokenizer((tiny6 / name).read_text(), add_special_tokens=False)["input_ids"])
+        assert result["eval_windows"][str(tiny6 / name)] == n_tokens // SEQ > WINDOWS
     md = (out / "compare.md").read_text()
     assert "4 validation windows of the calibration text" in md
     assert "Held-out ratio" in md and "rank-and-cut sets" in md and "above the optimum" in md

@@ -146,3 +146,45 @@ def test_measure_splits_one_call_per_split():
     assert out["ood"].ppl_full == pytest.approx(50.0)
     assert out["test"].ks == (1, 2)
     assert out["test"].ppl[1] == pytest.approx(20.0 / game(decisions[1].mask[None])[0])
+
+
+def test_swap_neighbours_trade_one_removed_layer_for_one_kept_unprotected_layer():
+    from engine.decision import swap_neighbours
+
+    assert swap_neighbours((0, 1), 4) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    assert swap_neighbours((0, 1), 4, frozenset({3})) == [(0, 2), (1, 2)]
+    assert swap_neighbours((1,), 3) == [(0,), (2,)]
+
+
+def test_swaps_find_the_real_best_set_the_surrogate_hides():
+    """A surrogate that ranks the best pair {2, 3} last among its beam: verification alone misses it,
+    one round of real swaps around the best verified set finds it, and the search stops once a round
+    leaves the best set unchanged."""
+    ppl_full = 10.0
+    wrong = np.zeros(L)
+    wrong[3] = 5.0  # the surrogate thinks removing layer 3 is very costly
+
+    def surrogate(masks):
+        return game(masks) - (~masks) @ wrong
+
+    calls = []
+
+    def measure(masks):
+        calls.append(masks.shape[0])
+        return ppl_full / game(masks)
+
+    plain = decide(surrogate, PHI, L, [2], measure, ppl_full, n_verify=2, beam_width=2)[0]
+    assert plain.removed != (2, 3) and plain.n_measured == len(plain.candidates)
+    calls.clear()
+    d = decide(surrogate, PHI, L, [2], measure, ppl_full, n_verify=2, beam_width=2, swap_rounds=5)[0]
+    assert d.removed == (2, 3) == brute_best(game, 2)
+    assert {c.source for c in d.candidates} >= {"swap"}
+    # rounds: verification, swaps around the verified best (finds {2, 3}), swaps around {2, 3} (no change)
+    assert len(calls) == 3
+    assert d.n_measured == len(set(c.removed for c in d.candidates)) <= len(list(itertools.combinations(range(L), 2)))
+    kept = decide(surrogate, PHI, L, [2], measure, ppl_full, n_verify=2, beam_width=2, swap_rounds=5, n_keep=2)[0]
+    assert [c.removed for c in kept.candidates][:2] == [c.removed for c in d.candidates][:2]
+    assert len(kept.candidates) <= 3 and any(c.source.startswith(RANK_AND_CUT) for c in kept.candidates)
+    assert kept.n_measured == d.n_measured
+    # no verification: the paper's rule alone, no swaps
+    assert decide(surrogate, PHI, L, [2], measure, ppl_full, n_verify=0, swap_rounds=5)[0].n_measured == 1
