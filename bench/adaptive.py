@@ -1,7 +1,7 @@
 """Fewer real evaluations for the same answer? Multi-fidelity and active sampling replayed on the ground truth.
 
     .venv/bin/python -m bench.adaptive [--modes stratified paper multi-fidelity active both] [--seeds 5]
-        [--grid 64 96 128 192 256 384 512] [--ks 2 4 6 8] [--first-windows 1] [--complete 0.1]
+        [--grid 64 96 128 192 256 384 512 768 1024] [--ks 2 4 6 8] [--first-windows 1] [--complete 0.1]
         [--rounds 4] [--explore 0.5] [--processes 2] [--ground-truth bench/data/ground_truth_demo.npz] [--json]
 
 Every mode samples the demo game the way `engine sample` would, with the per-window losses of all
@@ -11,7 +11,8 @@ decision's measurements are lookups too, at full fidelity). Modes:
 
 * stratified: today's default, the stratified design at full fidelity;
 * paper: the paper's design (its strata, the reference surrogate schedule, the paper's estimator);
-* multi-fidelity: every mask first on `--first-windows` of the 8 windows, then the rows that
+* multi-fidelity: every mask first on `--first-windows` of the 8 windows (its own,
+  `engine.fidelity.first_windows`), then the rows that
   `engine.fidelity.plan_completion` picks completed until `--complete` of them are complete;
 * active: `--rounds` rounds planned by `engine.active.plan_round` (`--explore` of each later
   round from the design, the rest where the surrogate ensemble disagrees most), full fidelity;
@@ -69,13 +70,16 @@ class Mode:
     complete: float = 1.0  # share of rows completed when first_windows > 0
     rounds: int = 1
     explore: float = 0.5
-    method: MethodSpec = MethodSpec(boot=0)  # no bootstrap refits: bench.uncertainty measures intervals
+    # No bootstrap refits (bench.uncertainty measures intervals), no swap search: its real evaluations
+    # (about 230 sets per replay at k = 2, 4, 6, 8, more work than a 256-mask sample) would be much the same
+    # for every mode and hide the differences in sampling work this benchmark is about.
+    method: MethodSpec = MethodSpec(boot=0, swaps=0)
 
 
 def modes(first_windows: int, complete: float, rounds: int, explore: float) -> dict[str, Mode]:
     mf = dict(first_windows=first_windows, complete=complete)
     act = dict(rounds=rounds, explore=explore)
-    paper = MethodSpec(surrogate=SurrogateSpec(preset="paper"), estimator="paper", boot=0)
+    paper = MethodSpec(surrogate=SurrogateSpec(preset="paper"), estimator="paper", boot=0, swaps=0)
     return {"stratified": Mode("stratified"), "paper": Mode("paper", method=paper),
             "multi-fidelity": Mode("multi-fidelity", **mf), "active": Mode("active", **act),
             "both": Mode("both", **mf, **act)}
@@ -103,21 +107,27 @@ class Replay:
         return s.with_partial_rows(gt.full_window_nll, gt.window_tokens)
 
 
-def _evaluate(gt: gtm.GroundTruth, rep: Replay, rows: np.ndarray, windows: np.ndarray) -> None:
-    """Evaluate `rows` of the replay on `windows` (one prefix-shared batch) and count its work."""
-    if len(rows) == 0 or len(windows) == 0:
-        return
+def _evaluate(gt: gtm.GroundTruth, rep: Replay, rows, windows) -> None:
+    """Evaluate `rows` of the replay on `windows` (int[] per row): one prefix-shared batch per distinct
+    window set, as engine.pipeline runs them, each counted as the evaluator counts its work."""
     T = int(gt.meta["seq_len"])
-    truth = gt.lookup_window_nll(rep.masks[rows])  # (r, W)
-    rep.nll[np.ix_(rows, windows)] = truth[:, windows]
-    rep.tokens[np.ix_(rows, windows)] = gt.window_tokens[windows]
-    rep.work += fidelity.count_work(rep.masks[rows], len(windows), T)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, w in zip(rows, windows):
+        if len(w):
+            groups.setdefault(tuple(int(j) for j in w), []).append(int(i))
+    for w, part in groups.items():
+        cols = list(w)
+        truth = gt.lookup_window_nll(rep.masks[part])  # (r, W)
+        rep.nll[np.ix_(part, cols)] = truth[:, cols]
+        rep.tokens[np.ix_(part, cols)] = gt.window_tokens[cols]
+        rep.work += fidelity.count_work(rep.masks[part], len(cols), T)
 
 
 def replay(gt: gtm.GroundTruth, mode: Mode, design: SamplingSpec) -> Replay:
     """Sample `design.n_masks` masks as `engine sample` does for `mode`, evaluating from the table."""
+    from engine.sampling import masks_to_strings
+
     L, W = gt.n_layers, len(gt.window_tokens)
-    f = mode.first_windows if 0 < mode.first_windows < W else W
     rep = Replay(np.zeros((0, L), bool), np.zeros((0, W)), np.zeros((0, W), np.int64), [])
     used = 0
     for r, size in enumerate(active.round_sizes(design.n_masks, mode.rounds)):
@@ -130,11 +140,13 @@ def replay(gt: gtm.GroundTruth, mode: Mode, design: SamplingSpec) -> Replay:
         rep.nll = np.concatenate([rep.nll, np.full((len(plan.masks), W), np.nan)])
         rep.tokens = np.concatenate([rep.tokens, np.zeros((len(plan.masks), W), np.int64)])
         rep.source += list(plan.source)
-        _evaluate(gt, rep, np.arange(start, len(rep.masks)), np.arange(f))
-        if f < W:
+        new = np.arange(start, len(rep.masks))
+        _evaluate(gt, rep, new, fidelity.first_windows(masks_to_strings(rep.masks[new]), W, mode.first_windows,
+                                                       design.seed))
+        if 0 < mode.first_windows < W:
             est = fidelity.estimate_full(rep.nll, rep.tokens, gt.full_window_nll)
-            _evaluate(gt, rep, fidelity.plan_completion(est, rep.masks, mode.complete, seed=[design.seed, r]),
-                      np.arange(f, W))
+            rows = fidelity.plan_completion(est, rep.masks, mode.complete, seed=[design.seed, r])
+            _evaluate(gt, rep, rows, [np.flatnonzero(~fidelity.evaluated(rep.tokens[i])) for i in rows])
     return rep
 
 
@@ -315,7 +327,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", nargs="+", default=["stratified", "paper", "multi-fidelity", "active", "both"])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--grid", type=int, nargs="+", default=[64, 96, 128, 192, 256, 384, 512])
+    p.add_argument("--grid", type=int, nargs="+", default=[64, 96, 128, 192, 256, 384, 512, 768, 1024])
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--first-windows", type=int, default=1)
     p.add_argument("--complete", type=float, default=0.1)

@@ -139,8 +139,9 @@ class SamplingSpec:
     # Multi-fidelity and active sampling (engine/fidelity.py, engine/active.py). At their defaults
     # nothing changes: every mask on every window, the design's masks in order, and the run id of
     # a run sampled before these fields existed (RunSpec.identity leaves default-valued ones out).
-    first_windows: int = option(0, "evaluate each new mask on the first N calibration windows only, then complete "
-                                "the masks the fidelity rule picks (0: every window at once)")
+    first_windows: int = option(0, "evaluate each new mask on N of the calibration windows only (N consecutive "
+                                "windows from a start drawn per mask), then complete the masks the fidelity "
+                                "rule picks (0: every window at once)")
     complete: float = option(0.25, "multi-fidelity: share of the masks completed on every window after each round "
                              "(fidelity.plan_completion picks which; the rest keep their first windows)")
     rounds: int = option(1, "sampling rounds: 1 = the fixed design; R > 1 = round 0 is the design's first "

@@ -220,7 +220,8 @@ def sample(
 
     Rounds and fidelity (`SamplingSpec.rounds`, `first_windows`, `complete`; `_round_plans`):
     the masks come in rounds (one round, the design's masks, unless rounds > 1); each round's new
-    masks are evaluated on the first `first_windows` windows (all windows when 0), then, with
+    masks are evaluated on `first_windows` windows each (all windows when 0; which ones:
+    `fidelity.first_windows`, drawn per mask), then, with
     multi-fidelity, the partial rows `fidelity.plan_completion` picks are completed on their
     missing windows (`_complete_round`). Active round plans and completion plans are stored as
     artifacts before they are evaluated, so a stopped run resumes them with the same masks.
@@ -294,8 +295,8 @@ class _SampleState:
 
 
 class _Evaluators:
-    """The run's evaluators, one per set of calibration windows (all of them; the first k; the
-    missing windows of partial rows), opened on first use and closed together. Counters sum over
+    """The run's evaluators, one per set of calibration windows (all of them; each mask's first
+    windows; the missing windows of partial rows), opened on first use and closed together. Counters sum over
     them: `layer_calls`, `leaves`, `work` (token-layer calls, engine.fidelity.work)."""
 
     def __init__(self, run: OpenRun, evaluation: EvalSpec):
@@ -324,10 +325,6 @@ class _Evaluators:
     @property
     def all(self):
         return self.on(tuple(range(self.n_windows)))
-
-    def first(self, k: int):
-        """The evaluator of a first evaluation: the first k windows (0 = all)."""
-        return self.on(tuple(range(k or self.n_windows)))
 
     def _sum(self, name: str) -> int:
         return int(sum(getattr(ev, name, 0) for ev in self._open.values()))
@@ -429,32 +426,37 @@ def _committee(run: OpenRun):
 
 def _evaluate_round(run, writer, evaluators: _Evaluators, r: int, masks, source, ppl_full: float,
                     first_chunk, bar, state: _SampleState) -> bool:
-    """Evaluate the round's masks the store lacks on the first `first_windows` windows (all when 0), in
-    doubling chunks, committing each row; True when stopped by a cancel request."""
+    """Evaluate the round's masks the store lacks on their `first_windows` windows (`fidelity.first_windows`;
+    all when 0), in doubling chunks (each chunk one batch per window set), committing each row; True when
+    stopped by a cancel request."""
     from engine.evaluate import scores
-    from engine.fidelity import subset_scores
+    from engine.fidelity import first_windows, subset_scores
     from engine.sampling import masks_to_strings
 
     strings = masks_to_strings(masks)
     done = run.store.done_masks()
     todo = [i for i, s in enumerate(strings) if s not in done]
-    windows = tuple(range(run.spec.sampling.first_windows or evaluators.n_windows))
-    full = _full_losses(run.store) if todo and hasattr(evaluators.on(windows), "iter_window_losses") else None
+    sampling = run.spec.sampling
+    first = first_windows(strings, evaluators.n_windows, sampling.first_windows, sampling.seed)  # per mask
+    full = _full_losses(run.store) if todo and hasattr(evaluators.all, "iter_window_losses") else None
     for lo, hi in _chunks(len(todo), first_chunk):
-        part = todo[lo:hi]
-        for index, ppl, nll, tokens, seconds, work in evaluators.rows(windows, masks[part]):
-            if nll is None:
-                score, flag = scores(np.array([ppl], dtype=float), ppl_full)
-            else:  # over the evaluated windows (= ppl_full / ppl when every window is evaluated)
-                score, flag = subset_scores(nll[None], tokens[None], *full)
-            i = part[index]
-            writer.add(strings[i], float(ppl), float(score[0]), bool(flag[0]), float(seconds), window_nll=nll,
-                       window_tokens=tokens, round=r, source=str(source[i]), work=work)
-            state.evaluated += 1
-            state.nonfinite += int(flag[0])
-            bar.update()
-            if _cancelled(writer, state):
-                return True
+        groups: dict[tuple[int, ...], list[int]] = {}  # first windows -> masks (one prefix-shared batch each)
+        for i in todo[lo:hi]:
+            groups.setdefault(first[i], []).append(i)
+        for windows, part in groups.items():
+            for index, ppl, nll, tokens, seconds, work in evaluators.rows(windows, masks[part]):
+                if nll is None:
+                    score, flag = scores(np.array([ppl], dtype=float), ppl_full)
+                else:  # over the evaluated windows (= ppl_full / ppl when every window is evaluated)
+                    score, flag = subset_scores(nll[None], tokens[None], *full)
+                i = part[index]
+                writer.add(strings[i], float(ppl), float(score[0]), bool(flag[0]), float(seconds), window_nll=nll,
+                           window_tokens=tokens, round=r, source=str(source[i]), work=work)
+                state.evaluated += 1
+                state.nonfinite += int(flag[0])
+                bar.update()
+                if _cancelled(writer, state):
+                    return True
     return False
 
 

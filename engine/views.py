@@ -58,7 +58,7 @@ def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list
 
 SAMPLE_COLUMNS = ["rowid", "mask", "kept", "ppl", "score", "nonfinite", "seconds", "created", "round", "source",
                   "windows", "work"]
-FIDELITY = ("complete", "partial")  # evaluated on every calibration window | on its first windows only so far
+FIDELITY = ("complete", "partial")  # evaluated on every calibration window | on its own first windows only so far
 
 
 def samples_frame(rows, n_windows: int | None = None) -> pd.DataFrame:
@@ -152,11 +152,11 @@ def format_count(x: float | int | None) -> str:
 
 
 def adaptive_caption(sampling, n_windows: int) -> str:
-    """' · first 2 of 8 windows, 25% completed · 3 rounds, 25% from the design' for a multi-fidelity /
+    """' · 2 of 8 windows first, 25% completed · 3 rounds, 25% from the design' for a multi-fidelity /
     active SamplingSpec ('' when it is neither)."""
     out = ""
     if sampling.multi_fidelity:
-        out += f" · first {sampling.first_windows} of {n_windows} windows, {sampling.complete:.0%} completed"
+        out += f" · {sampling.first_windows} of {n_windows} windows first, {sampling.complete:.0%} completed"
     if sampling.active:
         out += f" · {sampling.rounds} rounds, {sampling.explore:.0%} from the design"
     return out

@@ -393,7 +393,7 @@ def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
     work = charts[1]["data"]
     y = np.concatenate([_plotly_array(tr["y"]) for tr in work])
     assert y.max() == summary.work and len(y) == 24  # cumulative work reaches the store's
-    assert any("first 2 of 4 windows" in c.value and "2 rounds" in c.value for c in at.caption)
+    assert any("2 of 4 windows first" in c.value and "2 rounds" in c.value for c in at.caption)
     # rows the live view read before they were completed are read again (completions add windows, not rows)
     done = [r for r in store.results() if r.windows == 4][-1]  # among the 20 latest rows shown
     stale = [dataclasses.replace(r, windows=2, ppl=-1.0) if r.rowid == done.rowid else r for r in store.results()]
@@ -420,7 +420,7 @@ def test_sampling_start_launches_the_adaptive_run_on_screen(adaptive_run, monkey
         next(w for w in at.number_input if w.label == label).set_value(value).run()
         assert not at.exception, at.exception
     assert at.session_state["spec"].sampling == ADAPTIVE
-    assert any("first 2 of 4 windows, 50% completed · 2 rounds, 50% from the design" in c.value for c in at.caption)
+    assert any("2 of 4 windows first, 50% completed · 2 rounds, 50% from the design" in c.value for c in at.caption)
     _button(at, "Start / resume").click().run()
     assert not at.exception, at.exception
     (folder, argv), = launched

@@ -44,8 +44,18 @@ def test_multi_fidelity_replay_completes_the_share_and_costs_less(gt_path):
     rep = adaptive.replay(gt, mode, design)
     complete = fidelity.evaluated(rep.tokens).all(axis=1)
     assert complete.sum() == 6 and (fidelity.evaluated(rep.tokens).sum(1)[~complete] == 1).all()
-    expected = fidelity.count_work(rep.masks, 1, SEQ) + fidelity.count_work(rep.masks[complete], WINDOWS - 1, SEQ)
+    # first looks: one prefix-shared batch per window (each mask on its own, engine.fidelity.first_windows);
+    # completions: one batch per set of missing windows
+    from engine.sampling import masks_to_strings
+
+    own = fidelity.first_windows(masks_to_strings(rep.masks), WINDOWS, 1, design.seed)
+    assert len(set(own)) > 1
+    expected = sum(fidelity.count_work(rep.masks[[i for i in range(24) if own[i] == w]], 1, SEQ) for w in set(own))
+    expected += sum(fidelity.count_work(rep.masks[[i for i in np.flatnonzero(complete) if own[i] == w]],
+                                        WINDOWS - 1, SEQ) for w in set(own))
     assert rep.work == expected < fidelity.count_work(rep.masks, WINDOWS, SEQ)
+    for i in np.flatnonzero(~complete):
+        assert np.flatnonzero(fidelity.evaluated(rep.tokens[i])).tolist() == list(own[i])
     # completed rows hold exactly the table's losses
     np.testing.assert_allclose(rep.nll[complete], gt.lookup_window_nll(rep.masks[complete]))
 

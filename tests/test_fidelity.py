@@ -133,3 +133,18 @@ def test_real_rows_correct_with_complete_design_rows_only():
     few = SimpleNamespace(design_rows=design, complete=np.arange(n) < 5, weights=None)
     np.testing.assert_array_equal(real_rows(few)["train_only"], ~design)  # too few exact rows: all design rows
     assert real_rows(SimpleNamespace(design_rows=np.ones(n, bool), complete=None, weights=None))["train_only"] is None
+
+
+def test_first_windows_are_consecutive_per_mask_deterministic_and_spread():
+    from engine.fidelity import first_windows
+
+    strings = [format(i, "010b") for i in range(400)]
+    a = first_windows(strings, 8, 2, seed=3)
+    assert a == first_windows(strings, 8, 2, seed=3)  # a pure function of (mask, seed)
+    assert a[5:9] == first_windows(strings[5:9], 8, 2, seed=3)  # order and company do not matter
+    assert a != first_windows(strings, 8, 2, seed=4)
+    for w in a:
+        assert len(w) == 2 and w == tuple(sorted(w)) and (w[1] - w[0]) % 8 in (1, 7)  # consecutive, wrapping
+    starts = np.bincount([min(w) if w != (0, 7) else 7 for w in a], minlength=8)
+    assert starts.min() > 20  # every start drawn (400 masks, 50 expected each)
+    assert first_windows(strings[:3], 8, 0) == [tuple(range(8))] * 3 == first_windows(strings[:3], 8, 8)
