@@ -27,6 +27,7 @@ import numpy as np
 
 from bench import ground_truth as gtm
 from bench.common import run_script
+from engine.config import MethodSpec
 
 KS = (2, 4, 6, 8)
 
@@ -37,44 +38,106 @@ def _free(lm, spec) -> int:
     return int(validation_windows(lm.tokenizer, spec, 10**9, at_most=True).input_ids.shape[0])
 
 
-def losses(gt: gtm.GroundTruth, near: int, path: Path) -> dict:
-    """{split: (nll float[c, W], tokens int[c, W])} and the candidate sets, computed once and cached."""
+def _splits(lm, gt: gtm.GroundTruth) -> dict:
+    from engine.config import DataSpec
+    from engine.data import make_windows, validation_windows
+
+    cal = DataSpec(source=gt.meta["data"], n_windows=gt.meta["n_windows"], seq_len=gt.meta["seq_len"])
+    test = dataclasses.replace(cal, source="demo-test")
+    return {"val": validation_windows(lm.tokenizer, cal, _free(lm, cal)), "test8": make_windows(lm.tokenizer, test),
+            "testall": validation_windows(lm.tokenizer, test, _free(lm, test))}
+
+
+def losses(gt: gtm.GroundTruth, sets, path: Path) -> dict:
+    """{split + '_nll' / '_tok': float/int[c, W], 'sets': str[c]} for the removal `sets` (and any the cache
+    already holds): read from the cache at `path`, the missing sets computed with the demo model and added."""
     import torch
 
     from engine import decision as decision_lib
-    from engine.config import DataSpec, ModelSpec
-    from engine.data import make_windows, validation_windows
+    from engine.config import ModelSpec
     from engine.evaluate import MaskEvaluator
     from engine.models import load_model
 
-    if path.exists():
-        z = np.load(path)
-        return {k: z[k] for k in z.files}
+    d = {k: v for k, v in np.load(path).items()} if path.exists() else {}
+    have = {tuple(int(x) for x in s.split(",")) if s else () for s in d.get("sets", [])}
+    todo = sorted(set(sets) - have)
+    if not todo:
+        return d
     torch.set_num_threads(1)
     lm = load_model(ModelSpec(name=gt.meta["model"]))
+    masks = np.stack([decision_lib.removal_mask(s, gt.n_layers) for s in todo])  # (c, L)
+    new = {"sets": np.array([",".join(map(str, s)) for s in todo])}
+    for name, w in _splits(lm, gt).items():
+        new[name + "_nll"], new[name + "_tok"] = MaskEvaluator(lm, w).window_losses(masks)
+        print(f"{name}: {new[name + '_nll'].shape}", file=sys.stderr, flush=True)
+    d = {k: np.concatenate([d[k], v]) if k in d else v for k, v in new.items()}
+    np.savez(path, **d)
+    return d
+
+
+def _index(d: dict) -> dict:
+    return {tuple(int(x) for x in s.split(",")) if s else (): i for i, s in enumerate(d["sets"])}
+
+
+def _ppl(d: dict, name: str, rows, cols=None) -> np.ndarray:
+    nll, tok = d[name + "_nll"][rows], d[name + "_tok"][rows]
+    if cols is not None:
+        nll, tok = nll[:, cols], tok[:, cols]
+    return np.exp(nll.sum(1) / tok.sum(1))
+
+
+def engine_decisions(gt: gtm.GroundTruth, seed: int, swaps: int) -> dict:
+    """{k: removal sets the engine's decision compares on validation windows}: the default pipeline
+    (256 stratified masks with sampling seed `seed`, default surrogate and estimator, `swaps` rounds of
+    swap search) with the ground truth as its calibration measurement, as bench.compare runs it."""
+    from bench.compare import lookup_samples
+    from engine import method
+    from engine.config import MethodSpec, SamplingSpec, SurrogateSpec
+
+    samples = lookup_samples(gt, SamplingSpec(seed=seed))
+    f = method.fit(samples, SurrogateSpec(seed=seed), curve=False)
+    spec = MethodSpec(surrogate=SurrogateSpec(seed=seed), mc_seed=seed, boot=0, swaps=swaps)
+    ds = method.decide(f, method.contributions(samples, f, spec), KS, gt.lookup_ppl, spec=spec)
+    return {d.k: [c.removed for c in d.candidates] for d in ds.items}
+
+
+def engine_rule(gt: gtm.GroundTruth, path: Path, seeds: int, near: int, val_windows: int) -> list[dict]:
+    """The engine's whole decision (its own candidates, chosen on its `val_windows` validation windows) over
+    sampling seeds 0..seeds-1, with and without the swap search: per k, the chosen set's perplexity on the
+    361 test windows over the best of the `near` best calibration sets there."""
+    from engine.config import DataSpec, ModelSpec
+    from engine.data import validation_windows
+    from engine.models import load_model
+
+    cands = {(seed, swaps): engine_decisions(gt, seed, swaps) for seed in range(seeds) for swaps in (0, 2)}
+    near_sets = {k: [r for r, _ in gt.optimum(k, top=near)] for k in KS}
+    needed = {s for c in cands.values() for sets in c.values() for s in sets} | {s for v in near_sets.values() for s in v}
+    d = losses(gt, needed, path)
+    index = _index(d)
+    lm = load_model(ModelSpec(name=gt.meta["model"]))
     cal = DataSpec(source=gt.meta["data"], n_windows=gt.meta["n_windows"], seq_len=gt.meta["seq_len"])
-    test = dataclasses.replace(cal, source="demo-test")
-    sets = sorted({r for k in KS for r, _ in gt.optimum(k, top=near)})
-    masks = np.stack([decision_lib.removal_mask(s, gt.n_layers) for s in sets])  # (c, L)
-    splits = {"val": validation_windows(lm.tokenizer, cal, _free(lm, cal)), "test8": make_windows(lm.tokenizer, test),
-              "testall": validation_windows(lm.tokenizer, test, _free(lm, test))}
-    out = {"sets": np.array([",".join(map(str, s)) for s in sets])}
-    for name, w in splits.items():
-        out[name + "_nll"], out[name + "_tok"] = MaskEvaluator(lm, w).window_losses(masks)
-        print(f"{name}: {out[name + '_nll'].shape}", file=sys.stderr, flush=True)
-    np.savez(path, **out)
-    return out
+    every = validation_windows(lm.tokenizer, cal, _free(lm, cal)).input_ids  # the cache's "val" columns
+    mine = validation_windows(lm.tokenizer, cal, val_windows).input_ids  # the engine's (MethodSpec.val_windows)
+    cols = [next(j for j in range(len(every)) if (every[j] == w).all()) for w in mine]
+    rows = []
+    for (seed, swaps), per_k in cands.items():
+        ratio = {}
+        for k in KS:
+            rs = [index[s] for s in per_k[k]]
+            chosen = rs[int(np.argmin(_ppl(d, "val", rs, cols)))]
+            best = _ppl(d, "testall", [index[s] for s in near_sets[k]]).min()
+            ratio[k] = float(_ppl(d, "testall", [chosen])[0] / best)
+        rows.append({"seed": seed, "swaps": swaps, "ratio": ratio, "all_k": all(v <= 1.01 for v in ratio.values()),
+                     "candidates": {k: len(v) for k, v in per_k.items()},
+                     "near_among_candidates": {k: len(set(per_k[k]) & set(near_sets[k])) for k in KS}})
+    return rows
 
 
 def draws(gt: gtm.GroundTruth, d: dict, near: int, counts, n_draws: int) -> list[dict]:
-    sets = [tuple(int(x) for x in s.split(",")) if s else () for s in d["sets"]]
-    index = {s: i for i, s in enumerate(sets)}
+    index = _index(d)
 
     def ppl(name, rows, cols=None):
-        nll, tok = d[name + "_nll"][rows], d[name + "_tok"][rows]
-        if cols is not None:
-            nll, tok = nll[:, cols], tok[:, cols]
-        return np.exp(nll.sum(1) / tok.sum(1))
+        return _ppl(d, name, rows, cols)
 
     rows_k = {k: [index[r] for r, _ in gt.optimum(k, top=near)] for k in KS}
     W = d["val_nll"].shape[1]
@@ -109,15 +172,26 @@ def main(argv=None) -> dict:
     p.add_argument("--near", type=int, default=10)
     p.add_argument("--counts", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--draws", type=int, default=300)
+    p.add_argument("--engine-seeds", type=int, default=5,
+                   help="sampling seeds of the engine's own decision, with and without swaps (0: skip)")
+    p.add_argument("--val-windows", type=int, default=MethodSpec().val_windows,
+                   help="the engine's validation windows (its default)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     gt = gtm.load(a.ground_truth)
-    rows = draws(gt, losses(gt, a.near, Path(a.losses)), a.near, a.counts, a.draws)
+    near_sets = {r for k in KS for r, _ in gt.optimum(k, top=a.near)}
+    rows = draws(gt, losses(gt, near_sets, Path(a.losses)), a.near, a.counts, a.draws)
     label = {0: "calibration-best", -1: "best on testall"}
     lines = [f"{label.get(r['val_windows'], str(r['val_windows']) + ' val. windows'):>18} "
              f"{r['heldout']:7s} ({r['windows']} w.): mean ratio {r['mean_ratio']}, share <= 1.01 "
              f"{r['share_within_1pct']}, all k {r['share_all_k']:.2f} ({r['draws']} draws)" for r in rows]
-    return emit(lines, {"rows": rows, "near": a.near}, a.json)
+    engine = engine_rule(gt, Path(a.losses), a.engine_seeds, a.near, a.val_windows) if a.engine_seeds else []
+    for r in engine:
+        lines.append(f"engine decision, seed {r['seed']}, swaps {r['swaps']}: testall ratio "
+                     + ", ".join(f"k={k} {v:.4f}" for k, v in r["ratio"].items())
+                     + f"; all k <= 1.01: {r['all_k']}; near-optimal sets among the candidates "
+                     f"{r['near_among_candidates']}")
+    return emit(lines, {"rows": rows, "near": a.near, "engine": engine, "val_windows": a.val_windows}, a.json)
 
 
 if __name__ == "__main__":

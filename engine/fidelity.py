@@ -25,7 +25,8 @@ version gave every mask the same first windows (common random numbers): the mask
 then measured on identical text, but the surrogate learnt the first windows' game, which ranks layers
 differently from the full game (per-window loss increases correlate 0.78-0.97 on the demo model):
 with 1 first window and 10% completed it reached Spearman 0.80 with the exact Shapley values at 512
-masks, per-mask draws 0.93 at about the same work (bench/README.md, "Fewer real evaluations").
+masks (0.94 M token-layer calls), per-mask draws 0.94 at 512 masks (1.20 M), about what full-fidelity
+stratified sampling reaches for the same work (bench/README.md, `adaptive`).
 Selecting which rows to complete at random within each kept count (`to_complete`) keeps the
 calibration rows like the rows it extrapolates to, and makes the complete design rows a uniform
 subsample for the estimators.

@@ -26,3 +26,14 @@ def test_validation_picks_the_heldout_best_when_the_texts_agree():
     calib = rows[(0, "testall")]["mean_ratio"]  # the calibration-best set (set 0) pays exp(0.1) per token
     assert all(abs(v - np.exp(0.1)) < 1e-3 for v in calib.values()) and rows[(0, "testall")]["share_all_k"] == 0.0
     assert rows[(-1, "testall")]["share_all_k"] == 1.0
+
+
+def test_losses_reads_the_cache_without_the_model_when_it_holds_every_set(tmp_path):
+    sets = [(0, 1), (2,), (1, 3)]
+    d = {"sets": np.array([",".join(map(str, s)) for s in sets]), "val_nll": np.ones((3, 4)),
+         "val_tok": np.full((3, 4), 5)}
+    path = tmp_path / "cache.npz"
+    np.savez(path, **d)
+    got = vd.losses(None, {(2,), (1, 3)}, path)  # a subset: nothing to compute, no model, no ground truth
+    assert got["sets"].tolist() == ["0,1", "2", "1,3"] and vd._index(got) == {(0, 1): 0, (2,): 1, (1, 3): 2}
+    np.testing.assert_allclose(vd._ppl(got, "val", [0, 1], [0, 1]), np.exp(0.2))
