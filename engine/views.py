@@ -298,7 +298,7 @@ def decisions_frame(decisions: dict) -> pd.DataFrame:
     rows = [{"k": d["k"], "ppl_predicted": d["ppl_predicted"], "ppl_measured": d["ppl_measured"],
              "rule": d["method"], "removed layers": ", ".join(str(i) for i in d["removed"]),
              "sets measured": d.get("n_measured") or len(d["candidates"]),
-             "candidates compared": len(d["candidates"]),
+             "compared": len(d["candidates"]),
              "statistically tied": "; ".join(", ".join(map(str, t)) for t in d.get("tied") or [])}
             for d in decisions["decisions"]]
     return pd.DataFrame(rows)
