@@ -3,7 +3,7 @@
 `open_evaluator(lm, windows, evaluation)` is what `pipeline.sample` uses: a plain `MaskEvaluator`
 when `evaluation.workers <= 1` and no `ray_address` is given (Ray is then never imported), else a
 `RayEvaluator` with the same public surface (`ppl_full`, `iter_perplexities`, `perplexities`,
-`layer_calls`, `leaves`, `work`), so the run store, resume, cancel and the app's live view do not change: only the
+`iter_window_losses`, `window_losses`, `full_window_losses`, `layer_calls`, `leaves`, `work`), so the run store, resume, cancel and the app's live view do not change: only the
 driver (the process that called `pipeline.sample`) writes the store.
 
 Contract of `RayEvaluator`:
@@ -29,8 +29,10 @@ Contract of `RayEvaluator`:
 * Driver: `pipeline.sample` opens the run with `driver_model(spec)` (no weights: meta device) when
   workers evaluate, so the driver holds no copy; `ppl_full` comes from a worker.
 * Stopping: leaving `iter_perplexities` early (cancel, Ctrl-C) cancels the queued tasks; `close()`
-  kills the actors. Results are a set of (index, ppl, seconds) equal to one process's up to float
-  rounding (same model files, dtype and device type); their order is completion order.
+  kills the actors. Results are a set of (index, ppl, per-window losses, seconds) equal to one
+  process's up to float rounding (same model files, dtype and device type); their order is
+  completion order. Each row carries its per-window summed NLL (W floats), so multi-fidelity runs,
+  window bootstraps and ties work on runs sampled by workers as on one process.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class WorkerError(WorkbenchError):
 class TaskResult:
     """What one subtree task sends back: rows indexed into the task's own mask array."""
 
-    rows: list  # [(local index, ppl, seconds)]
+    rows: list  # [(local index, ppl, nll float64[W], seconds)]
     layer_calls: int
     pid: int  # the actor process that evaluated it (tests use it to see restarts)
     seconds: float = 0.0  # wall time the actor spent in the task (its busy time)
@@ -93,16 +95,17 @@ class MaskWorker:
         self.startup_seconds = time.monotonic() - t0  # model load + the evaluator's recording forward
 
     def describe(self) -> dict:
+        nll, tokens = self.evaluator.full_window_losses()
         return {"identity": self.lm.identity, "device": str(self.lm.device), "pid": os.getpid(),
                 "threads": torch.get_num_threads(), "ppl_full": self.evaluator.ppl_full,
-                "startup_seconds": self.startup_seconds}
+                "full_window_nll": nll, "window_tokens": tokens, "startup_seconds": self.startup_seconds}
 
     def evaluate(self, masks: np.ndarray) -> TaskResult:
         """All masks of one subtree (bool[k, L]); rows in trie order."""
         t0, before, leaves = time.perf_counter(), self.evaluator.layer_calls, self.evaluator.leaves
         if TEST_DELAY_ENV in os.environ:  # fault-injection hook for tests (kill the driver mid-run)
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
-        rows = [(int(i), float(p), float(s)) for i, p, s in self.evaluator.iter_perplexities(masks)]
+        rows = [(int(i), float(p), nll, float(s)) for i, p, nll, _, s in self.evaluator.iter_window_losses(masks)]
         return TaskResult(rows=rows, layer_calls=self.evaluator.layer_calls - before, pid=os.getpid(),
                           seconds=time.perf_counter() - t0, leaves=self.evaluator.leaves - leaves)
 
@@ -201,7 +204,28 @@ class RayEvaluator:
 
     def iter_perplexities(self, masks) -> Iterator[tuple[int, float, float]]:
         """Yield (index into masks, perplexity, seconds) as subtrees finish; every index exactly once."""
+        for i, ppl, _, _, seconds in self.iter_window_losses(masks):
+            yield i, ppl, seconds
+
+    def full_window_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """(nll float64[W], tokens int64[W]) of the unmodified model, as a worker measured them."""
+        return (np.asarray(self.info[0]["full_window_nll"], dtype=np.float64).copy(),
+                np.asarray(self.info[0]["window_tokens"], dtype=np.int64).copy())
+
+    def window_losses(self, masks) -> tuple[np.ndarray, np.ndarray]:
+        """(nll float64[n, W], tokens int64[n, W]) in the order of `masks`."""
+        m = self._check(masks)
+        nll = np.full((len(m), self._shape[0]), np.nan)
+        tokens = np.zeros((len(m), self._shape[0]), dtype=np.int64)
+        for i, _, v, t, _ in self.iter_window_losses(m):
+            nll[i], tokens[i] = v, t
+        return nll, tokens
+
+    def iter_window_losses(self, masks) -> Iterator[tuple[int, float, np.ndarray, np.ndarray, float]]:
+        """Yield (index into masks, perplexity, nll float64[W], tokens int64[W], seconds) as subtrees
+        finish (MaskEvaluator.iter_window_losses's rows); every index exactly once."""
         ray = self._ray
+        tokens = np.asarray(self.info[0]["window_tokens"], dtype=np.int64)
         m = self._check(masks)
         parts = max(self.tasks_per_worker * self.workers, -(-len(m) // self.masks_per_task))
         pending = deque(sorted(split_subtrees(m, parts), key=len, reverse=True))  # largest first
@@ -235,8 +259,8 @@ class RayEvaluator:
                 self.leaves += out.leaves
                 self.busy_seconds += out.seconds
                 self.pids.add(out.pid)
-                for local, ppl, seconds in out.rows:
-                    yield group[local], ppl, seconds
+                for local, ppl, nll, seconds in out.rows:
+                    yield group[local], ppl, np.asarray(nll, dtype=np.float64), tokens, seconds
                 fill()
         finally:
             for ref in inflight:

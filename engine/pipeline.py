@@ -233,8 +233,9 @@ def sample(
     if evaluation.single_pass:
         first_chunk = None
     if spec.sampling.multi_fidelity and uses_ray(evaluation):
-        raise WorkbenchError("--first-windows needs per-window losses, which Ray workers do not send yet: "
-                             "sample multi-fidelity runs with --workers 1.")
+        # Each set of windows would need its own actors (one model copy each); workers evaluate every window.
+        raise WorkbenchError("--first-windows evaluates masks on a few windows each, which Ray workers do not do "
+                             "yet (they evaluate every window): sample multi-fidelity runs with --workers 1.")
     if run is None:  # with Ray workers the driver needs no weights: the workers load the model
         run = open_run(spec, cache_dir, evaluation, loaded=load(spec, evaluation, weights=False)
                        if uses_ray(evaluation) else None)
@@ -336,7 +337,7 @@ class _Evaluators:
     def rows(self, windows: tuple[int, ...], masks):
         """Yield (index into masks, ppl, nll float[W], tokens int[W], seconds, work) per mask, the per-
         window losses scattered into all W windows (tokens 0, nll NaN where not evaluated; None and
-        None from an evaluator without per-window losses: Ray) and `work` the token-layer calls
+        None from an evaluator without per-window losses) and `work` the token-layer calls
         spent since the previous row (prefix sharing: a row pays for the trie nodes it needed first)."""
         ev = self.on(windows)
         cols = list(windows)
@@ -363,8 +364,7 @@ def _store_full_model(run: OpenRun, evaluators: _Evaluators) -> float:
         ppl_full = float(evaluators.all.ppl_full)
         validate.check_full_perplexity(run.lm, run.windows, ppl_full)  # before any mask
         run.store.set_meta(ppl_full=ppl_full)
-    # Per-window losses (schema 2) where the evaluator gives them (MaskEvaluator; Ray workers send
-    # perplexities only, so those rows have none).
+    # Per-window losses (schema 2) where the evaluator gives them (MaskEvaluator and Ray workers do).
     if "window_losses_full" not in meta and hasattr(evaluators.all, "full_window_losses"):
         full_nll, full_tokens = evaluators.all.full_window_losses()
         run.store.set_meta(window_losses_full={"nll": full_nll.tolist(), "tokens": full_tokens.tolist()})

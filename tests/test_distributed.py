@@ -152,6 +152,17 @@ class TestTwoWorkers:
         W, T = ev._shape
         assert ev.work == sum(count_work(masks[g], W, T) for g in groups)
 
+    def test_rows_carry_the_per_window_losses_of_one_process(self, evaluator, lm, ids):
+        masks = masks_for_test()
+        one = MaskEvaluator(lm, ids)
+        want_nll, want_tok = one.window_losses(masks)
+        nll, tok = evaluator.window_losses(masks)
+        np.testing.assert_allclose(nll, want_nll, rtol=1e-6)
+        np.testing.assert_array_equal(tok, want_tok)
+        full_nll, full_tok = evaluator.full_window_losses()
+        np.testing.assert_allclose(full_nll, one.full_window_losses()[0], rtol=1e-6)
+        np.testing.assert_array_equal(full_tok, one.full_window_losses()[1])
+
     def test_actor_killed_mid_run_is_restarted_by_ray(self, evaluator, want):
         ev = evaluator
         victim = ev.info[0]["pid"]
@@ -212,6 +223,12 @@ def test_cancel_then_resume_matches_one_process(cluster, files, tmp_path, monkey
     got = _rows(pipeline.open_run(spec, tmp_path / "ray").store)
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-6)
+    # the rows the workers stored carry their per-window losses, as the in-process rows do
+    t_one, t_ray = (pipeline.open_run(spec, tmp_path / d).store.table() for d in ("one", "ray"))
+    order = {m.tobytes(): i for i, m in enumerate(t_one.masks)}
+    idx = [order[m.tobytes()] for m in t_ray.masks]
+    assert not np.isnan(t_ray.window_nll).any()
+    np.testing.assert_allclose(t_ray.window_nll, t_one.window_nll[idx], rtol=1e-6)
     assert resumed.ppl_full == pytest.approx(ref.ppl_full, rel=1e-6)
 
 
