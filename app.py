@@ -1,12 +1,14 @@
 """The workbench app: `streamlit run app.py`. Pages live in pages/; engine/ does the work.
 
 Every page reads the chosen RunSpec from st.session_state (set on Setup, or by selecting a run on
-Sampling); long jobs (sampling) run as `python -m engine sample` subprocesses.
+Sampling; a new session restores it from the run in the URL or the latest run, engine.session);
+long jobs run as `python -m engine ...` subprocesses.
 """
 
 import streamlit as st
 
 from engine.views import bench_results_dir
+from pages import _ui
 
 st.set_page_config(page_title="Layer pruning workbench", page_icon=":scissors:", layout="wide")
 
@@ -22,4 +24,10 @@ PAGES = [
 if (bench_results_dir() / "compare.csv").is_file():  # only when bench.compare has written its results
     PAGES.append(st.Page("pages/comparison.py", title="Comparison", icon=":material/leaderboard:"))
 
-st.navigation(PAGES).run()
+_ui.restore_session()  # a reload or a new tab opens on the run in the URL (or the latest) with its settings
+if note := st.session_state.pop("restore_note", None):
+    st.warning(note)
+try:
+    st.navigation(PAGES).run()
+finally:  # also when a page stops early (st.stop): the URL always names what is on screen
+    _ui.sync_url()

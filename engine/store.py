@@ -493,6 +493,16 @@ class RunStore:
             row = con.execute("SELECT json FROM artifacts WHERE name = ?", (name,)).fetchone()
         return json.loads(row[0]) if row else default
 
+    def latest_artifact(self, prefixes: tuple[str, ...]) -> tuple[str, dict] | None:
+        """(name, object) of the most recently written artifact whose name starts with one of
+        `prefixes` (e.g. ``("decisions:", "summary:")``), or None."""
+        where = " OR ".join("name LIKE ? ESCAPE '\\'" for _ in prefixes)
+        like = [p.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for p in prefixes]
+        with self._connect() as con:
+            row = con.execute(f"SELECT name, json FROM artifacts WHERE {where} ORDER BY created DESC, name LIMIT 1",
+                              like).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
     def artifact_names(self) -> list[str]:
         with self._connect() as con:
             return [r[0] for r in con.execute("SELECT name FROM artifacts ORDER BY name")]

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import streamlit as st
 
-from engine import jobs, pipeline, views
+from engine import jobs, pipeline, session, views
 from engine.config import EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
 from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore
@@ -29,6 +29,38 @@ def threads() -> int:
     if "threads" not in st.session_state:
         st.session_state.threads = int(os.environ.get("LAYERPRUNE_THREADS", "0") or 0)
     return st.session_state.threads
+
+
+def restore_session() -> None:
+    """Once per session (a reload or a new tab is a new session): open on the run the URL names, or the
+    latest run in the cache, with its stored settings (engine.session). Nothing is restored over
+    settings this session already has."""
+    if st.session_state.get("_restored") or "spec" in st.session_state:
+        return
+    st.session_state._restored = True
+    try:
+        got = session.restore(cache_dir(), st.query_params.to_dict())
+    except WorkbenchError as e:  # an unreadable cache: start from the defaults, say why
+        st.session_state.restore_note = users_words(str(e))
+        return
+    if got is None:
+        return
+    st.session_state.spec, st.session_state.method = got.spec, got.method
+    st.session_state.run_id = st.session_state.selected_run = st.session_state.watch_run = got.run_id
+    st.session_state.sync_n_masks = True  # the Sampling page's mask count follows the restored run
+    if got.notes:
+        st.session_state.restore_note = "; ".join(got.notes) + "."
+
+
+def sync_url() -> None:
+    """Write the run and the result-identifying settings on screen into the URL (engine.session.URL_KEYS),
+    so a reload, a second tab or a shared link shows the same thing."""
+    run_id = current_run_id()
+    if not run_id:
+        return
+    want = session.url_params(run_id, method_spec())
+    if st.query_params.to_dict() != want:
+        st.query_params.from_dict(want)
 
 
 def spec() -> RunSpec:

@@ -216,6 +216,40 @@ def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     assert manifest["removed_layers"] == sorted(at.session_state["whatif:2:24"])  # exactly the set on screen
     failed = _click_job(at, "Export pruned model")  # non-empty folder without overwrite: refused
     assert at.error and "not empty" in at.error[0].value, failed
+    # A reload (a new session, nothing set by hand) opens on this run and shows the stored decision.
+    fresh = _fresh_session()
+    assert fresh.session_state["run_id"] == at.session_state["run_id"]
+    assert fresh.query_params["run"] == at.session_state["run_id"] and fresh.query_params["k"] == "2"
+    fresh.switch_page("pages/prune.py").run()
+    assert not fresh.exception
+    assert float(_metrics(fresh)["measured, 2 removed"]) == pytest.approx(float(m["measured, 2 removed"]), rel=1e-9)
+
+
+def _fresh_session(query: dict | None = None):
+    """The app as a reload or a new tab sees it: no session state, optionally a link's query parameters."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_a_new_session_opens_on_a_stored_run_and_reports_a_bad_link(demo_run):
+    cache, run_id = demo_run
+    at = _fresh_session({"run": run_id})
+    assert at.session_state["run_id"] == run_id and at.query_params["run"] == run_id
+    assert at.session_state["spec"].sampling.n_masks == views_count(cache, run_id)
+    bad = _fresh_session({"run": run_id, "k": "99"})
+    assert bad.warning and "k='99'" in bad.warning[0].value and bad.session_state["run_id"] == run_id
+
+
+def views_count(cache, run_id: str) -> int:
+    from engine.store import RunStore
+
+    return RunStore(cache, run_id).count()
 
 
 def test_sample_command_reproduces_the_spec(tmp_path):

@@ -209,15 +209,26 @@ def test_the_whole_flow_in_a_browser(server, tmp_path):
             page.screenshot(path=str(tmp_path / "interactions.png"), full_page=True)
             assert not page.locator("[data-testid='stException']").count()
 
-            page.goto(url)  # a new session: every result is read back from the run store
+            shared = page.url  # the URL names the run and the settings on screen (engine.session)
+            assert "run=" in shared and "k=2" in shared, shared
+            page.goto(url)  # a new session without the link: it opens on the latest run with its stored settings
             page.locator("h1", has_text="Setup").wait_for(timeout=60_000)
-            _go(page, "Sampling")
-            _number(page, "masks in the run", 48)
+            _go(page, "Prune & export")  # no input touched, no click: the stored decision is shown
+            assert float(_wait_metric(page, "measured, 2 removed", timeout=60)) == pytest.approx(measured, rel=1e-6)
+            _go(page, "Summary")
+            assert _wait_metric(page, "layers removed") == "2 of 16"
             _go(page, "Shapley")
             page.locator(".js-plotly-plot .bars").first.wait_for(timeout=60_000)  # no Compute click
-            _go(page, "Prune & export")
-            _number(page, "layers to remove", 2)
-            assert float(_metric(page, "measured, 2 removed")) == pytest.approx(measured, rel=1e-6)
+            _go(page, "Sampling")
+            assert page.get_by_label("masks in the run", exact=True).input_value() == str(int(_metric(page, "samples")))
+            tab = browser.new_page(viewport={"width": 1400, "height": 1000})  # a second tab on the shared link
+            tab.set_default_timeout(60_000)
+            tab.goto(shared, timeout=60_000)
+            tab.locator("[data-testid='stApp']").wait_for(timeout=60_000)
+            _go(tab, "Summary")
+            assert _wait_metric(tab, "layers removed") == "2 of 16"
+            tab.screenshot(path=str(tmp_path / "summary-new-tab.png"), full_page=True)
+            tab.close()
 
             _go(page, "Sampling")
             page.wait_for_timeout(3000)

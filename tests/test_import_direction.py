@@ -137,7 +137,7 @@ def _file_imports(path: Path) -> set[str]:
 # reached through engine.pipeline only.
 PAGE_ALLOWED = {"engine.pipeline", "engine.views", "engine.config", "engine.errors", "engine.estimators",
                 "engine.surrogate", "engine.baselines", "engine.store", "engine.decision", "engine.prune",
-                "engine.jobs", "engine.summary"}
+                "engine.jobs", "engine.summary", "engine.session"}
 PAGE_FORBIDDEN = {"engine.method", "engine.evaluate", "engine.masking", "engine.models", "engine.data",
                   "engine.shapley", "torch", "transformers"}
 
