@@ -70,6 +70,69 @@ def measure(lm: LoadedModel, windows: torch.Tensor, removed: tuple[int, ...] = (
                      1000 * statistics.median(times), made / gen_s if gen_s > 0 else float("nan"), repeats)
 
 
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Pruned against full model, timed in interleaved pairs (full, pruned, full, pruned, ...) so that a
+    load change on a shared machine hits both alike. speedup = t_full / t_pruned per pair: > 1 is
+    faster. `low`/`high` are the smallest and largest pair ratios (the spread over `repeats` pairs).
+    `busy`: the machine was loaded (1-minute load average at least half its cores) or the full model's
+    own times spread by more than 15% of their median; the figures are then noise-prone, say so."""
+
+    forward_speedup: float  # median over pairs of forward-pass time ratios full / pruned
+    forward_low: float
+    forward_high: float
+    generation_speedup: float  # median over pairs of tokens/s ratios pruned / full
+    generation_low: float
+    generation_high: float
+    repeats: int
+    load_average: float  # 1-minute load average before timing (nan where unavailable)
+    cores: int
+    full_spread: float  # (max - min) / median of the full model's forward times
+    busy: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def compare_speed(lm: LoadedModel, windows: torch.Tensor, removed: tuple[int, ...], repeats: int = 5,
+                  new_tokens: int = 32) -> SpeedComparison:
+    """Interleaved timing of the full model and the model without `removed` (see SpeedComparison)."""
+    import os
+
+    mask = np.ones(lm.n_layers, dtype=bool)
+    mask[list(removed)] = False
+    ids = windows.to(lm.device)  # (n, T)
+    prompt = ids[:1, : min(16, ids.shape[1])]  # (1, t)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    cores = os.cpu_count() or 1
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+               pad_token_id=_pad_id(lm))
+    fwd, tok = {"full": [], "pruned": []}, {"full": [], "pruned": []}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first pair warms both up and is not counted
+            for name, m in (("full", np.ones(lm.n_layers, dtype=bool)), ("pruned", mask)):
+                with keep_only(lm, lm.adapter, m, renumber=True) as model:
+                    fwd[name].append(_timed(lambda: model(ids, use_cache=False)))
+                    tok[name].append(new_tokens / max(_timed(lambda: model.generate(prompt, **gen)), 1e-9))
+    f_ratio = np.array(fwd["full"][1:]) / np.array(fwd["pruned"][1:])  # (repeats,)
+    g_ratio = np.array(tok["pruned"][1:]) / np.array(tok["full"][1:])  # (repeats,)
+    full_t = np.array(fwd["full"][1:])
+    spread = float((full_t.max() - full_t.min()) / np.median(full_t))
+    busy = bool((np.isfinite(load) and load >= cores / 2) or spread > 0.15)
+    return SpeedComparison(float(np.median(f_ratio)), float(f_ratio.min()), float(f_ratio.max()),
+                           float(np.median(g_ratio)), float(g_ratio.min()), float(g_ratio.max()), int(repeats),
+                           float(load), int(cores), spread, busy)
+
+
 def _pad_id(lm: LoadedModel) -> int | None:
     tok = lm.tokenizer
     return None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

@@ -1121,13 +1121,18 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         measured = _measure_fn(run)(np.stack([removal_mask(s, run.n_layers) for _, _, s in sets]))
         for (name, kk, _), ppl in zip(sets, measured):
             curves.setdefault(name, []).append({"k": kk, "ppl": float(ppl)})
-    ppl = {"calibration": {"before": d["ppl_full"], "after": d["ppl_measured"], "n_windows": run.spec.data.n_windows}}
+    ppl = {"calibration": _paired_change(run, removed, None, method.level)}
     for name, sp in decisions["splits"].items():
         if k in sp["ks"]:
-            ppl[name] = {"before": sp["ppl_full"], "after": sp["ppl"][sp["ks"].index(k)]}
+            ppl[name] = _paired_change(run, removed, name, method.level)
     ids = run.windows.input_ids
-    if prompt is None:
-        prompt = run.lm.tokenizer.decode(ids[0, :12], skip_special_tokens=True) if run.lm.tokenizer else ""
+    if prompt is None and run.lm.tokenizer is not None:  # the start of a prose line of the held-out text
+        from engine.data import make_windows
+
+        splits = [name for name in decisions["splits"] if name in ppl]
+        source = run.windows if not splits else make_windows(
+            run.lm.tokenizer, dataclasses.replace(run.spec.data, source=splits[0]))
+        prompt = summary_lib.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
     fit = stored(run, "fit", method) or {}
     record = {
         "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
@@ -1137,6 +1142,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         "ppl": ppl, "curves": curves,
         "footprint": {"full": footprint.measure(run.lm, ids).to_dict(),
                       "pruned": footprint.measure(run.lm, ids, removed).to_dict()},
+        "speed": footprint.compare_speed(run.lm, ids, removed).to_dict(),
         "generation": {"prompt": prompt, "full": "".join(footprint.generate(run.lm, prompt)),
                        "pruned": "".join(footprint.generate(run.lm, prompt, removed))} if run.lm.tokenizer else None,
         "machine": f"{platform.machine()} {platform.system()}, {run.lm.device}, torch threads "
@@ -1148,6 +1154,23 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         Path(out_html).write_text(summary_lib.to_html(record), encoding="utf-8")
         record = {**record, "html": str(out_html)}
     return record
+
+
+def _paired_change(run: OpenRun, removed: tuple[int, ...], split: str | None, level: float) -> dict:
+    """Perplexity of the full and the pruned model on the same windows (the run's calibration windows, or
+    those of held-out text `split`), with the paired bootstrap interval of their ratio over the windows."""
+    from engine.data import make_windows
+    from engine.decision import removal_mask
+    from engine.evaluate import MaskEvaluator
+    from engine.uncertainty import compare_candidates
+
+    windows = run.windows if split is None else make_windows(
+        run.lm.tokenizer, dataclasses.replace(run.spec.data, source=split))
+    masks = np.stack([np.ones(run.n_layers, dtype=bool), removal_mask(removed, run.n_layers)])  # (2, L)
+    nll, tokens = MaskEvaluator(run.lm, windows).window_losses(masks)  # (2, W) each
+    cmp = compare_candidates([(), tuple(removed)], nll, tokens, level=level, chosen=0)
+    return {"before": cmp.ppl[0], "after": cmp.ppl[1], "ratio": cmp.ratio[1], "ratio_low": cmp.ci_low[1],
+            "ratio_high": cmp.ci_high[1], "level": level, "n_windows": int(nll.shape[1])}
 
 
 def generate(run: OpenRun, prompt: str, removed=(), max_new_tokens: int = 40, seed: int = 0):

@@ -50,6 +50,61 @@ def ppl_curve(summary: dict) -> go.Figure:
     return fig
 
 
+def default_prompt(texts, words: int = 8) -> str:
+    """The first `words` words of the first prose line in `texts` (decoded windows): a line of at least
+    `words` words, mostly letters, not markup (headings, directives, code). Falls back to the first
+    words of the first text."""
+    import re
+
+    for text in texts:
+        for line in text.splitlines():
+            tokens = line.split()
+            letters = sum(c.isalpha() or c.isspace() for c in line) / max(len(line), 1)
+            if (len(tokens) >= words and letters > 0.85 and tokens[0][:1].isalpha() and tokens[0][:1].isupper()
+                    and not re.match(r"^\s*(\.\.|:|#|>>>|\$)", line)):
+                return " ".join(tokens[:words])
+    first = next((t for t in texts if t.strip()), "")
+    return " ".join(first.split()[:words])
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.0%}" if abs(x) >= 0.01 else f"{x:+.1%}"
+
+
+def story(summary: dict) -> str:
+    """The decision in one sentence with its numbers and their uncertainty (the app's and the report's
+    headline): layers removed, parameters kept, held-out perplexity change with its paired interval,
+    and the speed change with its spread over interleaved repeats."""
+    L, k = summary["n_layers"], len(summary["removed"])
+    full, pruned = summary["footprint"]["full"], summary["footprint"]["pruned"]
+    held = [n for n in summary["ppl"] if n != "calibration"]
+    name = held[0] if held else "calibration"
+    p = summary["ppl"][name]
+    parts = [f"Removing {k} of {L} layers ({k / L:.0%}) keeps {pruned['n_params'] / full['n_params']:.0%} of the "
+             f"parameters"]
+    if "ratio" in p:
+        parts.append(f"changes {'held-out' if held else 'calibration'} perplexity ({name}, {p['n_windows']} windows) "
+                     f"by {_pct(p['ratio'] - 1)} [{p['level']:.0%} interval {_pct(p['ratio_low'] - 1)} to "
+                     f"{_pct(p['ratio_high'] - 1)}], from {_fmt(p['before'])} to {_fmt(p['after'])}")
+    else:
+        parts.append(f"changes {name} perplexity from {_fmt(p['before'])} to {_fmt(p['after'])}")
+    sp = summary.get("speed")
+    if sp:
+        parts.append(f"and runs a forward pass {sp['forward_speedup']:.2f}x as fast as the full model (range "
+                     f"{sp['forward_low']:.2f}-{sp['forward_high']:.2f}x over {sp['repeats']} interleaved repeats)")
+    return ", ".join(parts[:-1]) + (", " if len(parts) > 2 else " ") + parts[-1] + "."
+
+
+def speed_warning(summary: dict) -> str | None:
+    """Why the speed figures may be noise (a loaded machine), or None."""
+    sp = summary.get("speed")
+    if not sp or not sp["busy"]:
+        return None
+    return (f"Timings are noisy: the machine was busy (load average {sp['load_average']:.1f} on {sp['cores']} cores; "
+            f"the full model's own times spread by {sp['full_spread']:.0%}). Compare the ratios, not the absolute "
+            "times, and repeat on an idle machine.")
+
+
 def _fmt(x, digits=2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:,.{digits}f}"
 
@@ -59,13 +114,22 @@ def rows(summary: dict) -> list[tuple[str, str, str]]:
     full, pruned = summary["footprint"]["full"], summary["footprint"]["pruned"]
     out = [(f"perplexity, {name} ({p.get('n_windows', '?')} windows)" if name == "calibration" else f"perplexity, {name}",
             _fmt(p["before"]), _fmt(p["after"])) for name, p in summary["ppl"].items()]
+    out = [(a, b, c + (f" ({_pct(p['ratio'] - 1)}, {p['level']:.0%} interval {_pct(p['ratio_low'] - 1)} to "
+                        f"{_pct(p['ratio_high'] - 1)})" if "ratio" in p else ""))
+           for (a, b, c), p in zip(out, summary["ppl"].values())]
+    share = pruned["n_params"] / full["n_params"]
     out += [("decoder layers", str(full["n_layers"]), str(pruned["n_layers"])),
-            ("parameters", f"{full['n_params'] / 1e6:,.2f} M", f"{pruned['n_params'] / 1e6:,.2f} M"),
+            ("parameters", f"{full['n_params'] / 1e6:,.2f} M", f"{pruned['n_params'] / 1e6:,.2f} M ({share:.0%})"),
             ("weight memory", f"{full['weight_mib']:,.1f} MiB", f"{pruned['weight_mib']:,.1f} MiB"),
             (f"forward pass over the windows (median of {full['repeats']})", f"{full['forward_ms']:,.0f} ms",
              f"{pruned['forward_ms']:,.0f} ms"),
             ("generation (greedy, KV cache)", f"{full['tokens_per_s']:,.1f} tokens/s",
              f"{pruned['tokens_per_s']:,.1f} tokens/s")]
+    sp = summary.get("speed")
+    if sp:
+        out += [(f"speed, pruned vs full ({sp['repeats']} interleaved repeats: median, range)", "1.00x",
+                 f"forward {sp['forward_speedup']:.2f}x ({sp['forward_low']:.2f}-{sp['forward_high']:.2f}), "
+                 f"generation {sp['generation_speedup']:.2f}x ({sp['generation_low']:.2f}-{sp['generation_high']:.2f})")]
     return out
 
 
@@ -82,6 +146,7 @@ def to_html(summary: dict) -> str:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 td:first-child{{text-align:left}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:8px}}</style></head><body>
 <h1>Layer pruning summary</h1>
+<p><b>{esc(story(summary))}</b></p>{f"<p><i>{esc(speed_warning(summary))}</i></p>" if speed_warning(summary) else ""}
 <p>Model <b>{esc(summary['model'])}</b> ({esc(summary['family'])}, {summary['n_layers']} layers), run
 <code>{esc(summary['run_id'])}</code>, {summary['n_masks']} evaluated masks. Removed layers
 <b>{esc(', '.join(map(str, summary['removed'])))}</b> ({esc(summary['rule'])}; contributions: {esc(summary['estimator'])};

@@ -99,7 +99,9 @@ st.subheader("Export")
 chosen = tuple(sorted(int(i) for i in removed))
 st.write(f"Exports the model without layers **{', '.join(map(str, chosen)) or 'none'}** (the editor's selection).")
 default_out = str(Path(_ui.cache_dir()) / "exports" / f"{run.run_id}-{'-'.join(map(str, chosen)) or 'full'}")
-out = st.text_input("export folder (must be empty or new)", value=default_out, key="export_out")
+# Keyed by the set: after a what-if edit the suggested folder names the new set, never the old one.
+out = st.text_input("export folder (must be empty or new)", value=default_out,
+                    key=f"export_out:{run.run_id}:{'-'.join(map(str, chosen))}")
 overwrite = st.checkbox("overwrite a previous export in this folder", value=False)
 if chosen and len(chosen) < L:
     job = _ui.job_panel(run, "export", "Export pruned model", mspec,
@@ -109,6 +111,10 @@ if chosen and len(chosen) < L:
                              "fresh process and checks perplexity and generation")
     if job and job.status == "finished":
         st.session_state.exported = job.result["out"]
+elif not chosen:
+    st.info("Select at least one layer to remove in the what-if editor to export a pruned model.")
+else:
+    st.info(f"Every one of the {L} layers is selected: keep at least one layer to export a model.")
 exported = st.session_state.get("exported")
 if exported and (Path(exported) / MANIFEST).is_file():
     manifest = json.loads((Path(exported) / MANIFEST).read_text())

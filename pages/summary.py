@@ -16,6 +16,14 @@ from engine import pipeline, summary
 from engine.estimators import ESTIMATORS
 from pages import _ui
 
+def _stream_plain(pieces) -> None:
+    """Generated text as it arrives, as plain text (never Markdown: '====' or '#' stay literal)."""
+    box, text = st.empty(), ""
+    for piece in pieces:
+        text += piece
+        box.text(text)
+
+
 st.title("Summary")
 _ui.spec_caption()
 run = _ui.analysis_run()
@@ -30,6 +38,9 @@ _ui.job_panel(run, "report", "Build summary", mspec, extra=("--out", str(report_
 
 s = _ui.stored_or_stop(run, "summary", mspec, f"Build summary (after Decide on the Prune page for k = {k})")
 
+st.markdown(f"**{summary.story(s)}**")
+if warning := summary.speed_warning(s):
+    st.warning(warning)
 st.plotly_chart(summary.layer_strip(L, s["removed"]), key="layer_strip")
 cal = s["ppl"]["calibration"]
 full, pruned = s["footprint"]["full"], s["footprint"]["pruned"]
@@ -37,10 +48,17 @@ c1, c2, c3, c4 = st.columns(4)
 c1.metric("layers removed", f"{len(s['removed'])} of {L}", help=f"layers {', '.join(map(str, s['removed']))}")
 c2.metric("calibration perplexity", f"{cal['after']:.2f}", delta=f"{cal['after'] - cal['before']:+.2f}",
           delta_color="inverse", help=f"full model {cal['before']:.2f}, on {cal.get('n_windows', '?')} windows")
-c3.metric("parameters", f"{pruned['n_params'] / 1e6:.2f} M", delta=f"{(pruned['n_params'] - full['n_params']) / 1e6:+.2f} M",
-          delta_color="inverse")
-c4.metric("generation speed", f"{pruned['tokens_per_s']:.1f} tok/s",
-          delta=f"{pruned['tokens_per_s'] - full['tokens_per_s']:+.1f}", help=f"measured on {s['machine']}")
+share = pruned["n_params"] / full["n_params"]
+c3.metric("parameters", f"{pruned['n_params'] / 1e6:.2f} M",
+          delta=f"{(pruned['n_params'] - full['n_params']) / 1e6:+.2f} M ({share - 1:+.0%})", delta_color="inverse")
+speed = s.get("speed")
+if speed:
+    c4.metric("forward-pass speed", f"{speed['forward_speedup']:.2f}x",
+              help=f"pruned vs full model, median of {speed['repeats']} interleaved repeats (range "
+                   f"{speed['forward_low']:.2f}-{speed['forward_high']:.2f}x) on {s['machine']}")
+else:  # a summary stored before interleaved timing
+    c4.metric("generation speed", f"{pruned['tokens_per_s']:.1f} tok/s",
+              delta=f"{pruned['tokens_per_s'] - full['tokens_per_s']:+.1f}", help=f"one measurement on {s['machine']}")
 st.dataframe(pd.DataFrame(summary.rows(s), columns=["measured", "full model", "pruned model"]), hide_index=True,
              width="stretch")
 st.plotly_chart(summary.ppl_curve(s), key="ppl_curve")
@@ -55,7 +73,7 @@ if st.button("Generate") and prompt:
     left, right = st.columns(2)
     with left:
         st.markdown("**full model**")
-        st.write_stream(pipeline.generate(run, prompt, (), n_new))
+        _stream_plain(pipeline.generate(run, prompt, (), n_new))
     with right:
         st.markdown(f"**pruned model** (without {', '.join(map(str, s['removed']))})")
-        st.write_stream(pipeline.generate(run, prompt, s["removed"], n_new))
+        _stream_plain(pipeline.generate(run, prompt, s["removed"], n_new))

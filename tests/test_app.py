@@ -207,7 +207,9 @@ def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     assert not at.exception
     assert float(_metrics(at)["measured perplexity"]) == pytest.approx(float(m["measured, 2 removed"]), rel=1e-6)
     out = tmp_path / "export"
-    at.text_input(key="export_out").set_value(str(out))
+    chosen = "-".join(map(str, sorted(at.session_state["whatif:2:24"])))
+    assert at.text_input(key=f"export_out:{at.session_state['run_id']}:{chosen}").value.endswith(chosen)
+    at.text_input(key=f"export_out:{at.session_state['run_id']}:{chosen}").set_value(str(out))
     assert not _click_job(at, "Export pruned model")
     manifest = json.loads((out / "pruning_manifest.json").read_text())
     assert len(manifest["removed_layers"]) == 2

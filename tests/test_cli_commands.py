@@ -190,5 +190,11 @@ def test_export_by_hand_and_report(sampled, tmp_path, capsys):
     assert "perplexity calibration" in human and f"report written to {html}" in human
     assert len(js["removed"]) == 2 and js["footprint"]["pruned"]["n_layers"] == L - 2
     assert js["footprint"]["pruned"]["n_params"] < js["footprint"]["full"]["n_params"]
+    cal = js["ppl"]["calibration"]  # paired over the same windows: the ratio's interval holds the ratio
+    assert cal["ratio_low"] <= cal["ratio"] <= cal["ratio_high"]
+    assert cal["ratio"] == pytest.approx(cal["after"] / cal["before"])
+    assert cal["n_windows"] == 2 and js["speed"]["repeats"] == 5
+    assert js["speed"]["forward_low"] <= js["speed"]["forward_speedup"] <= js["speed"]["forward_high"]
     text = html.read_text()
+    assert "Removing 2 of" in text  # the one-sentence story heads the report
     assert "<html>" in text and "Plotly" in text and '<script src="http' not in text  # plotly.js inlined
