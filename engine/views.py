@@ -283,6 +283,15 @@ def contributions_frame(values, stderr=None, ci_low=None, ci_high=None) -> pd.Da
                          "rank": rank})
 
 
+def dominant_layer(values, factor: float = 3.0) -> int | None:
+    """The layer whose |value| is more than `factor` times every other layer's (it flattens a bar chart), or None."""
+    v = np.abs(np.nan_to_num(np.asarray(values, dtype=float)))
+    if v.size < 2:
+        return None
+    order = np.argsort(v)[::-1]
+    return int(order[0]) if v[order[0]] > factor * v[order[1]] else None
+
+
 def rank_agreement(contribs, baseline_scores) -> float:
     """Spearman correlation between two per-layer importance vectors (higher = more important in both)."""
     a = np.asarray(contribs, float)

@@ -25,8 +25,11 @@ current = _ui.method_spec()
 
 c1, c2, c3 = st.columns([2, 1, 1])
 names = list(ESTIMATORS)
-estimator = c1.selectbox("estimator", names, index=names.index(current.estimator),
-                         format_func=lambda n: ESTIMATORS[n].label, help=ESTIMATORS[current.estimator].help)
+# The widget's parameters never change with the choice (no index=, no help= that follows it): a parameter
+# that changed would make a new widget on the next run, which forgets the user's switch back.
+if st.session_state.get("estimator_choice") not in names:
+    st.session_state["estimator_choice"] = current.estimator
+estimator = c1.selectbox("estimator", names, key="estimator_choice", format_func=lambda n: ESTIMATORS[n].label)
 entry = ESTIMATORS[estimator]
 default_budget = entry.default_budget(L)
 budget = c2.number_input("budget (surrogate evaluations per member)", 1, 10**9, current.budget or default_budget or 1,
@@ -62,8 +65,15 @@ if result.get("ci_low") is not None:  # the interval: sampling noise and the sur
                 arrayminus=(df.contribution - df.ci_low).to_numpy(), visible=True)
 else:
     bars = dict(type="data", array=df.stderr.fillna(0).to_numpy(), visible=True)
-fig = go.Figure(go.Bar(x=df.layer, y=df.contribution, name="contribution", error_y=bars))
-fig.update_layout(title=f"Per-layer contribution ({result['n_masks']} masks; error bars: {stderr_is})",
+dominant = views.dominant_layer(df.contribution.to_numpy())
+hide = dominant is not None and st.checkbox(
+    f"leave layer {dominant} out of the charts (its contribution, {df.contribution[dominant]:.4f}, is more than 3x "
+    "any other layer's and flattens their bars)", value=False, key="hide_dominant")
+plotted = df[df.layer != dominant] if hide else df
+shown_bars = {k: (v[plotted.index.to_numpy()] if isinstance(v, np.ndarray) else v) for k, v in bars.items()}
+fig = go.Figure(go.Bar(x=plotted.layer, y=plotted.contribution, name="contribution", error_y=shown_bars))
+fig.update_layout(title=dict(text=f"Per-layer contribution ({result['n_masks']} masks)<br><sup>error bars: {stderr_is}"
+                                  + (f"; layer {dominant} left out" if hide else "") + "</sup>"),
                   xaxis_title="layer", yaxis_title="contribution to the score", xaxis=dict(dtick=1))
 st.plotly_chart(fig, key="contributions_chart")
 
@@ -74,7 +84,12 @@ left.download_button("Download CSV", df.to_csv(index=False).encode(), file_name=
 
 with right:
     st.markdown("**Baselines beside the contributions**")
-    picked = st.multiselect("static criteria", list(BASELINES), default=[], key="baselines")
+    # The choice outlives a run of this page that stops before the widget (another estimator, nothing stored
+    # yet): Streamlit drops a widget's state then, so it is restored from a key of our own.
+    if "baselines" not in st.session_state:
+        st.session_state["baselines"] = st.session_state.get("baselines_kept", [])
+    picked = st.multiselect("static criteria", list(BASELINES), key="baselines")
+    st.session_state["baselines_kept"] = picked
     missing = [n for n in picked if run.store.get_artifact(f"baseline:{n}") is None]
     if missing:
         _ui.job_panel(run, "baselines", f"Run {len(missing)} baseline(s)", extra=("--method", ",".join(missing)),
@@ -83,12 +98,17 @@ with right:
     shown = {n: r for n, r in shown.items() if r}
     if shown:
         norm = lambda v: np.asarray(v, float) / (np.nanmax(np.abs(v)) or 1.0)  # noqa: E731 (same scale per method)
-        long = [pd.DataFrame({"layer": df.layer, "method": "shapley", "normalised importance": norm(df.contribution)})]
+        ours = f"contribution ({entry.label})"
+        keep = df.layer != dominant if hide else np.ones(len(df), dtype=bool)
+        long = [pd.DataFrame({"layer": df.layer, "method": ours, "normalised importance": norm(df.contribution)})[keep]]
         rows = []
         for n, r in shown.items():
             scores = [np.nan if x is None else x for x in r["scores"]]
-            long.append(pd.DataFrame({"layer": df.layer, "method": n, "normalised importance": norm(scores)}))
-            rows.append({"baseline": n, "spearman vs shapley": views.rank_agreement(df.contribution, scores)})
-        st.plotly_chart(px.bar(pd.concat(long), x="layer", y="normalised importance", color="method",
-                               barmode="group"), key="baselines_chart")
+            long.append(pd.DataFrame({"layer": df.layer, "method": n, "normalised importance": norm(scores)})[keep])
+            rows.append({"baseline": n, f"rank agreement with the contributions (Spearman, {L} layers)":
+                         views.rank_agreement(df.contribution, scores)})
+        bfig = px.bar(pd.concat(long), x="layer", y="normalised importance", color="method", barmode="group")
+        bfig.update_xaxes(dtick=1)
+        bfig.update_layout(legend=dict(orientation="h", y=-0.25))
+        st.plotly_chart(bfig, key="baselines_chart")
         st.dataframe(pd.DataFrame(rows), hide_index=True)

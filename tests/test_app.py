@@ -188,7 +188,18 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
     at.multiselect(key="baselines").set_value(["last"]).run()
     _click_job(at, "Run 1 baseline(s)")
     assert _charts(at) == 2
-    assert "spearman vs shapley" in at.dataframe[1].value.columns
+    assert "rank agreement with the contributions (Spearman, 16 layers)" in at.dataframe[1].value.columns
+    assert '"contribution (exact Shapley)"' in at.get("plotly_chart")[1].proto.spec  # the legend names the estimator
+    dominant = views.dominant_layer(ranks.sort_values("layer")["contribution"].to_numpy())
+    boxes = {c.key: c for c in at.checkbox}
+    assert ("hide_dominant" in boxes) == (dominant is not None)  # offered exactly when one layer dwarfs the rest
+    if dominant is not None:
+        boxes["hide_dominant"].check().run()
+        assert f"layer {dominant} left out" in at.get("plotly_chart")[0].proto.spec
+    assert views.dominant_layer([5.0, 1.0, -1.2]) == 0 and views.dominant_layer([5.0, 2.0]) is None
+    at.selectbox[0].set_value("banzhaf").run()  # nothing stored for it: the page stops before the baselines box
+    at.selectbox[0].set_value("exact").run()
+    assert at.multiselect(key="baselines").value == ["last"]  # the choice survived, matching the chart
 
 
 @pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
