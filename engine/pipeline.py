@@ -1069,10 +1069,22 @@ def heldout_predictions(run: OpenRun, method: MethodSpec) -> dict | None:
     art = stored(run, "fit", method)
     if not art or "heldout" not in art:
         return None
+    from engine.surrogate import SCORE_FLOOR
+    from engine.uncertainty import metric_intervals
+
     rows = np.array(art["heldout"]["rows"], dtype=int)
     table = run.store.table()
-    return {"masks": table.masks[rows], "true": table.score[rows], "predicted": np.array(art["heldout"]["predicted"]),
-            "ppl_full": float(run.store.meta()["ppl_full"])}
+    masks, true, predicted = table.masks[rows], table.score[rows], np.array(art["heldout"]["predicted"])
+    out = {"masks": masks, "true": true, "predicted": predicted, "ppl_full": float(run.store.meta()["ppl_full"])}
+    if len(rows) >= 3:  # the one held-out R² the pages show, with its interval over the held-out masks
+        m = metric_intervals(true, predicted, strata=masks.sum(axis=1), level=method.level)["r2"]
+        out["r2_interval"] = {"value": m.value, "low": m.ci_low, "high": m.ci_high, "level": m.level, "n": m.n}
+    with np.errstate(divide="ignore", invalid="ignore"):  # perplexity ratio predicted / measured per held-out mask
+        factor = np.maximum(true, SCORE_FLOOR) / np.maximum(predicted, SCORE_FLOOR)
+    if len(rows):
+        worst = int(np.argmax(np.abs(np.log(factor))))
+        out["worst"] = {"factor": float(factor[worst]), "removed": np.flatnonzero(~masks[worst]).tolist()}
+    return out
 
 
 def predict_ppl(run: OpenRun, method: MethodSpec, masks) -> list[float]:

@@ -261,13 +261,20 @@ def per_stratum_frame(per_stratum: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+METRIC_WORDS = {"r2": "held-out R²", "spearman": "Spearman", "mae": "MAE (score)", "mae_ppl": "MAE (perplexity)",
+                "mape_ppl": "mean relative error (PPL)", "fit_seconds": "fit time (s)", "kind": "surrogate",
+                "preset": "training", "train_masks": "training masks"}
+
+
 def learning_curve_frame(lc: dict) -> pd.DataFrame:
+    """One row per training size (column `train_masks`, metric keys as fitted; `METRIC_WORDS` labels them)."""
     return pd.DataFrame([{"train_masks": n, **m} for n, m in zip(lc["sizes"], lc["metrics"])])
 
 
 def comparison_frame(comparison: dict) -> pd.DataFrame:
+    """Every surrogate kind fitted once on the same split, columns in words."""
     cols = ["kind", "preset", "r2", "spearman", "mae", "mae_ppl", "mape_ppl", "fit_seconds"]
-    return pd.DataFrame(comparison["rows"])[cols]
+    return pd.DataFrame(comparison["rows"])[cols].rename(columns=METRIC_WORDS)
 
 
 def contributions_frame(values, stderr=None, ci_low=None, ci_high=None) -> pd.DataFrame:

@@ -45,15 +45,28 @@ st.caption(f"{variant_label(variant)} · ensemble of {sspec.ensemble} · fitted 
            + (f" · {fit['n_complete']} of {fit['n_masks']} masks evaluated on every window: the others (multi-fidelity) "
               "are fitted with their estimated score, weighted by its precision, and never held out"
               if fit.get("n_complete") is not None and fit["n_complete"] < fit["n_masks"] else ""))
-c1, c2, c3, c4 = st.columns(4)
+pred = pipeline.heldout_predictions(run, mspec)
+c1, c2, c3, c4, c5 = st.columns(5)
 n_test = fit["report"]["test"]["overall"]["n"]
-c1.metric("held-out R²", f"{fit['r2']:.3f}", help=f"on {n_test} held-out masks")
+ri = pred.get("r2_interval")
+c1.metric("held-out R²", f"{fit['r2']:.3f}",
+          help=f"the ensemble's fit on {n_test} held-out masks; {ri['level']:.0%} interval [{ri['low']:.3f}, "
+               f"{ri['high']:.3f}] (bootstrap over them, within kept counts). The one R² of this fit: the tables below "
+               "refit single surrogates (learning curve, quality vs work, comparison) and say so." if ri else
+               f"on {n_test} held-out masks")
+if ri:
+    c1.caption(f"{ri['level']:.0%} interval [{ri['low']:.3f}, {ri['high']:.3f}], n = {ri['n']}")
 c2.metric("Spearman", f"{fit['spearman']:.3f}", help=f"rank correlation on {n_test} held-out masks")
 c3.metric("MAE (score)", f"{fit['mae']:.4f}", help="mean |predicted - true| score (score = full PPL / PPL)")
 c4.metric("mean relative error (PPL)", f"{fit['mape_ppl']:.1%}" if np.isfinite(fit["mape_ppl"]) else "-",
           help="mean |predicted - true| / true perplexity on the held-out masks")
-
-pred = pipeline.heldout_predictions(run, mspec)
+worst = pred.get("worst")
+if worst:
+    f = worst["factor"]
+    c5.metric("largest perplexity error", f"{max(f, 1 / f):.2f}x",
+              help=f"the held-out mask predicted worst ({'over' if f > 1 else 'under'}-predicted perplexity), which "
+                   f"removes layers {', '.join(map(str, worst['removed'])) or 'none'}: R² averages such masks away")
+    c5.caption(f"{'over' if f > 1 else 'under'}estimate; removes {', '.join(map(str, worst['removed'])) or 'none'}")
 df = views.fit_frames(pred["masks"], pred["true"], pred["predicted"], pred["ppl_full"])
 log_axes = st.toggle("log axes", value=True)
 left, right = st.columns(2)
@@ -75,10 +88,12 @@ if lc:
     lcf = views.learning_curve_frame(lc)
     left, right = st.columns(2)
     long = lcf.melt(id_vars=["train_masks"], value_vars=["r2", "spearman"], var_name="metric", value_name="held-out value")
+    long["metric"] = long["metric"].map(views.METRIC_WORDS)
     left.plotly_chart(px.line(long, x="train_masks", y="held-out value", color="metric", markers=True,
                               labels={"train_masks": "training masks"},
                               title=f"Learning curve (held-out, {lc['n_test']} masks)"), key="learning_curve")
-    right.dataframe(lcf, hide_index=True)
+    right.dataframe(lcf.rename(columns=views.METRIC_WORDS), hide_index=True)
+    right.caption("Each row: a surrogate refitted on that many training masks, scored on the same held-out masks.")
 st.subheader("Quality against evaluation work")
 wc = fit.get("work_curve")
 if not wc:
@@ -113,6 +128,7 @@ else:
 comparison = fit.get("comparison")
 if comparison:
     st.subheader("Surrogate comparison (same split, one fit each)")
+    st.caption("One fit per kind (no ensemble), so its R² differs a little from the ensemble's headline R² above.")
     st.dataframe(views.comparison_frame(comparison), hide_index=True, width="stretch")
 per = fit["report"]["test"]["per_stratum"]
 st.subheader("Held-out metrics per stratum")

@@ -169,7 +169,11 @@ def test_surrogate_fit_metrics_and_charts(demo_run):
     at.number_input[0].set_value(2)  # ensemble members
     assert not _click_job(at, "Fit")
     m = _metrics(at)
-    assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)"} <= set(m)
+    assert {"held-out R²", "Spearman", "MAE (score)", "mean relative error (PPL)", "largest perplexity error"} <= set(m)
+    interval = next(c.value for c in at.caption if "interval [" in c.value and "n = " in c.value)
+    low, high = map(float, interval.split("[")[1].split("]")[0].split(", "))
+    assert low <= float(m["held-out R²"]) <= high  # the one R², with its interval
+    assert float(m["largest perplexity error"].rstrip("x")) >= 1.0
     assert _charts(at) == 4  # predicted vs true, residuals by stratum, learning curve, quality vs work
     assert "Held-out quality vs work" in at.get("plotly_chart")[3].proto.spec  # stored by `engine fit`
 
