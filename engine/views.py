@@ -320,6 +320,34 @@ def decisions_frame(decisions: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def strata_caption(sampling, n_layers: int | None) -> str:
+    """Which kept-layer counts the design samples, in words (the counts themselves once the depth is known)."""
+    from engine.errors import WorkbenchError
+    from engine.sampling import resolve_strata
+
+    if sampling.scheme != "stratified":
+        return "size-uniform: every kept-layer count equally likely" + (" (paired with complements)" if sampling.paired
+                                                                         else "")
+    how = ("your kept-layer counts" if sampling.strata else
+           f"{sampling.remove_range[0]:.0%}-{sampling.remove_range[1]:.0%} of the layers removed" if sampling.remove_range
+           else "the paper's strata scaled to the depth")
+    if n_layers is None:
+        return f"strata: {how} (the counts appear once the model is loaded)"
+    try:
+        counts = resolve_strata(sampling, n_layers)
+    except WorkbenchError as e:
+        return f"strata: {how}, which do not fit this {n_layers}-layer model: {e}"
+    return f"strata: {how}, keeping {', '.join(map(str, counts))} of {n_layers} layers"
+
+
+def format_bytes(n: int) -> str:
+    """1023 B, 1.5 KiB, 2.0 MiB: never '0 KiB' for a small file."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 DECISION_COLUMNS = {"k": "layers removed", "ppl_predicted": "predicted perplexity", "ppl_measured": "measured perplexity"}
 
 

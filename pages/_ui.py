@@ -141,11 +141,16 @@ def store_for(run_id: str) -> RunStore:
     return RunStore(cache_dir(), run_id)
 
 
-def spec_caption(s: RunSpec | None = None) -> None:
+def spec_caption(s: RunSpec | None = None, n_layers: int | None = None) -> None:
+    """One line: model, data (an upload by the name it was given), windows, sampling and its strata."""
     s = s or spec()
-    st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{s.data.source}** "
+    if n_layers is None:
+        n_layers = (st.session_state.get("info") or {}).get("n_layers")
+    data = (st.session_state.get("uploads") or {}).get(s.data.source, s.data.source)
+    st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{data}** "
                f"({s.data.n_windows}×{s.data.seq_len} tokens) · {s.sampling.scheme} sampling, "
-               f"{s.sampling.n_masks} masks, seed {s.sampling.seed}" + views.adaptive_caption(s.sampling, s.data.n_windows))
+               f"{s.sampling.n_masks} masks, seed {s.sampling.seed} · {views.strata_caption(s.sampling, n_layers)}"
+               + views.adaptive_caption(s.sampling, s.data.n_windows))
 
 
 # ---------------------------------------------------------------- background CLI jobs

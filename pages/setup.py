@@ -7,6 +7,7 @@ import streamlit as st
 
 from engine import pipeline, views
 from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SamplingSpec, SpecError, parse_ints
+from engine.errors import WorkbenchError
 from pages import _ui
 
 st.title("Setup")
@@ -45,7 +46,7 @@ if data_kind == sources[1]:
         with _ui.shown_errors():
             source = str(views.save_upload(cache, up.name, up.getvalue(), max_mib * 2**20))
         st.session_state.setdefault("uploads", {})[source] = up.name
-        st.caption(f"using **{up.name}** ({len(up.getvalue()) / 1024:.0f} KiB)")
+        st.caption(f"using **{up.name}** ({views.format_bytes(len(up.getvalue()))})")
 elif data_kind == sources[2]:
     source = st.text_input("Path to a .txt or .jsonl file", value="" if source == "demo" else source)
 elif data_kind == sources[3]:
@@ -70,13 +71,16 @@ if strata_mode == "kept-layer counts":
                          value=",".join(map(str, current.sampling.strata or (14, 12, 10))))
     try:
         strata = parse_ints(text)
-    except SpecError as e:
-        st.error(f"Kept-layer counts: {e}")
-        st.stop()
+    except SpecError as e:  # keep the page (and Load model) usable: the last good counts stay in force
+        strata = current.sampling.strata
+        st.error(f"Kept-layer counts: {e} Still using {', '.join(map(str, strata or ())) or 'the default strata'} "
+                 "until this is fixed.")
     info_now = st.session_state.get("info")
-    if info_now:  # the model is loaded: check the counts against its layers as they are typed
-        with _ui.shown_errors():
+    if info_now and strata:  # the model is loaded: check the counts against its layers as they are typed
+        try:
             pipeline.check_sampling(SamplingSpec(strata=strata), info_now["n_layers"])
+        except WorkbenchError as e:  # said here, and the rest of Setup stays on screen
+            st.error(_ui.users_words(str(e)))
 elif strata_mode == "removal range":
     remove_range = tuple(st.slider("fraction of layers removed", 0.0, 1.0,
                                    tuple(current.sampling.remove_range or (0.1, 0.4)), 0.05))

@@ -110,6 +110,19 @@ def test_setup_loads_model_and_shows_facts(demo_run):
     assert m["family"] == "llama" and m["layers"] == "16"
     assert float(m["baseline perplexity"]) > 1
     assert at.session_state["spec"].data.n_windows == SPEC.data.n_windows  # widgets start from the session spec
+    at.run()
+    strata = next(c.value for c in at.caption if "strata:" in c.value)
+    assert strata.startswith("strata: the paper's strata scaled to the depth, keeping ") and strata.endswith("of 16 layers")
+
+
+def test_setup_bad_strata_keep_the_page_whole(demo_run):
+    at = _app()
+    at.radio[2].set_value("kept-layer counts").run()  # strata mode
+    at.text_input[-1].set_value("14,x").run()
+    assert not at.exception
+    assert at.error and "Kept-layer counts" in at.error[0].value and "until this is fixed" in at.error[0].value
+    assert _button(at, "Load model")  # the rest of Setup is still there
+    assert views.format_bytes(12) == "12 B" and views.format_bytes(1536) == "1.5 KiB"
 
 
 def test_setup_keeps_the_session_spec(demo_run, tmp_path):
