@@ -1338,6 +1338,15 @@ def measure_pair(run: OpenRun, i: int, j: int) -> dict:
     return out
 
 
+def predicted_pair_at_full(run: OpenRun, method: MethodSpec, i: int, j: int) -> float:
+    """The surrogate's f(N) - f(N-i) - f(N-j) + f(N-ij): the same quantity `measure_pair` measures, so
+    the two can be compared directly (the map's index averages such terms over many coalitions)."""
+    masks = np.ones((4, run.n_layers), dtype=bool)  # full, -i, -j, -ij
+    masks[1, i] = masks[2, j] = masks[3, [i, j]] = False
+    f = _fit(run, method).predict(masks)  # (4,) scores
+    return float(f[0] - f[1] - f[2] + f[3])
+
+
 # ---------------------------------------------------------------- quality against real work (the Surrogate page)
 
 

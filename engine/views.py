@@ -414,10 +414,37 @@ def fidelity_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def interaction_pairs_frame(result: dict):
-    """DataFrame of every pair (i, j, value, stderr, kind = synergy | redundancy), strongest first."""
+    """DataFrame of every pair (i, j, value, stderr, kind = synergy | redundancy, `distinct from 0`),
+    strongest first. `distinct from 0`: |value| > z * stderr at the map's interval level (default 90%,
+    z = 1.645), i.e. the normal interval of the pair excludes 0; "no" = within the estimate's noise."""
+    from scipy.stats import norm
+
     df = pd.DataFrame(result["pairs"], columns=["i", "j", "value", "stderr"])
     df["kind"] = np.where(df["value"] >= 0, "synergy", "redundancy")
+    level = float(((result.get("details") or {}).get("interval") or {}).get("level", 0.9))
+    z = float(norm.ppf(0.5 + level / 2))
+    distinct = df["value"].abs() > z * df["stderr"].fillna(np.inf)
+    df[f"distinct from 0 ({level:.0%})"] = np.where(distinct, "yes", "no: within noise")
     return df
+
+
+def colour_bound(values, quantile: float = 0.95, factor: float = 3.0) -> tuple[float, bool]:
+    """(bound, clipped) for a symmetric colour scale: max |value|, or the `quantile` of |value| when the
+    largest is more than `factor` times it (one layer's pairs would otherwise wash out the rest)."""
+    v = np.abs(np.asarray(values, float))
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return 1.0, False
+    top, q = float(v.max()), float(np.quantile(v, quantile))
+    if q > 0 and top > factor * q:
+        return q, True
+    return top or 1.0, False
+
+
+PAIR_WORDS = {"i": "layer a", "j": "layer b", "ppl_full": "PPL, full model", "ppl_without_i": "PPL without a",
+              "ppl_without_j": "PPL without b", "ppl_without_both": "PPL without both",
+              "interaction_at_full": "measured interaction at the full model",
+              "predicted_at_full": "surrogate's interaction at the full model", "n_masks": "masks in the run"}
 
 
 def interaction_profile(result: dict, layer: int):

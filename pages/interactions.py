@@ -80,7 +80,10 @@ st.caption(f"Map of {result.get('surrogate', mspec.surrogate.kind)} fitted on {r
 
 M, se = np.array(result["matrix"], float), np.array(result["stderr"], float)
 Z = views.off_diagonal(M)
-bound = float(np.nanmax(np.abs(Z))) or 1.0
+bound, clipped = views.colour_bound(Z)
+if clipped and not st.checkbox(f"clip the colour scale at ±{bound:.4f} (95% of pairs lie within it; the strongest pairs, up to "
+                               f"{float(np.nanmax(np.abs(Z))):.4f}, saturate)", value=True, key="interaction_clip"):
+    bound = float(np.nanmax(np.abs(Z))) or 1.0
 heat = go.Figure(go.Heatmap(
     z=Z, x=list(range(L)), y=list(range(L)), customdata=se, colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound,
     hovertemplate="layers %{y} × %{x}<br>value %{z:+.4f} ± %{customdata:.4f}<extra></extra>",
@@ -139,7 +142,11 @@ if p3.button("Measure", disabled=a == b):
         pipeline.measure_pair(run, a, b)
 measured = (run.store.get_artifact("pair_measurements") or {}).get("items", [])
 if measured:
-    st.dataframe(pd.DataFrame(measured), hide_index=True, key="pair_measurements")
+    rows = [{**m, "predicted_at_full": pipeline.predicted_pair_at_full(run, mspec, m["i"], m["j"])} for m in measured]
+    st.dataframe(pd.DataFrame(rows).rename(columns=views.PAIR_WORDS), hide_index=True, key="pair_measurements")
+    st.caption(f"The measured and the surrogate's interaction at the full model are the same quantity (scores, "
+               f"s = full PPL / PPL) and should agree; the map's {indices[index]} of a pair averages that quantity over "
+               "coalitions of every size, so it differs from both.")
 
 st.subheader("Near-optimal removal sets")
 e1, e2, e3 = st.columns([1, 1, 2])

@@ -376,6 +376,10 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     assert {"strongest pair", "pairs outside the bias check"} <= set(_metrics(at))
     syn, red = at.dataframe[0].value, at.dataframe[1].value
     assert (syn["value"] > 0).all() and (red["value"] < 0).all()
+    distinct = syn["distinct from 0 (90%)"] == "yes"  # marked exactly where the 90% normal interval excludes 0
+    assert (distinct == (syn["value"].abs() > 1.6448536 * syn["stderr"])).all()
+    bound, clipped = views.colour_bound(z[~np.isnan(z)])
+    assert trace["zmax"] == pytest.approx(bound) and (clipped == any("clip the colour" in c.label for c in at.checkbox))
     at.selectbox(key="interaction_layer").set_value(5).run()
     prof = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]
     assert json.loads(at.get("plotly_chart")[1].proto.spec)["data"][1]["name"].startswith("bias check")
@@ -386,8 +390,9 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     _button(at, "Measure").click().run()
     assert not at.exception, at.exception
     frames = [d.value for d in at.dataframe]
-    measured = next(f for f in frames if "ppl_without_both" in f.columns)
-    assert list(measured[["i", "j"]].iloc[-1]) == [1, 2] and measured["ppl_without_both"].iloc[-1] > 0
+    measured = next(f for f in frames if "PPL without both" in f.columns)
+    assert list(measured[["layer a", "layer b"]].iloc[-1]) == [1, 2] and measured["PPL without both"].iloc[-1] > 0
+    assert np.isfinite(measured["surrogate's interaction at the full model"].iloc[-1])
     at.number_input(key="near_k").set_value(2).run()
     at.number_input(key="near_top").set_value(4).run()
     assert not _click_job(at, "Find near-optimal sets")
