@@ -21,6 +21,7 @@ install: $(STAMP)
 # Streamlit prints the URL; PORT=8502 make run to use another port.
 PORT ?= 8501
 run: install
+	@$(PY) -m engine demo-run > /dev/null  # the precomputed demo run (once): the app opens on a finished story
 	@echo "Layer-pruning workbench: open http://localhost:$(PORT) in a browser (Ctrl-C stops it)."
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
 

