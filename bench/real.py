@@ -2,7 +2,7 @@
 product's removal sets against the cheap baselines' on held-out and out-of-domain text.
 
     .venv/bin/python -m bench.real [--model smollm2] [--data demo] [--windows 4] [--seq-len 128]
-        [--masks 128] [--swaps 2] [--n-compare 10] [--val-windows 64] [--ks 4,6,8,10]
+        [--masks 128] [--swaps 2] [--n-compare 10] [--val-windows 64] [--ensemble 5] [--boot 20] [--ks 4,6,8,10]
         [--eval-data demo-test,demo-ood] [--eval-windows 32] [--baselines block-influence,angular,ppl]
         [--threads 0] [--cache-dir DIR] [--json]
 
@@ -93,6 +93,8 @@ def parse(argv=None):
     p.add_argument("--swaps", type=int, default=None, help="decision swap rounds (default: MethodSpec's)")
     p.add_argument("--n-compare", type=int, default=None, help="decision candidates per k (default: MethodSpec's)")
     p.add_argument("--val-windows", type=int, default=None, help="decision validation windows (default: MethodSpec's)")
+    p.add_argument("--ensemble", type=int, default=None, help="surrogate ensemble size (default: SurrogateSpec's)")
+    p.add_argument("--boot", type=int, default=None, help="bootstrap refits for intervals (default: MethodSpec's)")
     p.add_argument("--ks", default="4,6,8,10", help="layers removed, compared (default %(default)s)")
     p.add_argument("--eval-data", default="demo-test,demo-ood")
     p.add_argument("--eval-windows", type=int, default=32, help="windows per held-out text (default %(default)s)")
@@ -121,8 +123,10 @@ def run(args) -> dict:
                    data=DataSpec(source=args.data, n_windows=args.windows, seq_len=args.seq_len),
                    sampling=SamplingSpec(scheme=args.scheme, n_masks=args.masks))
     overrides = {k: v for k, v in (("swaps", args.swaps), ("n_compare", args.n_compare),
-                                   ("val_windows", args.val_windows)) if v is not None}
+                                   ("val_windows", args.val_windows), ("boot", args.boot)) if v is not None}
     mspec = dataclasses.replace(MethodSpec(remove=max(ks)), **overrides)
+    if args.ensemble is not None:
+        mspec = dataclasses.replace(mspec, surrogate=dataclasses.replace(mspec.surrogate, ensemble=args.ensemble))
     evaluation = EvalSpec(threads=args.threads or None)
 
     meter = StageMeter()
