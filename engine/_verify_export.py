@@ -3,7 +3,7 @@
 Usage: python _verify_export.py JOBS.json RESULTS.json [PARENT_PID]
 With PARENT_PID the process dies with its parent (PR_SET_PDEATHSIG on Linux, else a watchdog
 thread polling the parent's pid), so a killed export never leaves an orphan running.
-JOBS.json is a list of {"model_dir": str, "windows": str (a torch.save'd LongTensor (n, T)),
+JOBS.json is a list of {"model_dir": str (a folder, or a .gguf file), "windows": str (a torch.save'd LongTensor (n, T)),
 "new_tokens": int, "dtype": "float32" | "bfloat16" | ..., "device": "cpu" | "cuda:0" | ...}. RESULTS.json receives one dict per job (see `check_export`); a job that
 raises gets {"error": "..."} instead, so one broken export does not hide the others.
 
@@ -113,10 +113,13 @@ def check_export(model_dir: str, windows: str, new_tokens: int = 4, dtype: str =
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    path, gguf = model_dir, {}
+    if model_dir.endswith(".gguf"):  # one GGUF file: transformers' GGUF loader (model and tokenizer inside)
+        path, gguf = os.path.dirname(model_dir), {"gguf_file": os.path.basename(model_dir)}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **gguf).to(device).eval()
     tokenizer_ok, tokenizer_error = True, None
     try:
-        AutoTokenizer.from_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(path, **gguf)
     except Exception as e:  # reported, not fatal: the model itself may still be usable
         tokenizer_ok, tokenizer_error = False, f"{type(e).__name__}: {e}"
     ids = torch.load(windows, weights_only=True)  # (n, T)

@@ -148,6 +148,18 @@ def _export_options(p: argparse.ArgumentParser) -> None:
                    help="held-out text measured before/after pruning (repeatable; demo data adds demo-test, demo-ood)")
 
 
+def _format_options(p: argparse.ArgumentParser) -> None:
+    from engine.gguf_export import QUANTS
+
+    g = p.add_argument_group("format")
+    g.add_argument("--format", default="folder", choices=("folder", "gguf"),
+                   help="folder: a Hugging Face folder; gguf: one GGUF file (llama architecture; --out FILE.gguf) "
+                        "(default %(default)s)")
+    g.add_argument("--quant", default="f32", choices=QUANTS,
+                   help="GGUF weight type (norms stay f32; rows not a multiple of 32 fall back to f16) "
+                        "(default %(default)s)")
+
+
 def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument_group("comparison").add_argument(
         "--no-compare", action="store_true", help="skip the comparison of every registered surrogate kind")
@@ -224,6 +236,7 @@ _GROUPS: dict[str, tuple] = {
     "removed": (_removed_option, None, None),
     "report": (_report_options, None, None),
     "fetch": (_fetch_options, None, None),
+    "format": (_format_options, None, None),
 }
 
 
@@ -303,15 +316,17 @@ def _run(args) -> dict:
 
 
 @command("export", "export the model without the given layers (a set chosen by hand or from `prune`), verified "
-         "by a reload in a fresh process", ("model", "data", "sampling", "surrogate", "method", "removed", "export",
-                                            "threads"))
+         "by a reload in a fresh process (a Hugging Face folder, or one GGUF file with --format gguf)",
+         ("model", "data", "sampling", "surrogate", "method", "removed", "export", "format", "threads"))
 def _export(args) -> dict:
     from engine import pipeline
 
     if args.out is None:
-        raise UsageError("export needs --out FOLDER (an empty or new folder).")
+        raise UsageError("export needs --out FOLDER (an empty or new folder), or --out FILE.gguf with --format gguf.")
+    if args.quant != "f32" and args.format != "gguf":
+        raise UsageError(f"--quant {args.quant} applies to --format gguf only (a folder export keeps the model's dtype).")
     return pipeline.export(run_spec(args), method_spec(args), args.out, removed=args.removed, overwrite=args.overwrite,
-                           cache_dir=args.cache_dir, evaluation=eval_spec(args))
+                           cache_dir=args.cache_dir, evaluation=eval_spec(args), fmt=args.format, quant=args.quant)
 
 
 @command("report", "one self-contained HTML summary of the decision for --remove: layers removed, perplexity "

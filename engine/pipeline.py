@@ -36,7 +36,7 @@ import numpy as np
 from engine import validate
 from engine.config import (INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec,
                            RunSpec, stable_hash)
-from engine.errors import EstimationError, WorkbenchError
+from engine.errors import EstimationError, InputError, WorkbenchError
 from engine.store import RunStore, list_runs
 
 
@@ -859,24 +859,34 @@ def measure(run: OpenRun, masks) -> list[float]:
 
 
 def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: bool = False, cache_dir=None,
-           run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+           run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), fmt: str = "folder",
+           quant: str = "f32") -> dict:
     """Export the model without `removed` (default: the decision for k = method.remove) to `out_dir`,
-    with manifest and model card, verified by a reload in a fresh process."""
+    with manifest and model card, verified by a reload in a fresh process. `fmt="gguf"`: one GGUF
+    file `out_dir` (engine.gguf_export) with `quant` f32 | f16 | q8_0 | q4_1."""
     from engine.prune import check_export_folder
 
-    check_export_folder(out_dir, overwrite)  # before any model is loaded
+    if fmt == "gguf":
+        from engine.gguf_export import check_gguf_out
+
+        check_gguf_out(out_dir, overwrite)  # before any model is loaded
+    elif fmt == "folder":
+        check_export_folder(out_dir, overwrite)  # before any model is loaded
+    else:
+        raise InputError(f"unknown export format {fmt!r}; choose folder or gguf.")
     if run is None:
         validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
                            cache_dir=cache_dir)
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     if removed is not None:
-        return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed)
+        return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed, fmt=fmt, quant=quant)
     k = default_remove(method, run.n_layers)
     _, _, ds = _decide(run, method, range(1, k + 1))
-    return _export(run, method, out_dir, overwrite, ds, k)
+    return _export(run, method, out_dir, overwrite, ds, k, fmt=fmt, quant=quant)
 
 
-def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: int, removed=None) -> dict:
+def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: int, removed=None,
+            fmt: str = "folder", quant: str = "f32") -> dict:
     from engine.decision import removal_mask
     from engine.prune import prune_model
 
@@ -908,11 +918,33 @@ def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: i
         "seeds": {"sampling": run.spec.sampling.seed, "data": run.spec.data.seed},
         "n_masks_evaluated": int(run.store.count()),
     }
+    if fmt == "gguf":
+        return _export_gguf(run, removed, out_dir, quant, overwrite, extra, ppl_full, measured)
     result = prune_model(run.lm, removed, out_dir, manifest_extra=extra, overwrite=overwrite,
                          verify_windows=run.windows.input_ids, expected_ppl=measured)
     out = {"run_id": run.run_id, "out": str(result.out_dir), "k": len(removed), "removed": list(removed),
            "ppl_full": ppl_full, "ppl_measured": measured,
-           "verification": None if result.verification is None else dataclasses.asdict(result.verification)}
+           "verification": None if result.verification is None else dataclasses.asdict(result.verification),
+           "format": "folder", "verified": result.verification is not None and result.verification.ok}
+    run.store.put_artifact("export", out)
+    return out
+
+
+def _export_gguf(run: OpenRun, removed, out, quant: str, overwrite: bool, extra: dict, ppl_full: float,
+                 measured: float) -> dict:
+    from engine.gguf_export import export_gguf, manifest_path
+    from engine.presets import PRESETS
+
+    preset = PRESETS.get(run.spec.model.name)
+    m = export_gguf(run.lm, removed, out, quant, manifest_extra=extra, overwrite=overwrite,
+                    verify_windows=run.windows.input_ids, expected_ppl=measured,
+                    tokenizer_pre=preset.gguf_tokenizer_pre if preset else "gpt2")
+    v = m["verification"]
+    out = {"run_id": run.run_id, "format": "gguf", "quant": quant, "out": str(out), "manifest": str(manifest_path(Path(out))),
+           "size_bytes": m["size_bytes"], "sha256": m["sha256"], "k": len(m["removed_layers"]),
+           "removed": m["removed_layers"], "ppl_full": ppl_full, "ppl_measured": measured, "verified": bool(v["ok"]),
+           "ppl_rel_diff": v["ppl_rel_diff"], "reload_rtol": m["reload_rtol"], "fallback_tensors": m["fallback_tensors"],
+           "tensor_types": m["tensor_types"], "verification": v}
     run.store.put_artifact("export", out)
     return out
 

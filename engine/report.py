@@ -175,6 +175,14 @@ def info_summary(r: dict) -> str:
 
 def export_summary(r: dict) -> str:
     v = r.get("verification") or {}
+    if r.get("format") == "gguf":
+        fallback = f"; {len(r['fallback_tensors'])} tensors kept f16 (rows not a multiple of 32)" if r.get("fallback_tensors") else ""
+        return (f"exported to {r['out']} (GGUF {r['quant']}, {r['size_bytes'] / 2**20:.1f} MiB{fallback}): layers "
+                f"{r['removed']} removed; calibration perplexity {_num(r['ppl_full'], 2)} -> {_num(r['ppl_measured'], 2)} "
+                f"in memory; read back in a fresh process with transformers' GGUF loader: ppl "
+                f"{_num(v.get('ppl_reloaded'), 4)} (relative difference {v.get('ppl_rel_diff', float('nan')):.2e}, "
+                f"allowed {r['reload_rtol']:.0e}), generate with KV cache {'ok' if v.get('ok') else 'FAILED'}; "
+                f"manifest {r['manifest']}")
     return (f"exported to {r['out']}: layers {r['removed']} removed; calibration perplexity {_num(r['ppl_full'], 2)} -> "
             f"{_num(r['ppl_measured'], 2)}; reloaded in a fresh process: ppl {_num(v.get('ppl_reloaded'), 4)}, "
             f"generate with KV cache {'ok' if v.get('ok') else 'FAILED'}")

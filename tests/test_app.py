@@ -148,6 +148,15 @@ def test_setup_shows_workbench_errors_without_traceback(demo_run, tmp_path):
     assert at.error and "missing" in at.error[0].value
 
 
+def test_setup_offers_the_real_model_preset(demo_run):
+    at = _app()
+    at.radio(key="model_kind").set_value("SmolLM2-135M (real, 30 layers)").run()
+    assert not at.exception
+    assert at.session_state["spec"].model.name == "smollm2"
+    text = " ".join(c.value for c in at.caption)
+    assert "Apache-2.0" in text and "Q4_1-rounded" in text and "make fetch-smollm2" in text  # not fetched here
+
+
 def test_sampling_lists_and_watches_the_run(demo_run):
     cache, run_id = demo_run
     at = _app("sampling")
