@@ -51,6 +51,15 @@ def job_argv(command: str, *specs, cache_dir, threads: int | None = None, extra:
                                                           extra=extra)]
 
 
+def job_target(argv) -> int | None:
+    """The mask count a `sample` job's argv asks for (--masks N), or None."""
+    argv = list(argv or ())
+    for i, a in enumerate(argv[:-1]):
+        if a == "--masks" and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+    return None
+
+
 def sample_command(spec: RunSpec, cache_dir, threads: int | None = None) -> list[str]:
     """argv for `python -m engine sample --json` reproducing `spec`."""
     return job_argv("sample", spec, cache_dir=cache_dir, threads=threads)

@@ -7,6 +7,7 @@ view polls only new rows (`store.results(since_rowid)`), and only while a writer
 """
 
 import dataclasses
+import time
 
 import plotly.express as px
 import streamlit as st
@@ -118,10 +119,16 @@ def live(run_id: str, polling: bool) -> None:
     lease = store.lease()
     state = _state(store)
     job = jobs.state(store.dir, JOB)
-    target = lease.target if lease and lease.target else None
+    writing = lease is not None and lease.alive()
+    target = lease.target if writing and lease.target else views.job_target(job.argv) if job and job.running else \
+        lease.target if lease and lease.target else None
     p = views.progress([r.created for r in rows], target)
-    st.progress(p["fraction"], text=f"{p['done']} / {target or '?'} masks · {state} · ETA "
-                                    f"{views.format_seconds(p['eta_s']) if state != 'idle' else '-'}")
+    if job and job.running and not writing:  # the job is still loading its model and windows: say so
+        st.progress(0.0, text=f"loading the model and the calibration windows (started "
+                              f"{views.format_seconds(time.time() - job.started)} ago); then {target or '?'} masks")
+    else:
+        st.progress(p["fraction"], text=f"{p['done']} / {target or '?'} masks · {state} · ETA "
+                                        f"{views.format_seconds(p['eta_s']) if state != 'idle' else '-'}")
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("samples", p["done"])
     c2.metric("status", state if state != "idle" else (lease.status if lease else "new"))

@@ -296,6 +296,7 @@ def test_sample_command_reproduces_the_spec(tmp_path):
 
     spec = RunSpec(sampling=SamplingSpec(n_masks=7, strata=(14, 12), seed=5), data=DataSpec(n_windows=3))
     argv = views.sample_command(spec, tmp_path, threads=1)
+    assert views.job_target(argv) == 7 and views.job_target(["sample"]) is None  # shown while the model loads
     args = build_parser().parse_args(argv[3:])
     assert run_spec(args) == spec and args.cache_dir == str(tmp_path)
     assert views.spec_from_dict(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
