@@ -34,6 +34,21 @@ def layer_strip(n_layers: int, removed) -> go.Figure:
     return fig
 
 
+def contribution_bars(contributions, removed, ci_low=None, ci_high=None, label: str = "contribution") -> go.Figure:
+    """Each layer's contribution, removed layers in red, kept in blue, with its interval when given."""
+    v = list(contributions)
+    removed = set(removed)
+    err = None
+    if ci_low is not None and ci_high is not None:
+        err = dict(type="data", array=[h - x for h, x in zip(ci_high, v)], arrayminus=[x - lo for lo, x in zip(ci_low, v)])
+    fig = go.Figure(go.Bar(x=list(range(len(v))), y=v, error_y=err,
+                           marker_color=["#d62728" if i in removed else "#1f77b4" for i in range(len(v))],
+                           hovertemplate="layer %{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=40, b=30), xaxis=dict(dtick=1, title="layer"),
+                      yaxis=dict(title=label), title="Each layer's contribution (red: removed)")
+    return fig
+
+
 def ppl_curve(summary: dict) -> go.Figure:
     """Calibration perplexity against layers removed: the method's chosen sets and each baseline."""
     fig = go.Figure()

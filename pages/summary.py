@@ -42,6 +42,11 @@ st.markdown(f"**{summary.story(s)}**")
 if warning := summary.speed_warning(s):
     st.warning(warning)
 st.plotly_chart(summary.layer_strip(L, s["removed"]), key="layer_strip")
+contrib = pipeline.stored(run, "contributions", mspec)
+if contrib:
+    st.plotly_chart(summary.contribution_bars(contrib["contributions"], s["removed"], contrib.get("ci_low"),
+                                              contrib.get("ci_high"), label=f"contribution ({ESTIMATORS[mspec.estimator].label})"),
+                    key="contribution_bars")
 cal = s["ppl"]["calibration"]
 full, pruned = s["footprint"]["full"], s["footprint"]["pruned"]
 c1, c2, c3, c4 = st.columns(4)

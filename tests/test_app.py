@@ -345,7 +345,8 @@ def test_summary_page_builds_the_report_and_generates(demo_run):
     assert not _click_job(at, "Build summary")
     m = _metrics(at)
     assert m["layers removed"] == "2 of 16"
-    assert _charts(at) == 2  # layer strip, perplexity vs layers removed
+    assert _charts(at) == 3  # layer strip, contributions (red: removed), perplexity vs layers removed
+    assert "Removing 2 of 16 layers" in at.markdown[0].value or any("Removing 2 of 16 layers" in md.value for md in at.markdown)
     assert at.get("download_button")
     at.text_input(key="summary_prompt").set_value("The list").run()
     _button(at, "Generate").click().run()
