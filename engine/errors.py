@@ -157,6 +157,10 @@ def from_exception(e: BaseException, path=None, doing: str | None = None) -> Wor
             f"a path is in the way{what}{at}: {e}. A file stands where a folder is expected (or the other way "
             "round); pass --cache-dir / --out naming a folder."
         )
+    if code == errno.ENAMETOOLONG:
+        return InputError(
+            f"a name is longer than the file system allows{what}{at}: {e}. Choose a shorter file or folder name."
+        )
     if isinstance(e, sqlite3.DatabaseError) and any(t in text for t in _DAMAGED_TEXT):
         return StoreDamaged(
             f"the run store{at} is damaged ({e}){what}. Delete its run folder and run the same command again "

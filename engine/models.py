@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from engine import config as cfg
+from engine import load_checks
 from engine.config import ModelSpec
 from engine.errors import ModelLoadError, UnsupportedArchitecture
 from engine.hub import hub_reachable
@@ -279,12 +280,18 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = _torch_dtype(spec.dtype)
     device_kwargs, move_to = _device_kwargs(spec.device)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, local_files_only=local_only)
+    load_checks.check_weight_files(source)  # a damaged or truncated safetensors file, named before loading
     try:
         config = AutoConfig.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **common, **device_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
+                                                           **common, **device_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(spec, source, local_only, e) from e
+    except Exception as e:  # weights transformers could not read (damaged file, shapes): named, else a bug
+        raise load_checks.loading_failure(spec.name, source, e) or e
+    load_checks.check_loading_info(spec.name, source, info)  # weights cover the config, shapes as it says
+    load_checks.check_tokenizer_fits(spec.name, tokenizer, model)
     if move_to is not None:
         model.to(move_to)
     loaded = wrap_model(model, tokenizer, spec, identity)

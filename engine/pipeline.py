@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import validate
+from engine import atomic, validate
 from engine.config import (INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec,
                            RunSpec, stable_hash)
 from engine.errors import EstimationError, WorkbenchError
@@ -599,6 +599,7 @@ def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = Eval
 
 def status(cache_dir=None) -> list[dict]:
     """One dict per run store under cache_dir (see store.RunSummary), most recent first."""
+    validate.check_cache_dir(cache_dir)  # a regular file: exit 5, as `sample` says
     root = Path(cache_dir) if cache_dir is not None else None
     return [dataclasses.asdict(s) for s in list_runs(root)]
 
@@ -866,9 +867,11 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
 
     check_export_folder(out_dir, overwrite)  # before any model is loaded
     if run is None:
-        validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
-                           cache_dir=cache_dir)
+        facts = validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
+                                   cache_dir=cache_dir)
+        validate.check_removed(removed, facts.n_layers if facts else None)  # ids before any load or measurement
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
+    validate.check_removed(removed, run.n_layers)
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed)
     k = default_remove(method, run.n_layers)
@@ -1103,6 +1106,8 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     from engine.estimators import get as estimator
 
     ESTIMATOR_LABEL = lambda name: estimator(name).label  # noqa: E731
+    if out_html is not None:
+        atomic.check_output_file(out_html, "--out")  # a folder, a dangling link, a long name: before the work
     run = run or open_run(spec, cache_dir, evaluation, create=False)
     decisions = stored(run, "decisions", method)
     k = default_remove(method, run.n_layers)
@@ -1145,7 +1150,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     }
     _put(run, "summary", method, run.store, record)
     if out_html is not None:
-        Path(out_html).write_text(summary_lib.to_html(record), encoding="utf-8")
+        atomic.write_atomic(out_html, summary_lib.to_html(record))  # a kill or a full disk leaves no half file
         record = {**record, "html": str(out_html)}
     return record
 
@@ -1200,6 +1205,8 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
     2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes."""
     from engine import method as method_lib
 
+    if csv_path is not None:
+        atomic.check_output_file(csv_path, "--csv")  # before any fit
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     key = _interaction_key(method, index, fit_on, surrogate, folds)
@@ -1233,8 +1240,7 @@ def write_interactions_csv(result: dict, path) -> Path:
     import csv
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with atomic.open_atomic(path, "w", newline="") as fh:  # temp file beside + rename; errors name the path
         w = csv.writer(fh)
         w.writerow(["i", "j", "kind", "value", "stderr"])
         for p in result["pairs"]:
