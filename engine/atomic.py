@@ -12,7 +12,8 @@ Contract:
   for writers such as csv): the bytes go to a temporary file beside `path`
   (``.<name>.tmp-<pid>-<hex>``), are flushed and fsynced, then renamed over `path`. A kill or a
   full disk leaves the previous file (or none), never a truncated one; the temporary file is
-  removed on any error. OS failures become engine.errors environment errors naming `path`
+  removed on any error, and temporary files of killed writers of the same path are removed
+  before the next write (only names of that pattern whose pid is gone). OS failures become engine.errors environment errors naming `path`
   (disk full, read-only, permission denied); other exceptions pass through.
 Written by hand: the standard library has no atomic replace-by-rename helper, and the small
 packages that do (atomicwrites) are unmaintained.
@@ -21,7 +22,9 @@ packages that do (atomicwrites) are unmaintained.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -61,12 +64,12 @@ def check_name_lengths(path, flag: str, reserve: int = 0) -> None:
 def check_output_file(path, flag: str) -> None:
     """Refuse an output file path that cannot work (see the module contract); changes nothing on disk."""
     path = Path(path)
+    check_name_lengths(path, flag, reserve=len(".tmp-9999999-12345678."))  # first: stat() itself fails on it
     if path.is_symlink() and not path.exists():
         raise InputError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
                          "pass a real file path.")
     if path.is_dir():
         raise InputError(f"{flag} {path} is a directory; pass a file name (e.g. {path / 'report.html'}).")
-    check_name_lengths(path, flag, reserve=len(".tmp-9999999-12345678."))
     folder = existing_ancestor(path)
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose a path inside a folder.")
@@ -79,6 +82,31 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_temps(path) -> list[Path]:
+    """Remove the temporary files that killed writers of `path` left beside it (only
+    ``.<name>.tmp-<pid>-<hex>`` regular files whose pid is gone); returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*-*"):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_file() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def open_atomic(path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
     """Yield a file object on a temporary file beside `path`; renamed over `path` when the block ends cleanly."""
@@ -87,6 +115,7 @@ def open_atomic(path, mode: str = "w", encoding: str | None = "utf-8", newline: 
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_dead_temps(path)  # leftovers of writers killed before their rename
         tmp = _temp_beside(path)
         with open(tmp, mode, encoding=None if binary else encoding, newline=None if binary else newline) as fh:
             yield fh

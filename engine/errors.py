@@ -159,7 +159,8 @@ def from_exception(e: BaseException, path=None, doing: str | None = None) -> Wor
         )
     if code == errno.ENAMETOOLONG:
         return InputError(
-            f"a name is longer than the file system allows{what}{at}: {e}. Choose a shorter file or folder name."
+            f"a name is longer than the file system allows (ENAMETOOLONG){what}{at}: {e}. Choose a shorter file or "
+            "folder name."
         )
     if isinstance(e, sqlite3.DatabaseError) and any(t in text for t in _DAMAGED_TEXT):
         return StoreDamaged(

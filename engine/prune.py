@@ -208,13 +208,13 @@ def check_export_path(out_dir: Path) -> None:
     for the temporary sibling, a file where a parent folder should be, an unwritable parent."""
     from engine.atomic import check_name_lengths, existing_ancestor
 
+    check_name_lengths(out_dir, "--out", reserve=_SIBLING_RESERVE)  # first: stat() itself fails on such a name
     if out_dir.is_symlink():
         target = os.readlink(out_dir)
         state = "an existing folder" if out_dir.is_dir() else "a path that does not exist"
         raise ExportError(f"--out {out_dir} is a symbolic link to {target} ({state}); exports are renamed into "
                           f"place, which would replace the link. Pass the real folder ({out_dir.resolve()}) or a "
                           "new path.")
-    check_name_lengths(out_dir, "--out", reserve=_SIBLING_RESERVE)
     parent = existing_ancestor(out_dir)
     if not parent.is_dir():
         raise ExportError(f"--out {out_dir}: {parent} is a file, not a folder; choose a path inside a folder.")

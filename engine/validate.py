@@ -152,6 +152,12 @@ def check_cache_dir(cache_dir) -> None:
         return
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise EnvironmentFault(f"--cache-dir {cache_dir} is a file; pass a folder (it is created if missing).")
+    from engine.atomic import existing_ancestor
+
+    above = existing_ancestor(Path(cache_dir))
+    if not Path(cache_dir).exists() and not above.is_dir():
+        raise EnvironmentFault(f"--cache-dir {cache_dir}: {above} is a file, so the folder cannot be created; "
+                               "pass a folder path.")
 
 
 def check_full_perplexity(lm, windows, ppl_full: float) -> None:
