@@ -73,9 +73,23 @@ def check_output_file(path, flag: str) -> None:
     folder = existing_ancestor(path)
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose a path inside a folder.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ReadOnlyLocation(f"{flag} {path}: the folder {folder} is not writable; choose a writable folder "
-                               "or fix its permissions.")
+    check_writable_folder(folder, flag, path)
+
+
+def check_writable_folder(folder: Path, flag: str, path) -> None:
+    """ReadOnlyLocation (exit 5) when `folder` (where `path` would be created) is on a read-only file
+    system or not writable by this process."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    if read_only:
+        raise ReadOnlyLocation(f"read-only location: {flag} {path} lies on a read-only file system ({folder}); "
+                               f"pass {flag} pointing at a writable folder.")
+    raise ReadOnlyLocation(f"{flag} {path}: the folder {folder} is not writable (permission denied); choose a "
+                           "writable folder or fix its permissions.")
 
 
 def _temp_beside(path: Path) -> Path:

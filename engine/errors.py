@@ -17,7 +17,7 @@ bug            1     anything else, including an internal consistency check that
 Ctrl-C exits with 130 and SIGTERM with 143 (kind ``interrupted``); what was committed stays.
 The CLI prints ``str(error)`` with no traceback and exits with ``exit_code``; the app shows
 the same text. ``from_exception`` maps the OS and SQLite failures that are environment
-faults (ENOSPC, EROFS, EACCES, "database disk image is malformed", ...) onto these classes;
+faults (ENOSPC, EROFS, EACCES, "database disk image is malformed", ...) and ENAMETOOLONG (input) onto these classes;
 anything it cannot map is a bug.
 """
 

@@ -25,7 +25,10 @@ Contract of `prune_model(lm, removed, out_dir, ...)`:
   the manifest are written (the manifest last) and the folder is renamed to `out_dir`. A kill
   at any point leaves either no `out_dir` (a previous export stays until the final swap) or a
   complete, verified one; leftover temporary siblings of dead processes are removed by the next
-  export to the same path. The check's child process dies with its parent (PR_SET_PDEATHSIG on
+  export to the same path, and the partial folders (with their marker) of dead exports to other
+  names by the next export into the same parent folder. `--out` is checked up front
+  (`check_export_path`): a symbolic link, a name too long for the temporary sibling, a file
+  where a parent folder should be, an unwritable parent. The check's child process dies with its parent (PR_SET_PDEATHSIG on
   Linux, a parent-pid watchdog elsewhere). OS failures (disk full, read-only) are raised as
   engine.errors environment errors naming the path; the temporary folder is removed.
 - Written: safetensors weights, config.json, generation_config.json, the tokenizer,
@@ -67,7 +70,7 @@ from torch import nn
 
 import engine
 from engine import _verify_export
-from engine.errors import ExportCheckFailed, ExportError, ModelLoadError, ReadOnlyLocation, from_exception
+from engine.errors import ExportCheckFailed, ExportError, ModelLoadError, from_exception
 from engine.masking import LAYER_INDEX_ATTRS, keep_only
 from engine.models import unhandled_layer_fields
 
@@ -206,7 +209,7 @@ def check_export_path(out_dir: Path) -> None:
     """ExportError (exit 2) or ReadOnlyLocation (exit 5) for an --out that would fail only at the end:
     a symbolic link (the final rename would replace the link, not fill its target), a name too long
     for the temporary sibling, a file where a parent folder should be, an unwritable parent."""
-    from engine.atomic import check_name_lengths, existing_ancestor
+    from engine.atomic import check_name_lengths, check_writable_folder, existing_ancestor
 
     check_name_lengths(out_dir, "--out", reserve=_SIBLING_RESERVE)  # first: stat() itself fails on such a name
     if out_dir.is_symlink():
@@ -218,9 +221,7 @@ def check_export_path(out_dir: Path) -> None:
     parent = existing_ancestor(out_dir)
     if not parent.is_dir():
         raise ExportError(f"--out {out_dir}: {parent} is a file, not a folder; choose a path inside a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ReadOnlyLocation(f"--out {out_dir}: the folder {parent} is not writable; choose a writable folder "
-                               "or fix its permissions.")
+    check_writable_folder(parent, "--out", out_dir)
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:

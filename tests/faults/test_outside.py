@@ -22,10 +22,9 @@ from typing import Callable
 
 import pytest
 
-from faults.helpers import FAST_FIT, ROOT, fill, model_args, save_llama, tmpfs
+from faults.helpers import FAST_FIT, ROOT, fill, model_args, tmpfs
 
 METHOD = [*FAST_FIT, "--estimator", "exact"]  # exact Shapley on 6 layers: no Monte Carlo
-RUN6 = ["--masks", 12, "--remove", 1]  # the decided run every analysis case reads
 
 
 # ------------------------------------------------------------------ fixtures
@@ -36,7 +35,7 @@ def decided(models, tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("decided")
     for argv in (["sample", *model_args(models, "llama6"), "--masks", 12, "--cache-dir", cache],
-                 ["prune", *model_args(models, "llama6"), *RUN6, *METHOD, "--cache-dir", cache]):
+                 ["prune", *model_args(models, "llama6"), "--masks", 12, "--remove", 1, *METHOD, "--cache-dir", cache]):
         assert engine_cli.main([str(a) for a in argv]) == 0
     return cache
 
@@ -191,16 +190,22 @@ def _analysis(command, *extra, words=()):
     return build
 
 
-def _prepare(kind):
+def _text_file(name: str, data: bytes, words):
+    """`sample` on a --data file holding `data`."""
+    def build(models, tmp, decided):
+        (tmp / name).write_bytes(data)
+        return ["sample", *model_args(models)[:2], "--data", tmp / name, *model_args(models)[4:],
+                "--cache-dir", tmp / "c"], words
+    return build
+
+
+def _prepare(tmp: Path) -> None:
     """Hostile paths made in the case's folder before the command runs."""
-    def make(tmp: Path):
-        (tmp / "afile").write_text("x")
-        (tmp / "empty").mkdir(exist_ok=True)
-        (tmp / "adir").mkdir(exist_ok=True)
-        if not (tmp / "link-empty").is_symlink():
-            os.symlink(tmp / "empty", tmp / "link-empty")
-            os.symlink(tmp / "nowhere", tmp / "dangling")
-    return make
+    (tmp / "afile").write_text("x")
+    (tmp / "empty").mkdir()
+    (tmp / "adir").mkdir()
+    os.symlink(tmp / "empty", tmp / "link-empty")
+    os.symlink(tmp / "nowhere", tmp / "dangling")
 
 
 LONG = "x" * 300
@@ -233,14 +238,9 @@ CASES: dict[str, Case] = {
     "--data names a directory": Case(lambda m, t, d: (["sample", *model_args(m)[:2], "--data", t / "adir",
                                                        *model_args(m)[4:], "--cache-dir", t / "c"],
                                                       ["is a directory", "{tmp}/adir"]), 4, "model_data"),
-    "--data not UTF-8": Case(lambda m, t, d: ((t / "latin1.txt").write_bytes(b"caf\xe9 " * 400) and
-                                              ["sample", *model_args(m)[:2], "--data", t / "latin1.txt",
-                                               *model_args(m)[4:], "--cache-dir", t / "c"],
-                                              ["{tmp}/latin1.txt", "UTF-8"]), 4, "model_data", upfront=False),
-    "--data empty file": Case(lambda m, t, d: ((t / "empty.txt").write_text("") or
-                                               ["sample", *model_args(m)[:2], "--data", t / "empty.txt",
-                                                *model_args(m)[4:], "--cache-dir", t / "c"],
-                                               ["empty"]), 4, "model_data", upfront=False),
+    "--data not UTF-8": Case(_text_file("latin1.txt", b"caf\xe9 " * 400, ["{tmp}/latin1.txt", "UTF-8"]),
+                             4, "model_data", upfront=False),
+    "--data empty file": Case(_text_file("empty.txt", b"", ["empty"]), 4, "model_data", upfront=False),
     # -- export ids validated before measuring (#5)
     "export --removed 6 on 6 layers": Case(_analysis("export", "--removed", "6", "--out", "{tmp}/out",
                                                      words=["--removed 6", "0..5"]), 2, "input"),
@@ -289,7 +289,7 @@ CASES: dict[str, Case] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fault_outside_the_suite(case, models, decided, tmp_path, cli, record, monkeypatch, request):
     c = CASES[case]
-    _prepare(case)(tmp_path)
+    _prepare(tmp_path)
     argv, words = c.build(models, tmp_path, decided)
     for k, v in c.env.items():
         monkeypatch.setenv(k, v.format(tmp=tmp_path))
