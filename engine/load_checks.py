@@ -9,7 +9,8 @@ Contract (every failure is a ``ModelLoadError``, exit 4, naming the folder or fi
 - ``check_loading_info(name, folder, info)``: `info` is what ``from_pretrained(...,
   output_loading_info=True)`` returns; any missing key (a tensor the config needs that the
   weights lack), unexpected key (a tensor the config has no place for) or mismatched shape is
-  refused. Tied weights (lm_head = embeddings) are not reported by transformers, so they pass.
+  refused. Tied weights (lm_head = embeddings) are not reported by transformers, so they pass;
+  stored copies of computed buffers (rotary ``inv_freq`` in older checkpoints) are ignored.
 - ``check_tokenizer_fits(name, tokenizer, model)``: every id the tokenizer can produce
   (``len(tokenizer)``) must index the input embedding; else the first window would fail with
   an IndexError (or, on GPU, an assert) mid-sampling.
@@ -52,10 +53,15 @@ def check_weight_files(folder) -> None:
             ) from e
 
 
-def check_loading_info(name: str, folder, info: dict) -> None:
-    """ModelLoadError when the weights do not cover the config exactly (see the module contract)."""
+def check_loading_info(name: str, folder, info: dict, model=None) -> None:
+    """ModelLoadError when the weights do not cover the config exactly (see the module contract).
+    With `model`, unexpected keys named like one of its buffers (rotary ``inv_freq``, which older
+    checkpoints stored) are ignored: the model computes them, they are not weights."""
     missing = set(info.get("missing_keys") or ())
     unexpected = set(info.get("unexpected_keys") or ())
+    if model is not None:
+        buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
+        unexpected = {k for k in unexpected if k.rsplit(".", 1)[-1] not in buffers}
     mismatched = list(info.get("mismatched_keys") or ())
     if not (missing or unexpected or mismatched):
         return

@@ -290,7 +290,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise _load_error(spec, source, local_only, e) from e
     except Exception as e:  # weights transformers could not read (damaged file, shapes): named, else a bug
         raise load_checks.loading_failure(spec.name, source, e) or e
-    load_checks.check_loading_info(spec.name, source, info)  # weights cover the config, shapes as it says
+    load_checks.check_loading_info(spec.name, source, info, model)  # weights cover the config, shapes as it says
     load_checks.check_tokenizer_fits(spec.name, tokenizer, model)
     if move_to is not None:
         model.to(move_to)

@@ -143,3 +143,14 @@ def test_check_weight_files_names_the_damaged_file(tmp_path):
     with pytest.raises(ModelLoadError, match="truncated") as e:
         check_weight_files(folder)
     assert str(weights) in str(e.value)
+
+
+def test_a_stored_rotary_buffer_is_not_an_unexpected_weight():
+    from engine.load_checks import check_loading_info
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(family_config("llama", 2))
+    assert any(n.endswith("inv_freq") for n, _ in model.named_buffers())
+    check_loading_info("m", "/f", {"unexpected_keys": ["model.layers.0.self_attn.rotary_emb.inv_freq"]}, model)
+    with pytest.raises(ModelLoadError, match="no place in the config"):
+        check_loading_info("m", "/f", {"unexpected_keys": ["model.layers.2.mlp.up_proj.weight"]}, model)
