@@ -346,7 +346,9 @@ def gap_table(rows: list[dict], ks, optimum: dict) -> list[str]:
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
-    with open(path, "w", newline="") as fh:
+    from engine.atomic import open_atomic
+
+    with open_atomic(path, "w", newline="") as fh:  # temp file beside + rename: never half a table
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -508,7 +510,9 @@ def run(args) -> dict:
                "", *gap_table(fid, ks, {k: gt.optimum(k)[0][1] for k in ks}), ""]
     timings["total"] = round(time.monotonic() - t0, 1)
     md += [f"Seconds: {json.dumps(timings)}", ""]
-    (out / "compare.md").write_text("\n".join(md))
+    from engine.atomic import write_atomic
+
+    write_atomic(out / "compare.md", "\n".join(md))
     write_csv(out / "compare.csv", rows)
     write_csv(out / "fidelity.csv", fid)
     files = plots(out, rows, fid, ks, splits)

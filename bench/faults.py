@@ -2,10 +2,12 @@
 
 Runs tests/faults (pytest, in a child process) with $LAYERPRUNE_FAULTS_REPORT set, so each case
 reports its outcome, seconds, `samples_lost` (committed rows missing after the recovery) and
-`tracebacks` (Python tracebacks printed by the commands it ran); prints one table row per case
-and, with --json, one JSON object as the last stdout line:
-{"cases", "passed", "failed", "skipped", "samples_lost", "tracebacks", "seconds", "seeds"}.
-Both counts must be 0 and every case must pass; the exit status is 0 only then.
+`tracebacks` (Python tracebacks printed by the commands it ran) and `wrong_results` (commands
+that exited 0 with a model or number they should not have produced, e.g. a checkpoint whose
+weights do not cover its config); prints one table row per case and, with --json, one JSON
+object as the last stdout line:
+{"cases", "passed", "failed", "skipped", "samples_lost", "tracebacks", "wrong_results", "seconds", "seeds"}.
+The three counts must be 0 and every case must pass; the exit status is 0 only then.
 
 Run: .venv/bin/python -m bench.faults [--seeds N] [--json] [-k EXPR]
 --seeds N repeats every kill case with N seeds (default: the suite's own, 1).
@@ -50,6 +52,7 @@ def summary(cases: list[dict], seconds: float, seeds: int | None) -> dict:
         "skipped": sum(c["outcome"] == "skipped" for c in cases),
         "samples_lost": sum(c["samples_lost"] for c in cases),
         "tracebacks": sum(c["tracebacks"] for c in cases),
+        "wrong_results": sum(c.get("wrong_results", 0) for c in cases),
         "seconds": round(seconds, 1),
         "seeds": seeds or 1,
     }
@@ -57,10 +60,10 @@ def summary(cases: list[dict], seconds: float, seeds: int | None) -> dict:
 
 def table(cases: list[dict]) -> str:
     width = max([len(c["case"]) for c in cases] + [4])
-    lines = [f"{'case':{width}}  {'outcome':8} {'seconds':>8} {'lost':>5} {'tracebacks':>10}  file"]
+    lines = [f"{'case':{width}}  {'outcome':8} {'seconds':>8} {'lost':>5} {'tracebacks':>10} {'wrong':>5}  file"]
     for c in cases:
         lines.append(f"{c['case']:{width}}  {c['outcome']:8} {c['seconds']:>8.1f} {c['samples_lost']:>5} "
-                     f"{c['tracebacks']:>10}  {Path(c['file']).name}")
+                     f"{c['tracebacks']:>10} {c.get('wrong_results', 0):>5}  {Path(c['file']).name}")
     return "\n".join(lines)
 
 
@@ -74,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     result = summary(cases, seconds, args.seeds)
     print(table(cases))
     print(f"{result['passed']}/{result['cases']} passed, {result['skipped']} skipped, samples lost "
-          f"{result['samples_lost']}, tracebacks {result['tracebacks']}, {result['seconds']} s")
-    ok = cases and result["failed"] == 0 and result["samples_lost"] == 0 and result["tracebacks"] == 0
+          f"{result['samples_lost']}, tracebacks {result['tracebacks']}, wrong results {result['wrong_results']}, "
+          f"{result['seconds']} s")
+    ok = (cases and result["failed"] == 0 and result["samples_lost"] == 0 and result["tracebacks"] == 0
+          and result["wrong_results"] == 0)
     if not ok:
         print(tail, file=sys.stderr)
     if args.json:

@@ -124,6 +124,7 @@ class DataSpec:
     def __post_init__(self):
         _at_least("n_windows", self.n_windows, 1)
         _at_least("seq_len", self.seq_len, 2)
+        _at_least("seed", self.seed, 0)  # numpy's generators take non-negative seeds only
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class SamplingSpec:
 
     def __post_init__(self):
         _at_least("n_masks", self.n_masks, 0)
+        _at_least("seed", self.seed, 0)
         _at_least("first_windows", self.first_windows, 0)
         _at_least("rounds", self.rounds, 1)
         for name in ("complete", "explore"):
@@ -199,6 +201,7 @@ class SurrogateSpec:
             need = f"must be a fraction between 0 and 1; got {self.holdout}."
             raise SpecError(f"the held-out fraction {need}", "holdout", need)
         _at_least("ensemble", self.ensemble, 1)
+        _at_least("seed", self.seed, 0)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,7 @@ class MethodSpec:
 
     def __post_init__(self):
         _at_least("budget", self.budget, 1)
+        _at_least("mc_seed", self.mc_seed, 0)
         _at_least("remove", self.remove, 1)
         _at_least("n_verify", self.n_verify, 0)
         _at_least("swaps", self.swaps, 0)

@@ -109,6 +109,22 @@ def _load_preset(name: str, split: str | None) -> str:
     return joiner.join(parts)
 
 
+def check_source(source: str) -> Path | None:
+    """DataError when `source` names a folder or a missing file (reads nothing); the file's path, or
+    None for the demo texts and presets. Called up front by validate.check_run and by `load_text`."""
+    if source in cfg.DEMO_DATA or source.partition(":")[0] in PRESETS:
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"--data {source!r} is a directory; pass a .txt or .jsonl file inside it (or demo).")
+    if not path.is_file():
+        raise DataError(
+            f"no such file: {source!r}; pass a .txt or .jsonl file, demo/demo-test/demo-ood, "
+            f"or a preset ({', '.join(PRESETS)})"
+        )
+    return path
+
+
 def load_text(source: str, text_field: str = "text") -> str:
     """The text named by `source` (see module docstring); DataError for anything unusable."""
     if source in cfg.DEMO_DATA:
@@ -119,12 +135,7 @@ def load_text(source: str, text_field: str = "text") -> str:
     preset, _, split = source.partition(":")
     if preset in PRESETS:
         return _load_preset(preset, split or None)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"no such file: {source!r}; pass a .txt or .jsonl file, demo/demo-test/demo-ood, "
-            f"or a preset ({', '.join(PRESETS)})"
-        )
+    path = check_source(source)
     try:
         if path.suffix == ".jsonl":
             return _read_jsonl(path, text_field)

@@ -17,7 +17,7 @@ bug            1     anything else, including an internal consistency check that
 Ctrl-C exits with 130 and SIGTERM with 143 (kind ``interrupted``); what was committed stays.
 The CLI prints ``str(error)`` with no traceback and exits with ``exit_code``; the app shows
 the same text. ``from_exception`` maps the OS and SQLite failures that are environment
-faults (ENOSPC, EROFS, EACCES, "database disk image is malformed", ...) onto these classes;
+faults (ENOSPC, EROFS, EACCES, "database disk image is malformed", ...) and ENAMETOOLONG (input) onto these classes;
 anything it cannot map is a bug.
 """
 
@@ -156,6 +156,11 @@ def from_exception(e: BaseException, path=None, doing: str | None = None) -> Wor
         return EnvironmentFault(
             f"a path is in the way{what}{at}: {e}. A file stands where a folder is expected (or the other way "
             "round); pass --cache-dir / --out naming a folder."
+        )
+    if code == errno.ENAMETOOLONG:
+        return InputError(
+            f"a name is longer than the file system allows (ENAMETOOLONG){what}{at}: {e}. Choose a shorter file or "
+            "folder name."
         )
     if isinstance(e, sqlite3.DatabaseError) and any(t in text for t in _DAMAGED_TEXT):
         return StoreDamaged(

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.atomic import write_atomic
 from engine.store import pid_alive
 
 JOBS_DIR = "jobs"
@@ -125,9 +126,7 @@ def launch(run_dir, name: str, argv: list[str], env: dict | None = None) -> JobS
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it exits (no zombie)
-    tmp = record_path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps({"pid": proc.pid, "started": time.time(), "argv": list(argv)}))
-    tmp.replace(record_path)
+    write_atomic(record_path, json.dumps({"pid": proc.pid, "started": time.time(), "argv": list(argv)}))
     return state(run_dir, name)
 
 
@@ -138,7 +137,7 @@ def cancel(run_dir, name: str) -> bool:
         return False
     record_path, _ = _paths(run_dir, name)
     record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps({**record, "cancelled": True}))
+    write_atomic(record_path, json.dumps({**record, "cancelled": True}))  # a reader never sees half a record
     try:
         os.killpg(current.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):

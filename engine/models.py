@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from engine import config as cfg
+from engine import load_checks
 from engine.config import ModelSpec
 from engine.errors import ModelLoadError, UnsupportedArchitecture
 from engine.hub import hub_reachable
@@ -323,20 +324,27 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     device_kwargs, move_to = _device_kwargs(spec.device)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, local_files_only=local_only)
     path, gguf = pretrained_args(source)
+    if not gguf:
+        load_checks.check_weight_files(source)  # a damaged or truncated safetensors file, named before loading
     try:
         config = AutoConfig.from_pretrained(path, **common, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **common, **gguf, **device_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
+                                                           **common, **gguf, **device_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **common, **gguf)
     except (OSError, ValueError, KeyError, NotImplementedError, TypeError) as e:
         if gguf:
             raise _gguf_error(source, e) from e
         if isinstance(e, (NotImplementedError, TypeError)):
-            raise
+            raise load_checks.loading_failure(spec.name, source, e) or e
         raise _load_error(spec, source, local_only, e) from e
+    except Exception as e:  # weights transformers could not read (damaged file, shapes): named, else a bug
+        raise load_checks.loading_failure(spec.name, source, e) or e
     if gguf:
         from engine.presets import drop_gguf_quantizer
 
         drop_gguf_quantizer(model)  # dequantized weights: a plain model (save_pretrained works, export too)
+    load_checks.check_loading_info(spec.name, source, info, model)  # weights cover the config, shapes as it says
+    load_checks.check_tokenizer_fits(spec.name, tokenizer, model)
     if move_to is not None:
         model.to(move_to)
     loaded = wrap_model(model, tokenizer, spec, identity)

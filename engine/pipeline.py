@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import validate
+from engine import atomic, validate
 from engine.config import (INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec,
                            RunSpec, stable_hash)
 from engine.errors import EstimationError, InputError, WorkbenchError
@@ -599,6 +599,7 @@ def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = Eval
 
 def status(cache_dir=None) -> list[dict]:
     """One dict per run store under cache_dir (see store.RunSummary), most recent first."""
+    validate.check_cache_dir(cache_dir)  # a regular file: exit 5, as `sample` says
     root = Path(cache_dir) if cache_dir is not None else None
     return [dataclasses.asdict(s) for s in list_runs(root)]
 
@@ -875,9 +876,11 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
     else:
         raise InputError(f"unknown export format {fmt!r}; choose folder or gguf.")
     if run is None:
-        validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
-                           cache_dir=cache_dir)
+        facts = validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
+                                   cache_dir=cache_dir)
+        validate.check_removed(removed, facts.n_layers if facts else None)  # ids before any load or measurement
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
+    validate.check_removed(removed, run.n_layers)
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed, fmt=fmt, quant=quant)
     k = default_remove(method, run.n_layers)
@@ -1093,7 +1096,12 @@ def _load(spec: RunSpec, evaluation: EvalSpec, weights: bool = True):
         from engine.distributed import driver_model
 
         lm = driver_model(spec.model)
-    return lm, make_windows(lm.tokenizer, spec.data)
+    windows = make_windows(lm.tokenizer, spec.data)
+    if weights:
+        from engine.load_checks import check_ids_fit
+
+        check_ids_fit(spec.model.name, windows.input_ids, lm.model, spec.data.source)
+    return lm, windows
 
 
 def heldout_predictions(run: OpenRun, method: MethodSpec) -> dict | None:
@@ -1147,6 +1155,8 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     from engine.estimators import get as estimator
 
     ESTIMATOR_LABEL = lambda name: estimator(name).label  # noqa: E731
+    if out_html is not None:
+        atomic.check_output_file(out_html, "--out")  # a folder, a dangling link, a long name: before the work
     run = run or open_run(spec, cache_dir, evaluation, create=False)
     decisions = stored(run, "decisions", method)
     k = default_remove(method, run.n_layers)
@@ -1195,7 +1205,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     }
     _put(run, "summary", method, run.store, record)
     if out_html is not None:
-        Path(out_html).write_text(summary_lib.to_html(record), encoding="utf-8")
+        atomic.write_atomic(out_html, summary_lib.to_html(record))  # a kill or a full disk leaves no half file
         record = {**record, "html": str(out_html)}
     return record
 
@@ -1267,6 +1277,8 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
     2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes."""
     from engine import method as method_lib
 
+    if csv_path is not None:
+        atomic.check_output_file(csv_path, "--csv")  # before any fit
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     key = _interaction_key(method, index, fit_on, surrogate, folds)
@@ -1300,8 +1312,7 @@ def write_interactions_csv(result: dict, path) -> Path:
     import csv
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    with atomic.open_atomic(path, "w", newline="") as fh:  # temp file beside + rename; errors name the path
         w = csv.writer(fh)
         w.writerow(["i", "j", "kind", "value", "stderr"])
         for p in result["pairs"]:

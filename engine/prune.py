@@ -25,7 +25,10 @@ Contract of `prune_model(lm, removed, out_dir, ...)`:
   the manifest are written (the manifest last) and the folder is renamed to `out_dir`. A kill
   at any point leaves either no `out_dir` (a previous export stays until the final swap) or a
   complete, verified one; leftover temporary siblings of dead processes are removed by the next
-  export to the same path. The check's child process dies with its parent (PR_SET_PDEATHSIG on
+  export to the same path, and the partial folders (with their marker) of dead exports to other
+  names by the next export into the same parent folder. `--out` is checked up front
+  (`check_export_path`): a symbolic link, a name too long for the temporary sibling, a file
+  where a parent folder should be, an unwritable parent. The check's child process dies with its parent (PR_SET_PDEATHSIG on
   Linux, a parent-pid watchdog elsewhere). OS failures (disk full, read-only) are raised as
   engine.errors environment errors naming the path; the temporary folder is removed.
 - Written: safetensors weights, config.json, generation_config.json, the tokenizer,
@@ -175,6 +178,7 @@ def check_export_folder(out_dir, overwrite: bool, source=None) -> list[str]:
     Returns the file names a previous export listed (what overwrite would replace). `source`:
     the model's own folder, which is never overwritten."""
     out_dir = Path(out_dir)
+    check_export_path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file; choose a folder path for the export.")
     if source is not None and out_dir.exists() and Path(source).exists() and out_dir.resolve() == Path(source).resolve():
@@ -196,6 +200,28 @@ def check_export_folder(out_dir, overwrite: bool, source=None) -> list[str]:
         return list(json.loads(manifest.read_text())["files"])
     except (ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{manifest} is unreadable ({e}); delete the folder yourself or choose another.") from e
+
+
+_SIBLING_RESERVE = len("..replaced-4194304-0123abcd")  # what _sibling adds to the folder's name
+
+
+def check_export_path(out_dir: Path) -> None:
+    """ExportError (exit 2) or ReadOnlyLocation (exit 5) for an --out that would fail only at the end:
+    a symbolic link (the final rename would replace the link, not fill its target), a name too long
+    for the temporary sibling, a file where a parent folder should be, an unwritable parent."""
+    from engine.atomic import check_name_lengths, check_writable_folder, existing_ancestor
+
+    check_name_lengths(out_dir, "--out", reserve=_SIBLING_RESERVE)  # first: stat() itself fails on such a name
+    if out_dir.is_symlink():
+        target = os.readlink(out_dir)
+        state = "an existing folder" if out_dir.is_dir() else "a path that does not exist"
+        raise ExportError(f"--out {out_dir} is a symbolic link to {target} ({state}); exports are renamed into "
+                          f"place, which would replace the link. Pass the real folder ({out_dir.resolve()}) or a "
+                          "new path.")
+    parent = existing_ancestor(out_dir)
+    if not parent.is_dir():
+        raise ExportError(f"--out {out_dir}: {parent} is a file, not a folder; choose a path inside a folder.")
+    check_writable_folder(parent, "--out", out_dir)
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:
@@ -242,6 +268,25 @@ def sweep_leftovers(out_dir) -> list[Path]:
         else:
             _delete_listed(p)
         removed.append(p)
+    return removed + _sweep_other_partials(out_dir)
+
+
+def _sweep_other_partials(out_dir: Path) -> list[Path]:
+    """Partial folders of dead exports to other names in the same parent folder: only ours (the
+    marker inside names the folder's pid and target), only when their writer is gone."""
+    removed = []
+    for p in out_dir.parent.glob(".*.partial-*-*"):
+        if p.name.startswith(f".{out_dir.name}.") or not p.is_dir() or p.is_symlink() or not _owner_dead(p):
+            continue
+        try:
+            marker = json.loads((p / PARTIAL_MARKER).read_text())
+            pid = int(re.search(r"\.partial-(\d+)-[0-9a-f]{8}$", p.name).group(1))
+            ours = marker.get("pid") == pid and p.name.startswith(f".{Path(marker['out']).name}.partial-")
+        except (OSError, ValueError, AttributeError, TypeError):
+            ours = False
+        if ours:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
@@ -588,11 +633,11 @@ def zip_export(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     if not (out_dir / MANIFEST).is_file():
         raise ExportError(f"{out_dir} holds no {MANIFEST}; export a model there first.")
     dest = Path(dest) if dest is not None else out_dir.with_name(out_dir.name + ".zip")
-    tmp = dest.with_name(dest.name + ".partial")
-    with zipfile.ZipFile(tmp, "w") as zf:
+    from engine.atomic import open_atomic
+
+    with open_atomic(dest, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:  # temp beside + rename; errors name dest
         for p in sorted(out_dir.iterdir()):
             if p.is_file():
                 method = zipfile.ZIP_STORED if p.suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
                 zf.write(p, arcname=f"{out_dir.name}/{p.name}", compress_type=method)
-    tmp.replace(dest)
     return dest

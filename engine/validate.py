@@ -24,6 +24,7 @@ from pathlib import Path
 
 from engine.config import ModelSpec, RunSpec
 from engine.errors import EnvironmentFault, InputError, ModelLoadError, NonFiniteModel
+from engine.load_checks import check_weight_files
 
 COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -48,6 +49,7 @@ def model_facts(spec: ModelSpec) -> ModelFacts | None:
     folder = Path(source)
     if folder.is_dir():
         _check_tokenizer_files(spec, folder)
+        check_weight_files(folder)  # a damaged or truncated safetensors file, named before any loading
     path, gguf = pretrained_args(source)  # a .gguf file: its metadata is the config, its tokenizer inside
     try:
         from transformers import AutoConfig
@@ -89,6 +91,9 @@ def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite:
               cache_dir=None) -> ModelFacts | None:
     """Refuse bad options before any model is loaded (see the module contract)."""
     check_cache_dir(cache_dir)
+    from engine.data import check_source
+
+    check_source(spec.data.source)  # a folder or a missing file, before the model is read
     first = spec.sampling.first_windows
     if first and first >= spec.data.n_windows:
         raise InputError(f"--first-windows {first}: the run has {spec.data.n_windows} calibration windows, so a first "
@@ -120,10 +125,42 @@ def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite:
     return facts
 
 
+def check_removed(removed, n_layers: int | None) -> None:
+    """InputError unless every id of `removed` (None: nothing to check) is a layer 0..n_layers-1, once each,
+    and at least one layer is kept; with `n_layers` None only negative ids and duplicates are refused."""
+    if removed is None:
+        return
+    ids = [int(i) for i in removed]
+    top = f"0..{n_layers - 1}" if n_layers else "0 or more"
+    bad = [i for i in ids if i < 0 or (n_layers is not None and i >= n_layers)]
+    if bad:
+        raise InputError(f"--removed {','.join(map(str, ids))}: layer {', '.join(map(str, bad))} does not exist; the "
+                         f"model's layers are {top} (0-based).")
+    if len(set(ids)) != len(ids):
+        raise InputError(f"--removed {','.join(map(str, ids))} names a layer twice; list each layer once.")
+    if n_layers is not None and len(ids) >= n_layers:
+        raise InputError(f"--removed {','.join(map(str, ids))} removes all {n_layers} layers; keep at least one.")
+
+
 def check_cache_dir(cache_dir) -> None:
-    """EnvironmentFault when the cache directory path is a file (it is created when missing)."""
-    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+    """EnvironmentFault when the cache directory path (or, without one, $LAYERPRUNE_CACHE) is a file."""
+    if cache_dir is None:
+        import os
+
+        from engine.config import default_cache_dir
+
+        if "LAYERPRUNE_CACHE" in os.environ and default_cache_dir().is_file():
+            raise EnvironmentFault(f"$LAYERPRUNE_CACHE {default_cache_dir()} is a file; point it at a folder or "
+                                   "pass --cache-dir FOLDER (it is created if missing).")
+        return
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise EnvironmentFault(f"--cache-dir {cache_dir} is a file; pass a folder (it is created if missing).")
+    from engine.atomic import existing_ancestor
+
+    above = existing_ancestor(Path(cache_dir))
+    if not Path(cache_dir).exists() and not above.is_dir():
+        raise EnvironmentFault(f"--cache-dir {cache_dir}: {above} is a file, so the folder cannot be created; "
+                               "pass a folder path.")
 
 
 def check_full_perplexity(lm, windows, ppl_full: float) -> None:

@@ -41,6 +41,7 @@ def pytest_runtest_makereport(item, call):
     rec = _RECORDS.get(item.nodeid, Record())
     line = {"case": item.nodeid.split("::", 1)[-1], "file": item.nodeid.split("::", 1)[0], "outcome": report.outcome,
             "seconds": round(report.duration, 2), "samples_lost": rec.samples_lost, "tracebacks": rec.tracebacks,
+            "wrong_results": rec.wrong_results,
             "commands": rec.commands}
     with open(target, "a") as fh:
         fh.write(json.dumps(line) + "\n")

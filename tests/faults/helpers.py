@@ -1,8 +1,9 @@
 """Helpers of the fault matrix: tiny saved models, CLI runners that count tracebacks, mounts.
 
 Every case records what `python -m bench.faults` reports: `samples_lost` (rows committed before
-a fault and missing after the recovery) and `tracebacks` (Python tracebacks printed by any
-command the case ran). With $LAYERPRUNE_FAULTS_REPORT set, one JSON line per test goes there.
+a fault and missing after the recovery), `tracebacks` (Python tracebacks printed by any
+command the case ran) and `wrong_results` (a command that exited 0 where it should have refused:
+a model or number it should not have produced). With $LAYERPRUNE_FAULTS_REPORT set, one JSON line per test goes there.
 Full disks and read-only caches use a tmpfs mount when this process may mount (root, Linux),
 and otherwise the patched variants of the same cases.
 """
@@ -55,6 +56,7 @@ class Record:
     def __init__(self):
         self.samples_lost = 0
         self.tracebacks = 0
+        self.wrong_results = 0  # commands that exited 0 with a model or number they should not have produced
         self.commands = 0
 
     def saw(self, *texts: str) -> None:

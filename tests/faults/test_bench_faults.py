@@ -15,4 +15,5 @@ def test_bench_faults_reports_cases_and_counts():
     result = json.loads(lines[-1])
     assert result["cases"] == result["passed"] == 5
     assert result["samples_lost"] == 0 and result["tracebacks"] == 0 and result["failed"] == 0
+    assert result["wrong_results"] == 0
     assert lines[0].split()[:2] == ["case", "outcome"] and sum("passed" in line for line in lines[1:-2]) == 5
