@@ -70,6 +70,9 @@ def test_gguf_file_and_folder_load_with_the_folder_perplexity(model_files, capsy
     assert gg["identity"] == f"gguf:{size}:{fetch.sha256_file(model_files / 'one' / 'tiny.gguf')}"
     code, human = _info(capsys, model_files / "one" / "tiny.gguf", model_files)
     assert code == 0 and "llama" in human
+    from engine.validate import model_facts  # the checks before loading read the GGUF's metadata
+
+    assert model_facts(ModelSpec(name=str(model_files / "one" / "tiny.gguf"))).n_layers == L
 
 
 def test_gguf_loaded_model_is_a_plain_model(model_files, tmp_path):
