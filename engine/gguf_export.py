@@ -267,7 +267,8 @@ def export_gguf(lm, removed: Iterable[int], out, quant: str = "f32", manifest_ex
         finally:
             model.train(was_training)
         param = next(model.parameters())
-        raw = verify_exports([(tmp, verify_windows)], dtype=torch.float32, device=param.device, work_dir=out.parent)[0]
+        # Read back in the model's dtype on its device: the same kernels as the in-memory perplexity.
+        raw = verify_exports([(tmp, verify_windows)], dtype=param.dtype, device=param.device, work_dir=out.parent)[0]
         exp = expected_ppl if quant == "f32" else None  # the masked perplexity: the same model only at f32
         result = judge(raw, ppl_in_memory, len(kept), exp, QUANT_RTOL[quant])
         if not result.ok:
