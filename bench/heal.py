@@ -32,17 +32,28 @@ def _sets(args, lm, windows, ks) -> dict[tuple[str, int], tuple[int, ...]]:
     from engine import pipeline
     from engine.baselines import run_baseline
     from engine.config import EvalSpec, MethodSpec, RunSpec, SamplingSpec
+    from engine.errors import WorkbenchError
 
     spec = RunSpec(model=dataclasses.replace(RunSpec().model, name=args.model),
-                   data=dataclasses.replace(RunSpec().data, source=args.data),
+                   data=dataclasses.replace(RunSpec().data, source=args.data, seq_len=args.seq_len),
                    sampling=SamplingSpec(n_masks=args.n_masks))
     method = MethodSpec(remove=max(ks))
-    r = pipeline.run_all(spec, method, cache_dir=args.cache_dir, progress=False, evaluation=EvalSpec(threads=args.threads))
-    sets = {(PRODUCT, d["k"]): tuple(d["removed"]) for d in r["by_k"] if d["k"] in ks}
+    evaluation = EvalSpec(threads=args.threads)
+    try:  # the run's stored decisions when current (what `engine run --remove K` stored), else the whole run
+        run = pipeline.open_run(spec, args.cache_dir, evaluation, create=False, loaded=(lm, windows))
+        art = pipeline.stored(run, "decisions", method)
+    except WorkbenchError:
+        art = None
+    if art is None or art["stale"] or not set(ks) <= set(art["ks"]):
+        r = pipeline.run_all(spec, method, cache_dir=args.cache_dir, progress=False, evaluation=evaluation)
+        run_id, by_k = r["run_id"], r["by_k"]
+    else:
+        run_id, by_k = run.run_id, art["decisions"]
+    sets = {(PRODUCT, d["k"]): tuple(d["removed"]) for d in by_k if d["k"] in ks}
     for name in args.baselines:
         b = run_baseline(name, lm, windows, k_max=max(ks))
         sets.update({(name, k): tuple(int(i) for i in b.removed(k)) for k in ks})
-    return sets, r["run_id"]
+    return sets, run_id
 
 
 def _heal_one(args, removed, hw, evals, spec):
@@ -75,7 +86,7 @@ def run(args) -> dict:
     t0 = time.monotonic()
     torch.set_num_threads(args.threads)
     lm = load_model(ModelSpec(name=args.model))
-    data = DataSpec(source=args.data)
+    data = DataSpec(source=args.data, seq_len=args.seq_len)
     windows = make_windows(lm.tokenizer, data)
     ks = sorted(set(args.ks))
     sets, run_id = _sets(args, lm, windows, ks)
@@ -150,7 +161,7 @@ def _table(args, rows, ks, splits, spec, run_id, seconds, t_sets) -> list[str]:
     pct = f"{args.level:.0%}"
     lines = [
         f"# Healing after pruning on {args.model} (LoRA r={spec.rank}, {spec.steps} steps, lr {spec.lr:g}, batch "
-        f"{spec.batch} x 128 tokens of {args.data}, seed {spec.seed})", "",
+        f"{spec.batch} x {args.seq_len} tokens of {args.data}, seed {spec.seed})", "",
         f"Command: `python -m bench.heal {' '.join(args.argv)}` ({seconds:.0f} s wall in all, {t_sets:.0f} s of it for "
         f"the run {run_id} and the baselines; 2 CPU cores shared with other sessions, one torch thread).", "",
         f"`product`: the set `engine run` decides (default settings, {args.n_masks} masks); baselines: the two "
@@ -163,7 +174,7 @@ def _table(args, rows, ks, splits, spec, run_id, seconds, t_sets) -> list[str]:
     ]
     for name in splits:
         sub = [r for r in rows if r["split"] == name]
-        lines += [f"## {name} ({sub[0]['n_windows']} windows of 128 tokens, full model {sub[0]['ppl_full']:.2f})", "",
+        lines += [f"## {name} ({sub[0]['n_windows']} windows of {args.seq_len} tokens, full model {sub[0]['ppl_full']:.2f})", "",
                   "| k | method | removed | pruned | healed | healed/pruned | recovered | vs product healed | steps | "
                   "train s |", "|---:|---|---|---:|---:|---|---:|---|---:|---:|"]
         for r in sub:
@@ -184,7 +195,8 @@ def parse(argv=None):
     p.add_argument("--model", default="demo")
     p.add_argument("--data", default="demo", help="calibration and healing text")
     p.add_argument("--eval-data", nargs="*", default=None, help="held-out texts (default demo-test demo-ood)")
-    p.add_argument("--eval-windows", type=int, default=128, help="windows of 128 tokens per held-out text (0: all)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (calibration, healing, held-out)")
+    p.add_argument("--eval-windows", type=int, default=128, help="windows per held-out text (0: all)")
     p.add_argument("--ks", type=int, nargs="*", default=[4, 8])
     p.add_argument("--baselines", nargs="*", default=list(BASELINES))
     p.add_argument("--n-masks", type=int, default=256, help="masks of the product's run")
