@@ -60,7 +60,7 @@ def test_a_few_lora_steps_lower_the_training_loss_and_leave_removed_layers_alone
 def test_merged_export_reloads_with_plain_transformers_and_equals_the_in_memory_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.prune import MANIFEST, prune_model, pruned_view
+    from engine.prune import MANIFEST, pruned_view
 
     model_dir, text = _tiny(tmp_path)
     out = tmp_path / "healed"
@@ -87,9 +87,9 @@ def test_merged_export_reloads_with_plain_transformers_and_equals_the_in_memory_
     with torch.no_grad():
         theirs = reloaded(x, use_cache=False).logits
     assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
-    # a second export of the same lm (via prune_model) to check equality is really measured
-    res = prune_model(lm, [1], tmp_path / "again", verify_windows=x)
-    assert res.verification.ok
+    unhealed = load_model(ModelSpec(name=str(model_dir)))  # the comparison can fail: healing changed the logits
+    with torch.no_grad(), pruned_view(unhealed.model, unhealed.adapter, [0, 2, 3]):
+        assert not torch.allclose(unhealed.model(x, use_cache=False).logits, theirs, rtol=1e-4, atol=1e-5)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -101,8 +101,7 @@ def _checkpoint_step(path: Path) -> int:
 
 def test_killed_heal_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
     model_dir, text = _tiny(tmp_path)
-    steps = ["--removed", "2", "--steps", "400", "--checkpoint-every", "10", "--batch", "16", "--heal-seq-len", "64",
-             "--lr", "3e-3"]
+    steps = ["--removed", "2", "--steps", "150", "--checkpoint-every", "5", "--heal-seq-len", "32", "--lr", "3e-3"]
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "engine", *_heal_args(model_dir, text, cache, *steps), "--json"],
@@ -111,20 +110,20 @@ def test_killed_heal_resumes_from_its_checkpoint_and_matches_an_uninterrupted_ru
     killed_at = 0
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((cache / "heal").glob("*/checkpoint.pt")) if (cache / "heal").exists() else []
-        if found and (killed_at := _checkpoint_step(found[0])) >= 20:
+        if found and (killed_at := _checkpoint_step(found[0])) >= 10:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the healing finished before it could be killed"
-    assert 20 <= killed_at < 400
+    assert 10 <= killed_at < 150
 
     rerun = subprocess.run([sys.executable, "-m", "engine", *_heal_args(model_dir, text, cache, *steps), "--json"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert resumed["resumed_from"] >= killed_at and resumed["resumed_from"] % 10 == 0
-    assert resumed["steps"] == 400 and resumed["steps_run"] == 400 - resumed["resumed_from"]
+    assert resumed["resumed_from"] >= killed_at and resumed["resumed_from"] % 5 == 0
+    assert resumed["steps"] == 150 and resumed["steps_run"] == 150 - resumed["resumed_from"]
 
     whole = _run_json(_heal_args(model_dir, text, tmp_path / "other-cache", *steps))
     assert whole["resumed_from"] == 0
@@ -207,3 +206,20 @@ def test_an_export_folder_is_healed_as_it_is(tmp_path):
     rows = summary.heal_rows(r)
     assert len(rows) == 1 and rows[0][3] == f"{r['ppl_after']:,.2f}" and "held back" in rows[0][0]
     assert "4 LoRA steps" in summary.heal_caption(r) and "passed" in summary.heal_caption(r)
+
+
+def test_remove_k_heals_the_runs_decision_and_stores_it_for_the_summary_page(tmp_path):
+    from engine import pipeline
+    from engine.store import RunStore
+
+    model_dir, text = _tiny(tmp_path, n_layers=6)
+    run = ["--model", str(model_dir), "--data", str(text), "--windows", "2", "--seq-len", "16", "--cache-dir",
+           str(tmp_path / "cache"), "--scheme", "size-uniform", "--masks", "24"]
+    assert cli.main(["sample", *run]) == 0
+    run += ["--surrogate", "ridge-pairwise", "--ensemble", "2", "--threads", "1"]
+    decided = _run_json(["prune", *run, "--remove", "2"])
+    healed = _run_json(["heal", *run, "--remove", "2", "--steps", "4", "--held-back", "4", "--eval-windows", "4"])
+    assert healed["removed"] == decided["removed"] and healed["rule"] == decided["method"]
+    assert healed["run_id"] == decided["run_id"] and healed["steps"] == 4
+    stored = RunStore(tmp_path / "cache", healed["run_id"]).get_artifact(pipeline.heal_name(healed["removed"], 6))
+    assert stored["ppl_after"] == healed["ppl_after"] and stored["out"] is None
