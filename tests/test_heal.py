@@ -223,3 +223,21 @@ def test_remove_k_heals_the_runs_decision_and_stores_it_for_the_summary_page(tmp
     assert healed["run_id"] == decided["run_id"] and healed["steps"] == 4
     stored = RunStore(tmp_path / "cache", healed["run_id"]).get_artifact(pipeline.heal_name(healed["removed"], 6))
     assert stored["ppl_after"] == healed["ppl_after"] and stored["out"] is None
+
+
+def test_bench_heal_at_tiny_size_writes_the_table_and_json(tmp_path, capsys):
+    from bench import heal as bench_heal
+
+    model_dir, text = _tiny(tmp_path)
+    r = bench_heal.main(["--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--ks", "1", "2",
+                         "--n-masks", "10", "--steps", "3", "--cache-dir", str(tmp_path / "cache"),
+                         "--out", str(tmp_path / "results"), "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["steps"] == 3 and {row["method"] for row in last["rows"]} == {"product", "block-influence", "sleb"}
+    assert {row["k"] for row in last["rows"]} == {1, 2} and all(row["steps"] == 3 for row in r["rows"])
+    table = (tmp_path / "results" / "heal.md").read_text()
+    assert "Command: `python -m bench.heal" in table and "| 2 | sleb |" in table
+    product = [row for row in last["rows"] if row["method"] == "product"]
+    assert all(row["healed_vs_product_healed"] == 1.0 for row in product)
+    assert all(row["healed_over_pruned_low"] <= row["healed_over_pruned"] <= row["healed_over_pruned_high"]
+               for row in last["rows"])
