@@ -77,10 +77,9 @@ def run(args) -> dict:
     import torch
 
     from engine import heal as heal_lib
-    from engine.config import HEAL_STEPS, DataSpec, HealSpec
+    from engine.config import HEAL_STEPS, DataSpec, HealSpec, ModelSpec
     from engine.data import load_text, make_windows
     from engine.models import load_model
-    from engine.config import ModelSpec
     from engine.uncertainty import compare_candidates
 
     t0 = time.monotonic()

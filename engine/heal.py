@@ -30,7 +30,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -67,7 +67,6 @@ class HealOutcome:
     seconds: float  # training time of this call
     trainable_params: int
     target_modules: tuple[str, ...]  # module names (pruned numbering) that got an adapter
-    finished: bool = True
 
     @property
     def loss_first(self) -> float:

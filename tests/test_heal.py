@@ -18,7 +18,7 @@ import torch
 
 from conftest import build_tiny_lm, byte_tokenizer, save_tiny_llama, write_words
 from engine import cli, heal as heal_lib
-from engine.config import DEMO_DATA, HealSpec, SpecError
+from engine.config import HealSpec, SpecError
 from engine.data import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
