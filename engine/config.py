@@ -315,6 +315,60 @@ class EvalSpec:
         _at_least("workers", self.workers, 1)
 
 
+# `engine heal` defaults (bench/README.md, Healing). The field's recipe (Shortened LLaMA, the paper's code):
+# LoRA r=8, alpha 16, dropout 0.05 on every linear layer of the decoder, lr 1e-4, ~2 epochs of an
+# instruction set. HEAL_LR: on the demo model without layers 2, 3, 4, 6, 150 steps of 8 x 128 tokens took
+# demo-test perplexity from 42.10 (full 34.84) to 41.05 at lr 1e-4, 39.66 at 3e-4, 39.33 at 1e-3
+# (python -m bench.heal_lr; README.md, Healing): the recipe's 1e-4 is for 7B models and thousands of steps.
+HEAL_LR = 1e-3
+HEAL_STEPS = 300  # when neither --steps nor --epochs is given
+
+
+@dataclass(frozen=True)
+class HealSpec:
+    """LoRA healing of a pruned model (engine/heal.py): the text, the adapter and the training budget.
+
+    `steps` and `epochs` are alternatives (None for both: HEAL_STEPS); `seq_len` None: the calibration
+    windows' length. The checkpoint of a run of these settings lives in the cache (resumed after a kill)."""
+
+    data: str | None = option(None, "text to heal on (default: the calibration text --data); refused when it "
+                              "overlaps a held-out text (demo-test, demo-ood, --eval-data)", flag="--heal-data")
+    rank: int = option(8, "LoRA rank r (the field's recipe: 8)")
+    alpha: float | None = option(None, "LoRA alpha (default 2 x rank, the recipe's 16 for r = 8)")
+    dropout: float = option(0.05, "LoRA dropout (the recipe's 0.05)", flag="--lora-dropout")
+    steps: int | None = option(None, f"optimizer steps (default {HEAL_STEPS} unless --epochs is given)")
+    epochs: float | None = option(None, "passes over the healing text's training windows, instead of --steps")
+    lr: float = option(HEAL_LR, "peak learning rate (AdamW; 5%% linear warm-up, then linear decay to 0)")
+    seq_len: int | None = option(None, "tokens per training window (default: --seq-len)", flag="--heal-seq-len")
+    batch: int = option(8, "training windows per step")
+    seed: int = option(0, "LoRA initialisation, window order and dropout", flag="--heal-seed")
+    held_back: int = option(16, "windows of the healing text held back from training: ppl_before / ppl_after "
+                            "are measured there")
+    eval_windows: int = option(64, "windows of each held-out text (--eval-data, demo-test, demo-ood) measured "
+                               "before and after healing")
+    checkpoint_every: int = option(25, "steps between checkpoints of the adapter and optimizer in the cache")
+    allow_overlap: bool = option(False, "heal even when the healing text overlaps a held-out text (a warning "
+                                 "instead of a refusal)")
+
+    def __post_init__(self):
+        for name in ("rank", "steps", "batch", "seq_len", "held_back", "eval_windows", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 1 if name != "seq_len" else 2)
+        if self.steps is not None and self.epochs is not None:
+            raise SpecError("give --steps or --epochs, not both.", "epochs", "cannot be given with --steps.")
+        for name in ("lr", "epochs", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                need = f"must be positive; got {value}."
+                raise SpecError(f"{name} {need}", name, need)
+        if not 0 <= self.dropout < 1:
+            need = f"must be a fraction in [0, 1); got {self.dropout}."
+            raise SpecError(f"dropout {need}", "dropout", need)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What identifies a run store: the model, the calibration data and how masks are sampled.

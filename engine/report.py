@@ -188,6 +188,28 @@ def export_summary(r: dict) -> str:
             f"generate with KV cache {'ok' if v.get('ok') else 'FAILED'}")
 
 
+def heal_summary(r: dict) -> str:
+    """Layers, budget, perplexity full / pruned / healed per text with the paired ratio interval, export."""
+    resumed = f", resumed from step {r['resumed_from']}" if r["resumed_from"] else ""
+    lines = [f"healed {r['model']} without layers {r['removed']} of {r['n_layers']} ({r['rule']}): {r['steps']} LoRA "
+             f"steps on {r['heal_data']} ({r['n_train_windows']} training windows){resumed}, {r['train_seconds']:.0f} s; "
+             f"training loss {_num(r['loss_first'], 3)} -> {_num(r['loss_last'], 3)}"]
+    rows = {f"{r['heal_data']} (held back)": r["held_back"], **r["heldout"]}
+    for name, v in rows.items():
+        rec = "" if v.get("recovered") is None else f", {v['recovered']:.0%} of the loss recovered"
+        lines.append(f"perplexity {name}: full {_num(v['ppl_full'], 2)}, pruned {_num(v['ppl_before'], 2)} -> healed "
+                     f"{_num(v['ppl_after'], 2)} (x{v['ratio']:.3f}, {v['level']:.0%} interval {v['ratio_low']:.3f}-"
+                     f"{v['ratio_high']:.3f}, {v['n_windows']} windows){rec}")
+    lines += [f"warning: {w}" for w in r.get("warnings", [])]
+    if r.get("out"):
+        v = r.get("verification") or {}
+        lines.append(f"exported to {r['out']}: reloaded in a fresh process, ppl {_num(v.get('ppl_reloaded'), 4)}, "
+                     f"check {'passed' if r.get('verified') else 'FAILED'}")
+    else:
+        lines.append("not exported (give --out FOLDER to write the healed model)")
+    return "\n".join(lines)
+
+
 def report_summary(r: dict) -> str:
     f, p = r["footprint"]["full"], r["footprint"]["pruned"]
     lines = [f"{r['model']}: removed layers {r['removed']} of {r['n_layers']} ({r['rule']})"]
@@ -252,4 +274,5 @@ def candidates_summary(r: dict) -> str:
 
 
 SUMMARIES = {"report": report_summary, "export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
-             "baselines": baseline_summary, "interactions": interactions_summary, "candidates": candidates_summary}
+             "baselines": baseline_summary, "interactions": interactions_summary, "candidates": candidates_summary,
+             "heal": heal_summary}

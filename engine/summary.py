@@ -173,3 +173,28 @@ Figures measured on {esc(summary['machine'])}.</p>
 <h2>Generation (greedy) for: <i>{esc(gen.get('prompt', ''))}</i></h2>
 <h3>full model</h3><pre>{esc(gen.get('full', ''))}</pre><h3>pruned model</h3><pre>{esc(gen.get('pruned', ''))}</pre>
 </body></html>"""
+
+
+# ---------------------------------------------------------------- healing (the `heal` record, pipeline.heal)
+
+HEAL_HELP = "the defaults of engine heal: r = 8, the calibration text"
+HEAL_COLUMNS = ["text", "full model", "pruned", "healed", "healed / pruned (interval)", "recovered"]
+
+
+def heal_rows(record: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """One row per text of a `heal` record: perplexity full / pruned / healed, the paired ratio, recovery."""
+    texts = {f"{record['heal_data']} (held back)": record["held_back"], **record["heldout"]}
+    out = []
+    for name, v in texts.items():
+        rec = "n/a" if v.get("recovered") is None else f"{v['recovered']:.0%}"
+        out.append((f"{name} ({v['n_windows']} windows)", _fmt(v["ppl_full"]), _fmt(v["ppl_before"]),
+                    _fmt(v["ppl_after"]), f"{v['ratio']:.3f} ({v['ratio_low']:.3f}-{v['ratio_high']:.3f}, "
+                    f"{v['level']:.0%})", rec))
+    return out
+
+
+def heal_caption(record: dict) -> str:
+    where = f"exported to {record['out']} (reload check {'passed' if record.get('verified') else 'FAILED'})" \
+        if record.get("out") else "not exported"
+    return (f"{record['steps']} LoRA steps (r = {record['settings']['rank']}, lr {record['settings']['lr']:g}) on "
+            f"{record['heal_data']}, {record['train_seconds']:.0f} s of training; {where}.")

@@ -4,9 +4,12 @@ perplexity against layers removed for the method and the stored baselines, the H
 side-by-side generation for a prompt typed here.
 
 Reads the summary stored for the settings on screen (`python -m engine report`, or Build summary
-here, a background job); generation runs in this process, streamed.
+here, a background job); generation runs in this process, streamed. Healing: the `heal` record stored
+for the decided set (`python -m engine heal --remove K`, or Heal here, a background job) shows the
+perplexity of the pruned and the healed model side by side.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +73,20 @@ st.plotly_chart(summary.ppl_curve(s), key="ppl_curve")
 if report_path.is_file():
     st.download_button("Download the HTML report", report_path.read_bytes(), file_name=f"pruning-{run.run_id}.html",
                        mime="text/html")
+
+st.subheader("After healing (LoRA)")
+heal_out = Path(run.store.dir) / f"healed-k{k}"
+_ui.job_panel(run, "heal", "Heal", dataclasses.replace(mspec, remove=k),
+              extra=("--out", str(heal_out), "--overwrite"),
+              help=f"LoRA on every linear layer of the kept layers ({summary.HEAL_HELP}), then a verified export "
+                   f"to {heal_out} (background job; resumes after a cancel)")
+healed = run.store.get_artifact(pipeline.heal_name(s["removed"], L))
+if healed is None:
+    st.caption("No healing stored for this set yet.")
+else:
+    st.dataframe(pd.DataFrame(summary.heal_rows(healed), columns=summary.HEAL_COLUMNS), hide_index=True,
+                 width="stretch")
+    st.caption(summary.heal_caption(healed))
 
 st.subheader("Side by side")
 prompt = st.text_input("prompt", value=(s.get("generation") or {}).get("prompt", ""), key="summary_prompt")

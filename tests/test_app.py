@@ -351,6 +351,20 @@ def test_summary_page_builds_the_report_and_generates(demo_run):
     at.text_input(key="summary_prompt").set_value("The list").run()
     _button(at, "Generate").click().run()
     assert not at.exception
+    # healing: nothing stored yet, then (what the Heal job runs, with a tiny budget) the table
+    assert any("No healing stored" in c.value for c in at.caption) and _button(at, "Heal")
+    from engine import pipeline
+    from engine.config import HealSpec
+
+    method = at.session_state["method"]
+    healed = pipeline.heal(SPEC, dataclasses.replace(method, remove=2), HealSpec(steps=2, held_back=4, eval_windows=4),
+                           cache_dir=demo_run[0], progress=False)
+    at.run()
+    assert not at.exception
+    table = at.dataframe[-1].value
+    assert list(table.columns)[:4] == ["text", "full model", "pruned", "healed"] and len(table) == 3  # held back + 2
+    assert table["healed"].iloc[0] == f"{healed['ppl_after']:,.2f}"
+    assert any("2 LoRA steps" in c.value for c in at.caption)
 
 
 def _plotly_array(x):

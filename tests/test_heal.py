@@ -1,0 +1,243 @@
+"""LoRA healing (engine/heal.py, pipeline.heal, `engine heal`): loss goes down, the merged export
+reloads with plain transformers and equals the in-memory model, a killed run resumes from its
+checkpoint, a healing text that overlaps a held-out text is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_lm, byte_tokenizer, save_tiny_llama, write_words
+from engine import cli, heal as heal_lib
+from engine.config import HealSpec, SpecError
+from engine.data import load_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(tmp_path, n_layers=4):
+    model = save_tiny_llama(tmp_path / "model", n_layers=n_layers)
+    text = write_words(tmp_path / "words.txt", 2500)
+    return model, text
+
+
+def _heal_args(model, text, cache, *extra):
+    return ["heal", "--model", str(model), "--data", str(text), "--windows", "4", "--seq-len", "16", "--held-back", "4",
+            "--cache-dir", str(cache), *extra]
+
+
+def test_a_few_lora_steps_lower_the_training_loss_and_leave_removed_layers_alone():
+    lm = build_tiny_lm("llama", n_layers=4, tokenizer=byte_tokenizer())
+    text = " ".join(np.random.default_rng(0).choice(["layer", "mask", "prune", "token"], 1500))
+    hw = heal_lib.healing_windows(lm.tokenizer, text, 16, held_back=4, seed=0)
+    assert hw.train.shape[1] == 16 and hw.held_back.shape == (4, 16)
+    removed_layer = [p.detach().clone() for p in lm.adapter.layers(lm.model)[1].parameters()]
+    kept_before = [p.detach().clone() for p in lm.adapter.layers(lm.model)[2].parameters()]
+    mask = np.array([True, False, True, True])
+    before = heal_lib.window_losses(lm, hw.held_back, mask)
+    out = heal_lib.heal_model(lm, [0, 2, 3], hw, HealSpec(steps=30, lr=1e-2, batch=4, dropout=0.0), steps=30)
+    assert len(out.losses) == 30 and out.resumed_from == 0
+    assert np.mean(out.losses[-5:]) < np.mean(out.losses[:5])
+    after = heal_lib.window_losses(lm, hw.held_back, mask)
+    assert after[0].sum() < before[0].sum()  # held-back loss too
+    # merged: plain Linear modules again, the removed layer untouched, the kept ones changed
+    assert all(type(m).__name__ == "Linear" for n, m in lm.model.named_modules() if n.endswith("q_proj"))
+    assert all(torch.equal(a, b) for a, b in zip(removed_layer, lm.adapter.layers(lm.model)[1].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(kept_before, lm.adapter.layers(lm.model)[2].parameters()))
+    cmp = heal_lib.compare(before[:2], after[:2], before[2])
+    assert cmp["ratio_low"] <= cmp["ratio"] <= cmp["ratio_high"] and cmp["ratio"] < 1 and cmp["n_windows"] == 4
+
+
+def test_merged_export_reloads_with_plain_transformers_and_equals_the_in_memory_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.prune import MANIFEST, pruned_view
+
+    model_dir, text = _tiny(tmp_path)
+    out = tmp_path / "healed"
+    assert cli.main(_heal_args(model_dir, text, tmp_path / "cache", "--removed", "1", "--steps", "12", "--lr", "1e-2",
+                               "--out", str(out), "--json")) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["removed_layers"] == [1] and manifest["n_layers"] == 3
+    h = manifest["healing"]
+    assert h["rank"] == 8 and h["steps"] == 12 and h["lr"] == 1e-2 and h["peft"]
+    assert h["data_sha256"] == __import__("hashlib").sha256(text.read_bytes()).hexdigest()
+    assert manifest["verification"]["ok"]
+
+    # the same healing in memory, then the export's logits against the merged model's
+    from engine.config import ModelSpec
+    from engine.models import load_model
+
+    lm = load_model(ModelSpec(name=str(model_dir)))
+    hw = heal_lib.healing_windows(lm.tokenizer, text.read_text(), 16, 4, 0)
+    heal_lib.heal_model(lm, [0, 2, 3], hw, HealSpec(steps=12, lr=1e-2), steps=12)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = hw.held_back  # (4, 16)
+    with torch.no_grad(), pruned_view(lm.model, lm.adapter, [0, 2, 3]):
+        mine = lm.model(x, use_cache=False).logits
+    with torch.no_grad():
+        theirs = reloaded(x, use_cache=False).logits
+    assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    unhealed = load_model(ModelSpec(name=str(model_dir)))  # the comparison can fail: healing changed the logits
+    with torch.no_grad(), pruned_view(unhealed.model, unhealed.adapter, [0, 2, 3]):
+        assert not torch.allclose(unhealed.model(x, use_cache=False).logits, theirs, rtol=1e-4, atol=1e-5)
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    except Exception:  # not written yet, or being renamed into place
+        return 0
+
+
+def test_killed_heal_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    model_dir, text = _tiny(tmp_path)
+    steps = ["--removed", "2", "--steps", "150", "--checkpoint-every", "5", "--heal-seq-len", "32", "--lr", "3e-3"]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *_heal_args(model_dir, text, cache, *steps), "--json"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    killed_at = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((cache / "heal").glob("*/checkpoint.pt")) if (cache / "heal").exists() else []
+        if found and (killed_at := _checkpoint_step(found[0])) >= 10:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the healing finished before it could be killed"
+    assert 10 <= killed_at < 150
+
+    rerun = subprocess.run([sys.executable, "-m", "engine", *_heal_args(model_dir, text, cache, *steps), "--json"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert resumed["resumed_from"] >= killed_at and resumed["resumed_from"] % 5 == 0
+    assert resumed["steps"] == 150 and resumed["steps_run"] == 150 - resumed["resumed_from"]
+
+    whole = _run_json(_heal_args(model_dir, text, tmp_path / "other-cache", *steps))
+    assert whole["resumed_from"] == 0
+    assert whole["ppl_after"] == pytest.approx(resumed["ppl_after"], rel=1e-4)
+    assert whole["loss_last"] == pytest.approx(resumed["loss_last"], rel=1e-4)
+    assert whole["ppl_after"] < whole["ppl_before"]
+
+
+def _run_json(argv) -> dict:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli.main([*argv, "--json"])
+    assert code == 0, buf.getvalue()[-2000:]
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_healing_text_that_overlaps_a_held_out_text_is_refused_or_warned_about(tmp_path, capsys):
+    model_dir, text = _tiny(tmp_path)
+    code = cli.main(_heal_args(model_dir, text, tmp_path / "c", "--removed", "1", "--heal-data", "demo-test", "--json"))
+    assert code == 2
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert err["kind"] == "input" and "held-out" in err["message"] and "--allow-overlap" in err["message"]
+
+    # a text holding a tenth of demo-test's passages: refused by content, whatever its name
+    test = load_text("demo-test").split("\n\n")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(text.read_text() + "\n\n" + "\n\n".join(test[: len(test) // 10]))
+    with pytest.raises(heal_lib.HealDataOverlap, match="demo-test"):
+        heal_lib.check_overlap(str(mixed), mixed.read_text(), {"demo-test": load_text("demo-test")})
+    found, warnings = heal_lib.check_overlap(str(mixed), mixed.read_text(), {"demo-test": load_text("demo-test")},
+                                             allow=True)
+    assert found["demo-test"]["shared"] > 100 and len(warnings) == 1
+    # the bundled calibration text shares only boilerplate with the held-out texts: accepted
+    found, warnings = heal_lib.check_overlap("demo", load_text("demo"), {n: load_text(n) for n in ("demo-test", "demo-ood")})
+    assert not warnings and found["demo-test"]["of_heldout"] < heal_lib.OVERLAP_REFUSE
+    # --eval-data texts are held out too
+    code = cli.main(_heal_args(model_dir, text, tmp_path / "c", "--removed", "1", "--eval-data", str(text), "--json"))
+    assert code == 2 and "held-out" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]
+
+
+def test_cli_human_output_and_errors(tmp_path, capsys):
+    model_dir, text = _tiny(tmp_path)
+    assert cli.main(_heal_args(model_dir, text, tmp_path / "c", "--removed", "1,2", "--steps", "6")) == 0
+    captured = capsys.readouterr()
+    assert "healed" in captured.out and "6 LoRA steps" in captured.out and "(held back)" in captured.out
+    assert "not exported" in captured.out
+    assert "healing: step 6/6" in captured.err  # progress with loss and ETA on stderr
+    assert "loss" in captured.err and "eta" in captured.err
+
+    assert cli.main(_heal_args(model_dir, text, tmp_path / "c", "--json")) == 2  # no layers chosen
+    assert "--remove K" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]
+    assert cli.main(_heal_args(model_dir, text, tmp_path / "c", "--removed", "9", "--json")) == 2
+    assert "layers 0..3" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]
+    assert cli.main(_heal_args(model_dir, text, tmp_path / "c", "--removed", "1", "--steps", "5", "--epochs", "1",
+                               "--json")) == 2
+    assert "cannot be given with --steps" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]
+    with pytest.raises(SpecError):
+        HealSpec(lr=0)
+
+
+def test_an_export_folder_is_healed_as_it_is(tmp_path):
+    model_dir, text = _tiny(tmp_path)
+    first = tmp_path / "pruned"
+    from engine.config import ModelSpec
+    from engine.models import load_model
+    from engine.prune import MANIFEST, prune_model
+
+    lm = load_model(ModelSpec(name=str(model_dir)))
+    prune_model(lm, [3], first, verify=False)
+    healed = tmp_path / "healed"
+    r = _run_json(_heal_args(first, text, tmp_path / "c", "--steps", "4", "--out", str(healed)))
+    assert r["removed"] == [] and r["n_layers"] == 3 and r["verified"] is True
+    m = json.loads((healed / MANIFEST).read_text())
+    assert m["healing"]["source_export"]["removed_layers"] == [3]
+    from engine import summary  # what the Summary page shows for a stored healing
+
+    rows = summary.heal_rows(r)
+    assert len(rows) == 1 and rows[0][3] == f"{r['ppl_after']:,.2f}" and "held back" in rows[0][0]
+    assert "4 LoRA steps" in summary.heal_caption(r) and "passed" in summary.heal_caption(r)
+
+
+def test_remove_k_heals_the_runs_decision_and_stores_it_for_the_summary_page(tmp_path):
+    from engine import pipeline
+    from engine.store import RunStore
+
+    model_dir, text = _tiny(tmp_path, n_layers=6)
+    run = ["--model", str(model_dir), "--data", str(text), "--windows", "2", "--seq-len", "16", "--cache-dir",
+           str(tmp_path / "cache"), "--scheme", "size-uniform", "--masks", "24"]
+    assert cli.main(["sample", *run]) == 0
+    run += ["--surrogate", "ridge-pairwise", "--ensemble", "2", "--threads", "1"]
+    decided = _run_json(["prune", *run, "--remove", "2"])
+    healed = _run_json(["heal", *run, "--remove", "2", "--steps", "4", "--held-back", "4", "--eval-windows", "4"])
+    assert healed["removed"] == decided["removed"] and healed["rule"] == decided["method"]
+    assert healed["run_id"] == decided["run_id"] and healed["steps"] == 4
+    stored = RunStore(tmp_path / "cache", healed["run_id"]).get_artifact(pipeline.heal_name(healed["removed"], 6))
+    assert stored["ppl_after"] == healed["ppl_after"] and stored["out"] is None
+
+
+def test_bench_heal_at_tiny_size_writes_the_table_and_json(tmp_path, capsys):
+    from bench import heal as bench_heal
+
+    model_dir, text = _tiny(tmp_path)
+    r = bench_heal.main(["--model", str(model_dir), "--data", str(text), "--seq-len", "32", "--ks", "1", "2",
+                         "--n-masks", "10", "--steps", "3", "--cache-dir", str(tmp_path / "cache"),
+                         "--out", str(tmp_path / "results"), "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["steps"] == 3 and {row["method"] for row in last["rows"]} == {"product", "block-influence", "sleb"}
+    assert {row["k"] for row in last["rows"]} == {1, 2} and all(row["steps"] == 3 for row in r["rows"])
+    table = (tmp_path / "results" / "heal.md").read_text()
+    assert "Command: `python -m bench.heal" in table and "| 2 | sleb |" in table
+    product = [row for row in last["rows"] if row["method"] == "product"]
+    assert all(row["healed_vs_product_healed"] == 1.0 for row in product)
+    assert all(row["healed_over_pruned_low"] <= row["healed_over_pruned"] <= row["healed_over_pruned_high"]
+               for row in last["rows"])
