@@ -290,7 +290,7 @@ def _prune(args) -> dict:
     from engine import pipeline
 
     return pipeline.prune(run_spec(args), method_spec(args), args.out, args.overwrite, tuple(args.eval_data),
-                          args.cache_dir, evaluation=eval_spec(args))
+                          args.cache_dir, evaluation=eval_spec(args), progress=True, json_mode=args.json)
 
 
 @command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",

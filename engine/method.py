@@ -304,15 +304,32 @@ def check_ks(ks, L: int) -> list[int]:
     return ks
 
 
-def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn,
-           eval_measures: Mapping[str, ValueFn] | None = None, spec: MethodSpec = MethodSpec()) -> Decisions:
-    """Rank-and-cut (spec.decision == 'rank-and-cut') or verified surrogate search for each k,
-    measured with `measure` (calibration perplexities of bool[n, L] masks) and on each held-out split."""
+def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn | None,
+           eval_measures: Mapping[str, ValueFn] | None = None, spec: MethodSpec = MethodSpec(), pool=None,
+           calibration_cols=(), validation_cols=(), extra: Mapping | None = None, on: str = "",
+           progress: Callable[[dict], None] | None = None) -> Decisions:
+    """Rank-and-cut (spec.decision == 'rank-and-cut') or verified surrogate search for each k, and the
+    chosen sets measured on each held-out split (`eval_measures`).
+
+    With `pool` (a racing.WindowPool over validation + calibration windows, `calibration_cols` /
+    `validation_cols` its columns): `decision.race_decide` (racing rule spec.race_first / race_alpha,
+    finalists spec.n_compare, budget spec.decide_budget, candidates `extra` {k: {set: source}} joining
+    rank-and-cut and the beam). Without: `decision.decide` with `measure` (calibration perplexities of
+    bool[n, L] masks), every candidate measured on every calibration window."""
+    from engine import racing
+
     L = f.samples.n_layers
     ks = check_ks(ks, L)
     n_verify = spec.n_verify if spec.decision == "verified" else 0
-    items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify,
-                                swap_rounds=spec.swaps, n_keep=spec.n_compare)
+    if pool is not None:
+        rule = racing.RaceRule(first=spec.race_first, alpha=spec.race_alpha, finalists=spec.n_compare)
+        items = decision_lib.race_decide(f.predict, contribs.values, L, ks, pool, f.samples.ppl_full, calibration_cols,
+                                         validation_cols, n_verify=n_verify, swap_rounds=spec.swaps,
+                                         n_keep=spec.n_compare, extra=extra, rule=rule, budget=spec.decide_budget,
+                                         level=spec.level, seed=spec.mc_seed, on=on, progress=progress)
+    else:
+        items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify,
+                                    swap_rounds=spec.swaps, n_keep=spec.n_compare)
     splits = decision_lib.measure_splits(items, L, eval_measures) if eval_measures else {}
     return Decisions(tuple(items), splits, contribs)
 

@@ -123,15 +123,24 @@ def test_prune_exports_and_refuses_a_full_folder(sampled, tmp_path, capsys):
 def test_run_and_baselines(sampled, capsys):
     human, js = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2")])
     assert "calibration perplexity: full" in human and "predicted" in human
-    assert js["evaluated"] == 0 and len(js["removed"]) == 2 and [d["k"] for d in js["by_k"]] == [1, 2]
-    # the swap search (default 2 rounds): k = 1 measures every single layer, k = 2 more than verification's 6
-    assert [d["n_measured"] for d in js["by_k"]][0] == L and js["by_k"][1]["n_measured"] > 6
-    assert all(d["n_compared"] <= min(d["n_measured"], 11) for d in js["by_k"])
-    assert "sets = removal sets measured" in human
-    row = next(line for line in human.splitlines() if line.startswith(f"  2  {js['by_k'][1]['removed']}"))
-    assert f" {js['by_k'][1]['n_measured']:>5}  " in row
-    _, js0 = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--swaps", "0")])
-    assert all(d["n_measured"] <= 6 for d in js0["by_k"])  # rank-and-cut + 5 beam sets, no swaps
+    # only what was asked: --remove 2 decides for k = 2 alone
+    assert js["evaluated"] == 0 and len(js["removed"]) == 2 and [d["k"] for d in js["by_k"]] == [2]
+    assert js["decide_evaluations"] > 0 and {"sample", "fit", "decide"} <= set(js["stages"])
+    assert js["source"] and js["by_k"][0]["evaluations"] <= js["decide_evaluations"]
+    assert "the decision spent" in human and "set-window evaluations" in human
+    _, every = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--all-k")])
+    assert [d["k"] for d in every["by_k"]] == [1, 2]
+    # the swap search (default 2 rounds): k = 1 races every single layer, k = 2 more than verification's 6
+    assert every["by_k"][0]["n_measured"] == L and every["by_k"][1]["n_measured"] > 6
+    assert all(1 <= d["n_compared"] <= d["n_measured"] for d in every["by_k"])
+    row = next(line for line in human.splitlines() if line.startswith(f"  2  {js['by_k'][0]['removed']}"))
+    assert f" {js['by_k'][0]['n_measured']:>5}  " in row and f"from {js['source']}" in row
+    _, js0 = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--swaps", "0", "--ks", "1",
+                                          "--no-baseline-candidates")])
+    assert [d["k"] for d in js0["by_k"]] == [1, 2]
+    assert all(d["n_measured"] <= 6 for d in js0["by_k"])  # rank-and-cut + 5 beam sets, no swaps, no baselines
+    _, tight = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--decide-budget", "20")])
+    assert tight["decide_cost"]["budget_hit"] and tight["by_k"][0]["budget_hit"]
     human, js = _both(capsys, ["baselines", *_base(sampled, "--method", "block-influence")])
     assert "removal order" in human and len(js["scores"]) == L
 
