@@ -25,7 +25,7 @@ from engine import estimators, shapley
 from engine.config import DEMO_DATA, INTERACTION_SURROGATE, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.evaluate import scores
-from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, compare, fit_with_diagnostics,
+from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, SingleFit, compare, fit_with_diagnostics,
                               learning_curve, make_surrogate)
 
 MIN_MASKS = 8  # below this no surrogate fit is meaningful
@@ -183,10 +183,7 @@ def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> 
     L = samples.n_layers
     est = estimators.get(spec.estimator)
     budget = est.budget_for(L, spec.budget)
-    single = dataclasses.replace(f.fitted.report.spec, ensemble=1)
-
-    def fit_one(X, y, sample_weight=None):
-        return make_surrogate(single).fit(X, y, sample_weight=sample_weight).predict
+    fit_one = SingleFit(dataclasses.replace(f.fitted.report.spec, ensemble=1))  # refits; cross-fits batched
 
     ws = window_scores(samples, spec)
     x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level, ws)
