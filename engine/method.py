@@ -141,9 +141,13 @@ class Fit:
 
 
 def fit(samples: Samples, spec: SurrogateSpec = SurrogateSpec(), curve: bool = True,
-        compare_kinds: tuple[str, ...] = ()) -> Fit:
-    """Fit the surrogate ensemble with a stratified held-out split; learning curve and comparison optional."""
+        compare_kinds: tuple[str, ...] = (), progress: Callable[[int, int, str], None] | None = None) -> Fit:
+    """Fit the surrogate ensemble with a stratified held-out split; learning curve and comparison optional.
+    `progress(done, total, words)` is told before each step (the ensemble, the curve, each compared kind)."""
     s = samples.require()
+    total = 1 + int(curve) + len(compare_kinds)
+    say = progress or (lambda done, total, words: None)
+    say(0, total, f"fitting {spec.ensemble} {spec.kind} members")
     rows = {"sample_weight": s.weights, "testable": s.testable}  # partial rows: weighted, never held out
     fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full, **rows)
     summary = {"n_masks": s.n, "report": fitted.report.to_dict()}
@@ -153,10 +157,17 @@ def fit(samples: Samples, spec: SurrogateSpec = SurrogateSpec(), curve: bool = T
     if curve and n_train >= 16:
         sizes = sorted({int(x) for x in np.geomspace(8, n_train, num=6).round()})
         lc_spec = dataclasses.replace(spec, ensemble=1)
+        say(1, total, f"learning curve: {len(sizes)} fits")
         summary["learning_curve"] = learning_curve(s.masks, s.scores, sizes, lc_spec, ppl_full=s.ppl_full,
                                                    **rows).to_dict()
     if compare_kinds:
-        summary["comparison"] = compare(s.masks, s.scores, compare_kinds, spec, ppl_full=s.ppl_full, **rows).to_dict()
+        rows_out = []
+        for i, kind in enumerate(compare_kinds):  # one kind at a time, so the progress says which
+            say(1 + int(curve) + i, total, f"comparing surrogate kinds: {kind}")
+            part = compare(s.masks, s.scores, (kind,), spec, ppl_full=s.ppl_full, **rows).to_dict()
+            rows_out += part["rows"]
+        summary["comparison"] = {**part, "rows": rows_out}
+    say(total, total, "fitted")
     return Fit(fitted, s, summary)
 
 

@@ -174,7 +174,7 @@ class _Progress:
         now = time.monotonic()
         if now - self.last >= 1.0 or self.done == self.total:
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
+            rate = self.done / max(now - self.t0, 1e-9)  # units (or steps) per second since the step (stage) began
             eta = (self.total - self.done) / rate
             line = {"event": "progress", "done": self.done, "total": self.total, "eta_s": round(eta, 1)}
             print(json.dumps(line), file=sys.stderr, flush=True)
@@ -683,7 +683,8 @@ _FITS: dict[tuple, object] = {}  # (run_id, n_masks[, windows evaluated], surrog
 _FITS_MAX = 4
 
 
-def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = False):
+def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = False,
+         progress: "StepProgress | None" = None):
     """The fitted surrogate for `method.surrogate` on the run's current samples (fitting is seeded
     and deterministic, so a refit gives the same ensemble). Writes the fit artifact when it adds
     something (first fit, new masks, a learning curve or comparison not stored yet)."""
@@ -696,7 +697,8 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
     have = f.summary if f is not None else {}
     if f is None or (curve and "learning_curve" not in have) or (compare and "comparison" not in have):
         f = method_lib.fit(s, method.surrogate, curve=curve or "learning_curve" in have,
-                           compare_kinds=variants() if compare or "comparison" in have else ())
+                           compare_kinds=variants() if compare or "comparison" in have else (),
+                           progress=None if progress is None else progress.at)
         _FITS.pop(key, None)
         _FITS[key] = f
         while len(_FITS) > _FITS_MAX:
@@ -716,23 +718,28 @@ def _fit_json(run: OpenRun, f) -> dict:
 
 
 def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compare: bool = False,
-        run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+        run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+        json_mode: bool = False) -> dict:
     """Fit the surrogate on the run's samples: held-out R², Spearman, MAE, per stratum, learning curve
-    (and a comparison of every registered surrogate when `compare`)."""
+    (and a comparison of every registered surrogate when `compare`); `progress`: StepProgress lines."""
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
-    f = _fit(run, method, curve=True, compare=compare)
+    f = _fit(run, method, curve=True, compare=compare, progress=StepProgress("fit", progress, json_mode))
     out = _fit_json(run, f)
     out.pop("heldout")
     return {**out, "seconds": round(time.monotonic() - t, 3)}
 
 
-def _contributions(run: OpenRun, method: MethodSpec):
+def _contributions(run: OpenRun, method: MethodSpec, progress: "StepProgress | None" = None):
     """(Fit, Contributions) for `method`; the contributions artifact is written."""
     from engine import method as method_lib
 
-    f = _fit(run, method)
+    f = _fit(run, method, progress=progress)
+    if progress is not None:
+        progress.at(0, 1, f"estimating the contributions ({method.estimator})")
     c = method_lib.contributions(f.samples, f, method)
+    if progress is not None:
+        progress.at(1, 1, f"estimated the contributions ({method.estimator})")
     _put(run, "contributions", method, f.samples, _contributions_json(run, f, c, method.estimator))
     return f, c
 
@@ -765,11 +772,12 @@ def _interval_fields(interval: dict | None) -> dict:
 
 
 def contributions(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None,
-                  run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+                  run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+                  json_mode: bool = False) -> dict:
     """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
-    f, c = _contributions(run, method)
+    f, c = _contributions(run, method, StepProgress("shapley", progress, json_mode))
     art = stored(run, "contributions", method)
     return {**{k: v for k, v in art.items() if k not in ("stage", "stale")}, "seconds": round(time.monotonic() - t, 3)}
 
@@ -804,6 +812,13 @@ class StepProgress:
         """A new step of `total` units described by `words` (e.g. "measuring 312 candidate sets on 4 windows")."""
         self.total, self.done, self.words = int(total), 0, words
         self.t0 = time.monotonic()
+        self.emit(force=True)
+
+    def at(self, done: int, total: int, words: str) -> None:
+        """Step `done` of `total` of a stage made of unequal steps (ETA from the stage's own pace)."""
+        if done == 0:
+            self.t0 = time.monotonic()
+        self.total, self.done, self.words = int(total), int(done), words
         self.emit(force=True)
 
     def tick(self, n: int = 1) -> None:
@@ -1151,15 +1166,15 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     run_id = spec.run_id(lm.identity, windows.data_hash)
     store = RunStore(cache_dir, run_id) if RunStore(cache_dir, run_id).exists() else None
     results = {}
+    bar = StepProgress("baselines", progress, json_mode=True)
     for i, name in enumerate(names):
         t = time.monotonic()
+        bar.at(i, len(names), f"running {name}")
         r = run_baseline(name, lm, windows, k_max=k_max, seed=seed).to_json()
         results[name] = r
         if store is not None:
             store.put_artifact(f"baseline:{name}", r)
-        if progress:
-            print(json.dumps({"event": "progress", "done": i + 1, "total": len(names), "step": name,
-                              "seconds": round(time.monotonic() - t, 2)}), file=sys.stderr, flush=True)
+        bar.at(i + 1, len(names), f"ran {name} ({time.monotonic() - t:.1f} s)")
     first = results[names[0]]
     out = {"model": spec.model.name, "data": spec.data.source, "n_layers": lm.n_layers,
            "run_id": run_id if store else None, **(first if len(names) == 1 else {})}
@@ -1363,7 +1378,8 @@ def write_interactions_csv(result: dict, path) -> Path:
 
 
 def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, cache_dir=None,
-               run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+               run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+               json_mode: bool = False) -> dict:
     """The near-optimal sets explorer for k = 1..remove (default L/4): the `top` best removal sets per k
     by surrogate prediction with ensemble intervals, the measured perplexity of those the run has
     measured (sampled masks and the stored decision's candidates), layer frequencies and
@@ -1374,8 +1390,13 @@ def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, 
     t = time.monotonic()
     f = _fit(run, method)
     measured = method_lib.measured_sets(f.samples, stored(run, "decisions", method))
-    ks = range(1, default_remove(method, run.n_layers) + 1)
-    items = method_lib.near_optimal(f.samples, f, ks, top, measured)
+    ks = list(range(1, default_remove(method, run.n_layers) + 1))
+    bar = StepProgress("candidates", progress, json_mode)
+    items = []
+    for i, k in enumerate(ks):  # one k at a time, so the progress says which
+        bar.at(i, len(ks), f"searching the {top} best removal sets of {k} layers")
+        items += method_lib.near_optimal(f.samples, f, [k], top, measured)
+    bar.at(len(ks), len(ks), f"searched k = 1..{ks[-1]}")
     result = {"run_id": run.run_id, "n_layers": run.n_layers, "ppl_full": f.samples.ppl_full, "top": int(top),
               "ks": [n.k for n in items], "candidates": [n.to_dict() for n in items]}
     run.store.put_artifact(candidates_name(method, top), {"stage": "candidates", **_seen(f.samples), **result})

@@ -201,3 +201,27 @@ def test_export_by_hand_and_report(sampled, tmp_path, capsys):
     assert js["footprint"]["pruned"]["n_params"] < js["footprint"]["full"]["n_params"]
     text = html.read_text()
     assert "<html>" in text and "Plotly" in text and '<script src="http' not in text  # plotly.js inlined
+
+
+def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(sampled, capsys):
+    """decide, fit, shapley, candidates and baselines write {"event": "progress", "stage", "done", "total",
+    "eta_s", "step"} lines on stderr with --json (what the app's job panel shows)."""
+    def progress(argv):
+        assert cli.main([*argv, "--json"]) == 0
+        err = capsys.readouterr().err.splitlines()
+        return [json.loads(x) for x in err if x.startswith('{"event": "progress"')]
+
+    lines = progress(["prune", *_base(sampled, *STAGE2, "--remove", "2")])
+    decide = [x for x in lines if x["stage"] == "decide"]
+    assert decide and all({"done", "total", "eta_s", "step"} <= set(x) for x in decide)
+    assert any("candidate sets on" in x["step"] and "left" in x["step"] for x in decide)
+    assert all(0 <= x["done"] <= x["total"] for x in decide)
+    fit = progress(["fit", *_base(sampled, *STAGE2, "--surrogate-seed", "3")])
+    assert [x["stage"] for x in fit][:1] == ["fit"] and fit[-1]["done"] == fit[-1]["total"]
+    assert any("comparing surrogate kinds" in x["step"] for x in fit)
+    shap = progress(["shapley", *_base(sampled, *STAGE2, "--surrogate-seed", "4")])
+    assert "shapley" in {x["stage"] for x in shap}
+    cands = progress(["candidates", *_base(sampled, *STAGE2, "--remove", "2")])
+    assert [x["done"] for x in cands if x["stage"] == "candidates"] == [0, 1, 2]
+    base = progress(["baselines", *_base(sampled, "--method", "block-influence,angular")])
+    assert [x["done"] for x in base if x["stage"] == "baselines"] == [0, 1, 1, 2]
