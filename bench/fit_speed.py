@@ -31,7 +31,8 @@ def measure(run, spec, method, batched: bool) -> dict:
     pipeline._FITS.clear()
     t = time.perf_counter()
     c = pipeline.contributions(spec, method, run=run)
-    return {"batched": batched, "fit_seconds": round(fit_s, 2), "contributions_seconds": round(time.perf_counter() - t, 2),
+    return {"batched": batched, "fit_seconds": round(fit_s, 2),
+            "contributions_seconds": round(time.perf_counter() - t, 2),
             "r2": f["r2"], "spearman": f["spearman"], "contributions": c["values"],
             "stderr": c.get("stderr")}
 

@@ -416,7 +416,8 @@ def race_decide(
             method=RANK_AND_CUT if n_verify == 0 else RACED,
             ppl_predicted=_ppl_from_score(ppl_full, predicted[k][best]), ppl_measured=pool.ppl(best, cal),
             ppl_full=float(ppl_full), candidates=cands, tied=cmp.tied, tie_level=cmp.level,
-            tied_on=on or f"{pool.W} windows", validation_ppl=pool.ppl(best, validation_cols) if len(validation_cols) else None,
+            tied_on=on or f"{pool.W} windows",
+            validation_ppl=pool.ppl(best, validation_cols) if len(validation_cols) else None,
             n_measured=sum(pool.measured(s) > 0 for s in sources[k]), source=src,
             evaluations=int(sum(pool.measured(s) for s in sources[k])), budget_hit=hit[k]))
     return decisions

@@ -863,9 +863,9 @@ def _baseline_removed(result: dict, k: int) -> tuple[int, ...] | None:
 
 
 def baseline_candidates(run: OpenRun, ks) -> tuple[dict, int]:
-    """({k: {removed set: "baseline:<name>"}}, set-window evaluations spent): the sets of every baseline stored in
-    the run and of CANDIDATE_BASELINES (computed on the calibration windows and stored as ``baseline:<name>``
-    when missing, as `engine baseline` stores them)."""
+    """({k: {removed set: "baseline:<name>[+baseline:<other>]"}}, set-window evaluations spent): the sets of
+    every baseline stored in the run and of CANDIDATE_BASELINES (computed on the calibration windows and
+    stored as ``baseline:<name>`` when missing, as `engine baseline` stores them)."""
     from engine.baselines import run_baseline
 
     spent = 0
@@ -884,7 +884,8 @@ def baseline_candidates(run: OpenRun, ks) -> tuple[dict, int]:
         for name, r in results.items():
             s = _baseline_removed(r, k)
             if s is not None:
-                out.setdefault(k, {}).setdefault(s, f"baseline:{name}")
+                have = out.setdefault(k, {}).get(s)
+                out[k][s] = f"{have}+baseline:{name}" if have else f"baseline:{name}"
     return out, spent
 
 

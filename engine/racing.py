@@ -58,7 +58,8 @@ class RaceRule:
 
     def __post_init__(self):
         if self.first < 2:
-            raise WorkbenchError(f"the first look needs at least 2 windows (a paired bound needs a spread); got {self.first}.")
+            raise WorkbenchError(f"the first look needs at least 2 windows (a paired bound needs a spread); "
+                                 f"got {self.first}.")
         if not 0 < self.alpha < 1:
             raise WorkbenchError(f"alpha must be between 0 and 1; got {self.alpha}.")
         if self.finalists < 1:
