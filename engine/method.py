@@ -320,8 +320,8 @@ def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn | None,
     chosen sets measured on each held-out split (`eval_measures`).
 
     With `pool` (a racing.WindowPool over validation + calibration windows, `calibration_cols` /
-    `validation_cols` its columns): `decision.race_decide` (racing rule spec.race_first / race_alpha,
-    finalists spec.n_compare, budget spec.decide_budget, candidates `extra` {k: {set: source}} joining
+    `validation_cols` its columns): `decision.race_decide` (racing rule spec.race_first / race_alpha /
+    race_finalists, budget spec.decide_budget, candidates `extra` {k: {set: source}} joining
     rank-and-cut and the beam). Without: `decision.decide` with `measure` (calibration perplexities of
     bool[n, L] masks), every candidate measured on every calibration window."""
     from engine import racing
@@ -330,7 +330,7 @@ def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn | None,
     ks = check_ks(ks, L)
     n_verify = spec.n_verify if spec.decision == "verified" else 0
     if pool is not None:
-        rule = racing.RaceRule(first=spec.race_first, alpha=spec.race_alpha, finalists=spec.n_compare)
+        rule = racing.RaceRule(first=spec.race_first, alpha=spec.race_alpha, finalists=spec.race_finalists)
         items = decision_lib.race_decide(f.predict, contribs.values, L, ks, pool, f.samples.ppl_full, calibration_cols,
                                          validation_cols, n_verify=n_verify, swap_rounds=spec.swaps,
                                          n_keep=spec.n_compare, extra=extra, rule=rule, budget=spec.decide_budget,
