@@ -33,7 +33,7 @@ def measure(run, spec, method, batched: bool) -> dict:
     c = pipeline.contributions(spec, method, run=run)
     return {"batched": batched, "fit_seconds": round(fit_s, 2),
             "contributions_seconds": round(time.perf_counter() - t, 2),
-            "r2": f["r2"], "spearman": f["spearman"], "contributions": c["values"],
+            "r2": f["r2"], "spearman": f["spearman"], "contributions": c["contributions"],
             "stderr": c.get("stderr")}
 
 

@@ -940,6 +940,7 @@ def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (
     from engine import method as method_lib
 
     f, c = fc or _contributions(run, method)  # fc: (Fit, Contributions) the caller has just computed
+    t0 = time.monotonic()
     ks = method_lib.check_ks(ks, run.n_layers)
     splits = method_lib.eval_splits_for(run.spec.data, tuple(eval_data))
     measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
@@ -958,7 +959,8 @@ def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (
     if measures:
         ds = dataclasses.replace(ds, splits=decision_lib.measure_splits(ds.items, run.n_layers, measures))
     cost = {"evaluations": int(pool.evaluations), "baseline_evaluations": spent,
-            "budget": method.decide_budget, "budget_hit": any(d.budget_hit for d in ds.items)}
+            "budget": method.decide_budget, "budget_hit": any(d.budget_hit for d in ds.items),
+            "seconds": round(time.monotonic() - t0, 3)}  # baselines, race and held-out splits
     _put(run, "decisions", method, f.samples, {"run_id": run.run_id, "ks": [d.k for d in ds.items],
                                                  "splits_measured": list(splits), "cost": cost, **ds.to_dict()})
     return f, c, ds, cost
