@@ -1059,7 +1059,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         check_export_folder(out_dir, overwrite)  # before any model is loaded
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     remove = default_remove(method, run.n_layers)
-    check_ks([remove], run.n_layers)
+    check_ks(method.decide_ks(run.n_layers), run.n_layers)
     stages: dict[str, float] = {}
     t = time.monotonic()
     f = _fit(run, method)
@@ -1138,7 +1138,7 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
     if evaluation.single_pass is None:
         evaluation = dataclasses.replace(evaluation, single_pass=True)
     run = open_run(spec, cache_dir, evaluation)
-    check_ks([default_remove(method, run.n_layers)], run.n_layers)  # before sampling, not after
+    check_ks(method.decide_ks(run.n_layers), run.n_layers)  # before sampling, not after (--ks too)
     sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run, evaluation=evaluation)
     if sampled.stopped:
         raise WorkbenchError(

@@ -151,6 +151,9 @@ def test_run_and_baselines(sampled, capsys):
     (["run", "--remove", str(L)], "1..5"),
     (["sample", "--strata", "a,b"], "integers"),
     (["shapley", "--window-boot", "1"], "--window-boot must be 0 or >= 2"),
+    (["run", "--remove", "2", "--ks", "2,9"], "1..5"),  # refused before any sampling
+    (["prune", "--decide-budget", "0"], "--decide-budget must be a positive integer"),
+    (["prune", "--race-alpha", "2"], "--race-alpha must be a fraction"),
 ])
 def test_a_failing_command_prints_one_paragraph_and_a_json_error(sampled, capsys, argv, words):
     code = cli.main([argv[0], *_base(sampled, *RUN), *argv[1:], "--json"])
