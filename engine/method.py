@@ -25,8 +25,8 @@ from engine import estimators, shapley
 from engine.config import DEMO_DATA, INTERACTION_SURROGATE, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.evaluate import scores
-from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, SingleFit, compare, fit_with_diagnostics,
-                              learning_curve, make_surrogate)
+from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, MLPSurrogate, SingleFit, compare,
+                              fit_with_curve, fit_with_diagnostics, make_surrogate, split)
 
 MIN_MASKS = 8  # below this no surrogate fit is meaningful
 # Held-out splits measured next to the calibration split when the run uses the bundled text.
@@ -149,22 +149,27 @@ def fit(samples: Samples, spec: SurrogateSpec = SurrogateSpec(), curve: bool = T
     say = progress or (lambda done, total, words: None)
     say(0, total, f"fitting {spec.ensemble} {spec.kind} members")
     rows = {"sample_weight": s.weights, "testable": s.testable}  # partial rows: weighted, never held out
-    fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full, **rows)
+    n_train = len(split(s.masks, s.scores, spec.holdout, spec.seed, s.testable).train)
+    lc = None
+    if curve and n_train >= 16:  # the ensemble and the learning curve: one batched fit (adam MLP kinds)
+        sizes = sorted({int(x) for x in np.geomspace(8, n_train, num=6).round()})
+        fitted, lc = fit_with_curve(s.masks, s.scores, spec, sizes, ppl_full=s.ppl_full, **rows)
+    else:
+        fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full, **rows)
     summary = {"n_masks": s.n, "report": fitted.report.to_dict()}
     if s.complete is not None:
         summary["n_complete"] = int(np.count_nonzero(s.complete))
-    n_train = len(fitted.report.split.train)
-    if curve and n_train >= 16:
-        sizes = sorted({int(x) for x in np.geomspace(8, n_train, num=6).round()})
-        lc_spec = dataclasses.replace(spec, ensemble=1)
-        say(1, total, f"learning curve: {len(sizes)} fits")
-        summary["learning_curve"] = learning_curve(s.masks, s.scores, sizes, lc_spec, ppl_full=s.ppl_full,
-                                                   **rows).to_dict()
+    if lc is not None:
+        say(1, total, f"fitted the ensemble and a learning curve of {len(lc.sizes)} fits")
+        summary["learning_curve"] = lc.to_dict()
+    member = fitted.ensemble.members[0]
+    first_mlp = (member if isinstance(member, MLPSurrogate) else getattr(member, "mlp", None)) \
+        if spec.preset == "adam" and spec.kind in ("mlp", "mlp+log-pairwise") else None
     if compare_kinds:
         rows_out = []
         for i, kind in enumerate(compare_kinds):  # one kind at a time, so the progress says which
             say(1 + int(curve) + i, total, f"comparing surrogate kinds: {kind}")
-            part = compare(s.masks, s.scores, (kind,), spec, ppl_full=s.ppl_full, **rows).to_dict()
+            part = compare(s.masks, s.scores, (kind,), spec, ppl_full=s.ppl_full, adam_mlp=first_mlp, **rows).to_dict()
             rows_out += part["rows"]
         summary["comparison"] = {**part, "rows": rows_out}
     say(total, total, "fitted")

@@ -363,11 +363,12 @@ def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarr
 
 
 def fit_on_rows(spec: SurrogateSpec, X: np.ndarray, y: np.ndarray, rows: Sequence[np.ndarray],
-                sample_weight: np.ndarray | None = None, **options) -> list:
+                sample_weight: np.ndarray | None = None, seeds: Sequence[int] | None = None, **options) -> list:
     """One surrogate of `spec` (seed spec.seed) fitted on X[r] for each row set r: the adam MLPs (alone or
     inside mlp+log-pairwise) as one batched network (`fit_mlps_batched`), any other kind one after another.
     The same fitted functions as `make_surrogate(spec).fit(X[r], y[r], w[r])` for each r (within seed noise)."""
-    models = [make_surrogate(spec, **options) for _ in rows]
+    seeds = [spec.seed] * len(rows) if seeds is None else list(seeds)  # one seed per row set (default spec.seed)
+    models = [make_surrogate(spec, seed=seed, **options) for seed in seeds]
     w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if BATCHED_FITS and spec.kind in ("mlp", "mlp+log-pairwise") and spec.preset == "adam" and len(rows) > 1:
         fit_mlps_batched([m if isinstance(m, MLPSurrogate) else m.mlp for m in models], X, y, rows, w)
@@ -794,6 +795,41 @@ def fit_with_diagnostics(masks, scores, spec: SurrogateSpec = SurrogateSpec(), p
     return FittedSurrogate(ens, report)
 
 
+def fit_with_curve(masks, scores, spec: SurrogateSpec, sizes: Sequence[int], ppl_full: float = 1.0,
+                   sample_weight=None, testable=None, **options) -> tuple[FittedSurrogate, "LearningCurve"]:
+    """`fit_with_diagnostics(spec)` and `learning_curve(sizes, spec with ensemble=1)` on the same split, the
+    ensemble's and the curve's adam MLPs trained as ONE batched network (`fit_on_rows`); other kinds, or
+    BATCHED_FITS off, call the two functions. The same fitted functions either way (within seed noise)."""
+    if not (BATCHED_FITS and spec.kind in ("mlp", "mlp+log-pairwise") and spec.preset == "adam"):
+        fitted = fit_with_diagnostics(masks, scores, spec, ppl_full, sample_weight, testable, **options)
+        one = replace(spec, ensemble=1)
+        return fitted, learning_curve(masks, scores, sizes, one, ppl_full, sample_weight, testable, **options)
+    X, y = _check_xy(masks, scores)
+    w = _check_weight(sample_weight, len(y))
+    sp = split(X, y, spec.holdout, spec.seed, testable)
+    order = np.random.default_rng(spec.seed).permutation(sp.train)  # the learning curve's nested subsets
+    kept = sorted({int(s) for s in sizes if MIN_MASKS <= int(s) <= len(order)})
+    dropped = sorted({int(s) for s in sizes} - set(kept))
+    if not kept:
+        raise EstimationError(f"no size in {list(sizes)} fits: need {MIN_MASKS}..{len(order)} training masks")
+    train = np.asarray(sp.train)
+    k = spec.ensemble
+    t0 = time.perf_counter()
+    models = fit_on_rows(spec, X, y, [train] * k + [order[:s] for s in kept], w,
+                         seeds=[spec.seed + j for j in range(k)] + [spec.seed] * len(kept), **options)
+    secs = time.perf_counter() - t0
+    ens = Ensemble(spec, **options)
+    ens.members = models[:k]
+    report = FitReport(
+        spec, sp, diagnose(X[sp.test], y[sp.test], ens.predict(X[sp.test]), ppl_full),
+        metrics(y[sp.train], ens.predict(X[sp.train]), ppl_full), secs,
+        tuple(getattr(m, "history", {}) for m in ens.members),
+    )
+    curve = [metrics(y[sp.test], m.predict(X[sp.test]), ppl_full) for m in models[k:]]
+    note = f"sizes {dropped} skipped (outside {MIN_MASKS}..{len(order)})" if dropped else ""
+    return FittedSurrogate(ens, report), LearningCurve(tuple(kept), tuple(curve), len(sp.test), note)
+
+
 @dataclass(frozen=True)
 class LearningCurve:
     """Held-out metrics against the number of training masks (same test set for every size)."""
@@ -846,9 +882,12 @@ class Comparison:
 
 def compare(masks, scores, kinds: Sequence[str] | None = None,
             spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0, sample_weight=None,
-            testable=None) -> Comparison:
+            testable=None, adam_mlp: "MLPSurrogate | None" = None) -> Comparison:
     """Fit each kind ('mlp:paper' picks a preset) once (seed spec.seed) on the same training part;
-    held-out metrics and fit time per kind (sample_weight / testable as in `fit_with_diagnostics`)."""
+    held-out metrics and fit time per kind (sample_weight / testable as in `fit_with_diagnostics`).
+    `adam_mlp`: an adam MLP already fitted with seed spec.seed on that training part (the ensemble's first
+    member): mlp:adam is that fit and mlp+log-pairwise's MLP part too (`reused`; fit_seconds then count
+    only what was fitted here)."""
     X, y = _check_xy(masks, scores)
     w = _check_weight(sample_weight, len(y))
     sp = split(X, y, spec.holdout, spec.seed, testable)
@@ -856,9 +895,18 @@ def compare(masks, scores, kinds: Sequence[str] | None = None,
     for kind in variants() if kinds is None else kinds:
         s = _parse_kind(kind, spec)
         t0 = time.perf_counter()
-        model = make_surrogate(s).fit(X[sp.train], y[sp.train], sample_weight=None if w is None else w[sp.train])
+        tw = None if w is None else w[sp.train]
+        reused = adam_mlp is not None and s.kind in ("mlp", "mlp+log-pairwise") and s.preset == "adam"
+        if reused and s.kind == "mlp":
+            model = adam_mlp
+        elif reused:
+            model = make_surrogate(s)
+            model.mlp = adam_mlp  # the same network: same seed, same rows
+            model.log_pairwise.fit(X[sp.train], y[sp.train], sample_weight=tw)
+        else:
+            model = make_surrogate(s).fit(X[sp.train], y[sp.train], sample_weight=tw)
         secs = time.perf_counter() - t0
         m = metrics(y[sp.test], model.predict(X[sp.test]), ppl_full)
         rows.append({"kind": s.kind, "preset": s.preset if s.kind == "mlp" else None, **m.__dict__,
-                     "fit_seconds": secs})
+                     "fit_seconds": secs, **({"reused": "the ensemble's first member's MLP"} if reused else {})})
     return Comparison(tuple(rows), sp)

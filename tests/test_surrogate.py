@@ -301,3 +301,21 @@ def test_fit_on_rows_batches_row_subsets_like_separate_fits(data):
         alone = make_surrogate(spec, max_steps=400).fit(X[r], y[r])
         assert m.history["n_val"] == alone.history["n_val"]
         assert abs(metrics(yt, m.predict(Xt)).r2 - metrics(yt, alone.predict(Xt)).r2) < 0.03
+
+
+def test_fit_with_curve_batches_the_ensemble_and_the_curve_like_the_two_calls(data, monkeypatch):
+    from engine import surrogate as sg
+
+    X, y, Xt, yt = data
+    spec = SurrogateSpec(kind="mlp", ensemble=2)
+    sizes = (16, 64, 192)
+    fitted, curve = sg.fit_with_curve(X, y, spec, sizes, max_steps=400)
+    monkeypatch.setattr(sg, "BATCHED_FITS", False)
+    ref, ref_curve = sg.fit_with_curve(X, y, spec, sizes, max_steps=400)
+    assert curve.sizes == ref_curve.sizes == sizes and list(fitted.report.split.test) == list(ref.report.split.test)
+    assert abs(fitted.report.test.overall.r2 - ref.report.test.overall.r2) < 0.01
+    assert all(abs(a.r2 - b.r2) < 0.05 for a, b in zip(curve.metrics, ref_curve.metrics))
+    rows = compare(X, y, ["mlp:adam", "mlp+log-pairwise"], spec, adam_mlp=fitted.ensemble.members[0]).rows
+    assert all(r.get("reused") for r in rows)
+    assert rows[0]["r2"] == pytest.approx(metrics(y[fitted.report.split.test], fitted.ensemble.members[0].predict(
+        X[fitted.report.split.test])).r2)
