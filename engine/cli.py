@@ -294,7 +294,8 @@ def _fit(args) -> dict:
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
     run = pipeline.open_run(spec, args.cache_dir, evaluation, create=False)  # analysis: never creates a run
-    out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation)
+    out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation, progress=True,
+                       json_mode=args.json)
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
 
@@ -303,7 +304,8 @@ def _fit(args) -> dict:
 def _shapley(args) -> dict:
     from engine import pipeline
 
-    return pipeline.contributions(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args))
+    return pipeline.contributions(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
+                                  progress=True, json_mode=args.json)
 
 
 @command("prune", "decide which layers to remove from the run's samples and export the pruned model",
@@ -312,7 +314,7 @@ def _prune(args) -> dict:
     from engine import pipeline
 
     return pipeline.prune(run_spec(args), method_spec(args), args.out, args.overwrite, tuple(args.eval_data),
-                          args.cache_dir, evaluation=eval_spec(args))
+                          args.cache_dir, evaluation=eval_spec(args), progress=True, json_mode=args.json)
 
 
 @command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",
@@ -368,7 +370,8 @@ def _candidates(args) -> dict:
 
     if args.top < 1:
         raise WorkbenchError("--top must be at least 1.")
-    return pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir, evaluation=eval_spec(args))
+    return pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir, evaluation=eval_spec(args),
+                               progress=True, json_mode=args.json)
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "

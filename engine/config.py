@@ -250,11 +250,37 @@ class MethodSpec:
                               "windows: the measured candidate sets are compared there, the best one is chosen and "
                               "its ties listed (fewer when the text has fewer free windows; 0: ties on the "
                               "calibration windows, the best calibration set chosen)")
+    # The decision races its candidates on paired windows (engine/racing.py): a look at `race_first` windows,
+    # doubling, each dropping the sets a paired t bound shows worse than the leader (error rate race_alpha),
+    # halving the rest while more than n_compare survive; the last look is every validation + calibration window.
+    decide_budget: int | None = option(None, "set-window evaluations (one removal set on one window) the decision may "
+                                       "spend in all; the output says when it was hit (default: no cap)")
+    race_first: int = option(4, "windows of the race's first look (each later look doubles them)")
+    race_alpha: float = option(0.05, "chance that the race's paired bound drops a set better than the leader, over all "
+                               "its looks")
+    # 4: on the demo at k = 4 the race finished 8 sets within 1.2% of each other on 72 windows with 10 finalists,
+    # 41% of the decision's evaluations (bench/README.md); halving to 4 keeps the best half by mean at every look.
+    race_finalists: int = option(4, "sets per k that successive halving lets go on to the last looks (sets the bound "
+                                 "has not shown worse may still be cut while more survive)")
+    no_baseline_candidates: bool = option(False, "leave the baselines' sets (block influence, angular, single-layer "
+                                          "PPL, a stored SLEB) out of the decision's candidates")
+    ks: tuple[int, ...] | None = option(None, "decide for these numbers of removed layers too, e.g. 2,4,8 (default: "
+                                        "--remove only)", parse=parse_ints)
+    all_k: bool = option(False, "decide for every k = 1..--remove (the per-k curve), not only --remove")
 
     def __post_init__(self):
         _at_least("budget", self.budget, 1)
         _at_least("mc_seed", self.mc_seed, 0)
         _at_least("remove", self.remove, 1)
+        _at_least("decide_budget", self.decide_budget, 1)
+        _at_least("race_first", self.race_first, 2)
+        _at_least("race_finalists", self.race_finalists, 1)
+        if not 0 < self.race_alpha < 1:
+            need = f"must be a fraction between 0 and 1; got {self.race_alpha}."
+            raise SpecError(f"race alpha {need}", "race_alpha", need)
+        if self.ks is not None and min(self.ks) < 1:
+            need = f"must be positive numbers of layers; got {','.join(map(str, self.ks))}."
+            raise SpecError(f"ks {need}", "ks", need)
         _at_least("n_verify", self.n_verify, 0)
         _at_least("swaps", self.swaps, 0)
         _at_least("n_compare", self.n_compare, 1)
@@ -269,6 +295,14 @@ class MethodSpec:
                 raise SpecError(f"{name.replace('_', ' ')} must be 0 (none) or at least 2; got 1.", name,
                                 "must be 0 or >= 2; got 1.")
 
+    def decide_ks(self, n_layers: int | None) -> tuple[int, ...]:
+        """The k the decision decides for: --remove (default L/4), plus --ks; 1..--remove with --all-k."""
+        if self.remove is None and n_layers is None:
+            return tuple(sorted(set(self.ks or ())))
+        remove = self.remove if self.remove is not None else max(1, n_layers // 4)
+        base = range(1, remove + 1) if self.all_k else (remove,)
+        return tuple(sorted({*base, *(self.ks or ())}))
+
     def key(self, *parts: str) -> dict:
         """The fields that decide a result of the given stage (for spec-keyed artifacts)."""
         d = {"surrogate": dataclasses.asdict(self.surrogate)}
@@ -277,7 +311,10 @@ class MethodSpec:
                      boot=self.boot, window_boot=self.window_boot)
         if {"decisions", "summary"} & set(parts):
             d.update(decision=self.decision, n_verify=self.n_verify, val_windows=self.val_windows, swaps=self.swaps,
-                     n_compare=self.n_compare)
+                     n_compare=self.n_compare, decide_budget=self.decide_budget, race_first=self.race_first,
+                     race_alpha=self.race_alpha, race_finalists=self.race_finalists,
+                     no_baseline_candidates=self.no_baseline_candidates,
+                     remove=self.remove, ks=self.ks, all_k=self.all_k)  # which k are decided
         if "summary" in parts:
             d.update(remove=self.remove)
         return d

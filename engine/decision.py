@@ -45,7 +45,10 @@ class Candidate:
     predicted: float  # surrogate score f(mask), higher = better
     source: str  # "rank-and-cut" | "beam" | "rank-and-cut+beam" | "swap"
     ppl_predicted: float = float("nan")  # ppl_full / predicted
-    ppl_measured: float = float("nan")  # real perplexity (NaN until measured)
+    ppl_measured: float = float("nan")  # real perplexity (NaN until measured; raced: on the calibration windows)
+    windows: int = 0  # raced: pool windows it was measured on (the race's pool size when it reached the end)
+    ppl_raced: float = float("nan")  # raced: perplexity over those windows
+    outcome: str = ""  # raced: "finished" | "dropped by the bound" | "cut by halving" | "cut by the budget"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class Decision:
     tied_on: str | None = None  # which windows the candidates were compared on (None: not compared)
     validation_ppl: float | None = None  # chosen set's perplexity on those windows
     n_measured: int = 0  # removal sets measured for this k (candidates + the swap search's other sets)
+    source: str = ""  # where the chosen set came from: rank-and-cut | beam | swap | baseline:<name> (joined by +)
+    evaluations: int = 0  # raced: set-window evaluations spent on this k's sets
+    budget_hit: bool = False  # raced: the decision budget cut this k's race short
 
     @property
     def mask(self) -> np.ndarray:
@@ -260,8 +266,160 @@ def decide(
                 ppl_full=float(ppl_full),
                 candidates=tuple(cands),
                 n_measured=len(found[k]),
+                source=best.source,
             )
         )
+    return decisions
+
+
+RACED = "raced on paired windows"  # Decision.method of a raced decision (engine.racing)
+BASELINE = "baseline:"  # source prefix of a baseline criterion's set (baseline:block-influence, ...)
+
+
+def race_decide(
+    f: ValueFn,
+    contributions: Sequence[float],
+    L: int,
+    ks: Iterable[int],
+    pool,
+    ppl_full: float,
+    calibration_cols: Sequence[int],
+    validation_cols: Sequence[int] = (),
+    n_verify: int = 5,
+    beam_width: int = 8,
+    protect: Iterable[int] = (),
+    swap_rounds: int = 0,
+    n_keep: int | None = None,
+    extra: Mapping[int, Mapping[tuple[int, ...], str]] | None = None,
+    rule=None,
+    budget: int | None = None,
+    level: float = 0.9,
+    seed: int = 0,
+    on: str = "",
+    progress: Callable[[dict], None] | None = None,
+) -> list[Decision]:
+    """The verified decision, raced (engine.racing): for each k the candidates (rank-and-cut, the top
+    `n_verify` beam-search sets, the sets in `extra[k]` ({set: source}, e.g. the baselines') race on
+    `pool` (a racing.WindowPool); then each of `swap_rounds` rounds races the `swap_neighbours` of each
+    k's winner not raced before against it (all k in one race), and stops for a k once its winner stays.
+
+    The chosen set has the lowest mean loss over all the pool's windows among every set that finished a
+    race (so at worst the best of the `extra` sets there); `tied` lists the finished sets whose paired
+    bootstrap interval (`level`) of the perplexity ratio to it contains 1; `ppl_measured` is the
+    perplexity on the pool's `calibration_cols`, `validation_ppl` on `validation_cols`. `budget` caps the
+    set-window evaluations of all races together (`budget_hit`; see racing.race). `n_verify=0`: the
+    paper's rule, rank-and-cut alone, measured on the whole pool."""
+    from engine import racing, uncertainty
+
+    rule = rule or racing.RaceRule()
+    contributions = np.asarray(contributions, dtype=float)
+    if contributions.shape != (L,):
+        raise ValueError(f"contributions has shape {contributions.shape}, expected ({L},)")
+    if swap_rounds < 0 or (n_keep is not None and n_keep < 1):
+        raise WorkbenchError("swap_rounds must be >= 0 and n_keep >= 1.")
+    protect = frozenset(int(p) for p in protect)
+    ks = sorted({int(k) for k in ks})
+    sources: dict[int, dict[tuple[int, ...], list[str]]] = {}
+    predicted: dict[int, dict[tuple[int, ...], float]] = {k: {} for k in ks}
+    for k in ks:
+        src = {rank_and_cut(contributions, k): [RANK_AND_CUT]}
+        if n_verify > 0:
+            for c in beam_search(f, L, k, beam_width=beam_width, n_candidates=n_verify, protect=protect):
+                src.setdefault(c.removed, []).append("beam")
+                predicted[k][c.removed] = c.predicted
+            for s, name in ((extra or {}).get(k) or {}).items():
+                s = tuple(sorted(int(i) for i in s))
+                if len(s) == k and not protect & set(s):
+                    src.setdefault(s, []).append(name)
+        sources[k] = src
+    start = pool.evaluations
+    hit: dict[int, bool] = {k: False for k in ks}
+    finished: dict[int, set] = {k: set() for k in ks}
+    outcome: dict[int, dict[tuple[int, ...], str]] = {k: {} for k in ks}
+
+    def run(groups, keep=None, stage=""):
+        left = None if budget is None else max(0, budget - (pool.evaluations - start))
+
+        def report(event):
+            if progress is not None:
+                progress({**event, "stage": stage, "spent_total": pool.evaluations - start})
+
+        out = racing.race(groups, pool, rule, left, report, keep)
+        for k, o in out.items():
+            finished[k] |= set(o.finished)
+            hit[k] |= o.budget_hit
+            for s in o.finished:
+                outcome[k][s] = "finished"
+            for s in o.dropped:
+                outcome[k][s] = "dropped by the bound"
+            for s in o.halved:
+                outcome[k][s] = "cut by the budget" if o.budget_hit and pool.measured(s) < pool.W else "cut by halving"
+        return out
+
+    won = run({k: list(sources[k]) for k in ks}, stage="candidates")
+    searching = [k for k in ks if n_verify > 0]
+    for r in range(swap_rounds):
+        if budget is not None and pool.evaluations - start >= budget:
+            hit.update({k: True for k in searching})
+            break
+        groups, keep = {}, {}
+        for k in searching:
+            new = [s for s in swap_neighbours(won[k].winner, L, protect) if s not in sources[k]]
+            for s in new:
+                sources[k][s] = [SWAP]
+            if new:
+                groups[k], keep[k] = [won[k].winner] + new, won[k].winner
+        if not groups:
+            break
+        out = run(groups, keep, stage=f"swap round {r + 1}")
+        searching = [k for k in groups if out[k].winner != won[k].winner]
+        won.update(out)
+        if not searching:
+            break
+
+    fs = [s for k in ks for s in sources[k] if s not in predicted[k]]
+    if fs:
+        pred = _call(f, np.stack([removal_mask(s, L) for s in fs]), "surrogate")
+        i = 0
+        for k in ks:
+            for s in sources[k]:
+                if s not in predicted[k]:
+                    predicted[k][s] = float(pred[i])
+                    i += 1
+    cal = list(calibration_cols)
+    decisions = []
+    for k in ks:
+        rc = next(s for s, v in sources[k].items() if RANK_AND_CUT in v)
+
+        def key(s):  # lowest mean over the pool; a tie keeps rank-and-cut, then the higher prediction
+            return (pool.mean(s) if pool.measured(s) == pool.W else math.inf, s != rc, -predicted[k][s], s)
+
+        done = sorted(finished[k], key=key)
+        if not done:  # cannot happen: a race always finishes one set per group
+            raise EstimationError(f"no removal set of size {k} was measured on every window.")
+        best = done[0]
+        rest = sorted((s for s in sources[k] if s not in finished[k] and pool.measured(s) > 0),
+                      key=lambda s: (-pool.measured(s), pool.mean(s), s))
+        listed = done[: n_keep] if n_keep is not None else done
+        listed += [s for s in done[len(listed):] if s == rc or any(x != SWAP and x != "beam" for x in sources[k][s])]
+        listed += rest
+        cands = tuple(Candidate(
+            removed=s, predicted=predicted[k][s], source="+".join(sources[k][s]),
+            ppl_predicted=_ppl_from_score(ppl_full, predicted[k][s]), ppl_measured=pool.ppl(s, cal),
+            windows=pool.measured(s), ppl_raced=pool.ppl(s), outcome=outcome[k].get(s, "finished"))
+            for s in listed)
+        cmp = uncertainty.compare_candidates(done, np.stack([pool.nll[s] for s in done]),
+                                             np.stack([pool.tok[s] for s in done]), level, seed=seed, chosen=0)
+        src = "+".join(sources[k][best])
+        decisions.append(Decision(
+            k=k, removed=best, kept=tuple(bool(b) for b in removal_mask(best, L)),
+            method=RANK_AND_CUT if n_verify == 0 else RACED,
+            ppl_predicted=_ppl_from_score(ppl_full, predicted[k][best]), ppl_measured=pool.ppl(best, cal),
+            ppl_full=float(ppl_full), candidates=cands, tied=cmp.tied, tie_level=cmp.level,
+            tied_on=on or f"{pool.W} windows",
+            validation_ppl=pool.ppl(best, validation_cols) if len(validation_cols) else None,
+            n_measured=sum(pool.measured(s) > 0 for s in sources[k]), source=src,
+            evaluations=int(sum(pool.measured(s) for s in sources[k])), budget_hit=hit[k]))
     return decisions
 
 

@@ -25,8 +25,8 @@ from engine import estimators, shapley
 from engine.config import DEMO_DATA, INTERACTION_SURROGATE, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.evaluate import scores
-from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, compare, fit_with_diagnostics,
-                              learning_curve, make_surrogate)
+from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, MLPSurrogate, SingleFit, compare,
+                              fit_with_curve, fit_with_diagnostics, make_surrogate, split)
 
 MIN_MASKS = 8  # below this no surrogate fit is meaningful
 # Held-out splits measured next to the calibration split when the run uses the bundled text.
@@ -141,22 +141,38 @@ class Fit:
 
 
 def fit(samples: Samples, spec: SurrogateSpec = SurrogateSpec(), curve: bool = True,
-        compare_kinds: tuple[str, ...] = ()) -> Fit:
-    """Fit the surrogate ensemble with a stratified held-out split; learning curve and comparison optional."""
+        compare_kinds: tuple[str, ...] = (), progress: Callable[[int, int, str], None] | None = None) -> Fit:
+    """Fit the surrogate ensemble with a stratified held-out split; learning curve and comparison optional.
+    `progress(done, total, words)` is told before each step (the ensemble, the curve, each compared kind)."""
     s = samples.require()
+    total = 1 + int(curve) + len(compare_kinds)
+    say = progress or (lambda done, total, words: None)
+    say(0, total, f"fitting {spec.ensemble} {spec.kind} members")
     rows = {"sample_weight": s.weights, "testable": s.testable}  # partial rows: weighted, never held out
-    fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full, **rows)
+    n_train = len(split(s.masks, s.scores, spec.holdout, spec.seed, s.testable).train)
+    lc = None
+    if curve and n_train >= 16:  # the ensemble and the learning curve: one batched fit (adam MLP kinds)
+        sizes = sorted({int(x) for x in np.geomspace(8, n_train, num=6).round()})
+        fitted, lc = fit_with_curve(s.masks, s.scores, spec, sizes, ppl_full=s.ppl_full, **rows)
+    else:
+        fitted = fit_with_diagnostics(s.masks, s.scores, spec, ppl_full=s.ppl_full, **rows)
     summary = {"n_masks": s.n, "report": fitted.report.to_dict()}
     if s.complete is not None:
         summary["n_complete"] = int(np.count_nonzero(s.complete))
-    n_train = len(fitted.report.split.train)
-    if curve and n_train >= 16:
-        sizes = sorted({int(x) for x in np.geomspace(8, n_train, num=6).round()})
-        lc_spec = dataclasses.replace(spec, ensemble=1)
-        summary["learning_curve"] = learning_curve(s.masks, s.scores, sizes, lc_spec, ppl_full=s.ppl_full,
-                                                   **rows).to_dict()
+    if lc is not None:
+        say(1, total, f"fitted the ensemble and a learning curve of {len(lc.sizes)} fits")
+        summary["learning_curve"] = lc.to_dict()
+    member = fitted.ensemble.members[0]
+    first_mlp = (member if isinstance(member, MLPSurrogate) else getattr(member, "mlp", None)) \
+        if spec.preset == "adam" and spec.kind in ("mlp", "mlp+log-pairwise") else None
     if compare_kinds:
-        summary["comparison"] = compare(s.masks, s.scores, compare_kinds, spec, ppl_full=s.ppl_full, **rows).to_dict()
+        rows_out = []
+        for i, kind in enumerate(compare_kinds):  # one kind at a time, so the progress says which
+            say(1 + int(curve) + i, total, f"comparing surrogate kinds: {kind}")
+            part = compare(s.masks, s.scores, (kind,), spec, ppl_full=s.ppl_full, adam_mlp=first_mlp, **rows).to_dict()
+            rows_out += part["rows"]
+        summary["comparison"] = {**part, "rows": rows_out}
+    say(total, total, "fitted")
     return Fit(fitted, s, summary)
 
 
@@ -183,10 +199,7 @@ def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> 
     L = samples.n_layers
     est = estimators.get(spec.estimator)
     budget = est.budget_for(L, spec.budget)
-    single = dataclasses.replace(f.fitted.report.spec, ensemble=1)
-
-    def fit_one(X, y, sample_weight=None):
-        return make_surrogate(single).fit(X, y, sample_weight=sample_weight).predict
+    fit_one = SingleFit(dataclasses.replace(f.fitted.report.spec, ensemble=1))  # refits; cross-fits batched
 
     ws = window_scores(samples, spec)
     x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level, ws)
@@ -304,15 +317,32 @@ def check_ks(ks, L: int) -> list[int]:
     return ks
 
 
-def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn,
-           eval_measures: Mapping[str, ValueFn] | None = None, spec: MethodSpec = MethodSpec()) -> Decisions:
-    """Rank-and-cut (spec.decision == 'rank-and-cut') or verified surrogate search for each k,
-    measured with `measure` (calibration perplexities of bool[n, L] masks) and on each held-out split."""
+def decide(f: Fit, contribs: shapley.Contributions, ks, measure: ValueFn | None,
+           eval_measures: Mapping[str, ValueFn] | None = None, spec: MethodSpec = MethodSpec(), pool=None,
+           calibration_cols=(), validation_cols=(), extra: Mapping | None = None, on: str = "",
+           progress: Callable[[dict], None] | None = None) -> Decisions:
+    """Rank-and-cut (spec.decision == 'rank-and-cut') or verified surrogate search for each k, and the
+    chosen sets measured on each held-out split (`eval_measures`).
+
+    With `pool` (a racing.WindowPool over validation + calibration windows, `calibration_cols` /
+    `validation_cols` its columns): `decision.race_decide` (racing rule spec.race_first / race_alpha /
+    race_finalists, budget spec.decide_budget, candidates `extra` {k: {set: source}} joining
+    rank-and-cut and the beam). Without: `decision.decide` with `measure` (calibration perplexities of
+    bool[n, L] masks), every candidate measured on every calibration window."""
+    from engine import racing
+
     L = f.samples.n_layers
     ks = check_ks(ks, L)
     n_verify = spec.n_verify if spec.decision == "verified" else 0
-    items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify,
-                                swap_rounds=spec.swaps, n_keep=spec.n_compare)
+    if pool is not None:
+        rule = racing.RaceRule(first=spec.race_first, alpha=spec.race_alpha, finalists=spec.race_finalists)
+        items = decision_lib.race_decide(f.predict, contribs.values, L, ks, pool, f.samples.ppl_full, calibration_cols,
+                                         validation_cols, n_verify=n_verify, swap_rounds=spec.swaps,
+                                         n_keep=spec.n_compare, extra=extra, rule=rule, budget=spec.decide_budget,
+                                         level=spec.level, seed=spec.mc_seed, on=on, progress=progress)
+    else:
+        items = decision_lib.decide(f.predict, contribs.values, L, ks, measure, f.samples.ppl_full, n_verify=n_verify,
+                                    swap_rounds=spec.swaps, n_keep=spec.n_compare)
     splits = decision_lib.measure_splits(items, L, eval_measures) if eval_measures else {}
     return Decisions(tuple(items), splits, contribs)
 

@@ -174,7 +174,7 @@ class _Progress:
         now = time.monotonic()
         if now - self.last >= 1.0 or self.done == self.total:
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
+            rate = self.done / max(now - self.t0, 1e-9)  # units (or steps) per second since the step (stage) began
             eta = (self.total - self.done) / rate
             line = {"event": "progress", "done": self.done, "total": self.total, "eta_s": round(eta, 1)}
             print(json.dumps(line), file=sys.stderr, flush=True)
@@ -684,7 +684,8 @@ _FITS: dict[tuple, object] = {}  # (run_id, n_masks[, windows evaluated], surrog
 _FITS_MAX = 4
 
 
-def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = False):
+def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = False,
+         progress: "StepProgress | None" = None):
     """The fitted surrogate for `method.surrogate` on the run's current samples (fitting is seeded
     and deterministic, so a refit gives the same ensemble). Writes the fit artifact when it adds
     something (first fit, new masks, a learning curve or comparison not stored yet)."""
@@ -697,7 +698,8 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
     have = f.summary if f is not None else {}
     if f is None or (curve and "learning_curve" not in have) or (compare and "comparison" not in have):
         f = method_lib.fit(s, method.surrogate, curve=curve or "learning_curve" in have,
-                           compare_kinds=variants() if compare or "comparison" in have else ())
+                           compare_kinds=variants() if compare or "comparison" in have else (),
+                           progress=None if progress is None else progress.at)
         _FITS.pop(key, None)
         _FITS[key] = f
         while len(_FITS) > _FITS_MAX:
@@ -717,23 +719,28 @@ def _fit_json(run: OpenRun, f) -> dict:
 
 
 def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compare: bool = False,
-        run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+        run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+        json_mode: bool = False) -> dict:
     """Fit the surrogate on the run's samples: held-out R², Spearman, MAE, per stratum, learning curve
-    (and a comparison of every registered surrogate when `compare`)."""
+    (and a comparison of every registered surrogate when `compare`); `progress`: StepProgress lines."""
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
-    f = _fit(run, method, curve=True, compare=compare)
+    f = _fit(run, method, curve=True, compare=compare, progress=StepProgress("fit", progress, json_mode))
     out = _fit_json(run, f)
     out.pop("heldout")
     return {**out, "seconds": round(time.monotonic() - t, 3)}
 
 
-def _contributions(run: OpenRun, method: MethodSpec):
+def _contributions(run: OpenRun, method: MethodSpec, progress: "StepProgress | None" = None):
     """(Fit, Contributions) for `method`; the contributions artifact is written."""
     from engine import method as method_lib
 
-    f = _fit(run, method)
+    f = _fit(run, method, progress=progress)
+    if progress is not None:
+        progress.at(0, 1, f"estimating the contributions ({method.estimator})")
     c = method_lib.contributions(f.samples, f, method)
+    if progress is not None:
+        progress.at(1, 1, f"estimated the contributions ({method.estimator})")
     _put(run, "contributions", method, f.samples, _contributions_json(run, f, c, method.estimator))
     return f, c
 
@@ -766,11 +773,12 @@ def _interval_fields(interval: dict | None) -> dict:
 
 
 def contributions(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None,
-                  run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+                  run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+                  json_mode: bool = False) -> dict:
     """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
-    f, c = _contributions(run, method)
+    f, c = _contributions(run, method, StepProgress("shapley", progress, json_mode))
     art = stored(run, "contributions", method)
     return {**{k: v for k, v in art.items() if k not in ("stage", "stale")}, "seconds": round(time.monotonic() - t, 3)}
 
@@ -784,61 +792,179 @@ def _measure_fn(run: OpenRun, data: DataSpec | None = None):
     return MaskEvaluator(run.lm, windows).perplexities
 
 
-class _RecordingMeasure:
-    """Calibration perplexities that keep each mask's per-window losses, so the candidates measured
-    by the decision can be compared window by window without evaluating them again."""
-
-    def __init__(self, evaluator):
-        self.evaluator, self.seen = evaluator, {}
-
-    def perplexities(self, masks) -> np.ndarray:
-        from engine.evaluate import ppl_from_window_losses
-
-        return ppl_from_window_losses(*self.window_losses(masks))
-
-    def window_losses(self, masks) -> tuple[np.ndarray, np.ndarray]:
-        masks = np.atleast_2d(np.asarray(masks, dtype=bool))
-        keys = [m.tobytes() for m in masks]
-        todo = [i for i, k in enumerate(keys) if k not in self.seen]
-        if todo:
-            nll, tok = self.evaluator.window_losses(masks[todo])
-            for j, i in enumerate(todo):
-                self.seen[keys[i]] = (nll[j], tok[j])
-        return (np.stack([self.seen[k][0] for k in keys]), np.stack([self.seen[k][1] for k in keys]))
-
-
 MIN_VAL_WINDOWS = 2  # fewer validation windows than this: no bootstrap over them, the calibration windows decide
+# Baselines whose sets join the decision's candidates (computed on the calibration windows when the run has none
+# stored; one forward, or L one-layer masks for ppl). Any other stored baseline (sleb, taylor) joins as well.
+CANDIDATE_BASELINES = ("block-influence", "angular", "ppl")
 
 
-def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (), fc=None):
-    """Decide per k; list the candidates tied with each choice (paired bootstrap over windows): on
-    `method.val_windows` validation windows of the calibration text (fewer when the text has fewer
-    outside the calibration windows), which then also choose, or else (0, or fewer than
-    MIN_VAL_WINDOWS free) on the calibration windows themselves, which only list ties."""
-    from engine import decision as decision_lib
-    from engine import method as method_lib
+class StepProgress:
+    """Progress of a long stage in words, step / total and an ETA: with `json_mode` one JSON line
+    {"event": "progress", "stage", "done", "total", "eta_s", "step"} at most every second on stderr (what
+    the app's job panel shows), else the same in words on stderr; nothing when disabled."""
+
+    def __init__(self, stage: str, enabled: bool = True, json_mode: bool = False, every: float = 1.0):
+        self.stage, self.enabled, self.json_mode, self.every = stage, enabled, json_mode, every
+        self.total = self.done = 0
+        self.words = ""
+        self.t0 = self.last = time.monotonic()
+
+    def begin(self, total: int, words: str) -> None:
+        """A new step of `total` units described by `words` (e.g. "measuring 312 candidate sets on 4 windows")."""
+        self.total, self.done, self.words = int(total), 0, words
+        self.t0 = time.monotonic()
+        self.emit(force=True)
+
+    def at(self, done: int, total: int, words: str) -> None:
+        """Step `done` of `total` of a stage made of unequal steps (ETA from the stage's own pace)."""
+        if done == 0:
+            self.t0 = time.monotonic()
+        self.total, self.done, self.words = int(total), int(done), words
+        self.emit(force=True)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        self.emit(force=self.done >= self.total)
+
+    def emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < self.every):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if self.done and rate > 0 else None
+        left = self.total - self.done
+        words = f"{self.words}, {left} left" + (f", about {_about(eta)}" if eta is not None and left else "")
+        if self.json_mode:
+            line = {"event": "progress", "stage": self.stage, "done": self.done, "total": self.total,
+                    "eta_s": None if eta is None else round(eta, 1), "step": words}
+            print(json.dumps(line), file=sys.stderr, flush=True)
+        else:
+            print(f"{self.stage}: {words} ({self.done}/{self.total})", file=sys.stderr, flush=True)
+
+
+def _about(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
+
+
+def _baseline_removed(result: dict, k: int) -> tuple[int, ...] | None:
+    """The set a stored baseline result (BaselineResult.to_json) removes for k, or None where it has none
+    (SLEB beyond the rounds it ran)."""
+    order, details = result.get("order") or [], result.get("details") or {}
+    if not 0 < k < len(order):
+        return None
+    blocks = details.get("blocks")
+    if blocks is not None:
+        return tuple(range(blocks[k - 1]["start"], blocks[k - 1]["start"] + k)) if k <= len(blocks) else None
+    if details.get("k_max") is not None and k > int(details["k_max"]):
+        return None
+    return tuple(sorted(int(i) for i in order[:k]))
+
+
+def baseline_candidates(run: OpenRun, ks) -> tuple[dict, int]:
+    """({k: {removed set: "baseline:<name>[+baseline:<other>]"}}, set-window evaluations spent): the sets of
+    every baseline stored in the run and of CANDIDATE_BASELINES (computed on the calibration windows and
+    stored as ``baseline:<name>`` when missing, as `engine baseline` stores them)."""
+    from engine.baselines import run_baseline
+
+    spent = 0
+    stored_names = [n.split(":", 1)[1] for n in run.store.artifact_names() if n.startswith("baseline:")]
+    results = {}
+    for name in dict.fromkeys((*CANDIDATE_BASELINES, *stored_names)):
+        r = run.store.get_artifact(f"baseline:{name}")
+        if r is None:
+            r = run_baseline(name, run.lm, run.windows).to_json()
+            run.store.put_artifact(f"baseline:{name}", r)
+            if name == "ppl":
+                spent += run.n_layers * int(run.windows.input_ids.shape[0])
+        results[name] = r
+    out: dict[int, dict] = {}
+    for k in ks:
+        for name, r in results.items():
+            s = _baseline_removed(r, k)
+            if s is not None:
+                have = out.setdefault(k, {}).get(s)
+                out[k][s] = f"{have}+baseline:{name}" if have else f"baseline:{name}"
+    return out, spent
+
+
+def _decision_pool(run: OpenRun, method: MethodSpec, progress: StepProgress | None):
+    """The race's window pool (racing.WindowPool): the validation windows, then the calibration windows, each
+    shuffled (seed method.mc_seed); one MaskEvaluator per window range the race asks for. Returns (pool,
+    calibration columns, validation columns, words for `tied_on`)."""
+    import torch
+
+    from engine import racing
     from engine.data import validation_windows
     from engine.evaluate import MaskEvaluator
 
-    f, c = fc or _contributions(run, method)  # fc: (Fit, Contributions) the caller has just computed
-    splits = method_lib.eval_splits_for(run.spec.data, tuple(eval_data))
-    measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
-    calibration = _RecordingMeasure(MaskEvaluator(run.lm, run.windows))
-    ds = method_lib.decide(f, c, ks, calibration.perplexities, None, method)
     val = validation_windows(run.lm.tokenizer, run.spec.data, method.val_windows, at_most=True)
     n_val = int(val.input_ids.shape[0])
-    if n_val >= MIN_VAL_WINDOWS:
-        ds = method_lib.with_ties(ds, MaskEvaluator(run.lm, val).window_losses, method,
-                                  f"{n_val} validation windows of the calibration text", choose=True)
-    else:
-        short = f"; the text has {n_val} windows outside them, too few to validate on" if method.val_windows else ""
-        ds = method_lib.with_ties(ds, calibration.window_losses, method,
-                                  f"the calibration windows (the surrogate was fitted on them){short}", choose=False)
+    if n_val < MIN_VAL_WINDOWS:
+        n_val = 0
+    rng = np.random.default_rng([method.mc_seed, 23])
+    cal = run.windows.input_ids
+    parts = [val.input_ids[rng.permutation(n_val)]] if n_val else []
+    ids = torch.cat(parts + [cal[rng.permutation(cal.shape[0])]])  # (W, T)
+    evaluators: dict[tuple[int, int], object] = {}
+
+    def measure(masks, start, stop):
+        if (start, stop) not in evaluators:
+            evaluators[start, stop] = MaskEvaluator(run.lm, ids[start:stop])
+        ev = evaluators[start, stop]
+        nll = np.full((masks.shape[0], stop - start), np.nan)
+        tok = np.zeros((masks.shape[0], stop - start), dtype=np.int64)
+        for i, _, v, t, _ in ev.iter_window_losses(masks):
+            nll[i], tok[i] = v, t
+            if progress is not None:
+                progress.tick()
+        return nll, tok
+
+    W = int(ids.shape[0])
+    n_cal = W - n_val
+    on = (f"{W} windows: {n_val} validation windows of the calibration text + the {n_cal} calibration windows"
+          if n_val else f"the {n_cal} calibration windows (the surrogate was fitted on them)"
+          + (f"; the text has too few windows outside them to validate on" if method.val_windows else ""))
+    return racing.WindowPool(run.n_layers, W, measure), list(range(n_val, W)), list(range(n_val)), on
+
+
+def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (), fc=None,
+            progress: StepProgress | None = None):
+    """Decide for each k in `ks` by racing the candidates (rank-and-cut, the surrogate's beam, the baselines'
+    sets, the swap neighbours) on paired windows (`_decision_pool`: the validation windows of the calibration
+    text, then the calibration windows; engine/racing.py): the chosen set is the best over all of them among
+    the sets that finished, its ties are listed, and the chosen sets are measured on the held-out splits.
+    Returns (Fit, Contributions, Decisions, {"evaluations", "baseline_evaluations", "budget_hit"})."""
+    from engine import decision as decision_lib
+    from engine import method as method_lib
+
+    f, c = fc or _contributions(run, method)  # fc: (Fit, Contributions) the caller has just computed
+    t0 = time.monotonic()
+    ks = method_lib.check_ks(ks, run.n_layers)
+    splits = method_lib.eval_splits_for(run.spec.data, tuple(eval_data))
+    measures = {name: _measure_fn(run, dataclasses.replace(run.spec.data, source=name)) for name in splits}
+    extra, spent = ({}, 0)
+    if method.decision == "verified" and not method.no_baseline_candidates:
+        extra, spent = baseline_candidates(run, ks)
+    pool, cal_cols, val_cols, on = _decision_pool(run, method, progress)
+
+    def report(event):
+        if progress is not None:
+            progress.begin(event["sets"], f"{event['stage']}, look {event['look']}/{event['looks']}: measuring "
+                                          f"{event['sets']} candidate sets on {event['windows']} windows")
+
+    ds = method_lib.decide(f, c, ks, None, None, method, pool=pool, calibration_cols=cal_cols,
+                           validation_cols=val_cols, extra=extra, on=on, progress=report)
     if measures:
         ds = dataclasses.replace(ds, splits=decision_lib.measure_splits(ds.items, run.n_layers, measures))
+    cost = {"evaluations": int(pool.evaluations), "baseline_evaluations": spent,
+            "budget": method.decide_budget, "budget_hit": any(d.budget_hit for d in ds.items),
+            "seconds": round(time.monotonic() - t0, 3)}  # baselines, race and held-out splits
     _put(run, "decisions", method, f.samples, {"run_id": run.run_id, "ks": [d.k for d in ds.items],
-                                                 "splits_measured": list(splits), **ds.to_dict()})
-    return f, c, ds
+                                                 "splits_measured": list(splits), "cost": cost, **ds.to_dict()})
+    return f, c, ds, cost
 
 
 def default_remove(method: MethodSpec, n_layers: int) -> int:
@@ -848,9 +974,10 @@ def default_remove(method: MethodSpec, n_layers: int) -> int:
 
 def decide(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, eval_data: tuple[str, ...] = (),
            run: OpenRun | None = None) -> dict:
-    """Decide which layers to remove for k = 1..remove; stored as the decisions artifact."""
+    """Decide which layers to remove for k = remove (and --ks, or 1..remove with --all-k); stored as the
+    decisions artifact."""
     run = run or open_run(spec, cache_dir, create=False)
-    _, _, ds = _decide(run, method, range(1, default_remove(method, run.n_layers) + 1), eval_data)
+    _decide(run, method, method.decide_ks(run.n_layers), eval_data)
     return stored(run, "decisions", method)
 
 
@@ -884,7 +1011,7 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed, fmt=fmt, quant=quant)
     k = default_remove(method, run.n_layers)
-    _, _, ds = _decide(run, method, range(1, k + 1))
+    _, _, ds, _ = _decide(run, method, (k,))
     return _export(run, method, out_dir, overwrite, ds, k, fmt=fmt, quant=quant)
 
 
@@ -954,8 +1081,9 @@ def _export_gguf(run: OpenRun, removed, out, quant: str, overwrite: bool, extra:
 
 def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwrite: bool = False,
           eval_data: tuple[str, ...] = (), cache_dir=None, run: OpenRun | None = None, sampled=None,
-          evaluation: EvalSpec = EvalSpec()) -> dict:
-    """fit -> contributions -> decide (k = 1..remove) -> export (if out_dir) on the run's samples."""
+          evaluation: EvalSpec = EvalSpec(), progress: bool = False, json_mode: bool = False) -> dict:
+    """fit -> contributions -> decide (k = remove, plus --ks / --all-k) -> export (if out_dir) on the run's
+    samples; with `progress`, the decision's progress on stderr (StepProgress)."""
     from engine.method import check_ks
     from engine.prune import check_export_folder
 
@@ -966,7 +1094,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         check_export_folder(out_dir, overwrite)  # before any model is loaded
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     remove = default_remove(method, run.n_layers)
-    check_ks([remove], run.n_layers)
+    check_ks(method.decide_ks(run.n_layers), run.n_layers)
     stages: dict[str, float] = {}
     t = time.monotonic()
     f = _fit(run, method)
@@ -975,7 +1103,8 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
     f, c = _contributions(run, method)
     stages["contributions"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    _, _, ds = _decide(run, method, range(1, remove + 1), eval_data, fc=(f, c))
+    _, _, ds, cost = _decide(run, method, method.decide_ks(run.n_layers), eval_data, fc=(f, c),
+                             progress=StepProgress("decide", progress, json_mode))
     stages["decide"] = round(time.monotonic() - t, 3)
     exported = None
     if out_dir is not None:
@@ -1002,14 +1131,19 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         "tie_level": d.tie_level,
         "tied_on": d.tied_on,
         "method": d.method,
+        "source": d.source,
+        "decide_evaluations": cost["evaluations"] + cost["baseline_evaluations"],
+        "decide_cost": cost,
         "ppl_full": float(d.ppl_full),
         "ppl_predicted": float(d.ppl_predicted),
         "ppl_measured": float(d.ppl_measured),
         "heldout": {name: {"ppl_full": sp.ppl_full, "ppl_pruned": sp.ppl[list(sp.ks).index(remove)]}
                     for name, sp in ds.splits.items()},
         "by_k": [{"k": x.k, "removed": list(x.removed), "ppl_predicted": x.ppl_predicted,
-                  "ppl_measured": x.ppl_measured, "method": x.method, "tied": [list(t) for t in x.tied],
-                  "n_measured": x.n_measured, "n_compared": len(x.candidates),
+                  "ppl_measured": x.ppl_measured, "method": x.method, "source": x.source,
+                  "tied": [list(t) for t in x.tied], "validation_ppl": x.validation_ppl,
+                  "n_measured": x.n_measured, "n_compared": sum(c.outcome in ("", "finished") for c in x.candidates),
+                  "evaluations": x.evaluations, "budget_hit": x.budget_hit,
                   "heldout": {name: sp.ppl[list(sp.ks).index(x.k)] for name, sp in ds.splits.items()}}
                  for x in ds.items],
         "out": None if exported is None else exported["out"],
@@ -1018,6 +1152,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         "method_spec": dataclasses.asdict(method),
         "seconds": round(time.monotonic() - t0, 3),
         "stage_seconds": stages,
+        "stages": stages,
     }
 
 
@@ -1038,18 +1173,19 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
     if evaluation.single_pass is None:
         evaluation = dataclasses.replace(evaluation, single_pass=True)
     run = open_run(spec, cache_dir, evaluation)
-    check_ks([default_remove(method, run.n_layers)], run.n_layers)  # before sampling, not after
+    check_ks(method.decide_ks(run.n_layers), run.n_layers)  # before sampling, not after (--ks too)
     sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run, evaluation=evaluation)
     if sampled.stopped:
         raise WorkbenchError(
             f"sampling was {sampled.stopped} after {sampled.total}/{sampled.target} masks; everything evaluated is "
             "kept in the run store. Run the same command again to resume."
         )
-    result = prune(spec, method, out_dir, overwrite, eval_data, cache_dir, run, sampled)
+    result = prune(spec, method, out_dir, overwrite, eval_data, cache_dir, run, sampled, progress=progress,
+                   json_mode=json_mode)
     counters = ("layer_calls", "leaves", "work", "work_total", "completed", "partial", "rounds")
     result["sampling"] = {k: v for k, v in sampled.to_json().items() if k in counters}
     result["seconds"] = round(time.monotonic() - t0, 3)
-    result["stage_seconds"] = {"sample": sampled.seconds, **result["stage_seconds"]}
+    result["stage_seconds"] = result["stages"] = {"sample": sampled.seconds, **result["stage_seconds"]}
     return result
 
 
@@ -1068,15 +1204,15 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     run_id = spec.run_id(lm.identity, windows.data_hash)
     store = RunStore(cache_dir, run_id) if RunStore(cache_dir, run_id).exists() else None
     results = {}
+    bar = StepProgress("baselines", progress, json_mode=True)
     for i, name in enumerate(names):
         t = time.monotonic()
+        bar.at(i, len(names), f"running {name}")
         r = run_baseline(name, lm, windows, k_max=k_max, seed=seed).to_json()
         results[name] = r
         if store is not None:
             store.put_artifact(f"baseline:{name}", r)
-        if progress:
-            print(json.dumps({"event": "progress", "done": i + 1, "total": len(names), "step": name,
-                              "seconds": round(time.monotonic() - t, 2)}), file=sys.stderr, flush=True)
+        bar.at(i + 1, len(names), f"ran {name} ({time.monotonic() - t:.1f} s)")
     first = results[names[0]]
     out = {"model": spec.model.name, "data": spec.data.source, "n_layers": lm.n_layers,
            "run_id": run_id if store else None, **(first if len(names) == 1 else {})}
@@ -1323,7 +1459,8 @@ def write_interactions_csv(result: dict, path) -> Path:
 
 
 def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, cache_dir=None,
-               run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec()) -> dict:
+               run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+               json_mode: bool = False) -> dict:
     """The near-optimal sets explorer for k = 1..remove (default L/4): the `top` best removal sets per k
     by surrogate prediction with ensemble intervals, the measured perplexity of those the run has
     measured (sampled masks and the stored decision's candidates), layer frequencies and
@@ -1334,8 +1471,13 @@ def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, 
     t = time.monotonic()
     f = _fit(run, method)
     measured = method_lib.measured_sets(f.samples, stored(run, "decisions", method))
-    ks = range(1, default_remove(method, run.n_layers) + 1)
-    items = method_lib.near_optimal(f.samples, f, ks, top, measured)
+    ks = list(range(1, default_remove(method, run.n_layers) + 1))
+    bar = StepProgress("candidates", progress, json_mode)
+    items = []
+    for i, k in enumerate(ks):  # one k at a time, so the progress says which
+        bar.at(i, len(ks), f"searching the {top} best removal sets of {k} layers")
+        items += method_lib.near_optimal(f.samples, f, [k], top, measured)
+    bar.at(len(ks), len(ks), f"searched k = 1..{ks[-1]}")
     result = {"run_id": run.run_id, "n_layers": run.n_layers, "ppl_full": f.samples.ppl_full, "top": int(top),
               "ks": [n.k for n in items], "candidates": [n.to_dict() for n in items]}
     run.store.put_artifact(candidates_name(method, top), {"stage": "candidates", **_seen(f.samples), **result})
@@ -1460,7 +1602,7 @@ def _decision_for(run: OpenRun, method: MethodSpec, k: int) -> tuple[tuple[int, 
     if art and not art["stale"] and k in art.get("ks", []):
         d = next(d for d in art["decisions"] if d["k"] == k)
         return tuple(int(i) for i in d["removed"]), d["method"]
-    _, _, ds = _decide(run, method, range(1, k + 1))
+    _, _, ds, _ = _decide(run, method, (k,))
     d = ds.for_k(k)
     return tuple(int(i) for i in d.removed), d.method
 

@@ -98,9 +98,18 @@ def run_summary(r: dict) -> str:
     for d in r["by_k"]:
         lines.append(f"{d['k']:>3}  {str(d['removed']):24} {_num(d['ppl_predicted'], 2):>10} "
                      f"{_num(d['ppl_measured'], 2):>10} {d.get('n_measured', ''):>5}  {d['method']}"
+                     + (f", from {d['source']}" if d.get("source") else "")
+                     + (" (budget hit)" if d.get("budget_hit") else "")
                      + (f"; tied: {', '.join(map(str, d['tied']))}" if d.get("tied") else ""))
-    if r.get("tied_on"):
+    if r.get("decide_evaluations") is not None:
+        cost = r.get("decide_cost") or {}
+        hit = (f"; the budget of {cost.get('budget')} was hit, so the race was cut short" if cost.get("budget_hit")
+               else "")
+        lines.append(f"sets = removal sets raced for that k (rank-and-cut, the surrogate's beam, the baselines' sets, "
+                     f"swaps); the decision spent {r['decide_evaluations']} set-window evaluations{hit}")
+    elif r.get("tied_on"):
         lines.append("sets = removal sets measured on the calibration windows for that k (verification and swaps)")
+    if r.get("tied_on"):
         lines.append(f"tied = paired bootstrap interval ({_num(r.get('tie_level'), 2)}) of the perplexity ratio "
                      f"to the chosen set contains 1, on {r['tied_on']}")
     lines.append(f"calibration perplexity: full {_num(r['ppl_full'], 2)} -> pruned {_num(r['ppl_measured'], 2)} "

@@ -49,6 +49,9 @@ SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (P
 PREDICT_CHUNK = 2**16
 PRESETS = ("adam", "paper")
 LOG_FLOOR = 1e-4  # scores are clipped here before the log of the log-pairwise surrogate
+# Ensembles, learning curves and work curves fit their adam MLPs as one batched network (fit_mlps_batched);
+# False: one after another (the reference bench/fit_speed.py times them against).
+BATCHED_FITS = True
 
 
 def _check_weight(sample_weight, n: int) -> np.ndarray | None:
@@ -260,6 +263,137 @@ class MLPSurrogate(_ValueFunction):
             return mlp_flip_values(W1, b1, w2, b2, np.asarray(base, dtype=bool))
 
 
+def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarray,
+                     rows: Sequence[np.ndarray] | None = None, sample_weight: np.ndarray | None = None) -> list:
+    """Fit several adam-preset MLPSurrogates at once as ONE batched network: their weights stacked
+    (k, 2L, L) ..., one forward (einsum over members), one backward of the summed losses, one Adam step
+    for all. Member j trains on X[rows[j]] (default: every row) exactly as `MLPSurrogate.fit` would:
+    its own seeded init, validation slice and early stopping (a stopped member's best weights stay
+    frozen while the others go on). Adam is per element and the members' losses share no parameter, so
+    each member follows its own sequential fit up to floating-point summation order (within seed noise).
+    Written by hand because torch.func.stack_module_state + vmap does not batch per-member early
+    stopping and row subsets; this is the paper network's two layers, nothing more."""
+    X, y = _check_xy(X, y)
+    w = _check_weight(sample_weight, len(y))
+    n, L = X.shape
+    rows = [np.arange(n)] * len(members) if rows is None else [np.asarray(r, dtype=np.int64) for r in rows]
+    if any(m.preset != "adam" for m in members) or len(rows) != len(members):
+        raise EstimationError("fit_mlps_batched fits adam-preset MLPs, one row set per member")
+    k = len(members)
+    if k == 0:
+        return []
+    Xt = torch.as_tensor(X, dtype=torch.float32)  # (n, L)
+    yt = torch.as_tensor(y, dtype=torch.float32)  # (n,)
+    base = torch.ones(n) if w is None else torch.as_tensor(w, dtype=torch.float32)  # (n,)
+    tr_w, val_w, n_vals = torch.zeros(k, n), torch.zeros(k, n), []  # (k, n): each member's row weights
+    nets = []
+    for j, (m, r) in enumerate(zip(members, rows)):
+        with torch.random.fork_rng(devices=[]):  # the init MLPSurrogate.fit draws
+            torch.manual_seed(m.seed)
+            nets.append(_Net(L))
+        gen = torch.Generator().manual_seed(m.seed)
+        n_j = len(r)
+        n_val = int(round(n_j * m.val_fraction)) if n_j >= 10 else 0
+        order = torch.randperm(n_j, generator=gen)
+        rt = torch.as_tensor(r)
+        tr, val = rt[order[n_val:]], rt[order[:n_val]] if n_val else rt[order[n_val:]]
+        tr_w[j].index_add_(0, tr, base[tr])
+        val_w[j].index_add_(0, val, base[val])
+        n_vals.append(n_val)
+    W1 = torch.stack([net.body[0].weight.detach().T for net in nets]).contiguous().requires_grad_()  # (k, L, H)
+    b1 = torch.stack([net.body[0].bias.detach()[None] for net in nets]).requires_grad_()  # (k, 1, H)
+    w2 = torch.stack([net.body[2].weight.detach().T for net in nets]).contiguous().requires_grad_()  # (k, H, 1)
+    b2 = torch.stack([net.body[2].bias.detach() for net in nets]).requires_grad_()  # (k, 1)
+    params = [W1, b1, w2, b2]
+    lr = {m.lr for m in members}
+    if len(lr) != 1:
+        raise EstimationError("fit_mlps_batched needs one learning rate for all members")
+    try:  # the fused kernel: the same update, one call for all parameters
+        opt = torch.optim.Adam(params, lr=lr.pop(), fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(params, lr=min(m.lr for m in members))
+    tr_sum, val_sum = tr_w.sum(1).clamp_min(1e-12), val_w.sum(1).clamp_min(1e-12)  # (k,)
+    Xk = Xt.expand(k, n, L)  # (k, n, L), a view
+
+    def forward():  # (k, n): every member on every row
+        h = torch.nn.functional.celu(torch.baddbmm(b1, Xk, W1))  # (k, n, H)
+        return torch.sigmoid(torch.bmm(h, w2)[..., 0] + b2)  # (k, n)
+
+    max_steps = max(m.max_steps for m in members)
+    patience = torch.tensor([m.patience for m in members])
+    limit = torch.tensor([m.max_steps for m in members])
+    best = torch.full((k,), math.inf, dtype=torch.float64)
+    best_step = torch.zeros(k, dtype=torch.long)
+    stopped_at = torch.zeros(k, dtype=torch.long)
+    active = torch.ones(k, dtype=torch.bool)
+    best_state = [p.detach().clone() for p in params]
+    step = 0
+    with _few_threads(X.size * k):
+        out = forward()
+        for step in range(1, max_steps + 1):
+            opt.zero_grad()
+            ((tr_w * (out - yt) ** 2).sum(1) / tr_sum).sum().backward()
+            opt.step()
+            out = forward()  # the parameters after this step: next step's training forward and this step's check
+            with torch.no_grad():
+                v = ((val_w * (out.detach() - yt) ** 2).sum(1) / val_sum).double()  # (k,)
+                better = active & (v < best - 1e-12)
+                if better.any():
+                    best = torch.where(better, v, best)
+                    best_step = torch.where(better, torch.tensor(step), best_step)
+                    for p, b in zip(params, best_state):
+                        b[better] = p.detach()[better]
+                done = active & ~better & (step - best_step >= patience)
+                done |= active & (step >= limit)
+                stopped_at = torch.where(done, torch.tensor(step), stopped_at)
+                active &= ~done
+            if not active.any():
+                break
+    stopped_at = torch.where(stopped_at == 0, torch.tensor(step), stopped_at)
+    for j, (m, net) in enumerate(zip(members, nets)):
+        with torch.no_grad():
+            net.body[0].weight.copy_(best_state[0][j].T)
+            net.body[0].bias.copy_(best_state[1][j, 0])
+            net.body[2].weight.copy_(best_state[2][j].T)
+            net.body[2].bias.copy_(best_state[3][j])
+        m.net = net.eval()
+        m.history = {"steps": int(stopped_at[j]), "best_step": int(best_step[j]), "val_mse": float(best[j]),
+                     "n_val": n_vals[j], "batched": k}
+    return list(members)
+
+
+def fit_on_rows(spec: SurrogateSpec, X: np.ndarray, y: np.ndarray, rows: Sequence[np.ndarray],
+                sample_weight: np.ndarray | None = None, seeds: Sequence[int] | None = None, **options) -> list:
+    """One surrogate of `spec` (seed spec.seed) fitted on X[r] for each row set r: the adam MLPs (alone or
+    inside mlp+log-pairwise) as one batched network (`fit_mlps_batched`), any other kind one after another.
+    The same fitted functions as `make_surrogate(spec).fit(X[r], y[r], w[r])` for each r (within seed noise)."""
+    seeds = [spec.seed] * len(rows) if seeds is None else list(seeds)  # one seed per row set (default spec.seed)
+    models = [make_surrogate(spec, seed=seed, **options) for seed in seeds]
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if BATCHED_FITS and spec.kind in ("mlp", "mlp+log-pairwise") and spec.preset == "adam" and len(rows) > 1:
+        fit_mlps_batched([m if isinstance(m, MLPSurrogate) else m.mlp for m in models], X, y, rows, w)
+        for m, r in zip(models, rows):
+            if isinstance(m, HybridSurrogate):
+                m.log_pairwise.fit(X[r], y[r], sample_weight=None if w is None else w[r])
+        return models
+    return [m.fit(X[r], y[r], sample_weight=None if w is None else w[r]) for m, r in zip(models, rows)]
+
+
+class SingleFit:
+    """`fit(X, y[, sample_weight]) -> value function` of one surrogate of `spec` (what estimators and intervals
+    refit with), plus `on_rows(X, y, rows, sample_weight) -> [value function]`: one fit per row set, the adam
+    MLPs batched (`fit_on_rows`; cross-fits and jackknife folds use it)."""
+
+    def __init__(self, spec: SurrogateSpec, **options):
+        self.spec, self.options = spec, options
+
+    def __call__(self, X, y, sample_weight=None):
+        return make_surrogate(self.spec, **self.options).fit(X, y, sample_weight=sample_weight).predict
+
+    def on_rows(self, X, y, rows, sample_weight=None) -> list:
+        return [m.predict for m in fit_on_rows(self.spec, X, y, rows, sample_weight, **self.options)]
+
+
 # ---------------------------------------------------------------- ridge on pairwise features
 
 
@@ -460,8 +594,10 @@ class Ensemble(_ValueFunction):
     seed (init and validation slice); other kinds are fitted on bootstrap resamples. predict = mean
     of members."""
 
-    def __init__(self, spec: SurrogateSpec = SurrogateSpec(), k: int | None = None, **options):
+    def __init__(self, spec: SurrogateSpec = SurrogateSpec(), k: int | None = None, batched: bool | None = None,
+                 **options):
         self.spec = spec
+        self.batched = BATCHED_FITS if batched is None else batched  # adam MLP members trained as one network
         self.k = spec.ensemble if k is None else k
         if self.k < 1:
             raise EstimationError("an ensemble needs at least one member")
@@ -474,6 +610,15 @@ class Ensemble(_ValueFunction):
         X, y = _check_xy(masks, scores)
         w = _check_weight(sample_weight, len(y))
         self.members = []
+        if self.batched and self.k > 1 and self.spec.kind in ("mlp", "mlp+log-pairwise") and self.spec.preset == "adam":
+            members = [make_surrogate(self.spec, seed=self.spec.seed + j, **self.options) for j in range(self.k)]
+            mlps = [m if isinstance(m, MLPSurrogate) else m.mlp for m in members]
+            fit_mlps_batched(mlps, X, y, sample_weight=w)  # one batched network for every member's MLP
+            for m in members:
+                if isinstance(m, HybridSurrogate):
+                    m.log_pairwise.fit(X, y, sample_weight=w)
+            self.members = members
+            return self
         for j in range(self.k):
             seed = self.spec.seed + j
             member = make_surrogate(self.spec, seed=seed, **self.options)
@@ -650,6 +795,41 @@ def fit_with_diagnostics(masks, scores, spec: SurrogateSpec = SurrogateSpec(), p
     return FittedSurrogate(ens, report)
 
 
+def fit_with_curve(masks, scores, spec: SurrogateSpec, sizes: Sequence[int], ppl_full: float = 1.0,
+                   sample_weight=None, testable=None, **options) -> tuple[FittedSurrogate, "LearningCurve"]:
+    """`fit_with_diagnostics(spec)` and `learning_curve(sizes, spec with ensemble=1)` on the same split, the
+    ensemble's and the curve's adam MLPs trained as ONE batched network (`fit_on_rows`); other kinds, or
+    BATCHED_FITS off, call the two functions. The same fitted functions either way (within seed noise)."""
+    if not (BATCHED_FITS and spec.kind in ("mlp", "mlp+log-pairwise") and spec.preset == "adam"):
+        fitted = fit_with_diagnostics(masks, scores, spec, ppl_full, sample_weight, testable, **options)
+        one = replace(spec, ensemble=1)
+        return fitted, learning_curve(masks, scores, sizes, one, ppl_full, sample_weight, testable, **options)
+    X, y = _check_xy(masks, scores)
+    w = _check_weight(sample_weight, len(y))
+    sp = split(X, y, spec.holdout, spec.seed, testable)
+    order = np.random.default_rng(spec.seed).permutation(sp.train)  # the learning curve's nested subsets
+    kept = sorted({int(s) for s in sizes if MIN_MASKS <= int(s) <= len(order)})
+    dropped = sorted({int(s) for s in sizes} - set(kept))
+    if not kept:
+        raise EstimationError(f"no size in {list(sizes)} fits: need {MIN_MASKS}..{len(order)} training masks")
+    train = np.asarray(sp.train)
+    k = spec.ensemble
+    t0 = time.perf_counter()
+    models = fit_on_rows(spec, X, y, [train] * k + [order[:s] for s in kept], w,
+                         seeds=[spec.seed + j for j in range(k)] + [spec.seed] * len(kept), **options)
+    secs = time.perf_counter() - t0
+    ens = Ensemble(spec, **options)
+    ens.members = models[:k]
+    report = FitReport(
+        spec, sp, diagnose(X[sp.test], y[sp.test], ens.predict(X[sp.test]), ppl_full),
+        metrics(y[sp.train], ens.predict(X[sp.train]), ppl_full), secs,
+        tuple(getattr(m, "history", {}) for m in ens.members),
+    )
+    curve = [metrics(y[sp.test], m.predict(X[sp.test]), ppl_full) for m in models[k:]]
+    note = f"sizes {dropped} skipped (outside {MIN_MASKS}..{len(order)})" if dropped else ""
+    return FittedSurrogate(ens, report), LearningCurve(tuple(kept), tuple(curve), len(sp.test), note)
+
+
 @dataclass(frozen=True)
 class LearningCurve:
     """Held-out metrics against the number of training masks (same test set for every size)."""
@@ -677,11 +857,8 @@ def learning_curve(masks, scores, sizes: Sequence[int], spec: SurrogateSpec = Su
     dropped = sorted({int(s) for s in sizes} - set(kept))
     if not kept:
         raise EstimationError(f"no size in {list(sizes)} fits: need {MIN_MASKS}..{len(order)} training masks")
-    out = []
-    for s in kept:
-        rows = order[:s]
-        model = make_surrogate(spec, **options).fit(X[rows], y[rows], sample_weight=None if w is None else w[rows])
-        out.append(metrics(y[sp.test], model.predict(X[sp.test]), ppl_full))
+    models = fit_on_rows(spec, X, y, [order[:s] for s in kept], w, **options)  # one batched fit for the MLP
+    out = [metrics(y[sp.test], model.predict(X[sp.test]), ppl_full) for model in models]
     note = f"sizes {dropped} skipped (outside {MIN_MASKS}..{len(order)})" if dropped else ""
     return LearningCurve(tuple(kept), tuple(out), len(sp.test), note)
 
@@ -705,9 +882,12 @@ class Comparison:
 
 def compare(masks, scores, kinds: Sequence[str] | None = None,
             spec: SurrogateSpec = SurrogateSpec(), ppl_full: float = 1.0, sample_weight=None,
-            testable=None) -> Comparison:
+            testable=None, adam_mlp: "MLPSurrogate | None" = None) -> Comparison:
     """Fit each kind ('mlp:paper' picks a preset) once (seed spec.seed) on the same training part;
-    held-out metrics and fit time per kind (sample_weight / testable as in `fit_with_diagnostics`)."""
+    held-out metrics and fit time per kind (sample_weight / testable as in `fit_with_diagnostics`).
+    `adam_mlp`: an adam MLP already fitted with seed spec.seed on that training part (the ensemble's first
+    member): mlp:adam is that fit and mlp+log-pairwise's MLP part too (`reused`; fit_seconds then count
+    only what was fitted here)."""
     X, y = _check_xy(masks, scores)
     w = _check_weight(sample_weight, len(y))
     sp = split(X, y, spec.holdout, spec.seed, testable)
@@ -715,9 +895,18 @@ def compare(masks, scores, kinds: Sequence[str] | None = None,
     for kind in variants() if kinds is None else kinds:
         s = _parse_kind(kind, spec)
         t0 = time.perf_counter()
-        model = make_surrogate(s).fit(X[sp.train], y[sp.train], sample_weight=None if w is None else w[sp.train])
+        tw = None if w is None else w[sp.train]
+        reused = adam_mlp is not None and s.kind in ("mlp", "mlp+log-pairwise") and s.preset == "adam"
+        if reused and s.kind == "mlp":
+            model = adam_mlp
+        elif reused:
+            model = make_surrogate(s)
+            model.mlp = adam_mlp  # the same network: same seed, same rows
+            model.log_pairwise.fit(X[sp.train], y[sp.train], sample_weight=tw)
+        else:
+            model = make_surrogate(s).fit(X[sp.train], y[sp.train], sample_weight=tw)
         secs = time.perf_counter() - t0
         m = metrics(y[sp.test], model.predict(X[sp.test]), ppl_full)
         rows.append({"kind": s.kind, "preset": s.preset if s.kind == "mlp" else None, **m.__dict__,
-                     "fit_seconds": secs})
+                     "fit_seconds": secs, **({"reused": "the ensemble's first member's MLP"} if reused else {})})
     return Comparison(tuple(rows), sp)

@@ -284,11 +284,18 @@ def _cross_fit(masks, scores, fit: FitFn, weighting, folds: int, seed: int, trai
         raise EstimationError(f"cross-fitting with {folds} folds needs at least {2 * folds} sampled masks")
     C = np.zeros((folds, L + 1, L))
     pred = np.zeros(len(rows))
+    tests, trains = [], []
     for k in range(folds if fit_rows.any() else 0):  # every mask evaluated: nothing to fit
         test = (assign == k) & fit_rows  # (s,)
         train = np.ones(n, dtype=bool)
         train[rows[test]] = False
-        g = _fit_call(fit, masks[train], scores[train], None if weight is None else weight[train])
+        tests.append(test)
+        trains.append(np.flatnonzero(train))
+    if hasattr(fit, "on_rows") and trains:  # surrogate.SingleFit: every fold's fit at once (batched MLPs)
+        fitted = fit.on_rows(masks, scores, trains, weight)
+    else:
+        fitted = [_fit_call(fit, masks[t], scores[t], None if weight is None else weight[t]) for t in trains]
+    for k, (test, g) in enumerate(zip(tests, fitted)):
         C[k] = semivalue_by_size(g, L, weighting)
         if test.any():
             pred[test] = np.asarray(g(Xs[test]), dtype=np.float64)
@@ -717,9 +724,9 @@ def work_curve(masks, scores, work, spec, ppl_full: float = 1.0, sample_weight=N
     if np.unique(strata, return_counts=True)[1].min(initial=2) < 2:  # one holds a single mask (its interval
         strata = None  # would collapse to the point): then over all held-out masks
     cumulative = np.cumsum(cost)  # (n,) work of the store up to each row
-    for size in sizes:
+    models = sg.fit_on_rows(one, X, y, [train[:size] for size in sizes], w)  # one batched fit for the MLP
+    for size, model in zip(sizes, models):
         rows = train[:size]
-        model = sg.make_surrogate(one).fit(X[rows], y[rows], sample_weight=None if w is None else w[rows])
         pred = model.predict(X[sp.test])  # (n_test,)
         m = sg.metrics(y[sp.test], pred, ppl_full)
         point = {"train_masks": int(size), "rows_stored": int(rows[-1] + 1), "work": int(cumulative[rows[-1]]),

@@ -195,7 +195,9 @@ def _watch_job(run_dir: str, name: str) -> None:
     p = state.progress or {}
     done, total = p.get("done"), p.get("total")
     text = f"running for {views.format_seconds(time.time() - state.started)}"
-    if done is not None and total:
+    if p.get("stage") and p.get("step"):  # engine.pipeline.StepProgress: the step in words, what is left, ETA
+        text += f" · {p['stage']}: {p['step']}"
+    elif done is not None and total:
         text += f" · {done}/{total}" + (f" ({p['step']})" if p.get("step") else "")
         if p.get("eta_s") is not None:
             text += f" · ETA {views.format_seconds(p['eta_s'])}"

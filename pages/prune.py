@@ -44,13 +44,14 @@ st.caption(f"removing {k} of {L} layers ({k / L:.0%}) · contributions: {ESTIMAT
 
 eval_data = tuple(x for name in heldout.split(",") if name.strip() for x in ("--eval-data", name.strip()))
 _ui.job_panel(run, "prune", "Decide", mspec, extra=eval_data,
-              help=f"runs `python -m engine prune` in the background: fit, contributions, and the best candidate "
-                   f"sets for k = 1..{k} measured for real; stored in the run")
+              help=f"runs `python -m engine prune` in the background: fit, contributions, and the candidate sets "
+                   f"for k = {k} (rank-and-cut, the surrogate's best, the baselines', swaps) raced on real windows; "
+                   f"stored in the run")
 
 state = pipeline.stored(run, "decisions", mspec)
 if not state or k not in state["ks"]:
-    st.info(f"No decision stored for k = {k} with these settings: press Decide (measures the best candidate sets "
-            f"for k = 1..{k}).")
+    st.info(f"No decision stored for k = {k} with these settings: press Decide (races the candidate sets for "
+            f"k = {k} on real windows).")
     st.stop()
 if state["stale"]:
     st.warning(f"Decided from {state['n_masks']} masks; the run now has {run.store.count()}. Decide again.")
@@ -62,8 +63,12 @@ c1.metric("full-model perplexity", f"{d['ppl_full']:.3f}", help=f"{run.spec.data
 c2.metric(f"measured, {k} removed", f"{d['ppl_measured']:.3f}", delta=f"{d['ppl_measured'] - d['ppl_full']:+.3f}",
           delta_color="inverse")
 c3.metric("predicted by the surrogate", f"{d['ppl_predicted']:.3f}")
-st.write(f"Chosen for k = {k}: remove layers **{', '.join(map(str, d['removed']))}** ({d['method']}; "
-         f"{d.get('n_measured') or len(d['candidates'])} sets measured, the best {len(d['candidates'])} compared)")
+finished = sum(c.get("outcome", "finished") in ("", "finished") for c in d["candidates"])
+st.write(f"Chosen for k = {k}: remove layers **{', '.join(map(str, d['removed']))}** ({d['method']}"
+         + (f", from {d['source']}" if d.get("source") else "")
+         + f"; {d.get('n_measured') or len(d['candidates'])} sets measured, {finished} on every window"
+         + (f", {d['evaluations']} set-window evaluations" if d.get("evaluations") else "")
+         + ("; the decision budget was hit" if d.get("budget_hit") else "") + ")")
 if d.get("tied_on"):
     tied = "; ".join("{" + ", ".join(map(str, t)) + "}" for t in d.get("tied") or []) or "none"
     st.write(f"Statistically tied with it ({d['tie_level']:.0%} paired bootstrap over windows, on {d['tied_on']}): "

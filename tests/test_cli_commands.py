@@ -123,15 +123,24 @@ def test_prune_exports_and_refuses_a_full_folder(sampled, tmp_path, capsys):
 def test_run_and_baselines(sampled, capsys):
     human, js = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2")])
     assert "calibration perplexity: full" in human and "predicted" in human
-    assert js["evaluated"] == 0 and len(js["removed"]) == 2 and [d["k"] for d in js["by_k"]] == [1, 2]
-    # the swap search (default 2 rounds): k = 1 measures every single layer, k = 2 more than verification's 6
-    assert [d["n_measured"] for d in js["by_k"]][0] == L and js["by_k"][1]["n_measured"] > 6
-    assert all(d["n_compared"] <= min(d["n_measured"], 11) for d in js["by_k"])
-    assert "sets = removal sets measured" in human
-    row = next(line for line in human.splitlines() if line.startswith(f"  2  {js['by_k'][1]['removed']}"))
-    assert f" {js['by_k'][1]['n_measured']:>5}  " in row
-    _, js0 = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--swaps", "0")])
-    assert all(d["n_measured"] <= 6 for d in js0["by_k"])  # rank-and-cut + 5 beam sets, no swaps
+    # only what was asked: --remove 2 decides for k = 2 alone
+    assert js["evaluated"] == 0 and len(js["removed"]) == 2 and [d["k"] for d in js["by_k"]] == [2]
+    assert js["decide_evaluations"] > 0 and {"sample", "fit", "decide"} <= set(js["stages"])
+    assert js["source"] and js["by_k"][0]["evaluations"] <= js["decide_evaluations"]
+    assert "the decision spent" in human and "set-window evaluations" in human
+    _, every = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--all-k")])
+    assert [d["k"] for d in every["by_k"]] == [1, 2]
+    # the swap search (default 2 rounds): k = 1 races every single layer, k = 2 more than verification's 6
+    assert every["by_k"][0]["n_measured"] == L and every["by_k"][1]["n_measured"] > 6
+    assert all(1 <= d["n_compared"] <= d["n_measured"] for d in every["by_k"])
+    row = next(line for line in human.splitlines() if line.startswith(f"  2  {js['by_k'][0]['removed']}"))
+    assert f" {js['by_k'][0]['n_measured']:>5}  " in row and f"from {js['source']}" in row
+    _, js0 = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--swaps", "0", "--ks", "1",
+                                          "--no-baseline-candidates")])
+    assert [d["k"] for d in js0["by_k"]] == [1, 2]
+    assert all(d["n_measured"] <= 6 for d in js0["by_k"])  # rank-and-cut + 5 beam sets, no swaps, no baselines
+    _, tight = _both(capsys, ["run", *_base(sampled, *STAGE2, "--remove", "2", "--decide-budget", "20")])
+    assert tight["decide_cost"]["budget_hit"] and tight["by_k"][0]["budget_hit"]
     human, js = _both(capsys, ["baselines", *_base(sampled, "--method", "block-influence")])
     assert "removal order" in human and len(js["scores"]) == L
 
@@ -142,6 +151,9 @@ def test_run_and_baselines(sampled, capsys):
     (["run", "--remove", str(L)], "1..5"),
     (["sample", "--strata", "a,b"], "integers"),
     (["shapley", "--window-boot", "1"], "--window-boot must be 0 or >= 2"),
+    (["run", "--remove", "2", "--ks", "2,9"], "1..5"),  # refused before any sampling
+    (["prune", "--decide-budget", "0"], "--decide-budget must be a positive integer"),
+    (["prune", "--race-alpha", "2"], "--race-alpha must be a fraction"),
 ])
 def test_a_failing_command_prints_one_paragraph_and_a_json_error(sampled, capsys, argv, words):
     code = cli.main([argv[0], *_base(sampled, *RUN), *argv[1:], "--json"])
@@ -198,3 +210,27 @@ def test_export_by_hand_and_report(sampled, tmp_path, capsys):
     text = html.read_text()
     assert "Removing 2 of" in text  # the one-sentence story heads the report
     assert "<html>" in text and "Plotly" in text and '<script src="http' not in text  # plotly.js inlined
+
+
+def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(sampled, capsys):
+    """decide, fit, shapley, candidates and baselines write {"event": "progress", "stage", "done", "total",
+    "eta_s", "step"} lines on stderr with --json (what the app's job panel shows)."""
+    def progress(argv):
+        assert cli.main([*argv, "--json"]) == 0
+        err = capsys.readouterr().err.splitlines()
+        return [json.loads(x) for x in err if x.startswith('{"event": "progress"')]
+
+    lines = progress(["prune", *_base(sampled, *STAGE2, "--remove", "2")])
+    decide = [x for x in lines if x["stage"] == "decide"]
+    assert decide and all({"done", "total", "eta_s", "step"} <= set(x) for x in decide)
+    assert any("candidate sets on" in x["step"] and "left" in x["step"] for x in decide)
+    assert all(0 <= x["done"] <= x["total"] for x in decide)
+    fit = progress(["fit", *_base(sampled, *STAGE2, "--surrogate-seed", "3")])
+    assert [x["stage"] for x in fit][:1] == ["fit"] and fit[-1]["done"] == fit[-1]["total"]
+    assert any("comparing surrogate kinds" in x["step"] for x in fit)
+    shap = progress(["shapley", *_base(sampled, *STAGE2, "--surrogate-seed", "4")])
+    assert "shapley" in {x["stage"] for x in shap}
+    cands = progress(["candidates", *_base(sampled, *STAGE2, "--remove", "2")])
+    assert [x["done"] for x in cands if x["stage"] == "candidates"] == [0, 1, 2]
+    base = progress(["baselines", *_base(sampled, "--method", "block-influence,angular")])
+    assert [x["done"] for x in base if x["stage"] == "baselines"] == [0, 1, 1, 2]

@@ -158,36 +158,45 @@ def test_run_command_end_to_end_json_and_export_reloads(setup, tmp_path, capsys)
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_decisions_list_ties_and_choose_on_validation_windows(setup):
+def test_decisions_race_on_validation_then_calibration_windows_and_choose_the_best_finished(setup):
+    import torch
+
     from engine.data import validation_windows
     from engine.decision import removal_mask
     from engine.evaluate import MaskEvaluator
 
     _, spec, run = setup
+    cal = MaskEvaluator(run.lm, run.windows)
     base = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0, val_windows=0)
     art = pipeline.decide(spec, base, run=run)
+    assert art["ks"] == [2]
     for d in art["decisions"]:
         assert d["tie_level"] == 0.9 and "calibration windows" in d["tied_on"]
-        measured = {tuple(c["removed"]): c["ppl_measured"] for c in d["candidates"]}
+        done = [c for c in d["candidates"] if c["outcome"] == "finished"]
+        measured = {tuple(c["removed"]): c["ppl_measured"] for c in done}
         assert all(tuple(t) in measured and tuple(t) != tuple(d["removed"]) for t in d["tied"])
-        assert d["ppl_measured"] == min(measured.values())  # the verified rule's choice stays
+        assert d["ppl_measured"] == min(measured.values())  # the best finished set on the calibration windows
     val = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0, val_windows=6)
     art = pipeline.decide(spec, val, run=run)
-    ev = MaskEvaluator(run.lm, validation_windows(run.lm.tokenizer, spec.data, 6))
+    v = validation_windows(run.lm.tokenizer, spec.data, 6)
+    pool = MaskEvaluator(run.lm, torch.cat([v.input_ids, run.windows.input_ids]))
+    ev = MaskEvaluator(run.lm, v)
     for d in art["decisions"]:
-        assert d["tied_on"] == "6 validation windows of the calibration text"
-        sets = [tuple(c["removed"]) for c in d["candidates"]]
-        ppl = ev.perplexities(np.stack([removal_mask(s, L) for s in sets]))
-        assert tuple(d["removed"]) == sets[int(np.argmin(ppl))]  # the best candidate on validation text
-        assert d["validation_ppl"] == pytest.approx(float(ppl.min()), rel=1e-9)
+        assert d["tied_on"].startswith("8 windows: 6 validation windows of the calibration text + the 2 calibration")
+        sets = [tuple(c["removed"]) for c in d["candidates"] if c["outcome"] == "finished"]
+        masks = np.stack([removal_mask(s, L) for s in sets])
+        assert tuple(d["removed"]) == sets[int(np.argmin(pool.perplexities(masks)))]  # best over the pool
+        chosen = removal_mask(d["removed"], L)[None]
+        assert d["validation_ppl"] == pytest.approx(float(ev.perplexities(chosen)[0]), rel=1e-9)
+        assert d["ppl_measured"] == pytest.approx(float(cal.perplexities(chosen)[0]), rel=1e-9)
     assert pipeline.artifact_name("decisions", val) != pipeline.artifact_name("decisions", base)
     # more validation windows than the text holds outside the calibration windows: all of the free ones
     free = validation_windows(run.lm.tokenizer, spec.data, 10**6, at_most=True).input_ids.shape[0]
     assert 6 < free < 10**6
     many = dataclasses.replace(val, val_windows=free + 50)
-    assert all(d["tied_on"] == f"{free} validation windows of the calibration text"
+    assert all(d["tied_on"].startswith(f"{free + 2} windows: {free} validation windows")
                for d in pipeline.decide(spec, many, run=run)["decisions"])
-    assert MethodSpec().val_windows == 64  # the default chooses on validation windows (README: the rule and why)
+    assert MethodSpec().val_windows == 64  # the default races on validation windows (README: the rule and why)
 
 
 @pytest.mark.parametrize("estimator", ["regression-adjusted", "exact"])

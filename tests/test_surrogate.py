@@ -268,3 +268,54 @@ def test_fit_with_diagnostics_learning_curve_and_compare(data):
     assert [r["kind"] for r in cmp.rows] == ["ridge-pairwise", "gbt"]
     assert all(r["n"] == 48 and r["fit_seconds"] >= 0 for r in cmp.rows)
     json.dumps(cmp.to_dict())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp+log-pairwise"])
+def test_batched_ensemble_fits_the_same_functions_as_the_sequential_one(data, kind):
+    """The members trained as one batched network (fit_mlps_batched) against one after another: held-out R²
+    and the members' exact Shapley values agree within seed noise (the spread between two seeds)."""
+    from engine.shapley import exact_shapley
+
+    X, y, Xt, yt = data
+    spec = SurrogateSpec(kind=kind, ensemble=3)
+    seq = Ensemble(spec, batched=False, **FAST).fit(X, y)
+    bat = Ensemble(spec, batched=True, **FAST).fit(X, y)
+    other_seed = Ensemble(SurrogateSpec(kind=kind, ensemble=3, seed=7), batched=False, **FAST).fit(X, y)
+    r2 = {name: metrics(yt, e.predict(Xt)).r2 for name, e in (("seq", seq), ("bat", bat), ("seed", other_seed))}
+    assert abs(r2["bat"] - r2["seq"]) <= max(0.01, 2 * abs(r2["seed"] - r2["seq"]))
+    phi = {name: exact_shapley(e.predict, L).values for name, e in (("seq", seq), ("bat", bat), ("seed", other_seed))}
+    seed_noise = np.abs(phi["seed"] - phi["seq"]).max()
+    assert np.abs(phi["bat"] - phi["seq"]).max() <= max(2 * seed_noise, 0.005)
+    mlp = [m if kind == "mlp" else m.mlp for m in bat.members]
+    assert all(m.history["batched"] == 3 and m.history["steps"] <= FAST["max_steps"] for m in mlp)
+
+
+def test_fit_on_rows_batches_row_subsets_like_separate_fits(data):
+    from engine.surrogate import fit_on_rows
+
+    X, y, Xt, yt = data
+    spec = SurrogateSpec(kind="mlp")
+    rows = [np.arange(60), np.arange(120), np.arange(240)]
+    batched = fit_on_rows(spec, X, y, rows, max_steps=400)
+    for r, m in zip(rows, batched):
+        alone = make_surrogate(spec, max_steps=400).fit(X[r], y[r])
+        assert m.history["n_val"] == alone.history["n_val"]
+        assert abs(metrics(yt, m.predict(Xt)).r2 - metrics(yt, alone.predict(Xt)).r2) < 0.03
+
+
+def test_fit_with_curve_batches_the_ensemble_and_the_curve_like_the_two_calls(data, monkeypatch):
+    from engine import surrogate as sg
+
+    X, y, Xt, yt = data
+    spec = SurrogateSpec(kind="mlp", ensemble=2)
+    sizes = (16, 64, 192)
+    fitted, curve = sg.fit_with_curve(X, y, spec, sizes, max_steps=400)
+    monkeypatch.setattr(sg, "BATCHED_FITS", False)
+    ref, ref_curve = sg.fit_with_curve(X, y, spec, sizes, max_steps=400)
+    assert curve.sizes == ref_curve.sizes == sizes and list(fitted.report.split.test) == list(ref.report.split.test)
+    assert abs(fitted.report.test.overall.r2 - ref.report.test.overall.r2) < 0.01
+    assert all(abs(a.r2 - b.r2) < 0.05 for a, b in zip(curve.metrics, ref_curve.metrics))
+    rows = compare(X, y, ["mlp:adam", "mlp+log-pairwise"], spec, adam_mlp=fitted.ensemble.members[0]).rows
+    assert all(r.get("reused") for r in rows)
+    assert rows[0]["r2"] == pytest.approx(metrics(y[fitted.report.split.test], fitted.ensemble.members[0].predict(
+        X[fitted.report.split.test])).r2)
