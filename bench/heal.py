@@ -37,7 +37,7 @@ def _sets(args, lm, windows, ks) -> dict[tuple[str, int], tuple[int, ...]]:
     spec = RunSpec(model=dataclasses.replace(RunSpec().model, name=args.model),
                    data=dataclasses.replace(RunSpec().data, source=args.data, seq_len=args.seq_len),
                    sampling=SamplingSpec(n_masks=args.n_masks))
-    method = MethodSpec(remove=max(ks))
+    method = MethodSpec(remove=max(ks), ks=tuple(ks))  # the decision decides only the k it is asked for
     evaluation = EvalSpec(threads=args.threads)
     try:  # the run's stored decisions when current (what `engine run --remove K` stored), else the whole run
         run = pipeline.open_run(spec, args.cache_dir, evaluation, create=False, loaded=(lm, windows))

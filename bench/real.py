@@ -124,7 +124,7 @@ def run(args) -> dict:
                    sampling=SamplingSpec(scheme=args.scheme, n_masks=args.masks))
     overrides = {k: v for k, v in (("swaps", args.swaps), ("n_compare", args.n_compare),
                                    ("val_windows", args.val_windows), ("boot", args.boot)) if v is not None}
-    mspec = dataclasses.replace(MethodSpec(remove=max(ks)), **overrides)
+    mspec = dataclasses.replace(MethodSpec(remove=max(ks), ks=tuple(ks)), **overrides)  # decide every k asked for
     if args.ensemble is not None:
         mspec = dataclasses.replace(mspec, surrogate=dataclasses.replace(mspec.surrogate, ensemble=args.ensemble))
     evaluation = EvalSpec(threads=args.threads or None)
