@@ -1508,3 +1508,61 @@ def _raw_result(art: dict):
 def stored_zeroshot(lm, removed, zs, cache_dir=None) -> dict | None:
     """A stored zero-shot result (None when that model + set + tasks + limit was never evaluated)."""
     return zeroshot_store(lm, cache_dir).get_artifact(zeroshot_name(removed, zs))
+
+
+def zeroshot_table(run: OpenRun, method: MethodSpec, zs, choices, cache_dir=None) -> dict:
+    """Stored zero-shot results of `choices` (see resolve_choice; k = method.remove) on `run`'s model,
+    read only (nothing is evaluated or decided): one row per choice with per task acc ± stderr (n),
+    the mean, parameters kept, and the paired comparison of the first choice against the row.
+    Rows not evaluated yet have `stored: False`; a choice that cannot be resolved without computing
+    (no stored decision or baseline) is listed with `problem`."""
+    from engine import zeroshot
+
+    store = zeroshot_store(run.lm, cache_dir)
+    rows, first = [], None
+    for c in choices:
+        try:
+            choice = _resolve_stored(c, method.remove, run, method)
+        except WorkbenchError as e:
+            rows.append({"label": c if isinstance(c, str) else "removed", "stored": False, "problem": str(e)})
+            continue
+        art = store.get_artifact(zeroshot_name(choice.removed, zs))
+        row = {"label": choice.label, "removed": list(choice.removed), "stored": art is not None}
+        if art is not None:
+            row.update(tasks={t: {kk: v[kk] for kk in ("acc", "stderr", "n")} for t, v in art["tasks"].items()},
+                       mean=art["mean"], mean_stderr=art["mean_stderr"], params_kept=art["params"] / art["params_full"],
+                       seconds=art["seconds"])
+            if first is None:
+                first = (choice.label, art)
+            else:
+                cmp = zeroshot.compare(first[1], art, boot=zs.pair_boot, level=zs.pair_level)
+                row["vs_first"] = {"a": first[0], **cmp["mean"], "tasks": cmp["tasks"]}
+        rows.append(row)
+    return {"rows": rows, "limit": zs.limit, "tasks": list(zs.tasks), "k": method.remove}
+
+
+def _resolve_stored(choice, k, run: OpenRun, method: MethodSpec) -> ModelChoice:
+    """resolve_choice without deciding: a decision / rank-and-cut needs the stored decisions for k."""
+    if choice in RUN_CHOICES:
+        art = stored(run, "decisions", method)
+        items = {d["k"]: d for d in (art or {}).get("decisions", [])}
+        if k not in items:
+            raise WorkbenchError(f"no stored decision for k = {k}: Decide on the Prune page, or press Evaluate "
+                                 "(the job decides first).")
+    return resolve_choice(choice, k, run, method)
+
+
+def stored_baseline_names(run: OpenRun) -> list[str]:
+    """Baseline criteria stored in the run (artifacts baseline:<name>)."""
+    return [n.split(":", 1)[1] for n in run.store.artifact_names() if n.startswith("baseline:")]
+
+
+def zeroshot_data_missing(task_names, cache_dir=None) -> str | None:
+    """The offline error's message when the task files are not in the cache (None when they are)."""
+    from engine.tasks import TaskDataMissing, check_tasks
+
+    try:
+        check_tasks(task_names, _cache_root(cache_dir))
+    except TaskDataMissing as e:
+        return str(e)
+    return None
