@@ -1144,6 +1144,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         "machine": f"{platform.machine()} {platform.system()}, {run.lm.device}, torch threads "
                    f"{__import__('torch').get_num_threads()}",
         "method_spec": dataclasses.asdict(method),
+        "zeroshot": stored_zeroshot_pair(run.lm, removed, cache_dir),
     }
     _put(run, "summary", method, run.store, record)
     if out_html is not None:
@@ -1566,3 +1567,32 @@ def zeroshot_data_missing(task_names, cache_dir=None) -> str | None:
     except TaskDataMissing as e:
         return str(e)
     return None
+
+
+def stored_zeroshot_pair(lm, removed, cache_dir=None) -> dict | None:
+    """Stored zero-shot results of the full model and of the model without `removed` on the same tasks
+    and limit (the pair with the most items when several are stored), with the paired comparison;
+    None when no such pair was evaluated (`engine evaluate --removed ... --against full`)."""
+    from engine import zeroshot
+
+    root = _cache_root(cache_dir) / ZEROSHOT_DIR / stable_hash({"model": lm.identity})
+    if not (root / "run.sqlite").is_file():
+        return None
+    store = zeroshot_store(lm, cache_dir)
+    arts = [store.get_artifact(n) for n in store.artifact_names() if n.startswith("zeroshot:")]
+    by_key: dict[str, dict] = {}
+    for a in arts:
+        if a["removed"] in ([], sorted(int(i) for i in removed)):
+            by_key.setdefault(json.dumps(a["spec"], sort_keys=True), {})["full" if not a["removed"] else "pruned"] = a
+    pairs = [p for p in by_key.values() if len(p) == 2 or (not removed and "full" in p)]
+    if not pairs:
+        return None
+    best = max(pairs, key=lambda p: sum(t["n"] for t in p["full"]["tasks"].values()))
+    full, pruned = best["full"], best.get("pruned", best["full"])
+    cmp = zeroshot.compare(pruned, full)
+    return {"limit": full["limit"], "tasks": {t: {"full": v["acc"], "full_stderr": v["stderr"], "n": v["n"],
+                                                  "pruned": pruned["tasks"][t]["acc"],
+                                                  "pruned_stderr": pruned["tasks"][t]["stderr"],
+                                                  "diff": cmp["tasks"][t]}
+                                              for t, v in full["tasks"].items() if t in pruned["tasks"]},
+            "mean": {"full": full["mean"], "pruned": pruned["mean"], "diff": cmp["mean"]}}

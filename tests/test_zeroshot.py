@@ -161,6 +161,15 @@ def test_in_memory_pruned_model_equals_its_export(cache, tiny_folder, tmp_path):
         pruned["tasks"]["lambada_openai"]["perplexity"], rel=1e-5)
     again = pipeline.evaluate_choice(lm, pipeline.ModelChoice("removed", (2, 1)), zs, cache)  # stored, by set
     assert again["cached"] and again["tasks"] == {k: v for k, v in pruned["tasks"].items()}
+    # the summary report carries the stored pair (full vs this set), with the paired difference
+    from engine import summary
+
+    pair = pipeline.stored_zeroshot_pair(lm, (1, 2), cache)
+    assert pair["limit"] == N and set(pair["tasks"]) == set(zs.tasks)
+    assert pair["mean"]["pruned"] == pytest.approx(pruned["mean"]) and pair["mean"]["full"] == pytest.approx(full["mean"])
+    assert pair["mean"]["diff"]["diff"] == pytest.approx(pruned["mean"] - full["mean"])
+    assert "Zero-shot accuracy" in summary.zeroshot_html(pair) and summary.zeroshot_html(None) == ""
+    assert pipeline.stored_zeroshot_pair(lm, (0,), cache) is None  # never evaluated
 
 
 def test_paired_bootstrap_matches_the_normal_closed_form():
