@@ -241,3 +241,21 @@ def test_choice_parsing():
     assert pipeline.parse_choice("5,2,2") == (2, 5)
     with pytest.raises(WorkbenchError, match="--against"):
         pipeline.parse_choice("nonsense")
+
+
+def test_cli_evaluates_a_baseline_set_against_the_runs_decision(cache, tiny_folder, tmp_path, capsys):
+    from conftest import write_words
+
+    write_words(tmp_path / "text.txt", 3000)
+    run = ["--model", str(tiny_folder), "--data", str(tmp_path / "text.txt"), "--windows", "2", "--seq-len", "16",
+           "--masks", "10", "--cache-dir", str(cache)]
+    assert cli.main(["sample", *run]) == 0
+    assert cli.main(["baselines", *run, "--method", "last"]) == 0
+    capsys.readouterr()
+    argv = ["evaluate", *run, "--tasks", "piqa", "--limit", "2", "--criterion", "last", "--remove", "1",
+            "--against", "decision", "--swaps", "0", "--n-compare", "2", "--val-windows", "0", "--json"]
+    assert cli.main(argv) == 0
+    js = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert js["label"] == "last" and js["removed"] == [3] and js["run_id"]
+    (c,) = js["comparisons"]
+    assert c["b"] == "decision" and len(c["b_removed"]) == 1 and c["tasks"]["piqa"]["n"] == 2
