@@ -20,6 +20,7 @@ PAGES = [
     st.Page("pages/interactions.py", title="Interactions", icon=":material/grid_on:"),
     st.Page("pages/prune.py", title="Prune & export", icon=":material/content_cut:"),
     st.Page("pages/summary.py", title="Summary", icon=":material/summarize:"),
+    st.Page("pages/downstream.py", title="Downstream", icon=":material/checklist:"),
 ]
 if (bench_results_dir() / "compare.csv").is_file():  # only when bench.compare has written its results
     PAGES.append(st.Page("pages/comparison.py", title="Comparison", icon=":material/leaderboard:"))

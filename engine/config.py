@@ -404,6 +404,44 @@ class HealSpec:
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+def parse_names(text: str) -> tuple[str, ...]:
+    """'piqa, arc_easy' -> ("piqa", "arc_easy"); SpecError when empty."""
+    names = tuple(dict.fromkeys(x.strip() for x in str(text).split(",") if x.strip()))
+    if not names:
+        raise SpecError(f"expected comma-separated names such as piqa,arc_easy; got {text!r}.")
+    return names
+
+
+ZEROSHOT_TASKS = ("lambada_openai", "boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                  "openbookqa")  # engine.tasks.TASKS: what layer-pruning papers report
+
+
+@dataclass(frozen=True)
+class ZeroShotSpec:
+    """What a zero-shot evaluation (engine.zeroshot, lm-eval) measures. `tasks` and `limit` decide
+    the numbers (they key the stored result); `batch_size` only the speed."""
+
+    tasks: tuple[str, ...] = option(ZEROSHOT_TASKS, "zero-shot tasks, comma-separated", parse=parse_names)
+    limit: int | None = option(None, "items per task: the first N documents of each task's split (default: all)")
+    batch_size: int = option(16, "lm-eval requests per forward pass", flag="--lm-batch-size")
+    pair_boot: int = option(2000, "paired bootstrap resamples behind each comparison's interval")
+    pair_level: float = option(0.95, "level of the paired comparison intervals")
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in ZEROSHOT_TASKS]
+        if bad or not self.tasks:
+            need = f"must be among {', '.join(ZEROSHOT_TASKS)}; got {', '.join(bad) or 'none'}."
+            raise SpecError(f"the zero-shot tasks {need}", "tasks", need)
+        _at_least("limit", self.limit, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("pair_boot", self.pair_boot, 2)
+        if not 0 < self.pair_level < 1:
+            need = f"must be a fraction between 0 and 1; got {self.pair_level}."
+            raise SpecError(f"the comparison level {need}", "pair_level", need)
+
+    def key(self) -> dict:
+        """What decides the numbers (the stored result's key)."""
+        return {"tasks": list(self.tasks), "limit": self.limit}
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,34 @@ def candidates_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+def zeroshot_summary(r: dict) -> str:
+    """Per task accuracy ± stderr (n), the mean, then each paired comparison with its interval."""
+    what = "full model" if not r["removed"] else f"{r['label']}: layers {','.join(map(str, r['removed']))} removed"
+    limit = f"first {r['limit']} items per task" if r.get("limit") else "every item of each split"
+    lines = [f"zero-shot accuracy (lm-eval) of {r['model']} ({what}; {r['n_kept']}/{r['n_layers']} layers kept), "
+             f"{limit}{' (stored result)' if r.get('cached') else ''}",
+             f"{'task':15} {'split':12} {'acc':>7} {'± se':>7} {'n':>6}  extra"]
+    for t, v in r["tasks"].items():
+        extra = []
+        if v.get("acc_norm") is not None:
+            extra.append(f"acc_norm {_num(v['acc_norm'])}")
+        if v.get("perplexity") is not None:
+            extra.append(f"ppl {_num(v['perplexity'], 2)}")
+        lines.append(f"{t:15} {v['split'][:12]:12} {_num(v['acc']):>7} {_num(v['stderr']):>7} {v['n']:>6}  "
+                     + ", ".join(extra))
+    lines.append(f"{'mean':28} {_num(r['mean']):>7} {_num(r['mean_stderr']):>7}")
+    for c in r.get("comparisons", []):
+        m = c["mean"]
+        b = c["b"] if c["b"] != "removed" else f"layers {','.join(map(str, c['b_removed']))} removed"
+        verdict = "separated" if m["separated"] else "not separated"
+        lines.append(f"vs {b}: mean acc difference {m['diff']:+.3f}, {m['level']:.0%} paired interval "
+                     f"[{m['lo']:+.3f}, {m['hi']:+.3f}] ({verdict}); per task: "
+                     + ", ".join(f"{t} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for t, d in c["tasks"].items()))
+    lines.append(f"stored in {r['store']}" + (f"; lm-eval results JSON: {r['out']}" if r.get("out") else ""))
+    return "\n".join(lines)
+
+
 SUMMARIES = {"report": report_summary, "export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
              "baselines": baseline_summary, "interactions": interactions_summary, "candidates": candidates_summary,
-             "heal": heal_summary}
+             "heal": heal_summary,
+             "evaluate": zeroshot_summary}

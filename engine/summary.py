@@ -148,6 +148,28 @@ def rows(summary: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def zeroshot_rows(z: dict) -> list[tuple[str, str, str, str]]:
+    """(task, full acc ± se, pruned acc ± se, pruned - full [95% paired interval]) rows, mean last."""
+    def diff(d):
+        return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+    out = [(f"{t} (n={v['n']})", f"{v['full']:.3f} ± {v['full_stderr']:.3f}", f"{v['pruned']:.3f} ± {v['pruned_stderr']:.3f}",
+            diff(v["diff"])) for t, v in z["tasks"].items()]
+    m = z["mean"]
+    out.append(("mean", f"{m['full']:.3f}", f"{m['pruned']:.3f}", diff(m["diff"])))
+    return out
+
+
+def zeroshot_html(z: dict | None) -> str:
+    """The zero-shot table of the report ('' when none was stored)."""
+    if not z:
+        return ""
+    limit = f"first {z['limit']} items of each task" if z.get("limit") else "every item"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in zeroshot_rows(z))
+    return (f"<h2>Zero-shot accuracy (lm-eval, {limit})</h2><table><tr><th>task</th><th>full model</th>"
+            f"<th>pruned model</th><th>pruned - full (95% paired)</th></tr>{body}</table>")
+
+
 def to_html(summary: dict) -> str:
     """One self-contained HTML page (plotly.js inlined in the first chart)."""
     charts = [layer_strip(summary["n_layers"], summary["removed"]), ppl_curve(summary)]
@@ -170,6 +192,7 @@ Figures measured on {esc(summary['machine'])}.</p>
 {parts[0]}
 <table><tr><th></th><th>full model</th><th>pruned model</th></tr>{table}</table>
 {parts[1]}
+{zeroshot_html(summary.get("zeroshot"))}
 <h2>Generation (greedy) for: <i>{esc(gen.get('prompt', ''))}</i></h2>
 <h3>full model</h3><pre>{esc(gen.get('full', ''))}</pre><h3>pruned model</h3><pre>{esc(gen.get('pruned', ''))}</pre>
 </body></html>"""

@@ -70,6 +70,13 @@ else:  # a summary stored before interleaved timing
 st.dataframe(pd.DataFrame(summary.rows(s), columns=["measured", "full model", "pruned model"]), hide_index=True,
              width="stretch")
 st.plotly_chart(summary.ppl_curve(s), key="ppl_curve")
+if s.get("zeroshot"):
+    st.subheader("Zero-shot accuracy (lm-eval)")
+    st.dataframe(pd.DataFrame(summary.zeroshot_rows(s["zeroshot"]),
+                              columns=["task", "full model", "pruned model", "pruned − full (95% paired)"]),
+                 hide_index=True, width="stretch")
+else:
+    st.caption("Zero-shot accuracy: evaluate on the Downstream page (with 'full' ticked), then Build summary.")
 if report_path.is_file():
     st.download_button("Download the HTML report", report_path.read_bytes(), file_name=f"pruning-{run.run_id}.html",
                        mime="text/html")

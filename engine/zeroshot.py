@@ -1,0 +1,312 @@
+"""Zero-shot accuracy through lm-evaluation-harness, and paired comparisons of two models.
+
+`evaluate_model(model, tokenizer, tasks, cache_dir, limit, batch_size, progress)` runs lm-eval
+0.4.13's `simple_evaluate` on an in-memory transformers model (`HFLM(pretrained=model)`) over
+the inline task configs of engine.tasks (local files; HF_DATASETS_OFFLINE=1), with per-sample
+logs, and returns a `ZeroShotResult`: per task the headline accuracy (lm-eval's `acc`) with
+lm-eval's standard error and n, acc_norm where lm-eval reports it, LAMBADA's perplexity, the
+mean over tasks (its stderr from the tasks' stderrs, tasks being independent samples), and each
+item's correctness keyed by doc_id (what the paired comparison needs). A pruned model is
+evaluated inside `engine.prune.pruned_view` (the layers really deleted, the config fixed), so
+lm-eval sees exactly the model an export would write.
+
+`paired_difference(a, b, boot, seed, level)`: accuracy difference of two models on the same
+items, with a paired bootstrap interval (items resampled together) and the closed-form normal
+standard error sqrt(var(a_i - b_i) / n). `compare(result_a, result_b)` does it per task (items
+matched by doc_id) and for the mean over tasks (a stratified bootstrap: items resampled within
+each task, the tasks' differences averaged).
+
+Why a progress hook by hand: lm-eval's own progress is a tqdm bar; the CLI's JSON mode needs
+one `{"event": "progress", "done", "total", "eta_s"}` line a second (what engine.jobs reads), so
+the HFLM subclass counts the requests lm-eval scores (its cache hook sees each one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.tasks import TASKS, task_configs
+
+HEADLINE = "acc"  # the metric averaged into `mean` (lm-eval's accuracy of every task)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's result: lm-eval's aggregate and each item's correctness."""
+
+    task: str
+    acc: float
+    stderr: float  # lm-eval's standard error of acc (sample std / sqrt(n))
+    n: int  # items scored
+    split: str
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    perplexity: float | None = None  # lambada_openai
+    perplexity_stderr: float | None = None
+    doc_ids: tuple[int, ...] = ()
+    correct: tuple[int, ...] = ()  # 0/1 per item, aligned with doc_ids
+
+    def to_json(self, items: bool = True) -> dict:
+        d = asdict(self)
+        if not items:
+            d.pop("doc_ids"), d.pop("correct")
+        else:
+            d["doc_ids"], d["correct"] = list(self.doc_ids), list(self.correct)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TaskScore":
+        return cls(**{**d, "doc_ids": tuple(d.get("doc_ids", ())), "correct": tuple(d.get("correct", ()))})
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    tasks: dict  # task -> TaskScore
+    limit: int | None  # items per task asked for (None: the whole split)
+    seconds: float
+    n_requests: int  # loglikelihood requests lm-eval scored
+    lm_eval_version: str
+    raw: dict = field(default_factory=dict, compare=False)  # lm-eval's results JSON (without samples)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean([t.acc for t in self.tasks.values()]))
+
+    @property
+    def mean_stderr(self) -> float:
+        se = [t.stderr for t in self.tasks.values()]
+        return float(math.sqrt(sum(s * s for s in se)) / len(se))
+
+    def to_json(self, items: bool = True) -> dict:
+        return {"tasks": {k: v.to_json(items) for k, v in self.tasks.items()}, "mean": self.mean,
+                "mean_stderr": self.mean_stderr, "limit": self.limit, "seconds": self.seconds,
+                "n_requests": self.n_requests, "lm_eval_version": self.lm_eval_version}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ZeroShotResult":
+        return cls(tasks={k: TaskScore.from_json(v) for k, v in d["tasks"].items()}, limit=d.get("limit"),
+                   seconds=float(d.get("seconds", 0.0)), n_requests=int(d.get("n_requests", 0)),
+                   lm_eval_version=d.get("lm_eval_version", ""))
+
+
+# ---------------------------------------------------------------- running lm-eval
+
+
+class Progress:
+    """Requests scored so far: a JSON line a second on stderr (json_mode) or a tqdm bar."""
+
+    def __init__(self, enabled: bool, json_mode: bool, label: str = "zero-shot"):
+        self.enabled, self.json_mode, self.label = enabled, json_mode, label
+        self.total = self.done = 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+
+    def start(self, total: int) -> None:
+        self.total, self.done = self.total + total, self.done
+        if self.enabled and not self.json_mode:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, file=sys.stderr, unit="req", desc=self.label, dynamic_ncols=True)
+            else:
+                self.bar.total = self.total
+                self.bar.refresh()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= 1.0 or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            line = {"event": "progress", "step": self.label, "done": self.done, "total": self.total,
+                    "eta_s": round((self.total - self.done) / max(rate, 1e-9), 1)}
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _hflm(model, tokenizer, batch_size: int, progress: Progress | None):
+    """lm-eval's HFLM over an in-memory model, reporting each scored request to `progress`."""
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM
+
+    class _Hook(CacheHook):
+        def __init__(self):
+            super().__init__(None)
+
+        def add_partial(self, attr, req, res):  # called once per scored loglikelihood request
+            if progress is not None and attr == "loglikelihood":
+                progress.step()
+
+    class _CountingHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            if progress is not None:
+                progress.start(len(requests))
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+    lm = _CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm.set_cache_hook(_Hook())
+    return lm
+
+
+def _quiet_lm_eval() -> None:
+    import logging
+
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except Exception:  # an older datasets: only noisier
+        pass
+
+
+def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None, batch_size: int = 16,
+                   progress: Progress | None = None) -> ZeroShotResult:
+    """lm-eval on `model` (in memory, as it is now) for `tasks`; the first `limit` items of each."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # our task files are local; never reach a hub
+    configs = task_configs(tasks, cache_dir)  # TaskDataMissing before anything heavy
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _quiet_lm_eval()
+    t0 = time.monotonic()
+    was_training = model.training
+    model.eval()
+    try:
+        lm = _hflm(model, tokenizer, batch_size, progress)
+        # Our tasks are inline dicts: indexing lm-eval's ~14,000 bundled YAMLs (28 s here) is not needed.
+        tm = TaskManager(include_defaults=False)
+        out = lm_eval.simple_evaluate(model=lm, tasks=configs, limit=limit, log_samples=True, verbosity="ERROR",
+                                      bootstrap_iters=100, task_manager=tm)
+    finally:
+        model.train(was_training)
+        if progress is not None:
+            progress.close()
+    seconds = time.monotonic() - t0
+    scores = {name: _task_score(name, out["results"][name], out["samples"][name]) for name in tasks}
+    raw = {k: v for k, v in out.items() if k != "samples"}
+    n_req = int(sum(len(s.get("arguments", ())) for v in out["samples"].values() for s in v))
+    return ZeroShotResult(tasks=scores, limit=limit, seconds=round(seconds, 2), n_requests=n_req,
+                          lm_eval_version=_version(), raw=_jsonable(raw))
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def _task_score(name: str, agg: dict, samples: list[dict]) -> TaskScore:
+    pairs = sorted((int(s["doc_id"]), int(round(float(s[HEADLINE])))) for s in samples)
+
+    def get(metric):
+        v = agg.get(f"{metric},none")
+        return None if v is None or v == "N/A" else float(v)
+
+    return TaskScore(task=name, acc=get("acc"), stderr=get("acc_stderr"), n=len(pairs), split=TASKS[name].split,
+                     acc_norm=get("acc_norm"), acc_norm_stderr=get("acc_norm_stderr"),
+                     perplexity=get("perplexity"), perplexity_stderr=get("perplexity_stderr"),
+                     doc_ids=tuple(p[0] for p in pairs), correct=tuple(p[1] for p in pairs))
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "__name__", str(o))))
+
+
+def write_results_json(result: ZeroShotResult, path, extra: dict | None = None) -> Path:
+    """lm-eval's own results JSON (what `lm_eval --output_path` writes, without samples), plus our
+    `layerprune` block (model, removed set, limit); written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {**result.raw, "layerprune": {**(extra or {}), "limit": result.limit, "mean_acc": result.mean,
+                                        "mean_acc_stderr": result.mean_stderr}}
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+def paired_difference(a, b, boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """mean(a) - mean(b) for 0/1 (or real) scores of two models on the same n items.
+
+    Paired bootstrap: `boot` resamples of the n items (the same indices for both models);
+    the interval is the resamples' central `level` percentile range. `se_normal` is the
+    closed form sqrt(var(a_i - b_i) / n) (population variance), which the bootstrap's `se`
+    approaches as n and boot grow. `wins`/`losses`: items only a / only b got right.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired scores need two equal 1-d arrays, got {a.shape} and {b.shape}")
+    d = a - b  # (n,)
+    n = d.size
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(boot, n))  # (boot, n)
+    means = d[idx].mean(axis=1)  # (boot,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(d.mean()), "se": float(means.std(ddof=1)) if boot > 1 else float("nan"),
+            "se_normal": float(d.std() / math.sqrt(n)), "lo": float(lo), "hi": float(hi), "level": level,
+            "n": int(n), "wins": int(np.sum(d > 0)), "losses": int(np.sum(d < 0)),
+            "separated": bool(lo > 0 or hi < 0)}
+
+
+def _aligned(x: TaskScore, y: TaskScore) -> tuple[np.ndarray, np.ndarray]:
+    ya = dict(zip(y.doc_ids, y.correct))
+    common = [i for i in x.doc_ids if i in ya]
+    xa = dict(zip(x.doc_ids, x.correct))
+    return np.array([xa[i] for i in common], dtype=float), np.array([ya[i] for i in common], dtype=float)
+
+
+def compare(a: ZeroShotResult | dict, b: ZeroShotResult | dict, boot: int = 2000, seed: int = 0,
+            level: float = 0.95) -> dict:
+    """a minus b per shared task (items matched by doc_id) and for the mean over those tasks.
+
+    The mean's interval is a stratified paired bootstrap: each resample draws each task's items
+    with replacement (same draw for both models) and averages the tasks' differences."""
+    a = a if isinstance(a, ZeroShotResult) else ZeroShotResult.from_json(a)
+    b = b if isinstance(b, ZeroShotResult) else ZeroShotResult.from_json(b)
+    shared = [t for t in a.tasks if t in b.tasks]
+    if not shared:
+        raise ValueError("the two results share no task")
+    rng = np.random.default_rng(seed)
+    per_task, boot_means, normal_var = {}, np.zeros(boot), 0.0
+    for i, t in enumerate(shared):
+        xa, xb = _aligned(a.tasks[t], b.tasks[t])
+        if xa.size == 0:
+            raise ValueError(f"{t}: the two results share no item (different --limit or data?)")
+        per_task[t] = paired_difference(xa, xb, boot=boot, seed=seed + i, level=level)
+        d = xa - xb
+        boot_means += d[rng.integers(0, d.size, size=(boot, d.size))].mean(axis=1)
+        normal_var += d.var() / d.size
+    k = len(shared)
+    boot_means /= k
+    lo, hi = np.quantile(boot_means, [(1 - level) / 2, (1 + level) / 2])
+    diff = float(np.mean([per_task[t]["diff"] for t in shared]))
+    mean = {"diff": diff, "se": float(boot_means.std(ddof=1)) if boot > 1 else float("nan"),
+            "se_normal": float(math.sqrt(normal_var) / k), "lo": float(lo), "hi": float(hi), "level": level,
+            "n": int(sum(per_task[t]["n"] for t in shared)), "separated": bool(lo > 0 or hi < 0)}
+    return {"tasks": per_task, "mean": mean, "boot": boot, "level": level}
