@@ -6,8 +6,8 @@ temporary cache, then copies the run's store (one self-contained SQLite file, no
     .venv/bin/python scripts/build_demo_run.py            # about 5-10 min on 2 CPU cores
 
 Stages: `engine run --remove 4` (256 stratified masks, fit, contributions, the decision for k = 4,
-export check), `report --remove 4` (the Summary page), `interactions`, `candidates --remove 4`,
-`shapley --estimator exact`, and the cheap baselines. Rerun it whenever the demo model, the demo text
+export check), `shapley --estimator exact`, `interactions`, `candidates --remove 4`, the cheap
+baselines, and last `report --remove 4` (the Summary page). Rerun it whenever the demo model, the demo text
 or a default that keys a stored result changes; tests/test_demo_run.py fails until then.
 """
 
@@ -29,13 +29,15 @@ sys.path.insert(0, str(ROOT))
 from engine.demo_run import DB_NAME, DEMO_RUN_DIR  # noqa: E402
 
 K = 4
+# The summary comes last: the app opens on the settings of the run's latest result (engine.session), and
+# the summary's are the defaults with k = 4; it also draws the baselines stored before it.
 STEPS = [
     ("run", "--remove", str(K)),
-    ("report", "--remove", str(K)),
+    ("shapley", "--estimator", "exact"),
     ("interactions",),
     ("candidates", "--remove", str(K)),
-    ("shapley", "--estimator", "exact"),
     ("baselines", "--method", "block-influence,angular,ppl,last"),
+    ("report", "--remove", str(K)),
 ]
 
 
