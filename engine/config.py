@@ -258,9 +258,10 @@ class MethodSpec:
     race_first: int = option(4, "windows of the race's first look (each later look doubles them)")
     race_alpha: float = option(0.05, "chance that the race's paired bound drops a set better than the leader, over all "
                                "its looks")
-    # 4: on the demo at k = 4 the race finished 8 sets within 1.2% of each other on 72 windows with 10 finalists,
-    # 41% of the decision's evaluations (bench/README.md); halving to 4 keeps the best half by mean at every look.
-    race_finalists: int = option(4, "sets per k that successive halving lets go on to the last looks (sets the bound "
+    # 2: on the demo at k = 4 the race finished 8 sets within 1.2% of each other on 72 windows with 10 finalists,
+    # 41% of the decision's evaluations; with 4 it spent 1,056 evaluations, with 2 856, each tied-best on held-out
+    # text (bench/README.md). Halving keeps the best half by mean at every look, never fewer than this.
+    race_finalists: int = option(2, "sets per k that successive halving lets go on to the last looks (sets the bound "
                                  "has not shown worse may still be cut while more survive)")
     no_baseline_candidates: bool = option(False, "leave the baselines' sets (block influence, angular, single-layer "
                                           "PPL, a stored SLEB) out of the decision's candidates")

@@ -24,6 +24,7 @@ from engine import decision as decision_lib
 from engine import estimators, shapley
 from engine.config import DEMO_DATA, INTERACTION_SURROGATE, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
+from engine import surrogate
 from engine.evaluate import scores
 from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, MLPSurrogate, SingleFit, compare,
                               fit_with_curve, fit_with_diagnostics, make_surrogate, split)
@@ -164,7 +165,7 @@ def fit(samples: Samples, spec: SurrogateSpec = SurrogateSpec(), curve: bool = T
         summary["learning_curve"] = lc.to_dict()
     member = fitted.ensemble.members[0]
     first_mlp = (member if isinstance(member, MLPSurrogate) else getattr(member, "mlp", None)) \
-        if spec.preset == "adam" and spec.kind in ("mlp", "mlp+log-pairwise") else None
+        if spec.preset == "adam" and spec.kind in ("mlp", "mlp+log-pairwise") and surrogate.BATCHED_FITS else None
     if compare_kinds:
         rows_out = []
         for i, kind in enumerate(compare_kinds):  # one kind at a time, so the progress says which

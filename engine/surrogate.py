@@ -49,8 +49,9 @@ SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (P
 PREDICT_CHUNK = 2**16
 PRESETS = ("adam", "paper")
 LOG_FLOOR = 1e-4  # scores are clipped here before the log of the log-pairwise surrogate
-# Ensembles, learning curves and work curves fit their adam MLPs as one batched network (fit_mlps_batched);
-# False: one after another (the reference bench/fit_speed.py times them against).
+# Ensembles, learning curves, work curves and cross-fits fit their adam MLPs as one batched network
+# (fit_mlps_batched) and the comparison reuses the ensemble's first MLP; False: one after another, each
+# fitted anew (the code before issue 23, which bench/fit_speed.py times against).
 BATCHED_FITS = True
 
 
