@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
-import json
 import math
 import os
 import shlex
