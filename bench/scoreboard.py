@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
-import json
 import math
 import os
 import shlex
@@ -78,8 +76,9 @@ def _window_boot(nll_a, tok_a, nll_b, tok_b, boot: int, seed: int = 0, level: fl
 
 
 def _mark(rows: list[dict], column: str, lower_better: bool, tied) -> None:
-    """Within each k (the full model alone), '*' on the best row of `column`, '=' on rows tied with it."""
-    for k in sorted({r["k"] for r in rows}):
+    """Within each k, '*' on the best row of `column` (and rows with the same set), '=' on rows tied with
+    it. The full model (k = 0) is the reference, not a contender: never marked."""
+    for k in sorted({r["k"] for r in rows} - {0}):
         group = [r for r in rows if r["k"] == k and r.get(column) is not None and math.isfinite(r[column])]
         if not group:
             continue
@@ -126,7 +125,9 @@ def main(argv=None) -> dict:
     run = pipeline.open_run(spec, cache, evaluation)
     pipeline.sample(spec, cache, progress=True, json_mode=a.json, run=run, evaluation=evaluation)
     stage("sample", t)
-    if {"decision", "rank-and-cut"} & set(methods):
+    decided = pipeline.stored(run, "decisions", method)
+    if {"decision", "rank-and-cut"} & set(methods) and (not decided or decided["stale"]
+                                                        or not set(ks) <= set(decided["ks"])):
         t = time.monotonic()
         pipeline.decide(spec, method, cache, run=run, ks=ks)
         stage("decide", t)
@@ -227,7 +228,7 @@ def _markdown(rows, out, tasks) -> str:
     head = ["method", "k", "params kept", "held-out ppl", "OOD ppl", *tasks, "mean acc", "decision - this (95% paired)"]
     lines = [f"Zero-shot scoreboard: {out['model']} ({out['n_layers']} layers), lm-eval acc on the first "
              f"{out['limit']} items of each task, perplexity on {out['heldout_windows']} windows of demo-test / "
-             f"demo-ood; `*` best in its k, `=` tied with the best (paired 95% interval contains 0).", "",
+             f"demo-ood; `*` best in its k, `=` tied with the best (paired 95% interval contains 0); the full model is the reference (unmarked).", "",
              f"Command: `{out['command']}` ({out['seconds']} s)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -286,7 +287,7 @@ def _pareto_html(rows, out) -> str:
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_layout(title=f"{out['model']}: accuracy and perplexity vs parameters kept (limit {out['limit']})",
                       height=480, width=1100)
-    return pio.to_html(fig, full_html=True, include_plotlyjs=True)
+    return pio.to_html(fig, full_html=True, include_plotlyjs="cdn")  # 5 MB smaller; the browser fetches plotly.js
 
 
 if __name__ == "__main__":
