@@ -329,6 +329,27 @@ def decisions_frame(decisions: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RACE_OUTCOMES = {"finished": "raced on every window", "": "raced on every window"}
+
+
+def race_frame(decision: dict, chosen: tuple[int, ...], top: int = 15) -> pd.DataFrame:
+    """How one k's set was chosen: the raced candidates, those that saw the most windows first, then by their
+    perplexity on the windows they saw; the chosen set marked. `PPL, raced windows` is what the choice
+    compares (validation + calibration windows); `PPL, calibration` is the 8-window figure other pages show."""
+    rows = []
+    for c in decision.get("candidates", []):
+        removed = tuple(int(i) for i in c["removed"])
+        rows.append({"chosen": "yes" if removed == tuple(chosen) else "",
+                     "removed layers": ", ".join(map(str, removed)), "from": c.get("source") or "",
+                     "windows seen": c.get("windows"), "PPL, raced windows": c.get("ppl_raced"),
+                     "PPL, calibration": c.get("ppl_measured"), "predicted PPL": c.get("ppl_predicted"),
+                     "outcome": RACE_OUTCOMES.get(c.get("outcome", ""), str(c.get("outcome", "")).replace("_", " "))})
+    df = pd.DataFrame(rows, columns=["chosen", "removed layers", "from", "windows seen", "PPL, raced windows",
+                                     "PPL, calibration", "predicted PPL", "outcome"])
+    df = df.sort_values(["windows seen", "PPL, raced windows"], ascending=[False, True], na_position="last")
+    return df.head(top).reset_index(drop=True)
+
+
 def strata_caption(sampling, n_layers: int | None) -> str:
     """Which kept-layer counts the design samples, in words (the counts themselves once the depth is known)."""
     from engine.errors import WorkbenchError

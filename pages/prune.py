@@ -73,6 +73,13 @@ if d.get("tied_on"):
     tied = "; ".join("{" + ", ".join(map(str, t)) + "}" for t in d.get("tied") or []) or "none"
     st.write(f"Statistically tied with it ({d['tie_level']:.0%} paired bootstrap over windows, on {d['tied_on']}): "
              f"{tied}")
+if any("ppl_raced" in c for c in d["candidates"]):
+    with st.expander(f"How the set was chosen: the race of the {len(d['candidates'])} candidate sets", expanded=False):
+        st.dataframe(views.race_frame(d, tuple(d["removed"])), hide_index=True, width="stretch", key="race_table")
+        st.caption("The choice compares the perplexity on the raced windows (validation windows of the calibration "
+                   "text, then the calibration windows), which the finishers all saw; a set can measure lower on the "
+                   f"{run.spec.data.n_windows} calibration windows alone and still lose there. Sets that left early "
+                   "were shown worse by the paired bound or cut by halving.")
 long = table.melt(id_vars=["k"], value_vars=["ppl_predicted", "ppl_measured"], var_name="series",
                   value_name="perplexity")
 long["series"] = long["series"].map({"ppl_predicted": "predicted", "ppl_measured": "measured"})

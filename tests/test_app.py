@@ -239,6 +239,10 @@ def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     m = _metrics(at)
     assert float(m["measured, 2 removed"]) > 0 and "predicted perplexity" in m
     assert any("Statistically tied with it" in md.value for md in at.markdown)
+    race = next(df.value for df in at.dataframe if "PPL, raced windows" in df.value.columns)
+    chosen = race[race["chosen"] == "yes"]  # the chosen set is in the race table, best among the finishers
+    finishers = race[race["windows seen"] == race["windows seen"].max()]
+    assert len(chosen) == 1 and chosen["PPL, raced windows"].iloc[0] == finishers["PPL, raced windows"].min()
     assert _charts(at) == 1
     _button(at, "Measure").click().run()
     assert not at.exception
