@@ -15,6 +15,7 @@ Scores: s(m) = ppl_full / ppl(m) in [0, ~1]; a mask whose perplexity was NaN/inf
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -429,8 +430,8 @@ def measured_sets(samples: Samples, decisions: Mapping | None = None) -> dict[tu
         out[tuple(int(i) for i in np.flatnonzero(~m))] = float(p)
     for d in (decisions or {}).get("decisions", []):
         for c in d.get("candidates", []):
-            if c.get("ppl_measured") is not None:
-                out[tuple(int(i) for i in c["removed"])] = float(c["ppl_measured"])
+            if c.get("ppl_measured") is not None and math.isfinite(float(c["ppl_measured"])):  # raced sets that
+                out[tuple(int(i) for i in c["removed"])] = float(c["ppl_measured"])  # left early: NaN (never measured)
     return out
 
 

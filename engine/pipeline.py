@@ -1471,7 +1471,10 @@ def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, 
     run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     f = _fit(run, method)
-    measured = method_lib.measured_sets(f.samples, stored(run, "decisions", method))
+    # Real calibration perplexities are facts of the run, whatever settings decided them: every stored
+    # decision's measured sets count (a decision for another k or rule measured sets this k has too).
+    every = [run.store.get_artifact(n) for n in run.store.artifact_names() if n.startswith("decisions:")]
+    measured = method_lib.measured_sets(f.samples, {"decisions": [d for a in every if a for d in a.get("decisions", [])]})
     ks = list(range(1, default_remove(method, run.n_layers) + 1))
     bar = StepProgress("candidates", progress, json_mode)
     items = []

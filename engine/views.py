@@ -494,7 +494,8 @@ def off_diagonal(matrix) -> np.ndarray:
 def near_sets_frame(k_result: dict):
     """DataFrame of one k's near-optimal sets: removed, predicted PPL with its interval, measured PPL."""
     rows = [{"removed": ", ".join(map(str, s["removed"])), "predicted PPL": s["ppl_predicted"],
-             "interval low": s["ppl_low"], "interval high": s["ppl_high"], "measured PPL": s["ppl_measured"]}
+             "interval low": s["ppl_low"], "interval high": s["ppl_high"],
+             "measured PPL": "not measured" if s["ppl_measured"] is None else f"{s['ppl_measured']:.3f}"}
             for s in k_result["sets"]]
     return pd.DataFrame(rows)
 
