@@ -1327,6 +1327,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     record = {
         "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
         "n_masks": run.store.count(), "k": k, "removed": list(removed), "rule": d["method"],
+        "splits_order": [n for n in decisions.get("splits_measured") or decisions["splits"] if n in ppl],
         "estimator": ESTIMATOR_LABEL(method.estimator), "r2": fit.get("r2"),
         "n_heldout": ((fit.get("report") or {}).get("split") or {}).get("n_test"),
         "ppl": ppl, "curves": curves,

@@ -92,7 +92,8 @@ def story(summary: dict) -> str:
     and the speed change with its spread over interleaved repeats."""
     L, k = summary["n_layers"], len(summary["removed"])
     full, pruned = summary["footprint"]["full"], summary["footprint"]["pruned"]
-    held = [n for n in summary["ppl"] if n != "calibration"]
+    order = summary.get("splits_order") or list(summary["ppl"])  # the held-out texts in the order they were asked
+    held = [n for n in order if n in summary["ppl"] and n != "calibration"]
     name = held[0] if held else "calibration"
     p = summary["ppl"][name]
     parts = [f"Removing {k} of {L} layers ({k / L:.0%}) keeps {pruned['n_params'] / full['n_params']:.0%} of the "

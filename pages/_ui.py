@@ -129,6 +129,7 @@ def analysis_run() -> pipeline.OpenRun:
         st.warning(f"Run `{chosen}` was selected, but its model or data files have changed since it was made, so "
                    f"these settings now identify run `{run.run_id}`. Sample this run, or restore the files.")
     st.session_state.run_id = run.run_id
+    st.session_state.run_layers = run.n_layers  # the captions' strata counts from now on
     n = run.store.count()
     if n < 8:
         st.info(f"Run `{run.run_id}` has {n} evaluated masks; at least 8 are needed. "
@@ -145,7 +146,7 @@ def spec_caption(s: RunSpec | None = None, n_layers: int | None = None) -> None:
     """One line: model, data (an upload by the name it was given), windows, sampling and its strata."""
     s = s or spec()
     if n_layers is None:
-        n_layers = (st.session_state.get("info") or {}).get("n_layers")
+        n_layers = (st.session_state.get("info") or {}).get("n_layers") or st.session_state.get("run_layers")
     data = (st.session_state.get("uploads") or {}).get(s.data.source, s.data.source)
     st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{data}** "
                f"({s.data.n_windows}×{s.data.seq_len} tokens) · {s.sampling.scheme} sampling, "

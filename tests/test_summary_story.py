@@ -24,6 +24,10 @@ def test_story_states_share_interval_and_spread():
     assert "held-out perplexity (demo-test, 8 windows) by +15% [90% interval +12% to +18%]" in text
     assert "1.31x as fast" in text and "1.20-1.40x over 5 interleaved repeats" in text
     assert "calibration perplexity (calibration, 8 windows) by +14%" in summary.story(_record(held=False))
+    two = _record()
+    two["ppl"] = {"calibration": two["ppl"]["calibration"], "demo-ood": {**two["ppl"]["demo-test"], "ratio": 1.5},
+                  "demo-test": two["ppl"]["demo-test"]}  # stored sorted by name; asked for demo-test first
+    assert "(demo-test, 8 windows) by +15%" in summary.story({**two, "splits_order": ["demo-test", "demo-ood"]})
 
 
 def test_speed_warning_only_on_a_busy_machine():
