@@ -182,7 +182,6 @@ def _quiet_lm_eval() -> None:
 def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None, batch_size: int = 16,
                    progress: Progress | None = None) -> ZeroShotResult:
     """lm-eval on `model` (in memory, as it is now) for `tasks`; the first `limit` items of each."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # our task files are local; never reach a hub
     configs = task_configs(tasks, cache_dir)  # TaskDataMissing before anything heavy
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -191,13 +190,22 @@ def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None,
     t0 = time.monotonic()
     was_training = model.training
     model.eval()
+    saved = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # our task files are local; never reach a hub (restored below)
     try:
         lm = _hflm(model, tokenizer, batch_size, progress)
         # Our tasks are inline dicts: indexing lm-eval's ~14,000 bundled YAMLs (28 s here) is not needed.
         tm = TaskManager(include_defaults=False)
+        # bootstrap_iters=0: lm-eval's bootstrap forks a multiprocessing Pool, which deadlocks in a process
+        # that already runs threads (torch, our progress thread); the standard errors come from the
+        # per-item results instead (_task_score), as lm-eval's own closed forms do.
         out = lm_eval.simple_evaluate(model=lm, tasks=configs, limit=limit, log_samples=True, verbosity="ERROR",
-                                      bootstrap_iters=100, task_manager=tm)
+                                      bootstrap_iters=0, task_manager=tm)
     finally:
+        if saved is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = saved
         model.train(was_training)
         if progress is not None:
             progress.close()
@@ -222,9 +230,21 @@ def _task_score(name: str, agg: dict, samples: list[dict]) -> TaskScore:
         v = agg.get(f"{metric},none")
         return None if v is None or v == "N/A" else float(v)
 
-    return TaskScore(task=name, acc=get("acc"), stderr=get("acc_stderr"), n=len(pairs), split=TASKS[name].split,
-                     acc_norm=get("acc_norm"), acc_norm_stderr=get("acc_norm_stderr"),
-                     perplexity=get("perplexity"), perplexity_stderr=get("perplexity_stderr"),
+    def values(metric) -> np.ndarray | None:
+        v = [float(s[metric]) for s in samples if isinstance(s.get(metric), (int, float))]
+        return np.asarray(v) if len(v) == len(samples) and len(v) > 1 else None
+
+    def mean_stderr(metric) -> float | None:  # lm-eval's mean_stderr: sample std (ddof 1) / sqrt(n)
+        v = values(metric)
+        return None if v is None else float(v.std(ddof=1) / math.sqrt(len(v)))
+
+    ppl_se = None
+    ll = values("perplexity")  # per item: the log-likelihood of the target; perplexity = exp(-mean)
+    if ll is not None and get("perplexity") is not None:  # delta method: se(exp(-m)) = exp(-m) se(m)
+        ppl_se = float(get("perplexity") * ll.std(ddof=1) / math.sqrt(len(ll)))
+    return TaskScore(task=name, acc=get("acc"), stderr=mean_stderr("acc"), n=len(pairs), split=TASKS[name].split,
+                     acc_norm=get("acc_norm"), acc_norm_stderr=mean_stderr("acc_norm"),
+                     perplexity=get("perplexity"), perplexity_stderr=ppl_se,
                      doc_ids=tuple(p[0] for p in pairs), correct=tuple(p[1] for p in pairs))
 
 

@@ -90,7 +90,8 @@ def test_missing_and_unknown_files(tmp_path):
 def test_preset_unreachable_hub_fails_fast(monkeypatch):
     import engine.data
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # no offline mode asked for
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(engine.data, "hub_reachable", lambda: False)
     with pytest.raises(DataError, match="could not reach the Hugging Face hub for dataset preset 'c4'"):
         load_text("c4")

@@ -124,9 +124,15 @@ def test_spec_refuses_unknown_tasks_and_bad_limits():
 def test_all_tasks_through_lm_eval_on_a_tiny_model(cache, tiny_folder):
     from engine.models import load_model
 
+    import os
+
     lm = load_model(ModelSpec(name=str(tiny_folder)))
+    before = os.environ.get("HF_DATASETS_OFFLINE")
     r = zeroshot.evaluate_model(lm.model, lm.tokenizer, tasks.DEFAULT_TASKS, cache, limit=None, batch_size=4)
+    assert os.environ.get("HF_DATASETS_OFFLINE") == before  # offline only while lm-eval runs
     assert set(r.tasks) == set(tasks.DEFAULT_TASKS)
+    lam = r.tasks["lambada_openai"]  # its perplexity's stderr by the delta method (no forked bootstrap)
+    assert lam.perplexity is not None and lam.perplexity_stderr is not None and lam.perplexity_stderr > 0
     for name, s in r.tasks.items():
         assert s.n == N and s.doc_ids == tuple(range(N)) and set(s.correct) <= {0, 1}
         assert s.acc == pytest.approx(np.mean(s.correct))  # lm-eval's aggregate is the items' mean
