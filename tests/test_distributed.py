@@ -253,8 +253,9 @@ def test_killed_driver_resumes(cluster, files, tmp_path):
             if found:
                 db = found[0]
                 with sqlite3.connect(db) as con:
-                    if con.execute("SELECT COUNT(*) FROM samples").fetchone()[0] >= 1:
-                        break
+                    ready = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'samples'").fetchone()
+                    if ready and con.execute("SELECT COUNT(*) FROM samples").fetchone()[0] >= 1:  # not while
+                        break  # the store is still being created (the file exists before its tables)
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started in its session
