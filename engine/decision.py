@@ -173,6 +173,16 @@ def swap_neighbours(removed: tuple[int, ...], L: int, protect: frozenset = froze
     return sorted({tuple(sorted((set(removed) - {a}) | {b})) for a in removed for b in free})
 
 
+def _decide_args(contributions, L: int, ks, swap_rounds: int, n_keep, protect):
+    """(contributions float[L], protect frozenset, ks sorted distinct): the checks both deciders share."""
+    contributions = np.asarray(contributions, dtype=float)
+    if contributions.shape != (L,):
+        raise ValueError(f"contributions has shape {contributions.shape}, expected ({L},)")
+    if swap_rounds < 0 or (n_keep is not None and n_keep < 1):
+        raise WorkbenchError("swap_rounds must be >= 0 and n_keep >= 1.")
+    return contributions, frozenset(int(p) for p in protect), sorted({int(k) for k in ks})
+
+
 def decide(
     f: ValueFn,
     contributions: Sequence[float],
@@ -197,13 +207,7 @@ def decide(
     rank-and-cut. `candidates` holds rank-and-cut and the `n_keep` best measured sets (all when None),
     `n_measured` counts every set measured. `n_verify=0` measures rank-and-cut alone (no swaps).
     """
-    contributions = np.asarray(contributions, dtype=float)
-    if contributions.shape != (L,):
-        raise ValueError(f"contributions has shape {contributions.shape}, expected ({L},)")
-    if swap_rounds < 0 or (n_keep is not None and n_keep < 1):
-        raise WorkbenchError("swap_rounds must be >= 0 and n_keep >= 1.")
-    protect = frozenset(int(p) for p in protect)
-    ks = sorted({int(k) for k in ks})
+    contributions, protect, ks = _decide_args(contributions, L, ks, swap_rounds, n_keep, protect)
     per_k: dict[int, dict[tuple[int, ...], str]] = {}
     for k in ks:
         rc = rank_and_cut(contributions, k)
@@ -312,13 +316,7 @@ def race_decide(
     from engine import racing, uncertainty
 
     rule = rule or racing.RaceRule()
-    contributions = np.asarray(contributions, dtype=float)
-    if contributions.shape != (L,):
-        raise ValueError(f"contributions has shape {contributions.shape}, expected ({L},)")
-    if swap_rounds < 0 or (n_keep is not None and n_keep < 1):
-        raise WorkbenchError("swap_rounds must be >= 0 and n_keep >= 1.")
-    protect = frozenset(int(p) for p in protect)
-    ks = sorted({int(k) for k in ks})
+    contributions, protect, ks = _decide_args(contributions, L, ks, swap_rounds, n_keep, protect)
     sources: dict[int, dict[tuple[int, ...], list[str]]] = {}
     predicted: dict[int, dict[tuple[int, ...], float]] = {k: {} for k in ks}
     for k in ks:
