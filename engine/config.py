@@ -363,6 +363,9 @@ HEAL_LR = 1e-3
 # 38.63, 39.25 and 42.60 after 50, 100, 150 and 300 steps (2.5 passes over the calibration text at 100; more
 # overfits it: bench/README.md, Healing).
 HEAL_STEPS = 100  # when neither --steps nor --epochs is given
+HEAL_OBJECTIVES = ("distill", "lm")  # engine.heal: KL to the full model's top-k distribution / cross-entropy
+HEAL_OBJECTIVE = "lm"
+HEAL_MODULES = ("all", "attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,13 @@ class HealSpec:
     steps: int | None = option(None, f"optimizer steps (default {HEAL_STEPS} unless --epochs is given)")
     epochs: float | None = option(None, "passes over the healing text's training windows, instead of --steps")
     lr: float = option(HEAL_LR, "peak learning rate (AdamW; 5%% linear warm-up, then linear decay to 0)")
+    objective: str = option(HEAL_OBJECTIVE, "training loss: distill (match the full model's next-token "
+                            "distribution on the healing text, top-k KL) or lm (next-token cross-entropy on the text)",
+                            choices=HEAL_OBJECTIVES)
+    generated: int = option(0, "windows sampled from the full model (continuing 8-token prefixes of the healing "
+                            "text) added to the training windows: more text in the same domain (self-distillation)")
+    modules: str = option("all", "which linear layers of the kept decoder layers get an adapter: all, attn "
+                          "(q/k/v/o) or mlp (gate/up/down)", flag="--lora-modules", choices=HEAL_MODULES)
     seq_len: int | None = option(None, "tokens per training window (default: --seq-len)", flag="--heal-seq-len")
     batch: int = option(8, "training windows per step")
     seed: int = option(0, "LoRA initialisation, window order and dropout", flag="--heal-seed")
@@ -394,6 +404,7 @@ class HealSpec:
     def __post_init__(self):
         for name in ("rank", "steps", "batch", "seq_len", "held_back", "eval_windows", "checkpoint_every"):
             _at_least(name, getattr(self, name), 1 if name != "seq_len" else 2)
+        _at_least("generated", self.generated, 0)
         if self.steps is not None and self.epochs is not None:
             raise SpecError("give --steps or --epochs, not both.", "epochs", "cannot be given with --steps.")
         for name in ("lr", "epochs", "alpha"):
@@ -404,6 +415,10 @@ class HealSpec:
         if not 0 <= self.dropout < 1:
             need = f"must be a fraction in [0, 1); got {self.dropout}."
             raise SpecError(f"dropout {need}", "dropout", need)
+        for name, allowed in (("objective", HEAL_OBJECTIVES), ("modules", HEAL_MODULES)):
+            if getattr(self, name) not in allowed:
+                need = f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
+                raise SpecError(f"{name} {need}", name, need)
 
     @property
     def lora_alpha(self) -> float:

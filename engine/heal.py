@@ -8,8 +8,11 @@ Contract:
   contamination measure of the GPT-3 paper). A healing text sharing >= OVERLAP_REFUSE of its own or a
   held-out text's 13-grams (or named like one) raises HealDataOverlap, or with `allow` returns a warning.
 - `heal_model(lm, kept, windows, spec, checkpoint=None, progress=None) -> HealOutcome`: inside
-  prune.pruned_view (the model IS the pruned model), peft LoRA (rank, alpha, dropout of `spec`) on every
-  linear layer of the kept decoder layers, AdamW with 5% linear warm-up then linear decay, batches in a
+  prune.pruned_view (the model IS the pruned model), peft LoRA (rank, alpha, dropout of `spec`) on the
+  linear layers of the kept decoder layers that `spec.modules` names (all, attn, mlp), trained on
+  `spec.objective`: "lm" is next-token cross-entropy on the text; "distill" is the KL from the full
+  (unpruned) model's next-token distribution at every position, over its KD_TOPK most likely tokens plus
+  one bin for all the others (`teacher_targets`, computed once before training; `distill_loss`), AdamW with 5% linear warm-up then linear decay, batches in a
   seeded order fixed up front; after training `merge_and_unload` writes the adapters into the base weights,
   so afterwards `lm.model` holds the healed kept layers (the removed ones untouched) and
   prune.prune_model(lm, removed, ...) exports the healed pruned model. `lm` is modified in place.
@@ -45,6 +48,8 @@ from engine.prune import pruned_view
 NGRAM = 13  # words per shingle of the overlap check (GPT-3's contamination check)
 OVERLAP_REFUSE = 0.01  # share of 13-grams above which a healing text counts as overlapping a held-out text
 WARMUP = 0.05  # share of the steps with a linear warm-up of the learning rate
+PREFIX_TOKENS = 8  # tokens of a healing-text window that each sampled window continues
+KD_TOPK = 128  # teacher tokens kept per position for distillation (the rest share one bin)
 
 
 class HealDataOverlap(WorkbenchError):
@@ -152,7 +157,8 @@ def checkpoint_key(identity: str, kept: Sequence[int], n_layers: int, spec: Heal
     settings = {k: v for k, v in spec.__dict__.items() if k not in ("checkpoint_every", "eval_windows",
                                                                       "allow_overlap", "data")}
     return stable_hash({"model": identity, "kept": list(kept), "L": n_layers, "spec": settings, "seq_len": seq_len,
-                        "text": text_sha256, "tokenizer": tokenizer_hash, "dtype": dtype}, n=16)
+                        "text": text_sha256, "tokenizer": tokenizer_hash, "dtype": dtype,
+                        "kd_topk": KD_TOPK if spec.objective == "distill" else None}, n=16)
 
 
 def total_steps(spec: HealSpec, n_train: int, default: int) -> int:
@@ -184,6 +190,86 @@ def linear_targets(model: nn.Module, adapter) -> list[str]:
     return names
 
 
+def select_targets(names: Sequence[str], modules: str) -> list[str]:
+    """The linear layers `modules` names: all, attn (a path part containing attn/attention) or mlp (the rest)."""
+    def is_attn(name: str) -> bool:
+        return any("attn" in part or "attention" in part for part in name.lower().split("."))
+
+    if modules == "all":
+        return list(names)
+    return [n for n in names if is_attn(n) == (modules == "attn")]
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The full model's top-k next-token distribution on every training window."""
+
+    probs: torch.Tensor  # float32 (n_train, T, K), the teacher's probabilities of its top K (rows sum to <= 1)
+    index: torch.Tensor  # int64 (n_train, T, K), token ids
+    seconds: float
+
+
+@torch.no_grad()
+def sample_windows(model: nn.Module, train: torch.Tensor, n: int, seed: int, prefix: int = PREFIX_TOKENS,
+                   batch: int = 64) -> torch.Tensor:
+    """LongTensor (n, T): `n` windows sampled from `model` (temperature 1, no truncation), each continuing
+    the first `prefix` tokens of a training window drawn with `seed` (so the samples stay in the healing
+    text's domain), T = train.shape[1]."""
+    device = next(model.parameters()).device
+    T = train.shape[1]
+    prefix = min(prefix, T - 1)
+    rows = torch.from_numpy(np.random.default_rng([seed, 31]).choice(len(train), size=n))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, n, batch):
+            ids = train[rows[i : i + batch], :prefix].to(device)  # (b, prefix)
+            past = None
+            step_ids = ids
+            seq = [ids]
+            for _ in range(T - prefix):
+                o = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                probs = torch.softmax(o.logits[:, -1].float(), dim=-1).cpu()  # (b, V)
+                step_ids = torch.multinomial(probs, 1, generator=gen).to(device)  # (b, 1)
+                seq.append(step_ids)
+            out.append(torch.cat(seq, dim=1).cpu())  # (b, T)
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def teacher_targets(model: nn.Module, train: torch.Tensor, k: int = KD_TOPK, batch: int = 8) -> TeacherTargets:
+    """Top-`k` softmax of `model` (the full model, eval mode) at every position of `train` (n, T)."""
+    t0 = time.monotonic()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs, index = [], []
+    try:
+        for i in range(0, len(train), batch):
+            logits = model(input_ids=train[i : i + batch].to(device), use_cache=False).logits.float()  # (b, T, V)
+            top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (b, T, K)
+            probs.append(torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu())
+            index.append(idx.cpu())
+    finally:
+        model.train(was_training)
+    return TeacherTargets(torch.cat(probs), torch.cat(index), time.monotonic() - t0)
+
+
+def distill_loss(logits: torch.Tensor, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) over K + 1 outcomes: the teacher's top K tokens and
+    one bin for the rest. logits (B, T, V) of the student; probs (B, T, K) and index (B, T, K) of the teacher."""
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, index)  # (B, T, K)
+    p_rest = (1.0 - probs.sum(-1)).clamp_min(0.0)  # (B, T)
+    logq_rest = torch.log1p(-logq.exp().sum(-1).clamp_max(1 - 1e-6))  # (B, T)
+    kl = (torch.xlogy(probs, probs) - probs * logq).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * logq_rest
+    return kl.mean()
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -207,13 +293,22 @@ def heal_model(lm, kept: Sequence[int], windows: HealWindows, spec: HealSpec, st
 
     model, adapter = lm.model, lm.adapter
     device = next(model.parameters()).device
-    order = batch_order(len(windows.train), steps, spec.batch, spec.seed)  # (steps, batch)
     warm = max(1, round(WARMUP * steps))
     t0 = time.monotonic()
+    saved = checkpoint.load() if checkpoint is not None else None
+    train = windows.train  # (n_train, T)
+    generated = None
+    if spec.generated:  # the full model's own samples, kept in the checkpoint (a resume trains on the same)
+        generated = saved["generated"] if saved is not None and "generated" in saved else sample_windows(
+            model, windows.train, spec.generated, spec.seed)
+        train = torch.cat([train, generated])  # (n_train + generated, T)
+    order = batch_order(len(train), steps, spec.batch, spec.seed)  # (steps, batch)
+    teacher = teacher_targets(model, train) if spec.objective == "distill" else None  # the full model
     with pruned_view(model, adapter, list(kept)):
-        targets = linear_targets(model, adapter)
+        targets = select_targets(linear_targets(model, adapter), spec.modules)
         if not targets:
-            raise WorkbenchError(f"{type(model).__name__} has no linear layers in its decoder layers for LoRA.")
+            raise WorkbenchError(f"{type(model).__name__} has no linear layers ({spec.modules}) in its decoder "
+                                 "layers for LoRA; choose --lora-modules all.")
         torch.manual_seed(spec.seed)  # LoRA's A matrices are drawn from the global generator
         config = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout,
                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
@@ -225,7 +320,6 @@ def heal_model(lm, kept: Sequence[int], windows: HealWindows, spec: HealSpec, st
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm + 1)))
             start, losses = 0, []
-            saved = checkpoint.load() if checkpoint is not None else None
             if saved is not None:
                 set_peft_model_state_dict(peft_model, saved["adapter"])
                 opt.load_state_dict(saved["optimizer"])
@@ -236,13 +330,19 @@ def heal_model(lm, kept: Sequence[int], windows: HealWindows, spec: HealSpec, st
             def save(step: int) -> None:
                 if checkpoint is not None:
                     checkpoint.save({"step": step, "steps": steps, "losses": losses, "rng": _rng_state(device),
+                                     **({"generated": generated} if generated is not None else {}),
                                      "adapter": get_peft_model_state_dict(peft_model),
                                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
 
             peft_model.train()
             for s in range(start, steps):
-                batch = windows.train[torch.from_numpy(order[s])].to(device)  # (B, T)
-                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                rows = torch.from_numpy(order[s])
+                batch = train[rows].to(device)  # (B, T)
+                if teacher is None:
+                    loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                else:
+                    logits = peft_model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+                    loss = distill_loss(logits, teacher.probs[rows].to(device), teacher.index[rows].to(device))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 lr = opt.param_groups[0]["lr"]

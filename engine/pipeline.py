@@ -1340,6 +1340,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
                    f"{__import__('torch').get_num_threads()}",
         "method_spec": dataclasses.asdict(method),
         "zeroshot": stored_zeroshot_pair(run.lm, removed, cache_dir),
+        "healing": run.store.get_artifact(heal_name(removed, run.n_layers)),  # the report's before/after healing
     }
     _put(run, "summary", method, run.store, record)
     if out_html is not None:

@@ -171,8 +171,10 @@ def zeroshot_html(z: dict | None) -> str:
             f"<th>pruned model</th><th>pruned - full (95% paired)</th></tr>{body}</table>")
 
 
-def to_html(summary: dict) -> str:
-    """One self-contained HTML page (plotly.js inlined in the first chart)."""
+def to_html(summary: dict, healing: dict | None = None) -> str:
+    """One self-contained HTML page (plotly.js inlined in the first chart). `healing`: a `heal` record of
+    the same set (default: the one stored in the summary), shown as perplexity before/after healing."""
+    healing = healing or summary.get("healing")
     charts = [layer_strip(summary["n_layers"], summary["removed"]), ppl_curve(summary)]
     parts = [pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(charts)]
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
@@ -194,6 +196,7 @@ Figures measured on {esc(summary['machine'])}.</p>
 <table><tr><th></th><th>full model</th><th>pruned model</th></tr>{table}</table>
 {parts[1]}
 {zeroshot_html(summary.get("zeroshot"))}
+{heal_html(healing) if healing and list(healing.get("removed", ())) == list(summary["removed"]) else ""}
 <h2>Generation (greedy) for: <i>{esc(gen.get('prompt', ''))}</i></h2>
 <h3>full model</h3><pre>{esc(gen.get('full', ''))}</pre><h3>pruned model</h3><pre>{esc(gen.get('pruned', ''))}</pre>
 </body></html>"""
@@ -220,5 +223,16 @@ def heal_rows(record: dict) -> list[tuple[str, str, str, str, str, str]]:
 def heal_caption(record: dict) -> str:
     where = f"exported to {record['out']} (reload check {'passed' if record.get('verified') else 'FAILED'})" \
         if record.get("out") else "not exported"
-    return (f"{record['steps']} LoRA steps (r = {record['settings']['rank']}, lr {record['settings']['lr']:g}) on "
-            f"{record['heal_data']}, {record['train_seconds']:.0f} s of training; {where}.")
+    cfg = record["settings"]
+    how = {"distill": "distilled from the full model", "lm": "next-token loss"}.get(cfg.get("objective", "lm"), "")
+    gen = f" + {cfg['generated']} windows sampled from the full model" if cfg.get("generated") else ""
+    return (f"{record['steps']} LoRA steps (r = {cfg['rank']}, lr {cfg['lr']:g}, {how}) on "
+            f"{record['heal_data']}{gen}, {record['train_seconds']:.0f} s of training; {where}.")
+
+
+def heal_html(record: dict) -> str:
+    """The report's healing table: perplexity full / pruned / healed per text, with the paired ratio."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in HEAL_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in heal_rows(record))
+    return f"<h2>After healing (LoRA)</h2><table><tr>{head}</tr>{body}</table><p>{esc(heal_caption(record))}</p>"

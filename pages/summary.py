@@ -77,9 +77,10 @@ if s.get("zeroshot"):
                  hide_index=True, width="stretch")
 else:
     st.caption("Zero-shot accuracy: evaluate on the Downstream page (with 'full' ticked), then Build summary.")
-if report_path.is_file():
-    st.download_button("Download the HTML report", report_path.read_bytes(), file_name=f"pruning-{run.run_id}.html",
-                       mime="text/html")
+healed = run.store.get_artifact(pipeline.heal_name(s["removed"], L))
+if report_path.is_file():  # with the healing stored since the report was built (the file has the one of then)
+    report = summary.to_html(s, healing=healed).encode() if healed is not None else report_path.read_bytes()
+    st.download_button("Download the HTML report", report, file_name=f"pruning-{run.run_id}.html", mime="text/html")
 
 st.subheader("After healing (LoRA)")
 heal_out = Path(run.store.dir) / f"healed-k{k}"
@@ -87,7 +88,6 @@ _ui.job_panel(run, "heal", "Heal", dataclasses.replace(mspec, remove=k),
               extra=("--out", str(heal_out), "--overwrite"),
               help=f"LoRA on every linear layer of the kept layers ({summary.HEAL_HELP}), then a verified export "
                    f"to {heal_out} (background job; resumes after a cancel)")
-healed = run.store.get_artifact(pipeline.heal_name(s["removed"], L))
 if healed is None:
     st.caption("No healing stored for this set yet.")
 else:

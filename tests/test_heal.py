@@ -241,3 +241,62 @@ def test_bench_heal_at_tiny_size_writes_the_table_and_json(tmp_path, capsys):
     assert all(row["healed_vs_product_healed"] == 1.0 for row in product)
     assert all(row["healed_over_pruned_low"] <= row["healed_over_pruned"] <= row["healed_over_pruned_high"]
                for row in last["rows"])
+
+
+def test_distill_loss_is_the_kl_to_the_teacher_over_its_top_k_and_one_bin_for_the_rest():
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 3, 40), torch.randn(2, 3, 40)  # teacher / student logits (B, T, V)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    full_kl = (p * (p.log() - q.log())).sum(-1).mean()
+    top, idx = t.topk(40, dim=-1)  # K = V: exactly the KL
+    probs = torch.exp(top - torch.logsumexp(t, -1, keepdim=True))
+    assert float(heal_lib.distill_loss(s, probs, idx)) == pytest.approx(float(full_kl), rel=1e-5)
+    top, idx = t.topk(5, dim=-1)  # K < V: the KL over 6 outcomes (5 tokens + the rest), by hand
+    pk = torch.exp(top - torch.logsumexp(t, -1, keepdim=True))
+    qk = q.gather(-1, idx)
+    p6 = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
+    q6 = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
+    binned = (p6 * (p6.log() - q6.log())).sum(-1).mean()
+    got = float(heal_lib.distill_loss(s, pk, idx))
+    assert got == pytest.approx(float(binned), rel=1e-5) and 0 < got <= float(full_kl)
+    assert abs(float(heal_lib.distill_loss(t, pk, idx))) < 1e-6  # the teacher itself: no loss
+
+
+def test_lora_modules_select_attention_or_mlp_layers():
+    lm = build_tiny_lm("llama", n_layers=2, tokenizer=byte_tokenizer())
+    names = heal_lib.linear_targets(lm.model, lm.adapter)
+    attn, mlp = heal_lib.select_targets(names, "attn"), heal_lib.select_targets(names, "mlp")
+    assert attn and mlp and sorted(attn + mlp) == sorted(names) == sorted(heal_lib.select_targets(names, "all"))
+    assert all(n.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in attn)
+    assert all(n.rsplit(".", 1)[1] in ("gate_proj", "up_proj", "down_proj") for n in mlp)
+    with pytest.raises(SpecError, match="objective"):
+        HealSpec(objective="mse")
+
+
+def test_distillation_on_sampled_windows_lowers_the_kl_and_a_resume_reuses_the_samples(tmp_path):
+    lm = build_tiny_lm("llama", n_layers=4, tokenizer=byte_tokenizer())
+    text = " ".join(np.random.default_rng(0).choice(["layer", "mask", "prune", "token"], 1500))
+    hw = heal_lib.healing_windows(lm.tokenizer, text, 16, held_back=4, seed=0)
+    sampled = heal_lib.sample_windows(lm.model, hw.train, 5, seed=0)  # (5, 16)
+    assert sampled.shape == (5, 16) and sampled.dtype == torch.long
+    assert torch.equal(sampled, heal_lib.sample_windows(lm.model, hw.train, 5, seed=0))  # seeded
+    starts = {tuple(r[: heal_lib.PREFIX_TOKENS].tolist()) for r in hw.train}
+    assert all(tuple(r[: heal_lib.PREFIX_TOKENS].tolist()) in starts for r in sampled)  # continues the text's prefixes
+    spec = HealSpec(steps=20, lr=1e-2, batch=4, dropout=0.0, objective="distill", generated=5, checkpoint_every=10)
+    ck = heal_lib.HealCheckpoint(tmp_path / "ck", "k")
+    out = heal_lib.heal_model(lm, [0, 2, 3], hw, spec, steps=20, checkpoint=ck)
+    assert np.mean(out.losses[-4:]) < np.mean(out.losses[:4]) and min(out.losses) >= -1e-6  # a KL: never negative
+    saved = torch.load(ck.path, weights_only=False)
+    assert torch.equal(saved["generated"], sampled) and saved["step"] == 20
+
+
+def test_the_html_report_shows_healing_for_the_same_set():
+    from engine import summary
+
+    record = {"heal_data": "demo", "steps": 4, "train_seconds": 2.0, "out": None, "removed": [1, 2],
+              "settings": {"rank": 8, "lr": 1e-3, "objective": "distill", "generated": 64},
+              "held_back": {"n_windows": 4, "ppl_full": 30.0, "ppl_before": 40.0, "ppl_after": 35.0, "ratio": 0.875,
+                            "ratio_low": 0.85, "ratio_high": 0.9, "level": 0.9, "recovered": 0.5},
+              "heldout": {}}
+    html = summary.heal_html(record)
+    assert "After healing" in html and "35.00" in html and "50%" in html and "64 windows sampled" in html
