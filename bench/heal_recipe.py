@@ -32,7 +32,7 @@ def parse_recipe(text: str):
             raise SystemExit(f"unknown HealSpec field {name!r} in --recipe {text!r}; fields: {', '.join(fields)}")
         default = fields[name].default
         kw[name] = value if isinstance(default, str) or name == "data" else (
-            int(value) if name in ("rank", "steps", "batch", "seed", "seq_len", "held_back") else float(value))
+            int(value) if "int" in str(fields[name].type) else float(value))
     return HealSpec(**kw)
 
 

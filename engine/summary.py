@@ -204,7 +204,8 @@ Figures measured on {esc(summary['machine'])}.</p>
 
 # ---------------------------------------------------------------- healing (the `heal` record, pipeline.heal)
 
-HEAL_HELP = "the defaults of engine heal: r = 8, the calibration text"
+HEAL_HELP = ("the defaults of engine heal: r = 8, 300 steps distilled from the full model on the calibration text "
+             "and 512 windows sampled from it")
 HEAL_COLUMNS = ["text", "full model", "pruned", "healed", "healed / pruned (interval)", "recovered"]
 
 

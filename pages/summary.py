@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from engine import pipeline, summary
+from engine import pipeline, summary, views
+from engine.config import HEAL_STEPS, HealSpec
 from engine.estimators import ESTIMATORS
 from pages import _ui
 
@@ -84,7 +85,14 @@ if report_path.is_file():  # with the healing stored since the report was built 
 
 st.subheader("After healing (LoRA)")
 heal_out = Path(run.store.dir) / f"healed-k{k}"
-_ui.job_panel(run, "heal", "Heal", dataclasses.replace(mspec, remove=k),
+h1, h2 = st.columns(2)
+heal_steps = h1.number_input("healing steps", min_value=1, max_value=10000, value=HEAL_STEPS, step=50, key="heal_steps",
+                             help=views.option_help(HealSpec, "steps"))
+heal_sampled = h2.number_input("windows sampled from the full model", min_value=0, max_value=100000,
+                               value=HealSpec().generated, step=64, key="heal_generated",
+                               help=views.option_help(HealSpec, "generated"))
+healing = HealSpec(steps=int(heal_steps), generated=int(heal_sampled))
+_ui.job_panel(run, "heal", "Heal", dataclasses.replace(mspec, remove=k), healing,
               extra=("--out", str(heal_out), "--overwrite"),
               help=f"LoRA on every linear layer of the kept layers ({summary.HEAL_HELP}), then a verified export "
                    f"to {heal_out} (background job; resumes after a cancel)")

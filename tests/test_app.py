@@ -355,20 +355,28 @@ def test_summary_page_builds_the_report_and_generates(demo_run):
     at.text_input(key="summary_prompt").set_value("The list").run()
     _button(at, "Generate").click().run()
     assert not at.exception
-    # healing: nothing stored yet, then (what the Heal job runs, with a tiny budget) the table
+    # healing: nothing stored yet, then the Heal job (a tiny budget set on the page) and its table
     assert any("No healing stored" in c.value for c in at.caption) and _button(at, "Heal")
     from engine import pipeline
-    from engine.config import HealSpec
+    from engine.store import RunStore
 
-    method = at.session_state["method"]
-    healed = pipeline.heal(SPEC, dataclasses.replace(method, remove=2), HealSpec(steps=2, held_back=4, eval_windows=4),
-                           cache_dir=demo_run[0], progress=False)
-    at.run()
-    assert not at.exception
+    at.number_input(key="heal_steps").set_value(2)
+    at.number_input(key="heal_generated").set_value(4)
+    assert not _click_job(at, "Heal")
+    store = RunStore(demo_run[0], demo_run[1])
+    record = store.get_artifact(next(n for n in store.artifact_names() if n.startswith("summary:")))
+    healed = store.get_artifact(pipeline.heal_name(record["removed"], 16))
+    assert healed["steps"] == 2 and healed["settings"]["generated"] == 4 and healed["verified"] is True
     table = at.dataframe[-1].value
     assert list(table.columns)[:4] == ["text", "full model", "pruned", "healed"] and len(table) == 3  # held back + 2
     assert table["healed"].iloc[0] == f"{healed['ppl_after']:,.2f}"
-    assert any("2 LoRA steps" in c.value for c in at.caption)
+    assert any("2 LoRA steps" in c.value and "4 windows sampled" in c.value for c in at.caption)
+    # the HTML report (what the download button offers) carries the same before/after table
+    from engine import summary as summary_lib
+
+    assert "After healing" not in summary_lib.to_html(record)
+    report = summary_lib.to_html(record, healed)
+    assert "After healing (LoRA)" in report and f"{healed['ppl_after']:,.2f}" in report
 
 
 def _plotly_array(x):
