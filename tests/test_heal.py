@@ -44,7 +44,8 @@ def test_a_few_lora_steps_lower_the_training_loss_and_leave_removed_layers_alone
     kept_before = [p.detach().clone() for p in lm.adapter.layers(lm.model)[2].parameters()]
     mask = np.array([True, False, True, True])
     before = heal_lib.window_losses(lm, hw.held_back, mask)
-    out = heal_lib.heal_model(lm, [0, 2, 3], hw, HealSpec(steps=30, lr=1e-2, batch=4, dropout=0.0), steps=30)
+    out = heal_lib.heal_model(lm, [0, 2, 3], hw, HealSpec(steps=30, lr=1e-2, batch=4, dropout=0.0, objective="lm",
+                                                                  generated=0), steps=30)
     assert len(out.losses) == 30 and out.resumed_from == 0
     assert np.mean(out.losses[-5:]) < np.mean(out.losses[:5])
     after = heal_lib.window_losses(lm, hw.held_back, mask)
@@ -101,7 +102,8 @@ def _checkpoint_step(path: Path) -> int:
 
 def test_killed_heal_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
     model_dir, text = _tiny(tmp_path)
-    steps = ["--removed", "2", "--steps", "150", "--checkpoint-every", "5", "--heal-seq-len", "32", "--lr", "3e-3"]
+    steps = ["--removed", "2", "--steps", "150", "--checkpoint-every", "5", "--heal-seq-len", "32", "--lr", "3e-3",
+             "--objective", "lm", "--generated", "0"]  # the text's own loss: the random tiny model is no teacher
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "engine", *_heal_args(model_dir, text, cache, *steps), "--json"],
@@ -300,3 +302,26 @@ def test_the_html_report_shows_healing_for_the_same_set():
               "heldout": {}}
     html = summary.heal_html(record)
     assert "After healing" in html and "35.00" in html and "50%" in html and "64 windows sampled" in html
+
+
+def test_bench_quant_table_and_heal_recipe_at_tiny_size(tmp_path, capsys):
+    from bench import heal_recipe, quant_table
+
+    model_dir, text = _tiny(tmp_path)
+    r = quant_table.main(["--model", str(model_dir), "--data", str(text), "--removed", "1", "--quants", "f16,q8_0",
+                          "--heal", "steps=3,generated=2,held_back=4", "--limit", "0", "--eval-windows", "4",
+                          "--seq-len", "16", "--out", str(tmp_path / "results"), "--json"])
+    assert [(x["model"], x["quant"]) for x in r["rows"]] == [(m, q) for m in ("full", "pruned", "pruned+healed")
+                                                              for q in ("f16", "q8_0")]
+    assert all(x["verified"] for x in r["rows"]) and r["rows"][0]["ppl_vs_ref"] == 1.0
+    assert [x["n_layers"] for x in r["rows"]] == [4, 4, 3, 3, 3, 3]
+    assert r["rows"][1]["size_mib"] < r["rows"][0]["size_mib"] and r["rows"][2]["size_mib"] < r["rows"][0]["size_mib"]
+    assert r["rows"][2]["ppl"] != r["rows"][4]["ppl"]  # healing changed the pruned model
+    md = (tmp_path / "results" / f"quant_table_{model_dir.name}.md").read_text()
+    assert "Command: `python -m bench.quant_table" in md and "| pruned+healed | q8_0 | 3 |" in md
+    capsys.readouterr()
+    out = heal_recipe.main(["--model", str(model_dir), "--data", str(text), "--removed", "1", "--seq-len", "16",
+                            "--eval-data", "demo-test", "--eval-windows", "4", "--recipe", "steps=2,generated=2,held_back=4",
+                            "--recipe", "objective=lm,steps=2,modules=mlp,held_back=4"])
+    assert [x["steps"] for x in out["rows"]] == [2, 2] and out["rows"][1]["trainable_params"] < out["rows"][0]["trainable_params"]
+    assert all(x["demo-test"]["ratio_low"] <= x["demo-test"]["ratio"] <= x["demo-test"]["ratio_high"] for x in out["rows"])
