@@ -325,3 +325,28 @@ def test_bench_quant_table_and_heal_recipe_at_tiny_size(tmp_path, capsys):
                             "--recipe", "objective=lm,steps=2,modules=mlp,held_back=4"])
     assert [x["steps"] for x in out["rows"]] == [2, 2] and out["rows"][1]["trainable_params"] < out["rows"][0]["trainable_params"]
     assert all(x["demo-test"]["ratio_low"] <= x["demo-test"]["ratio"] <= x["demo-test"]["ratio_high"] for x in out["rows"])
+
+
+def test_a_stopped_distillation_resumes_on_the_same_samples_and_ends_like_an_uninterrupted_one(tmp_path):
+    text = " ".join(np.random.default_rng(0).choice(["layer", "mask", "prune", "token"], 1500))
+    spec = HealSpec(steps=20, lr=1e-2, batch=4, dropout=0.0, generated=6, checkpoint_every=5)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_tiny_lm("llama", n_layers=4, tokenizer=byte_tokenizer())
+
+    lm = fresh()
+    hw = heal_lib.healing_windows(lm.tokenizer, text, 16, held_back=4, seed=0)
+    whole = heal_lib.heal_model(lm, [0, 2, 3], hw, spec, steps=20)
+
+    def stop_at_12(step, steps, loss, lr):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    ck = heal_lib.HealCheckpoint(tmp_path / "ck", "k")
+    with pytest.raises(KeyboardInterrupt):
+        heal_lib.heal_model(fresh(), [0, 2, 3], hw, spec, steps=20, checkpoint=ck, progress=stop_at_12)
+    assert torch.load(ck.path, weights_only=False)["step"] == 10
+    resumed = heal_lib.heal_model(fresh(), [0, 2, 3], hw, spec, steps=20, checkpoint=ck)
+    assert resumed.resumed_from == 10
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-4)
