@@ -146,7 +146,8 @@ def spec_caption(s: RunSpec | None = None, n_layers: int | None = None) -> None:
     """One line: model, data (an upload by the name it was given), windows, sampling and its strata."""
     s = s or spec()
     if n_layers is None:
-        n_layers = (st.session_state.get("info") or {}).get("n_layers") or st.session_state.get("run_layers")
+        n_layers = ((st.session_state.get("info") or {}).get("n_layers") or st.session_state.get("run_layers")
+                    or views.config_layer_count(s.model))
     data = (st.session_state.get("uploads") or {}).get(s.data.source, s.data.source)
     st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{data}** "
                f"({s.data.n_windows}×{s.data.seq_len} tokens) · {s.sampling.scheme} sampling, "
