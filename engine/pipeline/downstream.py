@@ -17,7 +17,7 @@ from engine.errors import WorkbenchError
 from engine.store import RunStore
 from engine.pipeline.run import OpenRun, open_run, set_threads
 from engine.pipeline.artifacts import stored, zeroshot_name
-from engine.pipeline.stages import _decide, contributions
+from engine.pipeline.stages import _decide
 
 
 ZEROSHOT_DIR = "zeroshot"  # <cache>/zeroshot/<model hash>/run.sqlite: results keyed by model + set + tasks + limit

@@ -17,8 +17,8 @@ from engine.pipeline.run import OpenRun, _load, open_run
 from engine.pipeline.artifacts import _put, stored
 from engine.pipeline.progress import StepProgress
 from engine.pipeline.collect import sample
-from engine.pipeline.results import _interval_fields
-from engine.pipeline.stages import _contributions, _decide, _fit, _measure_fn, default_remove, fit, measure
+from engine.pipeline.results import manifest_contributions, prune_record
+from engine.pipeline.stages import _contributions, _decide, _fit, _measure_fn, default_remove, measure
 from engine.pipeline.downstream import stored_zeroshot_pair
 
 
@@ -42,7 +42,13 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
         facts = validate.check_run(spec, remove=len(set(removed)) if removed is not None else method.remove,
                                    cache_dir=cache_dir)
         validate.check_removed(removed, facts.n_layers if facts else None)  # ids before any load or measurement
-    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
+        run = open_run(spec, cache_dir, evaluation, create=False, checked=True)  # analysis: never creates a run
+    return export_run(run, method, out_dir, removed, overwrite, fmt, quant)
+
+
+def export_run(run: OpenRun, method: MethodSpec, out_dir, removed=None, overwrite: bool = False, fmt: str = "folder",
+               quant: str = "f32") -> dict:
+    """`export` on an opened run (the output path already checked by the caller)."""
     validate.check_removed(removed, run.n_layers)
     if removed is not None:
         return _export(run, method, out_dir, overwrite, None, len(set(removed)), removed, fmt=fmt, quant=quant)
@@ -71,9 +77,7 @@ def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: i
     ppl_full = float(run.store.meta().get("ppl_full") or _measure_fn(run)(removal_mask((), run.n_layers)[None])[0])
     extra = {
         "method": rule,
-        "estimator": None if c is None else c.estimator,
-        "contributions": None if c is None else [float(x) for x in c.values],
-        "contributions_stderr": None if c is None or c.stderr is None else [float(x) for x in c.stderr],
+        **manifest_contributions(c),
         "perplexities": {"calibration": {"before": ppl_full, "after": measured}, **heldout},
         "ppl_predicted": predicted,
         "surrogate": (art.get("report") or {}).get("test", {}),
@@ -120,15 +124,24 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
           evaluation: EvalSpec = EvalSpec(), progress: bool = False, json_mode: bool = False) -> dict:
     """fit -> contributions -> decide (k = remove, plus --ks / --all-k) -> export (if out_dir) on the run's
     samples; with `progress`, the decision's progress on stderr (StepProgress)."""
-    from engine.method import check_ks
     from engine.prune import check_export_folder
 
     t0 = time.monotonic()
-    if run is None:
+    if run is None:  # every option, the export folder included, before any model is loaded
         validate.check_run(spec, remove=method.remove, out_dir=out_dir, overwrite=overwrite, cache_dir=cache_dir)
-    if out_dir is not None:
-        check_export_folder(out_dir, overwrite)  # before any model is loaded
-    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
+        run = open_run(spec, cache_dir, evaluation, create=False, checked=True)  # analysis: never creates a run
+    elif out_dir is not None:
+        check_export_folder(out_dir, overwrite)
+    return prune_run(run, method, out_dir, overwrite, eval_data, sampled, progress, json_mode, t0)
+
+
+def prune_run(run: OpenRun, method: MethodSpec, out_dir=None, overwrite: bool = False, eval_data: tuple[str, ...] = (),
+              sampled=None, progress: bool = False, json_mode: bool = False, t0: float | None = None) -> dict:
+    """`prune` on an opened run whose options (and export folder) the caller has checked; `sampled`: the
+    SampleResult of this command's sampling (run_all), `t0`: when the command started."""
+    from engine.method import check_ks
+
+    t0 = time.monotonic() if t0 is None else t0
     remove = default_remove(method, run.n_layers)
     check_ks(method.decide_ks(run.n_layers), run.n_layers)
     stages: dict[str, float] = {}
@@ -147,49 +160,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
         t = time.monotonic()
         exported = _export(run, method, out_dir, overwrite, ds, remove)
         stages["export"] = round(time.monotonic() - t, 3)
-    d = ds.for_k(remove)
-    head = f.headline
-    return {
-        "run_id": run.run_id,
-        "store": str(run.store.path),
-        "n_masks": int(f.samples.n),
-        "evaluated": int(sampled.evaluated) if sampled else 0,
-        "r2": float(head["r2"]),
-        "spearman": float(head["spearman"]),
-        "fit": head,
-        "estimator": c.estimator,
-        "estimand": c.details.get("estimand"),
-        "contributions": [float(x) for x in c.values],
-        "contributions_stderr": None if c.stderr is None else [float(x) for x in c.stderr],
-        **_interval_fields(c.details.get("interval")),
-        "removed": [int(i) for i in d.removed],
-        "tied": [list(t) for t in d.tied],
-        "tie_level": d.tie_level,
-        "tied_on": d.tied_on,
-        "method": d.method,
-        "source": d.source,
-        "decide_evaluations": cost["evaluations"] + cost["baseline_evaluations"],
-        "decide_cost": cost,
-        "ppl_full": float(d.ppl_full),
-        "ppl_predicted": float(d.ppl_predicted),
-        "ppl_measured": float(d.ppl_measured),
-        "heldout": {name: {"ppl_full": sp.ppl_full, "ppl_pruned": sp.ppl[list(sp.ks).index(remove)]}
-                    for name, sp in ds.splits.items()},
-        "by_k": [{"k": x.k, "removed": list(x.removed), "ppl_predicted": x.ppl_predicted,
-                  "ppl_measured": x.ppl_measured, "method": x.method, "source": x.source,
-                  "tied": [list(t) for t in x.tied], "validation_ppl": x.validation_ppl,
-                  "n_measured": x.n_measured, "n_compared": sum(c.outcome in ("", "finished") for c in x.candidates),
-                  "evaluations": x.evaluations, "budget_hit": x.budget_hit,
-                  "heldout": {name: sp.ppl[list(sp.ks).index(x.k)] for name, sp in ds.splits.items()}}
-                 for x in ds.items],
-        "out": None if exported is None else exported["out"],
-        "verification": None if exported is None else exported["verification"],
-        "efficiency": c.details.get("efficiency"),
-        "method_spec": dataclasses.asdict(method),
-        "seconds": round(time.monotonic() - t0, 3),
-        "stage_seconds": stages,
-        "stages": stages,
-    }
+    return prune_record(run, method, f, c, ds, cost, remove, sampled, exported, stages, t0)
 
 
 def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwrite: bool = False,
@@ -200,15 +171,13 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
     Sampling is one pass unless `evaluation.single_pass` is False: nothing is fitted before every
     mask is in, so the order masks are stored in does not matter and the fewest layer calls win."""
     from engine.method import check_ks
-    from engine.prune import check_export_folder
 
     t0 = time.monotonic()
+    # Every option, the export folder included, once: before minutes of sampling, not after.
     validate.check_run(spec, remove=method.remove, out_dir=out_dir, overwrite=overwrite, cache_dir=cache_dir)
-    if out_dir is not None:
-        check_export_folder(out_dir, overwrite)  # fail before minutes of sampling, not after
     if evaluation.single_pass is None:
         evaluation = dataclasses.replace(evaluation, single_pass=True)
-    run = open_run(spec, cache_dir, evaluation)
+    run = open_run(spec, cache_dir, evaluation, checked=True)
     check_ks(method.decide_ks(run.n_layers), run.n_layers)  # before sampling, not after (--ks too)
     sampled = sample(spec, cache_dir, progress=progress, json_mode=json_mode, run=run, evaluation=evaluation)
     if sampled.stopped:
@@ -216,8 +185,7 @@ def run_all(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, over
             f"sampling was {sampled.stopped} after {sampled.total}/{sampled.target} masks; everything evaluated is "
             "kept in the run store. Run the same command again to resume."
         )
-    result = prune(spec, method, out_dir, overwrite, eval_data, cache_dir, run, sampled, progress=progress,
-                   json_mode=json_mode)
+    result = prune_run(run, method, out_dir, overwrite, eval_data, sampled, progress=progress, json_mode=json_mode)
     counters = ("layer_calls", "leaves", "work", "work_total", "completed", "partial", "rounds")
     result["sampling"] = {k: v for k, v in sampled.to_json().items() if k in counters}
     result["seconds"] = round(time.monotonic() - t0, 3)

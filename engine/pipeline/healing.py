@@ -11,7 +11,6 @@ from pathlib import Path
 
 from engine import validate
 from engine.config import EvalSpec, MethodSpec, RunSpec
-from engine.errors import InputError
 from engine.pipeline.run import OpenRun, load, open_run
 from engine.pipeline.artifacts import heal_name, stored
 from engine.pipeline.progress import _HealProgress
@@ -76,15 +75,15 @@ def heal(spec: RunSpec, method: MethodSpec, healing, out_dir=None, removed=None,
     run, rule = None, "chosen by hand"
     if removed is not None:
         validate.check_run(spec, remove=len(set(removed)), cache_dir=cache_dir)
-        lm, _ = load(spec, evaluation)
+        lm, _ = load(spec, evaluation, checked=True)
     elif method.remove is not None:
         validate.check_run(spec, remove=method.remove, cache_dir=cache_dir)
-        run = open_run(spec, cache_dir, evaluation, create=False)  # the decision needs the run's samples
+        run = open_run(spec, cache_dir, evaluation, create=False, checked=True)  # the decision needs the samples
         lm = run.lm
         removed, rule = _decision_for(run, method, method.remove)
     elif source_manifest is not None:
         validate.check_run(spec, cache_dir=cache_dir)
-        lm, _ = load(spec, evaluation)
+        lm, _ = load(spec, evaluation, checked=True)
         removed, rule = (), "the export's own layers"
     else:
         raise InputError("say which layers to remove before healing: --remove K (the run's decision for K layers), "

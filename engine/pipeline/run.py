@@ -37,15 +37,15 @@ class OpenRun:
         return self.lm.n_layers
 
 
-def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec(), weights: bool = True) -> tuple:
+def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec(), weights: bool = True, checked: bool = False) -> tuple:
     """(LoadedModel, Windows) of a spec; checks the sampling settings against L. Writes nothing.
     weights=False: the model without weights (distributed.driver_model), for a driver whose Ray
-    workers load the model themselves."""
-    from engine.sampling import sample_masks
-
-    validate.check_run(spec)  # every option against the model's config, before any weight is loaded
+    workers load the model themselves. checked=True: the caller has run `validate.check_run` on
+    `spec` already (a run is validated once)."""
+    if not checked:
+        validate.check_run(spec)  # every option against the model's config, before any weight is loaded
     lm, windows = _load(spec, evaluation, weights)
-    sample_masks(dataclasses.replace(spec.sampling, n_masks=0), lm.n_layers)
+    check_sampling(spec.sampling, lm.n_layers)
     return lm, windows
 
 
@@ -57,16 +57,18 @@ def check_sampling(sampling, n_layers: int) -> None:
 
 
 def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec(), create: bool = True,
-             loaded: tuple | None = None) -> OpenRun:
+             loaded: tuple | None = None, checked: bool = False) -> OpenRun:
     """Load model and windows (or take `loaded` from `load`), derive the run id (model identity,
     data hash, sampling), open the store.
 
     `create=False` (what the app's pages use to look) never writes to the cache: a run that was
-    never sampled raises EstimationError instead of appearing as an empty run."""
+    never sampled raises EstimationError instead of appearing as an empty run. `checked=True`: the
+    caller validated `spec` and `cache_dir` with `validate.check_run` (nothing is validated twice)."""
     from engine.prune import package_versions
 
-    validate.check_cache_dir(cache_dir)
-    lm, windows = loaded or load(spec, evaluation)
+    if not checked:
+        validate.check_cache_dir(cache_dir)
+    lm, windows = loaded or load(spec, evaluation, checked=checked)
     run_id = spec.run_id(lm.identity, windows.data_hash)
     if not create and not RunStore(cache_dir, run_id).exists():
         raise EstimationError(f"run {run_id} has no evaluated masks yet: start sampling first (Sampling page, or "
