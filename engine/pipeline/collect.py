@@ -287,8 +287,7 @@ def _evaluate_round(run, writer, evaluators: _Evaluators, r: int, masks, source,
     """Evaluate the round's masks the store lacks on their `first_windows` windows (`fidelity.first_windows`;
     all when 0), in doubling chunks (each chunk one batch per window set), committing each row; True when
     stopped by a cancel request."""
-    from engine.evaluate import scores
-    from engine.fidelity import first_windows, subset_scores
+    from engine.fidelity import first_windows, row_scores
     from engine.sampling import masks_to_strings
 
     strings = masks_to_strings(masks)
@@ -303,10 +302,10 @@ def _evaluate_round(run, writer, evaluators: _Evaluators, r: int, masks, source,
             groups.setdefault(first[i], []).append(i)
         for windows, part in groups.items():
             for index, ppl, nll, tokens, seconds, work in evaluators.rows(windows, masks[part]):
-                if nll is None:
-                    score, flag = scores(np.array([ppl], dtype=float), ppl_full)
-                else:  # over the evaluated windows (= ppl_full / ppl when every window is evaluated)
-                    score, flag = subset_scores(nll[None], tokens[None], *full)
+                # over the evaluated windows (= ppl_full / ppl when every window is evaluated); a completion
+                # (store.Writer.complete) rescores the row with the same function
+                losses = () if nll is None else (nll[None], tokens[None], *full)  # (1, W), (1, W), (W,), (W,)
+                score, flag = row_scores(np.array([ppl], dtype=float), ppl_full, *losses)
                 i = part[index]
                 writer.add(strings[i], float(ppl), float(score[0]), bool(flag[0]), float(seconds), window_nll=nll,
                            window_tokens=tokens, round=r, source=str(source[i]), work=work)
