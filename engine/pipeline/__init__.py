@@ -26,9 +26,10 @@ The package's modules, one concern each (this file re-exports their names, so ca
 * ``progress``: the progress lines on stderr (sampling bar, stage steps, healing);
 * ``collect``: sampling, rounds, multi-fidelity completion, the run's samples;
 * ``results``: one builder per JSON record;
-* ``stages``: fit, contributions, decide, measure, interactions, candidates (each takes an opened run);
+* ``stages``: fit, contributions, decide, measure, interactions, candidates;
 * ``downstream``: zero-shot accuracy of model choices;
-* ``export``: export, prune, run_all, baseline, summarize;
+* ``exporting``: export, prune, run_all, baseline, summarize (not ``export.py``: the package's
+  ``export`` is the function);
 * ``healing``: LoRA healing of a pruned model.
 
 Imports of torch-backed modules are inside the functions: ``python -m engine status`` and
@@ -52,5 +53,6 @@ from engine.pipeline.stages import (baseline_candidates, CANDIDATE_BASELINES, ca
 from engine.pipeline.downstream import (_cache_root, evaluate_choice, ModelChoice, parse_choice,
     resolve_choice, RUN_CHOICES, stored_baseline_names, stored_zeroshot, stored_zeroshot_pair,
     zeroshot_data_missing, ZEROSHOT_DIR, zeroshot_eval, zeroshot_store, zeroshot_table)  # noqa: F401
-from engine.pipeline.export import (baseline, export, generate, prune, run_all, summarize)  # noqa: F401
+from engine.pipeline.exporting import (baseline, export, export_run, generate, prune, prune_run, run_all,
+    summarize)  # noqa: F401
 from engine.pipeline.healing import heal  # noqa: F401
