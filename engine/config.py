@@ -189,6 +189,7 @@ class SamplingSpec:
 # pairs best at 256 masks) and the jackknife groups of its interval.
 INTERACTION_SURROGATE = "mlp+log-pairwise"
 INTERACTION_FOLDS = 5
+MIN_MASKS = 8  # evaluated masks below which no surrogate fit is meaningful (surrogate, method, the pages)
 
 
 @dataclass(frozen=True)

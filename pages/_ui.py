@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import streamlit as st
 
 from engine import jobs, pipeline, session, views
-from engine.config import EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
+from engine.config import MIN_MASKS, EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
 from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore
 
@@ -131,8 +131,8 @@ def analysis_run() -> pipeline.OpenRun:
     st.session_state.run_id = run.run_id
     st.session_state.run_layers = run.n_layers  # the captions' strata counts from now on
     n = run.store.count()
-    if n < 8:
-        st.info(f"Run `{run.run_id}` has {n} evaluated masks; at least 8 are needed. "
+    if n < MIN_MASKS:
+        st.info(f"Run `{run.run_id}` has {n} evaluated masks; at least {MIN_MASKS} are needed. "
                 "Start sampling on the Sampling page first.")
         st.stop()
     return run
