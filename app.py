@@ -28,7 +28,9 @@ if (bench_results_dir() / "compare.csv").is_file():  # only when bench.compare h
 _ui.restore_session()  # a reload or a new tab opens on the run in the URL (or the latest) with its settings
 if note := st.session_state.pop("restore_note", None):
     st.warning(note)
+page = st.navigation(PAGES)
+_ui.sync_url()  # before the page too: a page that stops early (st.stop) may not get its final write through
 try:
-    st.navigation(PAGES).run()
+    page.run()
 finally:  # also when a page stops early (st.stop): the URL always names what is on screen
     _ui.sync_url()

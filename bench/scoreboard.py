@@ -6,8 +6,9 @@ random). Columns: held-out (demo-test) and out-of-domain (demo-ood) perplexity, 
 task's accuracy (lm-eval, engine.zeroshot) and their mean. Within each k the best value of each
 column is marked `*`, and every row tied with it (its paired interval against the best contains 0:
 a bootstrap over the perplexity windows, or the paired bootstrap over the task items) is marked
-`=`. Written to bench/results/<name>.md and .csv (with the command), a Pareto chart
-(<name>_pareto.html: mean accuracy and held-out perplexity against parameters kept), and with
+`=`. Written to bench/results/<name>.md and .csv (with the command), a Pareto chart of mean accuracy
+and held-out perplexity against parameters kept (<name>_pareto.png, a static image that opens
+offline; <name>_pareto.html, interactive, fetches plotly.js from its CDN), and with
 --json one object whose `rows` are [{method, k, heldout_ppl, mean_acc, ...}].
 
     python -m bench.scoreboard --model demo --ks 2,4 --limit 20 --json
@@ -264,7 +265,40 @@ def _write(rows, out, tasks, name, folder: Path) -> list[Path]:
                    + [";".join(f"{k}{v}" for k, v in r["marks"].items())])
     _atomic_write(csv_path, buf.getvalue())
     _atomic_write(html, _pareto_html(rows, out))
-    return [md, csv_path, html]
+    png = folder / f"{name}_pareto.png"
+    _pareto_png(rows, out, png)
+    return [md, csv_path, html, png]
+
+
+def _pareto_png(rows, out, path: Path) -> None:
+    """The Pareto chart as a static image (matplotlib): opens offline, unlike the HTML's CDN plotly.js.
+    Accuracy with +-1 stderr bars; perplexity on a log axis; parameters kept decreasing to the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: -r["params_kept"])
+        x = [r["params_kept"] for r in rs]
+        acc.errorbar(x, [r["mean_acc"] for r in rs], yerr=[r["mean_acc_stderr"] for r in rs], marker="o",
+                     capsize=3, label=m, lw=2.5 if m == "decision" else 1.2)
+        ppl.plot(x, [r["heldout_ppl"] for r in rs], marker="o", label=m, lw=2.5 if m == "decision" else 1.2)
+    acc.set(title="mean zero-shot accuracy (higher is better; bars: 1 stderr)", xlabel="parameters kept (fraction)",
+            ylabel="mean accuracy")
+    ppl.set(title="held-out perplexity (lower is better)", xlabel="parameters kept (fraction)", ylabel="perplexity",
+            yscale="log")
+    for ax in (acc, ppl):
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    ppl.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{out['model']}: accuracy and perplexity vs parameters kept (limit {out['limit']} items per task)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _pareto_html(rows, out) -> str:

@@ -27,6 +27,10 @@ DEMO_DATA = {
 }
 
 
+# Config fields that count decoder layers, in any family (adapters add their own).
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
 def default_cache_dir() -> Path:
     """Run stores live here unless --cache-dir is given: $LAYERPRUNE_CACHE or ./cache."""
     return Path(os.environ.get("LAYERPRUNE_CACHE", "cache")).resolve()
@@ -185,6 +189,7 @@ class SamplingSpec:
 # pairs best at 256 masks) and the jackknife groups of its interval.
 INTERACTION_SURROGATE = "mlp+log-pairwise"
 INTERACTION_FOLDS = 5
+MIN_MASKS = 8  # evaluated masks below which no surrogate fit is meaningful (surrogate, method, the pages)
 
 
 @dataclass(frozen=True)

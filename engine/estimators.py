@@ -20,6 +20,8 @@ import numpy as np
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from engine.shapley import EXACT_MAX_L  # numpy only: the registry still imports nothing heavy
+
 SHAPLEY_VALUE = "Shapley value"
 STRATA_SEMIVALUE = "restricted-strata semivalue"
 BANZHAF_VALUE = "Banzhaf value"
@@ -185,8 +187,6 @@ def _check_exact(L: int, what: str) -> None:
                               "layers. Choose the paper or permutation estimator.")
 
 
-_EXACT_MAX_L = 22  # engine.shapley.EXACT_MAX_L, repeated so the registry needs no import of shapley
-
 register(Estimator(
     "paper", "restricted-strata semivalue (paper)",
     "the paper's estimator: mean of f(m with i kept) - f(m with i dropped) over masks m drawn from the "
@@ -194,20 +194,20 @@ register(Estimator(
     default_budget=lambda L: PAPER_MASKS * (L + 1)))
 register(Estimator(
     "exact", "exact Shapley", "exact Shapley values on each surrogate by enumerating all 2^L masks",
-    SHAPLEY_VALUE, _exact, default_budget=lambda L: None, max_layers=_EXACT_MAX_L))
+    SHAPLEY_VALUE, _exact, default_budget=lambda L: None, max_layers=EXACT_MAX_L))
 register(Estimator(
     "permutation", "permutation Shapley", "Shapley values on each surrogate by antithetic permutation sampling "
     "(L + 1 evaluations per permutation)", SHAPLEY_VALUE, _permutation,
     default_budget=lambda L: PERMUTATIONS * (L + 1)))
 register(Estimator(
     "banzhaf", "exact Banzhaf", "exact Banzhaf values on each surrogate (all 2^L masks)", BANZHAF_VALUE, _banzhaf,
-    default_budget=lambda L: None, max_layers=_EXACT_MAX_L))
+    default_budget=lambda L: None, max_layers=EXACT_MAX_L))
 register(Estimator(
     "regression-adjusted", "regression-adjusted",
     "the surrogate's exact value plus a cross-fitted Monte Carlo correction from the real evaluations "
     "(Witter, Liu & Musco 2025): unbiased for the Shapley value on size-uniform runs, for the "
     "restricted-strata semivalue on stratified runs", SHAPLEY_VALUE, _regression_adjusted,
-    default_budget=lambda L: None if L <= _EXACT_MAX_L else PAPER_MASKS * (L + 1), uses_real_evaluations=True))
+    default_budget=lambda L: None if L <= EXACT_MAX_L else PAPER_MASKS * (L + 1), uses_real_evaluations=True))
 
 
 def estimand(name: str, design) -> str:
@@ -216,9 +216,3 @@ def estimand(name: str, design) -> str:
     if e.uses_real_evaluations and design.scheme == "stratified":
         return STRATA_SEMIVALUE
     return e.estimand
-
-
-def estimate(name: str, x: EstimationInput):
-    """Run estimator `name` (budget already resolved in x)."""
-    return get(name).run(x)
-

@@ -166,12 +166,11 @@ def in_mask_order(evaluator, masks) -> np.ndarray:
 
 
 def scores(ppl, ppl_full: float) -> tuple[np.ndarray, np.ndarray]:
-    """(score = ppl_full / ppl, nonfinite flag); non-finite ppl -> score 0, flag True. Order kept."""
-    ppl = np.asarray(ppl, dtype=np.float64)
-    nonfinite = ~np.isfinite(ppl)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(nonfinite, 0.0, ppl_full / np.where(nonfinite, 1.0, ppl))
-    return score, nonfinite
+    """(score = ppl_full / ppl, nonfinite flag); non-finite ppl -> score 0, flag True. Order kept
+    (fidelity.row_scores without per-window losses)."""
+    from engine.fidelity import row_scores
+
+    return row_scores(ppl, ppl_full)
 
 
 # Logits per head + loss chunk. On CPU small chunks (1 MiB of float32 logits): whole-window

@@ -110,6 +110,22 @@ def _increase(window_nll, window_tokens, full_nll, on: np.ndarray) -> np.ndarray
         return (nll - full).sum(axis=1) / tokens
 
 
+def row_scores(ppl, ppl_full: float | None, window_nll=None, window_tokens=None, full_nll=None,
+               full_tokens=None) -> tuple[np.ndarray, np.ndarray]:
+    """(score float[n], nonfinite bool[n]) of evaluated rows: the one definition of a score, for fresh rows
+    (the sampler) and completions (store.Writer.complete). With per-window losses (window_nll float[n, W],
+    window_tokens int[n, W], the full model's full_nll float[W]): `subset_scores`, over each row's evaluated
+    windows (= ppl_full / ppl when every window is evaluated); without: ppl_full / ppl, a non-finite ppl
+    scoring 0 and flagged."""
+    if window_nll is not None:
+        return subset_scores(window_nll, window_tokens, full_nll, full_tokens)
+    ppl = np.asarray(ppl, dtype=np.float64)
+    nonfinite = ~np.isfinite(ppl)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.where(nonfinite, 0.0, ppl_full / np.where(nonfinite, 1.0, ppl))
+    return score, nonfinite
+
+
 def subset_scores(window_nll, window_tokens, full_nll, full_tokens=None) -> tuple[np.ndarray, np.ndarray]:
     """(score float[n], nonfinite bool[n]): ppl_full / ppl over each row's evaluated windows (the
     unmodified model on the same windows); equals today's score for complete rows. A row with a

@@ -23,14 +23,14 @@ import numpy as np
 
 from engine import decision as decision_lib
 from engine import estimators, shapley
-from engine.config import DEMO_DATA, INTERACTION_SURROGATE, DataSpec, MethodSpec, SamplingSpec, SurrogateSpec
+from engine.config import (DEMO_DATA, INTERACTION_SURROGATE, MIN_MASKS, DataSpec, MethodSpec, SamplingSpec,
+                           SurrogateSpec)
 from engine.errors import EstimationError, WorkbenchError
 from engine import surrogate
 from engine.evaluate import scores
 from engine.surrogate import (SURROGATES, Ensemble, FittedSurrogate, MLPSurrogate, SingleFit, compare,
                               fit_with_curve, fit_with_diagnostics, make_surrogate, split)
 
-MIN_MASKS = 8  # below this no surrogate fit is meaningful
 # Held-out splits measured next to the calibration split when the run uses the bundled text.
 DEMO_EVAL_SPLITS = ("demo-test", "demo-ood")
 ValueFn = Callable[[np.ndarray], np.ndarray]

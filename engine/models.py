@@ -43,7 +43,7 @@ from engine.errors import ModelLoadError, UnsupportedArchitecture
 from engine.hub import hub_reachable
 
 # Layer-count and per-layer fields that any family may store (adapters add their own).
-COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+COUNT_FIELDS = cfg.LAYER_COUNT_FIELDS
 PER_LAYER_FIELDS = ("layer_types",)
 
 FULL_HASH_LIMIT = 2 * 1024**3  # bytes; bigger weight files hash header + size (see module docstring)

@@ -757,11 +757,11 @@ class Writer:
         window_nll float[W] / window_tokens int[W]: losses of the newly evaluated windows (tokens > 0),
         tokens 0 elsewhere. Only windows the row lacks are written; giving a different value for an
         evaluated window is refused (StoreError, nothing written), the same value is accepted (a
-        resumed completion). ppl, score (fidelity.subset_scores against the full model's per-window
+        resumed completion). ppl, score (fidelity.row_scores against the full model's per-window
         losses in meta `window_losses_full`) and nonfinite are recomputed over the evaluated windows;
         `seconds` and `work` (token-layer calls) are added to the row's, `completed` set to now.
         """
-        from engine.fidelity import subset_scores
+        from engine.fidelity import row_scores  # the score fresh rows get (pipeline.collect)
 
         new_nll = np.asarray(window_nll, dtype=np.float64).reshape(-1)  # (W,)
         new_tok = np.asarray(window_tokens, dtype=np.int64).reshape(-1)  # (W,)
@@ -785,8 +785,8 @@ class Writer:
             fill = (tok == 0) & (new_tok > 0)  # (W,)
             nll, tok = np.where(fill, new_nll, nll), np.where(fill, new_tok, tok)
             full = json.loads(con.execute("SELECT json FROM meta WHERE key = 'window_losses_full'").fetchone()[0])
-            score, flag = subset_scores(nll[None], tok[None], np.asarray(full["nll"], dtype=np.float64),
-                                        np.asarray(full["tokens"], dtype=np.int64))
+            score, flag = row_scores(None, None, nll[None], tok[None], np.asarray(full["nll"], dtype=np.float64),
+                                     np.asarray(full["tokens"], dtype=np.int64))
             ppl = _subset_ppl(nll, tok)
             _, nll_bytes, tok_bytes = _pack_windows(nll, tok)
             con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?",

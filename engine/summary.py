@@ -49,13 +49,17 @@ def contribution_bars(contributions, removed, ci_low=None, ci_high=None, label: 
     return fig
 
 
+CURVE_NAMES = {"method": "this workbench (game-theoretic decision)"}  # the summary's key for its own curve, in words
+
+
 def ppl_curve(summary: dict) -> go.Figure:
     """Calibration perplexity against layers removed: the method's chosen sets and each baseline."""
     fig = go.Figure()
     curves = summary["curves"]
     for name, points in curves.items():
         fig.add_trace(go.Scatter(x=[p["k"] for p in points], y=[p["ppl"] for p in points], mode="lines+markers",
-                                 name=name, line=dict(color=METHOD_COLOURS.get(name), width=3 if name == "method" else 1.5)))
+                                 name=CURVE_NAMES.get(name, name),
+                                 line=dict(color=METHOD_COLOURS.get(name), width=3 if name == "method" else 1.5)))
     ks = sorted({p["k"] for points in curves.values() for p in points})
     if ks:
         fig.add_trace(go.Scatter(x=ks, y=[summary["ppl"]["calibration"]["before"]] * len(ks), mode="lines",

@@ -40,11 +40,10 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import RidgeCV
 from threadpoolctl import threadpool_limits
 
-from engine.config import INTERACTION_SURROGATE, SurrogateSpec  # noqa: F401 (re-exported)
+from engine.config import INTERACTION_SURROGATE, MIN_MASKS, SurrogateSpec  # noqa: F401 (re-exported)
 from engine.errors import EstimationError
 from engine.jsonable import jsonable
 
-MIN_MASKS = 8  # below this no fit or diagnostic is meaningful
 SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (PPL <= 1000 x full)
 PREDICT_CHUNK = 2**16
 PRESETS = ("adam", "paper")

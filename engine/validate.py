@@ -22,11 +22,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import ModelSpec, RunSpec
+from engine.config import LAYER_COUNT_FIELDS, ModelSpec, RunSpec
 from engine.errors import EnvironmentFault, InputError, ModelLoadError, NonFiniteModel
 from engine.load_checks import check_weight_files
 
-COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+COUNT_FIELDS = LAYER_COUNT_FIELDS
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.tiktoken")  # fmt: skip

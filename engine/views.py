@@ -14,6 +14,7 @@ Contracts:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -219,9 +220,12 @@ def format_seconds(s: float | None) -> str:
 
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    """pipeline.status() rows as a table for display."""
-    cols = ["run_id", "status", "n_samples", "target", "partial", "work", "n_layers", "model", "data", "problem"]
-    return pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
+    """pipeline.status() rows as a table for display, in words ("" where a run has no problem)."""
+    cols = {"run_id": "run", "status": "status", "n_samples": "masks", "target": "target masks",
+            "partial": "partial masks", "work": "work (token-layer calls)", "n_layers": "layers", "model": "model",
+            "data": "data", "problem": "problem"}
+    rows = [{label: ("" if r.get(key) is None else r.get(key)) for key, label in cols.items()} for r in runs]
+    return pd.DataFrame(rows, columns=list(cols.values()))
 
 
 def save_upload(cache_dir, name: str, data: bytes, max_bytes: int) -> Path:
@@ -260,13 +264,15 @@ MIN_STRATUM_N = 5  # fewer held-out masks in a stratum than this: its R² / Spea
 
 
 def per_stratum_frame(per_stratum: dict) -> pd.DataFrame:
-    """Held-out metrics per kept-layer count (largest first), correlations blanked below MIN_STRATUM_N."""
+    """Held-out metrics per kept-layer count (largest first), as display strings; correlations read
+    "n < MIN_STRATUM_N" where a stratum has too few held-out masks for them."""
     rows = []
     for k, m in sorted(per_stratum.items(), key=lambda kv: -int(kv[0])):
         few = m["n"] < MIN_STRATUM_N
-        rows.append({"kept layers": int(k), "held-out masks": m["n"], "R²": None if few else m["r2"],
-                     "Spearman": None if few else m["spearman"], "MAE (score)": m["mae"],
-                     "mean relative error (PPL)": m["mape_ppl"]})
+        too_few = f"n < {MIN_STRATUM_N}"
+        rows.append({"kept layers": int(k), "held-out masks": m["n"],
+                     "R²": too_few if few else f"{m['r2']:.4f}", "Spearman": too_few if few else f"{m['spearman']:.4f}",
+                     "MAE (score)": f"{m['mae']:.4f}", "mean relative error (PPL)": f"{m['mape_ppl']:.1%}"})
     return pd.DataFrame(rows)
 
 
@@ -348,6 +354,30 @@ def race_frame(decision: dict, chosen: tuple[int, ...], top: int = 15) -> pd.Dat
                                      "PPL, calibration", "predicted PPL", "outcome"])
     df = df.sort_values(["windows seen", "PPL, raced windows"], ascending=[False, True], na_position="last")
     return df.head(top).reset_index(drop=True)
+
+
+def config_layer_count(spec: ModelSpec) -> int | None:
+    """The decoder depth from a local folder's config.json, without loading any weights (for captions
+    before a model is loaded); None for hub ids, GGUF files, presets not fetched yet, or anything unreadable."""
+    from engine.config import DEMO_MODEL_DIR, LAYER_COUNT_FIELDS
+    from engine.presets import PRESETS, is_ready, preset_dir
+
+    name = spec.name
+    if name in PRESETS:
+        folder = preset_dir(name) if is_ready(name) else None
+    elif name == "demo":
+        folder = DEMO_MODEL_DIR
+    else:
+        folder = Path(name).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    for field in LAYER_COUNT_FIELDS:
+        if isinstance(config.get(field), int):
+            return config[field]
+    return None
 
 
 def strata_caption(sampling, n_layers: int | None) -> str:

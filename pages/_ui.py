@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import streamlit as st
 
 from engine import jobs, pipeline, session, views
-from engine.config import EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
+from engine.config import MIN_MASKS, EvalSpec, MethodSpec, RunSpec, default_cache_dir, stable_hash
 from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore
 
@@ -131,8 +131,8 @@ def analysis_run() -> pipeline.OpenRun:
     st.session_state.run_id = run.run_id
     st.session_state.run_layers = run.n_layers  # the captions' strata counts from now on
     n = run.store.count()
-    if n < 8:
-        st.info(f"Run `{run.run_id}` has {n} evaluated masks; at least 8 are needed. "
+    if n < MIN_MASKS:
+        st.info(f"Run `{run.run_id}` has {n} evaluated masks; at least {MIN_MASKS} are needed. "
                 "Start sampling on the Sampling page first.")
         st.stop()
     return run
@@ -146,7 +146,8 @@ def spec_caption(s: RunSpec | None = None, n_layers: int | None = None) -> None:
     """One line: model, data (an upload by the name it was given), windows, sampling and its strata."""
     s = s or spec()
     if n_layers is None:
-        n_layers = (st.session_state.get("info") or {}).get("n_layers") or st.session_state.get("run_layers")
+        n_layers = ((st.session_state.get("info") or {}).get("n_layers") or st.session_state.get("run_layers")
+                    or views.config_layer_count(s.model))
     data = (st.session_state.get("uploads") or {}).get(s.data.source, s.data.source)
     st.caption(f"model **{s.model.name}** ({s.model.dtype}, {s.model.device}) · data **{data}** "
                f"({s.data.n_windows}×{s.data.seq_len} tokens) · {s.sampling.scheme} sampling, "

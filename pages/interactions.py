@@ -32,7 +32,7 @@ surrogate = c0.selectbox("map surrogate", [INTERACTION_SURROGATE, "same"], key="
                          format_func=lambda k: f"{k} (recommended)" if k != "same" else
                          f"the run's surrogate ({mspec.surrogate.kind})",
                          help=f"{INTERACTION_SURROGATE}: the mean of the MLP and an exp-of-pairwise model, the closest "
-                              "to the exact interactions of the demo game at 256 masks (bench/README.md); the "
+                              "to the exact interactions of the demo game at 256 masks; the "
                               "run's surrogate: the one chosen on the Surrogate page")
 fit_on = c2.radio("surrogate fitted on", ["all", "train"], horizontal=True, key="interaction_fit_on",
                   help="all: the ensemble refitted on every evaluated mask (more accurate maps on the demo game); "
@@ -66,7 +66,7 @@ if unsampled is not None:
 if run.spec.sampling.scheme == "stratified" and unsampled:
     st.caption("This run samples the paper's strata: the strongest pairs (which draw on small coalitions) can come "
                f"out shrunk. On the demo game, {INTERACTION_SURROGATE} on 256 stratified masks ranked the pairs "
-               "closest to the exact index (bench/README.md, Interactions).")
+               "closest to the exact index.")
 chk = result.get("bias_check")
 if chk:
     m4.metric("pairs outside the bias check", f"{chk['outside']} of {len(result['pairs'])}",
@@ -75,8 +75,11 @@ if chk:
                    "on sampled kept counts)")
 interval = details.get("interval")
 st.caption(f"Map of {result.get('surrogate', mspec.surrogate.kind)} fitted on {result['fit_on']} masks. Diagonal (not "
-           f"drawn in the heatmap): {result['diagonal']}. Error: {details['stderr_is']}"
-           + (f"; {interval['level']:.0%} interval: the {interval['folds']}-group jackknife's" if interval else "") + ".")
+           f"drawn in the heatmap): {result['diagonal']}. Error bars: how far the map moves when the evaluated masks "
+           "are resampled, plus the surrogate's own noise"
+           + (f"; {interval['level']:.0%} intervals from {interval['folds']} groups of masks" if interval else "") + ".")
+with st.expander("How the errors are computed"):
+    st.write(details["stderr_is"])
 
 M, se = np.array(result["matrix"], float), np.array(result["stderr"], float)
 Z = views.off_diagonal(M)
@@ -149,13 +152,12 @@ if measured:
                "coalitions of every size, so it differs from both.")
 
 st.subheader("Near-optimal removal sets")
-e1, e2, e3 = st.columns([1, 1, 2])
+e1, e2 = st.columns(2)
 k_max = e1.number_input("remove up to k layers", 1, L - 1, min(max(1, L // 4), L - 1), key="near_k")
 top = e2.number_input("sets per k", 1, 50, 10, key="near_top")
 cspec = dataclasses.replace(mspec, remove=int(k_max))
-with e3:
-    _ui.job_panel(run, "candidates", "Find near-optimal sets", cspec, extra=("--top", str(int(top))),
-                 help="runs `python -m engine candidates` in the background; the sets are stored in the run")
+_ui.job_panel(run, "candidates", "Find near-optimal sets", cspec, extra=("--top", str(int(top))),
+             help="runs `python -m engine candidates` in the background; the sets are stored in the run")
 near = pipeline.stored_candidates(run, cspec, int(top))
 if not near:
     st.info("Press Find near-optimal sets: the best removal sets per k by surrogate prediction, how often each "

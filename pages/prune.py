@@ -92,7 +92,9 @@ fig.update_xaxes(dtick=1)
 st.plotly_chart(fig, key="ppl_vs_k")
 st.dataframe(table.rename(columns=views.DECISION_COLUMNS), hide_index=True, width="stretch")
 for name, sp in state["splits"].items():
-    st.caption(f"{name}: full {sp['ppl_full']:.3f} -> " + ", ".join(f"k={a}: {b:.3f}" for a, b in zip(sp["ks"], sp["ppl"])))
+    st.caption(f"held-out text {name}: full {sp['ppl_full']:.3f} -> "
+               + ", ".join(f"k={a}: {b:.3f} ({b / sp['ppl_full'] - 1:+.1%})" for a, b in zip(sp["ks"], sp["ppl"]))
+               + " (the Summary page measures the change with its paired interval over the windows)")
 
 st.subheader("What-if mask editor")
 removed = st.pills("layers to remove", list(range(L)), selection_mode="multi", default=list(d["removed"]),

@@ -193,8 +193,10 @@ def live(run_id: str, polling: bool) -> None:
     st.plotly_chart(fig, key=f"work:{run_id}")
     st.caption(f"{work:,} token-layer calls over {n} masks. A mask's work includes its completion on the remaining "
                "windows, whenever that came.")
-    st.dataframe(df.tail(20).iloc[::-1][["rowid", "mask", "kept", "ppl", "score", "round", "source", "windows", "work",
-                                         "seconds"]], hide_index=True, width="stretch")
+    latest = df.tail(20).iloc[::-1][["rowid", "mask", "kept", "ppl", "score", "round", "source", "windows", "work",
+                                     "seconds"]]
+    st.dataframe(latest.rename(columns={"rowid": "#", "ppl": "perplexity", "work": "work (token-layer calls)"}),
+                 hide_index=True, width="stretch")
 
 
 if watched:

@@ -32,14 +32,16 @@ if st.session_state.get("estimator_choice") not in names:
 estimator = c1.selectbox("estimator", names, key="estimator_choice", format_func=lambda n: ESTIMATORS[n].label)
 entry = ESTIMATORS[estimator]
 default_budget = entry.default_budget(L)
-budget = c2.number_input("budget (surrogate evaluations per member)", 1, 10**9, current.budget or default_budget or 1,
+budget = c2.number_input("budget (surrogate evaluations per member)", 1, 10**9,
+                         None if default_budget is None else current.budget or default_budget,
+                         placeholder="exact: no budget",
                          disabled=default_budget is None,
                          help="exact estimators enumerate all 2^L masks and take no budget" if default_budget is None
                          else f"default {default_budget:,} = the estimator's own")
 mc_seed = c3.number_input("Monte Carlo seed", 0, 2**31 - 1, current.mc_seed)
 mspec = _ui.set_method_spec(dataclasses.replace(
     current, estimator=estimator, mc_seed=int(mc_seed),
-    budget=None if default_budget is None or int(budget) == default_budget else int(budget)))
+    budget=None if default_budget is None or budget is None or int(budget) == default_budget else int(budget)))
 st.caption(f"{entry.help}. Estimates the **{pipeline.estimand(estimator, run.spec.sampling)}** of each layer.")
 
 _ui.job_panel(run, "shapley", "Compute contributions", mspec,
@@ -54,8 +56,9 @@ c2.metric("surrogate evaluations", f"{result['n_evaluations']:,}", help=f"from {
 eff = result.get("efficiency")
 if eff:
     rel = abs(eff["gap"]) / max(abs(eff["grand_minus_empty"]), 1e-12)
-    c3.metric("efficiency gap", f"{rel:.1%} of f(all) - f(none)",
-              help=f"sum of values {eff['total']:.4f} vs f(all kept) - f(none kept) {eff['grand_minus_empty']:.4f}: "
+    c3.metric("efficiency gap", f"{rel:.1%}",
+              help=f"as a share of f(all kept) - f(none kept): sum of values {eff['total']:.4f} vs "
+                   f"{eff['grand_minus_empty']:.4f}; "
                    "Shapley values share this out exactly; other semivalues need not")
 
 stderr_is = (result.get("details") or {}).get("stderr_is", "Monte Carlo standard error")
@@ -78,7 +81,9 @@ fig.update_layout(title=dict(text=f"Per-layer contribution ({result['n_masks']} 
 st.plotly_chart(fig, key="contributions_chart")
 
 left, right = st.columns([1, 2])
-left.dataframe(df.sort_values("rank"), hide_index=True)
+level = f"{result['level']:.0%}" if result.get("level") else "90%"
+left.dataframe(df.sort_values("rank").rename(columns={"stderr": "std. error", "ci_low": f"{level} low",
+                                                      "ci_high": f"{level} high"}), hide_index=True)
 left.download_button("Download CSV", df.to_csv(index=False).encode(), file_name=f"contributions-{run.run_id}.csv",
                      mime="text/csv")
 
@@ -87,7 +92,8 @@ with right:
     # The choice outlives a run of this page that stops before the widget (another estimator, nothing stored
     # yet): Streamlit drops a widget's state then, so it is restored from a key of our own.
     if "baselines" not in st.session_state:
-        st.session_state["baselines"] = st.session_state.get("baselines_kept", [])
+        st.session_state["baselines"] = st.session_state.get(  # first visit: the baselines this run has stored
+            "baselines_kept", [n for n in BASELINES if run.store.get_artifact(f"baseline:{n}") is not None])
     picked = st.multiselect("static criteria", list(BASELINES), key="baselines")
     st.session_state["baselines_kept"] = picked
     missing = [n for n in picked if run.store.get_artifact(f"baseline:{n}") is None]

@@ -6,7 +6,7 @@ temporary cache, then copies the run's store (one self-contained SQLite file, no
     .venv/bin/python scripts/build_demo_run.py            # about 5-10 min on 2 CPU cores
 
 Stages: `engine run --remove 4` (256 stratified masks, fit, contributions, the decision for k = 4,
-export check), `shapley --estimator exact`, `interactions`, `candidates --remove 4`, the cheap
+export check), `fit` (its curves), `shapley --estimator exact`, `interactions`, `candidates --remove 4`, the cheap
 baselines, and last `report --remove 4` (the Summary page). Rerun it whenever the demo model, the demo text
 or a default that keys a stored result changes; tests/test_demo_run.py fails until then.
 """
@@ -33,6 +33,7 @@ K = 4
 # the summary's are the defaults with k = 4; it also draws the baselines stored before it.
 STEPS = [
     ("run", "--remove", str(K)),
+    ("fit",),  # the Surrogate page's learning and quality-vs-work curves (`run` stores the fit without them)
     ("shapley", "--estimator", "exact"),
     ("interactions",),
     ("candidates", "--remove", str(K)),

@@ -160,7 +160,7 @@ def test_setup_offers_the_real_model_preset(demo_run):
 def test_sampling_lists_and_watches_the_run(demo_run):
     cache, run_id = demo_run
     at = _app("sampling")
-    assert run_id in list(at.dataframe[0].value["run_id"])
+    assert run_id in list(at.dataframe[0].value["run"])
     m = _metrics(at)
     assert m["samples"] == "24" and m["status"] == "finished"
     assert _charts(at) == 2  # perplexity vs kept layers, cumulative work
@@ -226,6 +226,9 @@ def test_shapley_contributions_baselines_and_csv(demo_run):
     at.selectbox[0].set_value("banzhaf").run()  # nothing stored for it: the page stops before the baselines box
     at.selectbox[0].set_value("exact").run()
     assert at.multiselect(key="baselines").value == ["last"]  # the choice survived, matching the chart
+    fresh = _app("shapley")  # a new session (a reload): the run's stored baselines are shown without a click
+    fresh.selectbox[0].set_value("exact").run()
+    assert "last" in fresh.multiselect(key="baselines").value and _charts(fresh) == 2
 
 
 @pytest.mark.timeout(900)  # fit jobs (learning and quality-vs-work curves), decide: minutes on a loaded 2-core machine
@@ -506,7 +509,7 @@ def test_sampling_shows_rounds_fidelity_and_work(adaptive_run, monkeypatch):
     at.session_state[f"rows:{run_id}"] = stale
     at.run()
     latest = _frame(at, "seconds")
-    assert (latest["ppl"] > 0).all() and sorted(latest["windows"]) == sorted(t.windows[-len(latest):])
+    assert (latest["perplexity"] > 0).all() and sorted(latest["windows"]) == sorted(t.windows[-len(latest):])
 
 
 @pytest.mark.timeout(900)  # may set up the adaptive run: a committee fit (5 MLPs), minutes on a loaded 2-core machine

@@ -43,3 +43,4 @@ def test_scoreboard_on_a_tiny_model(tmp_path, capsys):
     table = list(csv.reader((tmp_path / "res" / "sb.csv").open()))
     assert table[0][0].startswith("# python -m bench.scoreboard") and len(table) == 2 + len(rows)
     assert "plotly" in (tmp_path / "res" / "sb_pareto.html").read_text().lower()
+    assert (tmp_path / "res" / "sb_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the offline chart

@@ -8,9 +8,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import byte_tokenizer, family_config
+from conftest import save_tiny_llama
 from engine import cli, method, pipeline
 from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 
@@ -20,13 +19,9 @@ L = 6
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("commands")
     (root / "text.txt").write_text(TEXT)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(family_config("llama", L)).save_pretrained(root / "tiny")
-    byte_tokenizer().save_pretrained(root / "tiny")
+    save_tiny_llama(root / "tiny", n_layers=L, seed=0)
     return root
 
 

@@ -8,9 +8,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import byte_tokenizer, family_config
+from conftest import save_tiny_llama
 from engine import cli, pipeline
 from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.interactions import size_weight
@@ -24,13 +23,9 @@ SAME = (*STAGE2, "--interaction-surrogate", "same")  # the map on the run's (fas
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("interactions")
     (root / "text.txt").write_text(TEXT)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(family_config("llama", L)).save_pretrained(root / "tiny")
-    byte_tokenizer().save_pretrained(root / "tiny")
+    save_tiny_llama(root / "tiny", n_layers=L, seed=0)
     assert cli.main(["sample", *_base(root, *RUN)]) == 0
     return root
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import byte_tokenizer, family_config
+from conftest import save_tiny_llama
 from engine import cli, method, pipeline
 from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
@@ -22,13 +21,9 @@ L = 6
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("method")
     (root / "text.txt").write_text(TEXT)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(family_config("llama", L)).save_pretrained(root / "tiny")
-    byte_tokenizer().save_pretrained(root / "tiny")
+    save_tiny_llama(root / "tiny", n_layers=L, seed=0)
     spec = RunSpec(
         model=ModelSpec(name=str(root / "tiny")),
         data=DataSpec(source=str(root / "text.txt"), n_windows=2, seq_len=16),

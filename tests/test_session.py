@@ -58,3 +58,18 @@ def test_the_link_names_run_and_settings_and_bad_values_are_reported(tmp_path):
     assert bad.run_id == "bbbbbbbbbbbb" and bad.origin == "latest" and bad.method == MethodSpec()
     text = " ".join(bad.notes)
     assert "not in this cache" in text and "k='9'" in text and "'nope'" in text and "'x'" in text
+
+
+def test_config_layer_count_reads_the_depth_without_loading(tmp_path):
+    """The captions' strata counts before any model is loaded: the depth from config.json alone."""
+    from engine import views
+    from engine.config import ModelSpec
+
+    assert views.config_layer_count(ModelSpec(name="demo")) == 16
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2", "n_layer": 5}')
+    assert views.config_layer_count(ModelSpec(name=str(tmp_path / "gpt2"))) == 5
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert views.config_layer_count(ModelSpec(name=str(tmp_path / "bad"))) is None
+    assert views.config_layer_count(ModelSpec(name="someone/some-model")) is None  # a hub id: unknown until loaded

@@ -19,7 +19,6 @@ from engine.shapley import (
     exact_shapley,
     flip_values,
     permutation_shapley,
-    regression_adjusted,
     restricted_strata,
     restricted_strata_semivalue,
     semivalue,
@@ -312,74 +311,6 @@ def test_large_L_needs_sampling():
         exact_shapley(f, L)
     c = semivalue(f, L, SHAPLEY, n_samples=50)  # falls back to Monte Carlo
     np.testing.assert_allclose(c.values, a, atol=1e-9)
-
-
-# ---------------------------------------------------------------- regression-adjusted
-
-
-def size_uniform_draws(L, n, rng):
-    """i.i.d. masks: kept count uniform on 0..L, uniform within the count; and p(m)."""
-    k = rng.integers(0, L + 1, n)
-    masks = np.argsort(rng.random((n, L)), axis=1).argsort(axis=1) < k[:, None]
-    p = 1.0 / ((L + 1) * np.array([math.comb(L, int(j)) for j in k]))
-    return masks, p
-
-
-def test_regression_adjusted_is_unbiased_with_a_bad_surrogate():
-    L = 6
-    f = sigmoid_game(L, seed=7)
-    truth = exact_shapley(f, L).values
-    bad = lambda m: 0.2 * np.asarray(m, float)[:, ::-1] @ np.arange(L)  # noqa: E731  wrong on purpose
-    surrogate_only = exact_shapley(bad, L).values
-    assert np.max(np.abs(surrogate_only - truth)) > 0.3  # the correction has work to do
-    est = []
-    for seed in range(200):
-        rng = np.random.default_rng(seed)
-        masks, p = size_uniform_draws(L, 40, rng)
-        c = regression_adjusted(masks, f(masks), p, lambda X, y: bad, SHAPLEY, folds=4, seed=seed)
-        est.append(c.values)
-    est = np.array(est)
-    se = est.std(axis=0, ddof=1) / math.sqrt(len(est))
-    assert np.all(np.abs(est.mean(axis=0) - truth) < 4 * se)
-
-
-def test_regression_adjusted_cross_fits_a_learned_surrogate():
-    L = 6
-    f = sigmoid_game(L, seed=8)
-    truth = exact_shapley(f, L).values
-    fits = []
-
-    def fit_additive(X, y):  # least squares on [1, m]: data-dependent, misspecified
-        fits.append(len(y))
-        A = np.c_[np.ones(len(X)), X]
-        coef = np.linalg.lstsq(A, y, rcond=None)[0]
-        return lambda m: np.c_[np.ones(len(m)), m] @ coef
-
-    est = []
-    for seed in range(100):
-        masks, p = size_uniform_draws(L, 60, np.random.default_rng(seed))
-        c = regression_adjusted(masks, f(masks), p, fit_additive, folds=3, seed=seed, sampled_sizes=range(L + 1))
-        est.append(c.values)
-    assert fits[:3] == [40, 40, 40]  # each fold's surrogate never sees that fold
-    assert c.details["uncovered_weight_fraction"] == pytest.approx(0.0)
-    est = np.array(est)
-    se = est.std(axis=0, ddof=1) / math.sqrt(len(est))
-    assert np.all(np.abs(est.mean(axis=0) - truth) < 4 * se)
-    # stratified sampling of a few kept counts leaves most of the Shapley weight uncovered
-    c2 = regression_adjusted(masks, f(masks), p, fit_additive, folds=3, sampled_sizes=[4, 5])
-    assert c2.details["uncovered_weight_fraction"] > 0.5
-
-
-def test_regression_adjusted_rejects_bad_input():
-    masks, p = size_uniform_draws(5, 20, np.random.default_rng(0))
-    y = masks.sum(axis=1).astype(float)
-    fit = lambda X, yy: (lambda m: np.zeros(len(m)))  # noqa: E731
-    with pytest.raises(EstimationError):
-        regression_adjusted(masks, y, p, fit, folds=20)
-    with pytest.raises(EstimationError):
-        regression_adjusted(masks, np.where(np.arange(20) == 3, np.nan, y), p, fit)
-    with pytest.raises(EstimationError):
-        regression_adjusted(masks, y, np.zeros(20), fit)
 
 
 # ---------------------------------------------------------------- ensembles

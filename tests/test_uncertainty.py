@@ -75,6 +75,24 @@ def test_every_mask_evaluated_gives_the_exact_value_with_zero_noise():
     assert iv.details["uncovered_kept_counts"] == [] and np.all(iv.bias_allowance == 0)
 
 
+def test_cross_fitting_holds_each_row_out_of_one_fit_and_refuses_bad_input():
+    """Moved here with shapley.regression_adjusted's removal (uncertainty.regression_adjusted superseded it)."""
+    sizes = []
+
+    def counting_fit(X, y):
+        sizes.append(len(y))
+        return linear_fit(X, y)
+
+    masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=60, seed=0), L)
+    unc.regression_adjusted(masks, pairwise_game(masks), counting_fit, shapley.SHAPLEY, folds=3, n_boot=0)
+    rows = len(masks) + 1  # the full mask's known score is appended as a row
+    assert len(sizes) == 3 and sum(rows - s for s in sizes) == rows  # each row is held out of exactly one fit
+    with pytest.raises(EstimationError, match="NaN"):
+        unc.regression_adjusted(masks, np.where(np.arange(60) == 3, np.nan, pairwise_game(masks)), linear_fit, n_boot=0)
+    with pytest.raises(EstimationError, match="folds"):
+        unc.regression_adjusted(masks[:4], pairwise_game(masks[:4]), linear_fit, folds=5, n_boot=0)
+
+
 def test_regression_adjustment_removes_the_surrogate_bias_and_its_intervals_cover():
     """Size-uniform masks from the pairwise game, a surrogate that shrinks and cannot fit the pairs:
     the surrogate alone is biased, the adjusted estimate is not, and its 90% intervals cover."""

@@ -14,7 +14,7 @@ def no_loading(monkeypatch):
         raise AssertionError("a model was loaded before the options were checked")
 
     monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(pipeline, "_load", refuse)
+    monkeypatch.setattr(pipeline.run, "_load", refuse)  # where load and open_run look it up
 
 
 # (command, extra options, exit code, kind, words the message must contain)

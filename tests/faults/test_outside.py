@@ -49,7 +49,7 @@ def no_work(monkeypatch):
         raise AssertionError("work was spent before the check")
 
     monkeypatch.setattr(models_lib, "load_model", refuse)
-    monkeypatch.setattr(pipeline, "_load", refuse)
+    monkeypatch.setattr(pipeline.run, "_load", refuse)  # where load and open_run look it up
 
 
 def _copy_model(models: Path, tmp: Path, name: str = "llama4") -> Path:
