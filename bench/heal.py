@@ -160,7 +160,9 @@ def _table(args, rows, ks, splits, spec, run_id, seconds, t_sets) -> list[str]:
     pct = f"{args.level:.0%}"
     lines = [
         f"# Healing after pruning on {args.model} (LoRA r={spec.rank}, {spec.steps} steps, lr {spec.lr:g}, batch "
-        f"{spec.batch} x {args.seq_len} tokens of {args.data}, seed {spec.seed})", "",
+        f"{spec.batch} x {args.seq_len} tokens of {args.data}"
+        + (f" + {spec.generated} windows sampled from the full model" if spec.generated else "")
+        + f", objective {spec.objective}, seed {spec.seed})", "",
         f"Command: `python -m bench.heal {' '.join(args.argv)}` ({seconds:.0f} s wall in all, {t_sets:.0f} s of it for "
         f"the run {run_id} and the baselines; 2 CPU cores shared with other sessions, one torch thread).", "",
         f"`product`: the set `engine run` decides (default settings, {args.n_masks} masks); baselines: the two "
