@@ -13,7 +13,8 @@ prefix-stable, so the n-mask run is exactly what `engine run --masks n` would fi
 decision's own pool (pipeline's validation + calibration windows, racing rule and swaps of MethodSpec):
 - ``product``: the default decision (rank-and-cut, the beam, the baselines' sets, swap neighbours);
 - ``game``: the same race without the baselines' sets (the game's own candidates only);
-- ``rank-and-cut``: the paper's rule on those contributions (no decision cost).
+- ``rank-and-cut``: the paper's rule on those contributions (no decision cost);
+- ``beam`` (when asked in --variants): the surrogate's best set by beam search, unmeasured (no decision cost).
 Every baseline in --baselines runs once on the calibration windows. Then every distinct set is measured on
 each held-out text in one prefix-shared call, and each method's set is compared, paired over the windows
 (uncertainty.compare_candidates, 90%), with the best baseline's set at that k.
@@ -105,7 +106,7 @@ def run(args) -> dict:
     from engine.baselines import run_baseline
     from engine.config import DataSpec, EvalSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec
     from engine.data import make_windows
-    from engine.decision import rank_and_cut, removal_mask
+    from engine.decision import beam_search, rank_and_cut, removal_mask
     from engine.evaluate import MaskEvaluator
     from engine.sampling import masks_to_strings, sample_masks
     from engine.uncertainty import compare_candidates
@@ -146,7 +147,8 @@ def run(args) -> dict:
             extra[k][s] = f"{have}+baseline:{name}" if have else f"baseline:{name}"
     candidate_cost = sum(base_info[n]["evaluations"] for n in names if n in pipeline.CANDIDATE_BASELINES)
 
-    pool0, cal_cols, val_cols, on = pipeline._decision_pool(run_, mspec, None)
+    pool0, cal_cols, val_cols, on = pipeline._decision_pool(run_, mspec, None) if set(variants) - {"beam"} else \
+        (racing.WindowPool(L, 1, None), [], [], "")
     measure = memo_measure(pool0._measure, L)
     chosen: list[dict] = []
     decisions: dict = {}
@@ -162,6 +164,13 @@ def run(args) -> dict:
             chosen.append({"method": "rank-and-cut", "masks": n, "k": k, "removed": rank_and_cut(c.values, k),
                            "source": "rank-and-cut", "evaluations": {"sample": n * W, "decide": 0, "baselines": 0}})
         for variant in variants:
+            if variant == "beam":  # the surrogate's own best set, never measured (the decision's first candidate)
+                for k in ks:
+                    top = beam_search(fit.predict, L, k, n_candidates=1)[0]
+                    chosen.append({"method": "beam", "masks": n, "k": k, "removed": top.removed, "source": "beam",
+                                   "ppl_predicted": float(s.ppl_full / top.predicted),
+                                   "evaluations": {"sample": n * W, "decide": 0, "baselines": 0}})
+                continue
             pool = racing.WindowPool(L, pool0.W, measure)
             t = time.monotonic()
             ds = method_lib.decide(fit, c, ks, None, None, mspec, pool=pool, calibration_cols=cal_cols,

@@ -13,7 +13,7 @@ def test_real_budget_on_a_tiny_model(tmp_path, capsys):
     write_words(tmp_path / "text.txt", 1500, seed=0)
     write_words(tmp_path / "other.txt", 1500, seed=1)
     r = real_budget.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--windows", "2",
-                          "--seq-len", "16", "--masks", "12,20", "--ks", "2,3", "--swaps", "1", "--n-compare", "2",
+                          "--seq-len", "16", "--masks", "12,20", "--ks", "2,3", "--swaps", "1", "--n-compare", "2", "--variants", "product,game,beam",
                           "--val-windows", "4", "--baselines", "block-influence,ppl",
                           "--eval-data", str(tmp_path / "other.txt"), "--eval-windows", "6", "--threads", "1",
                           "--cache-dir", str(tmp_path / "cache"), "--json"])
@@ -21,7 +21,7 @@ def test_real_budget_on_a_tiny_model(tmp_path, capsys):
     L, W = r["n_layers"], r["calibration_windows"]
     methods = {(x["method"], x["masks"]) for x in r["rows"]}
     assert methods == {("product", 12), ("product", 20), ("game", 12), ("game", 20), ("rank-and-cut", 12),
-                       ("rank-and-cut", 20), ("block-influence", 0), ("ppl", 0)}
+                       ("rank-and-cut", 20), ("beam", 12), ("beam", 20), ("block-influence", 0), ("ppl", 0)}
     split = str(tmp_path / "other.txt")
     for row in r["rows"]:
         e = row["evaluations"]
