@@ -147,7 +147,7 @@ def run(args) -> dict:
             extra[k][s] = f"{have}+baseline:{name}" if have else f"baseline:{name}"
     candidate_cost = sum(base_info[n]["evaluations"] for n in names if n in pipeline.CANDIDATE_BASELINES)
 
-    pool0, cal_cols, val_cols, on = pipeline._decision_pool(run_, mspec, None) if set(variants) - {"beam"} else \
+    pool0, cal_cols, val_cols, on = pipeline.stages._decision_pool(run_, mspec, None) if set(variants) - {"beam"} else \
         (racing.WindowPool(L, 1, None), [], [], "")
     measure = memo_measure(pool0._measure, L)
     chosen: list[dict] = []
