@@ -12,7 +12,7 @@ offline; <name>_pareto.html, interactive, fetches plotly.js from its CDN), and w
 --json one object whose `rows` are [{method, k, heldout_ppl, mean_acc, ...}].
 
     python -m bench.scoreboard --model demo --ks 2,4 --limit 20 --json
-    python -m bench.scoreboard --model /work/models/smollm2-hf --ks 8 --limit 20 --masks 48 ...
+    python -m bench.scoreboard --model smollm2 --ks 8 --limit 20 --masks 48 ...
 
 Every evaluation goes through engine.pipeline (sampling, decision, baselines and zero-shot results
 are stored in the cache), so a rerun with the same options only fills what is missing.
