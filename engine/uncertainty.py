@@ -60,13 +60,17 @@ ESTIMANDS = {
     "shapley": "Shapley value of the real game (all coalition sizes, Shapley weights)",
     "strata": "restricted-strata semivalue of the real game (the paper's estimand: coalitions near the sampling strata)",
     "banzhaf": "Banzhaf value of the real game (every coalition equally weighted)",
+    "sampled-strata": "restricted-strata semivalue on the sampled kept counts of the real game (the paper's "
+                      "coalitions whose two masks, layer kept and layer dropped, both have a sampled kept count)",
 }
 FitFn = Callable[..., shapley.ValueFn]  # fit(masks, scores) or fit(masks, scores, sample_weight) -> value function
 
 
 def estimand_of(weighting: shapley.Weighting) -> str:
-    """'shapley' | 'strata' | 'banzhaf' for a weighting (weighted Banzhaf has no interval estimand here)."""
-    names = {"shapley": "shapley", "restricted_strata": "strata", "banzhaf": "banzhaf"}
+    """'shapley' | 'strata' | 'sampled-strata' | 'banzhaf' for a weighting (weighted Banzhaf has no interval
+    estimand here)."""
+    names = {"shapley": "shapley", "restricted_strata": "strata", "banzhaf": "banzhaf",
+             "sampled_strata": "sampled-strata"}
     if weighting.kind not in names:
         raise EstimationError(f"no interval estimand for the {weighting.name} weighting")
     return names[weighting.kind]
