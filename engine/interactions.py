@@ -745,7 +745,9 @@ def regression_adjusted_index(
                 est += in_k.sum() / n_j[j] * (C[k, j] + N[j] / in_k.sum() * t[in_k].sum(axis=0))
         P[j] = est
         m = int(sel.sum())
-        var += (N[j] ** 2 * (1 - m / N[j]) * t[sel].var(axis=0, ddof=1) / m) if m >= 2 else (N[j] * t[sel][0]) ** 2
+        # each fold corrects its own fit from its own ~m/K masks: the finite population correction is per fold
+        fpc = 1 - m / (folds * N[j])
+        var += (N[j] ** 2 * fpc * t[sel].var(axis=0, ddof=1) / m) if m >= 2 else (N[j] * t[sel][0]) ** 2
     flat = P.sum(axis=0)
     matrix, se = _to_matrix(flat, L), _to_matrix(np.sqrt(var), L)
     z = _normal_quantile(0.5 + level / 2)
