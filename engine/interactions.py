@@ -715,13 +715,13 @@ def regression_adjusted_index(
     n_j = np.bincount(sizes, minlength=L + 1)
     exhausted = n_j == N
     fit_rows = ~exhausted[sizes]
-    if fit_rows.sum() < 2 * folds:
+    if 0 < fit_rows.sum() < 2 * folds:
         raise EstimationError(f"cross-fitting with {folds} folds needs at least {2 * folds} sampled masks")
     assign = _folds_by_size(sizes, folds, seed)
     coef = _coefficients(X[rows], rw.delta1, rw.delta2)  # (s, L + P)
     pred = np.zeros(len(rows))
-    C = []
-    for k in range(folds):
+    C = [np.zeros((L + 1, coef.shape[1]))] if not fit_rows.any() else []  # every mask known: nothing to fit
+    for k in range(folds if fit_rows.any() else 0):
         test = (assign == k) & fit_rows
         train = np.ones(len(y), bool)
         train[rows[test]] = False

@@ -565,3 +565,17 @@ def test_the_surrogate_index_says_when_it_extrapolates():
     assert "kept counts never sampled (sampled 9-10, 12-13, 15)" in r.details["estimand"]
     full = interaction_index(random_game(L, 0), L, "sii", sampled_sizes=range(L + 1))
     assert not full.details["extrapolated"] and full.to_dict()["name"] == INDICES["sii"] + " of the surrogate"
+
+
+def test_regression_adjusted_index_is_exact_when_every_mask_of_the_sampled_counts_is_known():
+    from engine.interactions import regression_adjusted_index, restricted_index, restricted_weights
+
+    L = 6
+    f = random_game(L, 1)
+    codes = np.arange(1 << L)
+    masks = ((codes[:, None] >> np.arange(L)) & 1).astype(bool)
+    masks = masks[masks.sum(axis=1) >= 3]  # every mask keeping 3..6 layers
+    r = regression_adjusted_index(masks, f(masks), lambda X, y: f, "sii")
+    truth = restricted_index(f, restricted_weights("sii", L, (3, 4, 5, 6)))
+    np.testing.assert_allclose(r.matrix, truth, atol=1e-12)
+    assert np.all(r.stderr == 0) and r.details["known_kept_counts"] == [3, 4, 5, 6]
