@@ -201,6 +201,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--games", nargs="*", default=None,
                     help="games for the per-game coverage of the defaults (default: every bench/data/ground_truth_*.npz)")
     ap.add_argument("--game-seeds", type=int, default=10, help="seeds 0..N-1 per game (0: no per-game part)")
+    ap.add_argument("--game-masks", type=int, default=None, help="masks per seed in the per-game part (default: the run's)")
     ap.add_argument("--masks", type=int, nargs="*", default=[128, 256, 1024])
     ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt", "log-pairwise", "mlp+log-pairwise"])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=[*SCHEMES, "mixed"])
@@ -225,7 +226,8 @@ def main(argv=None) -> dict:
     with threadpool_limits(a.threads):
         games = []
         for path in (gtm.bundled_games() if a.games is None else a.games) if a.game_seeds else []:
-            games.append(game_summary(path, range(a.game_seeds), a.index, a.level, a.folds or 5, a.ensemble))
+            games.append(game_summary(path, range(a.game_seeds), a.index, a.level, a.folds or 5, a.ensemble,
+                                      a.game_masks))
             if not a.json:
                 g = games[-1]
                 print(f"game {g['name']}: coverage {g['coverage']:.3f} (10 strongest {g['coverage_top10']:.3f})",

@@ -53,6 +53,11 @@ if result["stale"]:
     st.warning(f"Computed from {result['n_masks']} masks; the run now has {run.store.count()}. Compute again.")
 
 details = result["details"]
+st.markdown(f"**Estimand:** {result.get('estimand') or result.get('name')}")
+if details.get("extrapolated"):
+    st.warning("These values are the surrogate's own index: most of its weight lies on kept counts no evaluated "
+               "mask has, so they are extrapolated. Sample three consecutive kept counts (e.g. size-uniform masks) "
+               "for an index estimated from real evaluations.")
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("surrogate evaluations", f"{result['n_evaluations']:,}", help=result["method"])
 strongest = result["pairs"][0]
@@ -76,7 +81,9 @@ if chk:
 interval = details.get("interval")
 st.caption(f"Map of {result.get('surrogate', mspec.surrogate.kind)} fitted on {result['fit_on']} masks. Diagonal (not "
            f"drawn in the heatmap): {result['diagonal']}. Error: {details['stderr_is']}"
-           + (f"; {interval['level']:.0%} interval: the {interval['folds']}-group jackknife's" if interval else "") + ".")
+           + (f"; {interval['level']:.0%} interval" + ("" if details.get("restricted") else
+                                                         f": the {interval['folds']}-group jackknife's") if interval
+              else "") + ".")
 
 M, se = np.array(result["matrix"], float), np.array(result["stderr"], float)
 Z = views.off_diagonal(M)

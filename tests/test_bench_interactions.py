@@ -73,10 +73,10 @@ def test_per_game_coverage_of_the_defaults_on_a_tiny_game(tmp_path, capsys):
     gtm.build(str(tmp_path / "model"), str(tmp_path / "cal.txt"), 3, 16, out=tmp_path / "ground_truth_tiny.npz",
               progress=False)
     bi.main(["--masks", "--cost-layers", "--games", str(tmp_path / "ground_truth_tiny.npz"), "--game-seeds", "2",
-             "--ensemble", "2", "--json"])
+             "--game-masks", "40", "--ensemble", "2", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (g,) = out["games"]
-    assert g["name"] == "tiny" and g["seeds"] == [0, 1] and g["n_layers"] == 7 and g["restricted"]
+    assert g["name"] == "tiny" and g["seeds"] == [0, 1] and g["n_layers"] == 7 and g["masks"] == 40 and g["restricted"]
     assert 0 <= g["coverage"] <= 1 and 0 <= g["coverage_top10"] <= 1 and len(g["coverage_by_seed"]) == 2
     assert out["min_coverage"] == g["coverage"] and out["min_coverage_top10"] == g["coverage_top10"]
     assert out["rows"] == []
