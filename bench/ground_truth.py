@@ -37,7 +37,8 @@ from engine.errors import WorkbenchError
 from engine.evaluate import scores
 from engine.sampling import default_strata
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "ground_truth_demo.npz"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_OUT = DATA_DIR / "ground_truth_demo.npz"
 CHUNK_BITS = 4  # 16 chunks for L >= 4: one per keep pattern of layers 0..3
 
 
@@ -185,6 +186,19 @@ def load(path) -> GroundTruth:
                        "window_tokens": z["window_tokens"].astype(np.int64)}
         return GroundTruth(int(meta["n_layers"]), z["codes"].astype(np.int64), z["ppl"].astype(np.float64),
                            float(meta["ppl_full"]), meta, json.loads(str(z["analysis"])), **windows)
+
+
+def bundled_games() -> list[Path]:
+    """The complete ground truths in bench/data (``ground_truth_<name>.npz``): the demo game first, then
+    the held-out games (scripts/train_game_model.py, bench/data/README.md), by name."""
+    rest = sorted(p for p in DATA_DIR.glob("ground_truth_*.npz") if p != DEFAULT_OUT)
+    return ([DEFAULT_OUT] if DEFAULT_OUT.is_file() else []) + rest
+
+
+def game_name(path) -> str:
+    """'demo' for ground_truth_demo.npz: the file name without the prefix."""
+    stem = Path(path).stem
+    return stem[len("ground_truth_"):] if stem.startswith("ground_truth_") else stem
 
 
 # ---------------------------------------------------------------- analysis

@@ -45,8 +45,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from bench import ground_truth as gtm
 from bench.common import emit, run_script
-from engine.config import MethodSpec, SamplingSpec, SurrogateSpec
-from engine.interactions import interaction_index, residual_check
+from engine.config import INTERACTION_SURROGATE, MethodSpec, SamplingSpec, SurrogateSpec
+from engine.interactions import interaction_index, residual_check, restricted_index, restricted_weights
 from engine.method import Samples, interaction_interval
 from engine.sampling import mask_probability, sample_masks, size_distribution
 from engine.surrogate import Ensemble, fit_with_diagnostics, make_surrogate
@@ -57,6 +57,7 @@ SCHEMES = {
     "paired": SamplingSpec(scheme="size-uniform", paired=True),
 }
 TOP = 15
+TOP_GAMES = 10  # the strongest pairs the per-game coverage is also reported on
 
 
 def design_probability(scheme: str, masks: np.ndarray, L: int) -> np.ndarray:
@@ -95,14 +96,24 @@ def agreement(est: np.ndarray, truth: np.ndarray, top: int = TOP) -> dict:
 
 
 def interval_coverage(r, truth: np.ndarray, top: int = TOP) -> dict:
-    """Share of all pairs / of the `top` strongest true pairs inside r.details['interval'], median half-width."""
+    """Share of all pairs / of the `top` (and TOP_GAMES) strongest true pairs inside r.details['interval'],
+    median half-width."""
     iu = np.triu_indices(truth.shape[0], 1)
     iv = r.details["interval"]
     t = truth[iu]
     inside = (np.asarray(iv["low"])[iu] <= t) & (t <= np.asarray(iv["high"])[iu])  # (P,)
-    strongest = np.argsort(-np.abs(t), kind="stable")[:top]
-    return {"coverage": float(inside.mean()), "coverage_top15": float(inside[strongest].mean()),
+    strongest = np.argsort(-np.abs(t), kind="stable")
+    return {"coverage": float(inside.mean()), "coverage_top15": float(inside[strongest[:top]].mean()),
+            "coverage_top10": float(inside[strongest[:TOP_GAMES]].mean()),
             "median_halfwidth": float(np.median((np.asarray(iv["high"]) - np.asarray(iv["low"]))[iu] / 2))}
+
+
+def estimand_truth(gt, r, index: str, full: np.ndarray) -> np.ndarray:
+    """The exact value of what `r` estimates on the real game: the index on the sampled kept counts when
+    r.details says it is restricted (method.interaction_interval), else the full index `full`."""
+    if not r.details.get("restricted"):
+        return full
+    return restricted_index(gt.value_function(), restricted_weights(index, gt.n_layers, r.details["known_kept_counts"]))
 
 
 def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "all", bias_check: bool = False,
@@ -128,13 +139,41 @@ def one_row(gt, truth, n, kind, scheme, seed, ensemble, index, fit_on: str = "al
         samples = Samples(masks[part], y[part], gt.ppl_full / np.maximum(y[part], 1e-12), y[part] == 0, gt.ppl_full,
                           SCHEMES.get(scheme, SamplingSpec()))
         ri = interaction_interval(samples, spec, r, index, None, seed, folds, level, ens.value_functions())
-        out.update(interval_coverage(ri, truth))
+        target = estimand_truth(gt, ri, index, truth)
+        out.update(interval_coverage(ri, target))
+        out["restricted"] = float(bool(ri.details.get("restricted")))
+        if ri.details.get("restricted"):  # how the reported (restricted, regression-adjusted) map ranks its truth
+            out.update({f"{k}_reported": v for k, v in agreement(ri.matrix, target).items()})
     if bias_check:
         single = replace(spec, ensemble=1)
         chk = residual_check(masks, y, design_probability(scheme, masks, L),
                              lambda X, v: make_surrogate(single).fit(X, v).predict, index, 5, seed)
         out["coverage_bias_check"] = float(np.mean(np.abs(chk["corrected"] - truth)[iu] <= 2 * chk["stderr"][iu]))
         out["median_bias_check_stderr"] = float(np.median(chk["stderr"][iu]))
+    return out
+
+
+def game_summary(path, seeds, index: str = "sii", level: float = 0.9, folds: int = 5, ensemble: int = 5,
+                 n_masks: int | None = None, surrogate: str = INTERACTION_SURROGATE, scheme: str = "stratified") -> dict:
+    """Coverage of what `engine interactions` reports with its defaults (the run's default design and
+    mask count, the map's surrogate, a `folds`-fold interval) on one game, over `seeds`: the share of
+    all pairs and of the TOP_GAMES strongest true pairs (of the reported estimand) inside the interval."""
+    gt = gtm.load(path)
+    truth = truth_matrix(gt, index)
+    n = n_masks or SamplingSpec().n_masks
+    per = [one_row(gt, truth, n, surrogate, scheme, s, ensemble, index, "all", False, folds, level) for s in seeds]
+    mean = lambda k: float(np.mean([p[k] for p in per]))
+    out = {"name": gtm.game_name(path), "ground_truth": str(path), "n_layers": gt.n_layers, "masks": n,
+           "surrogate": surrogate, "scheme": scheme, "seeds": list(seeds), "index": index, "level": level,
+           "coverage": mean("coverage"), "coverage_top10": mean("coverage_top10"),
+           "coverage_top15": mean("coverage_top15"), "median_halfwidth": mean("median_halfwidth"),
+           "coverage_by_seed": [p["coverage"] for p in per], "coverage_top10_by_seed": [p["coverage_top10"] for p in per],
+           "restricted": bool(per[0]["restricted"]), "unsampled_weight_fraction": mean("unsampled_weight_fraction"),
+           "spearman_all_surrogate_sii": mean("spearman_all"), "spearman_top15_surrogate_sii": mean("spearman_top15")}
+    if out["restricted"]:
+        out.update({"spearman_all": mean("spearman_all_reported"), "spearman_top15": mean("spearman_top15_reported")})
+    else:
+        out.update({"spearman_all": out["spearman_all_surrogate_sii"], "spearman_top15": out["spearman_top15_surrogate_sii"]})
     return out
 
 
@@ -158,7 +197,11 @@ def cost(layers, n_samples: int, ensemble: int = 5, index: str = "sii") -> list[
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.interactions", description=__doc__.split("\n")[0])
-    ap.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
+    ap.add_argument("--ground-truth", default=None, help="the game of the grid (default: the demo's)")
+    ap.add_argument("--games", nargs="*", default=None,
+                    help="games for the per-game coverage of the defaults (default: every bench/data/ground_truth_*.npz)")
+    ap.add_argument("--game-seeds", type=int, default=10, help="seeds 0..N-1 per game (0: no per-game part)")
+    ap.add_argument("--game-masks", type=int, default=None, help="masks per seed in the per-game part (default: the run's)")
     ap.add_argument("--masks", type=int, nargs="*", default=[128, 256, 1024])
     ap.add_argument("--surrogates", nargs="+", default=["mlp", "ridge-pairwise", "gbt", "log-pairwise", "mlp+log-pairwise"])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=[*SCHEMES, "mixed"])
@@ -181,7 +224,15 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(a.threads)
     with threadpool_limits(a.threads):
-        gt = gtm.load(a.ground_truth)
+        games = []
+        for path in (gtm.bundled_games() if a.games is None else a.games) if a.game_seeds else []:
+            games.append(game_summary(path, range(a.game_seeds), a.index, a.level, a.folds or 5, a.ensemble,
+                                      a.game_masks))
+            if not a.json:
+                g = games[-1]
+                print(f"game {g['name']}: coverage {g['coverage']:.3f} (10 strongest {g['coverage_top10']:.3f})",
+                      flush=True)
+        gt = gtm.load(a.ground_truth or gtm.DEFAULT_OUT)
         truth = truth_matrix(gt, a.index)
         iu = np.triu_indices(gt.n_layers, 1)
         order = np.argsort(-np.abs(truth[iu]), kind="stable")[:TOP]
@@ -219,7 +270,18 @@ def main(argv=None) -> dict:
             lines += ["", f"{a.index.upper()} cost (5-member MLP ensemble; Monte Carlo: {a.cost_samples} base masks):"]
             lines += [f"  L={c['L']}: {c['seconds']:.1f} s, {c['method']}, {c['evaluations']:,} evaluations, median pair "
                       f"stderr {c['median_mc_stderr']:.2g} (median |value| {c['median_abs_value']:.2g})" for c in costs]
-    return emit(lines, {"index": a.index, "fit_on": a.fit_on, "truth_top": truth_top, "rows": rows, "cost": costs}, a.json)
+    result = {"index": a.index, "fit_on": a.fit_on, "truth_top": truth_top, "rows": rows, "cost": costs}
+    if games:
+        result["games"] = games
+        result["min_coverage"] = min(g["coverage"] for g in games)
+        result["min_coverage_top10"] = min(g["coverage_top10"] for g in games)
+        lines += ["", f"Per game, the defaults of `engine interactions` ({games[0]['masks']} {games[0]['scheme']} masks, "
+                  f"{games[0]['surrogate']}, {a.level:.0%} interval), {a.game_seeds} seeds:"]
+        lines += [f"  {g['name']:12s} L={g['n_layers']}: coverage {g['coverage']:.3f}, 10 strongest {g['coverage_top10']:.3f}; "
+                  f"Spearman {g['spearman_all']:.3f} / top 15 {g['spearman_top15']:.3f}; "
+                  f"{'restricted to the sampled kept counts' if g['restricted'] else 'full index'}" for g in games]
+        lines.append(f"  minimum over games: {result['min_coverage']:.3f} (10 strongest {result['min_coverage_top10']:.3f})")
+    return emit(lines, result, a.json)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,15 @@ from engine.config import SamplingSpec, SurrogateSpec
 from engine.sampling import default_strata, sample_masks
 from engine.surrogate import Ensemble, make_surrogate, split
 
-DEFAULT_ESTIMAND = {"stratified": "strata", "size-uniform": "shapley"}
+DEFAULT_ESTIMAND = {"stratified": "sampled-strata", "size-uniform": "shapley"}  # the product's (`default_estimand`)
 ESTIMATORS = ("regression-adjusted", "paper", "exact", "regression-adjusted:other")
+
+
+def default_estimand(scheme: str, L: int) -> str:
+    """The estimand the product's default estimator (regression-adjusted) targets on `scheme` at L layers."""
+    from engine import estimators
+
+    return unc.estimand_of(estimators.weighting_for("regression-adjusted", SamplingSpec(scheme=scheme), L))
 
 
 def _weighted_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -93,7 +100,8 @@ def population_metrics(gt: gtm.GroundTruth, model, sizes: np.ndarray) -> dict:
 
 
 def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: float, n_boot: int,
-             truth: dict, weightings: dict, surrogate: SurrogateSpec = SurrogateSpec()) -> dict:
+             truth: dict, weightings: dict, surrogate: SurrogateSpec = SurrogateSpec(),
+             estimators=ESTIMATORS, metrics: bool = True) -> dict:
     L = gt.n_layers
     f = gt.value_function()
     masks = sample_masks(SamplingSpec(scheme=scheme, n_masks=n_masks, seed=seed), L)  # (n, L)
@@ -103,23 +111,27 @@ def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: f
     def fit(X, t):  # a fresh seed per fit: the refits carry the optimiser's noise too
         return make_surrogate(surrogate, seed=next(counter)).fit(X, t)
 
-    default = DEFAULT_ESTIMAND[scheme]
-    other = "shapley" if default == "strata" else "strata"
-    X, t = unc._with_full_mask(masks, y, 1.0)
-    ens = Ensemble(dataclasses.replace(surrogate, seed=seed)).fit(X, t)  # the pipeline's ensemble, all masks
-    members = {name: np.stack([unc.semivalue_by_size(g, L, w).sum(axis=0) for g in ens.value_functions()])
-               for name, w in weightings.items()}  # {estimand: (k, L)}
-    ra = {name: unc.regression_adjusted(masks, y, fit, w, level, seed=seed, n_boot=0) for name, w in weightings.items()}
-    boots = unc.bootstrap_semivalues(masks, y, fit, weightings, n_boot, seed)
-    surr = {
-        name: unc.surrogate_interval(masks, y, fit, weightings[name], members[name].mean(axis=0), members[name],
-                                     est, level, reference=ra[name], boots=boots[name])
-        for est, name in (("paper", "strata"), ("exact", "shapley"))
-    }
-    intervals = {"regression-adjusted": ra[default], "paper": surr["strata"], "exact": surr["shapley"],
-                 "regression-adjusted:other": ra[other]}
+    default = default_estimand(scheme, L)
+    other = "shapley" if default != "shapley" else "strata"
+    need_ra = ({default} | ({other} if "regression-adjusted:other" in estimators else set())
+               | ({"strata", "shapley"} if {"paper", "exact"} & set(estimators) else set()))
+    ra = {name: unc.regression_adjusted(masks, y, fit, weightings[name], level, seed=seed, n_boot=0)
+          for name in weightings if name in need_ra}
+    intervals = {"regression-adjusted": ra[default]}
+    if "regression-adjusted:other" in estimators:
+        intervals["regression-adjusted:other"] = ra[other]
+    if {"paper", "exact"} & set(estimators):
+        X, t = unc._with_full_mask(masks, y, 1.0)
+        ens = Ensemble(dataclasses.replace(surrogate, seed=seed)).fit(X, t)  # the pipeline's ensemble, all masks
+        members = {name: np.stack([unc.semivalue_by_size(g, L, weightings[name]).sum(axis=0)
+                                   for g in ens.value_functions()]) for name in ("strata", "shapley")}  # (k, L)
+        boots = unc.bootstrap_semivalues(masks, y, fit, {k: weightings[k] for k in ("strata", "shapley")}, n_boot, seed)
+        for est, name in (("paper", "strata"), ("exact", "shapley")):
+            intervals[est] = unc.surrogate_interval(masks, y, fit, weightings[name], members[name].mean(axis=0),
+                                                    members[name], est, level, reference=ra[name], boots=boots[name])
     row = {"seed": seed, "scheme": scheme}
-    for est, iv in intervals.items():
+    for est in [e for e in ESTIMATORS if e in intervals]:
+        iv = intervals[est]
         z = unc._z(level)
         row[est] = {
             "estimand": iv.estimand,
@@ -129,6 +141,8 @@ def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: f
             "error": (iv.values - truth[iv.estimand]).tolist(),
             "uncovered_weight_fraction": iv.details.get("uncovered_weight_fraction"),
         }
+    if not metrics:
+        return row
     # held-out metrics: the pipeline's split and ensemble
     sp = split(masks, y, 0.2, seed)
     model = Ensemble(dataclasses.replace(surrogate, seed=seed)).fit(masks[sp.train], y[sp.train])
@@ -153,6 +167,7 @@ def summarise(rows: list[dict], est: str) -> dict:
         "coverage_by_layer": cov.mean(axis=0).tolist(),
         "mean_half_width": float(hw.mean()),
         "rmse": float(np.sqrt(np.mean(err**2))),
+        "mean_error": err.mean(axis=0).tolist(),  # per layer, over seeds: the estimator's bias on this game
         "uncovered_weight_fraction": rows[0][est]["uncovered_weight_fraction"],
     }
 
@@ -219,15 +234,41 @@ def run(a) -> dict:
 
     torch.set_num_threads(a.threads)
     t0 = time.monotonic()
-    gt = gtm.load(a.ground_truth)
+    paths = a.games or ([a.ground_truth] if a.ground_truth else gtm.bundled_games())
     result = {"level": a.level, "command": "python -m bench.uncertainty " + " ".join(a.argv)}
     if a.part in ("all", "decisions"):
+        gt = gtm.load(paths[0])
         ks = a.ks or [max(1, round(gt.n_layers * f)) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)]
         result["decisions"] = decisions(gt, ks, a.near, a.val_windows, a.heldout_windows, a.level, a.eval_data)
     if a.part in ("all", "coverage"):
-        result.update(coverage(a, gt))
+        per_game = []
+        for path in paths:
+            r = coverage(a, gtm.load(path))
+            r["name"], r["ground_truth"] = gtm.game_name(path), str(path)
+            per_game.append(r)
+        result.update(per_game[0])  # the first game's figures at the top level, as before
+        del result["name"], result["ground_truth"]
+        result["games"] = [game_row(r) for r in per_game]
+        result["min_coverage"] = min(g["coverage"] for g in result["games"])
     result["seconds"] = round(time.monotonic() - t0, 1)
     return result
+
+
+def game_row(r: dict) -> dict:
+    """One game's line of `games`: the default estimator's coverage and its spread of errors."""
+    d = r["details"][r["default"]["design"]]["estimators"]["regression-adjusted"]
+    return {"name": r["name"], "ground_truth": r["ground_truth"], "n_layers": r["n_layers"],
+            "coverage": r["coverage"], "estimand": d["estimand"], "pairs": d["pairs"],
+            "coverage_noise_only": d["coverage_noise_only"], "coverage_by_layer": d["coverage_by_layer"],
+            "mean_half_width": d["mean_half_width"], "rmse": d["rmse"], "mean_error": d["mean_error"],
+            "uncovered_weight_fraction": d["uncovered_weight_fraction"],
+            "coverage_by_estimator": r["coverage_by_estimator"], "seeds": r["seeds"], "masks": r["masks"]}
+
+
+def truths(gt: gtm.GroundTruth, weightings: dict) -> dict:
+    """{estimand: float[L]}: the exact value of each weighting's semivalue on the real game (every mask)."""
+    f = gt.value_function()
+    return {name: unc.semivalue_by_size(f, gt.n_layers, w).sum(axis=0) for name, w in weightings.items()}
 
 
 def coverage(a, gt) -> dict:
@@ -237,27 +278,30 @@ def coverage(a, gt) -> dict:
     L = gt.n_layers
     strata = tuple(gt.analysis.get("strata") or default_strata(L))
     weightings = {"strata": shapley.restricted_strata(strata), "shapley": shapley.SHAPLEY}
-    truth = {"strata": np.array(gt.analysis["strata_semivalue"]), "shapley": np.array(gt.analysis["shapley"])}
+    if shapley.has_adjacent_strata(strata, L):
+        weightings["sampled-strata"] = shapley.sampled_strata(strata)
+    truth = truths(gt, weightings)
     by_design, rows_all = {}, {}
     for scheme in a.designs:
         rows = []
         for seed in range(a.seeds):
             t = time.monotonic()
             rows.append(one_seed(gt, scheme, seed, a.masks, a.level, a.boot, truth, weightings,
-                                 SurrogateSpec(kind=a.surrogate)))
+                                 SurrogateSpec(kind=a.surrogate), a.estimators, not a.no_metrics))
             if not a.json:
-                print(f"{scheme} seed {seed}: {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+                print(f"{gt.meta.get('model')} {scheme} seed {seed}: {time.monotonic() - t:.1f} s", file=sys.stderr,
+                      flush=True)
         rows_all[scheme] = rows
         metrics = {}
-        for name in ("r2", "spearman"):
+        for name in (("r2", "spearman") if not a.no_metrics else ()):
             ms = [r["metrics"][name] for r in rows]
             metrics[name] = {"coverage": float(np.mean([m["covered"] for m in ms])), "n": len(ms),
                              "mean_value": float(np.mean([m["value"] for m in ms])),
                              "mean_interval": [float(np.mean([m["ci_low"] for m in ms])),
                                                float(np.mean([m["ci_high"] for m in ms]))],
                              "mean_truth": float(np.mean([m["truth"] for m in ms]))}
-        by_design[scheme] = {"estimators": {est: summarise(rows, est) for est in ESTIMATORS}, "metrics": metrics,
-                             "default_estimand": DEFAULT_ESTIMAND[scheme]}
+        by_design[scheme] = {"estimators": {est: summarise(rows, est) for est in ESTIMATORS if est in rows[0]},
+                             "metrics": metrics, "default_estimand": default_estimand(scheme, L)}
     first = by_design[a.designs[0]]
     result = {
         "coverage": first["estimators"]["regression-adjusted"]["coverage"],
@@ -268,7 +312,7 @@ def coverage(a, gt) -> dict:
                                          "coverage_noise_only": s["coverage_noise_only"]}
                                    for est, s in v["estimators"].items()} for d, v in by_design.items()},
         "metrics": {d: v["metrics"] for d, v in by_design.items()},
-        "level": a.level, "seeds": a.seeds, "masks": a.masks, "boot": a.boot, "target": 0.85,
+        "level": a.level, "seeds": a.seeds, "masks": a.masks, "boot": a.boot, "target": 0.85, "n_layers": L,
         "details": by_design,
         "coverage_seconds": round(time.monotonic() - t0, 1),
     }
@@ -305,12 +349,23 @@ def lines(r: dict) -> list[str]:
                        f"[{m['mean_interval'][0]:.4f}, {m['mean_interval'][1]:.4f}], truth {m['mean_truth']:.4f})")
     out.append(f"default ({r['default']['design']}, {r['default']['estimator']} vs {r['default']['estimand']}): "
                f"coverage {r['coverage']:.3f}; {r['coverage_seconds']} s")
+    for g in r.get("games", []):
+        out.append(f"  game {g['name']:12s} (L={g['n_layers']}): coverage {g['coverage']:.3f} of {g['pairs']} "
+                   f"(layer, seed) pairs; noise-only {g['coverage_noise_only']:.3f}; mean half-width "
+                   f"{g['mean_half_width']:.4f}; RMSE {g['rmse']:.4f}")
+    if "min_coverage" in r:
+        out.append(f"minimum over {len(r['games'])} games: {r['min_coverage']:.3f} (target >= {r['target']:.2f})")
     return out
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.uncertainty", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
+    p.add_argument("--ground-truth", default=None, help="one game (default: every game in bench/data, --games)")
+    p.add_argument("--games", nargs="+", default=None,
+                   help="ground-truth files to measure coverage on (default: bench/data/ground_truth_*.npz, demo first)")
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS),
+                   help="which intervals to check (regression-adjusted, the default, always)")
+    p.add_argument("--no-metrics", action="store_true", help="skip the held-out R²/Spearman check (faster)")
     p.add_argument("--seeds", type=int, default=10, help="independent sampling seeds 0..N-1")
     p.add_argument("--masks", type=int, default=256)
     p.add_argument("--level", type=float, default=unc.LEVEL)

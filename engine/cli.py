@@ -329,13 +329,29 @@ def _shapley(args) -> dict:
                                   progress=True, json_mode=args.json)
 
 
+def _with_extrapolation(result, args):
+    """The result with every surrogate prediction (`ppl_predicted` next to `removed`) labelled when its kept
+    count lies outside the run's sampled kept counts (engine.extrapolation.annotate; `sampled_region`)."""
+    from engine import extrapolation
+    from engine.store import RunStore
+
+    if not isinstance(result, dict) or not result.get("run_id") or result.get("stopped"):
+        return result
+    store = RunStore(args.cache_dir, result["run_id"])
+    if not store.exists():
+        return result
+    masks = store.table().masks  # (n, L)
+    return extrapolation.annotate(result, extrapolation.region(masks), int(masks.shape[1]))
+
+
 @command("prune", "decide which layers to remove from the run's samples and export the pruned model",
          ("model", "data", "sampling", "surrogate", "method", "export", "threads"))
 def _prune(args) -> dict:
     from engine import pipeline
 
-    return pipeline.prune(run_spec(args), method_spec(args), args.out, args.overwrite, tuple(args.eval_data),
-                          args.cache_dir, evaluation=eval_spec(args), progress=True, json_mode=args.json)
+    return _with_extrapolation(pipeline.prune(run_spec(args), method_spec(args), args.out, args.overwrite,
+                                              tuple(args.eval_data), args.cache_dir, evaluation=eval_spec(args),
+                                              progress=True, json_mode=args.json), args)
 
 
 @command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",
@@ -343,8 +359,9 @@ def _prune(args) -> dict:
 def _run(args) -> dict:
     from engine import pipeline
 
-    return pipeline.run_all(run_spec(args), method_spec(args), args.out, args.overwrite, tuple(args.eval_data),
-                            args.cache_dir, progress=True, json_mode=args.json, evaluation=eval_spec(args))
+    return _with_extrapolation(pipeline.run_all(run_spec(args), method_spec(args), args.out, args.overwrite,
+                                                tuple(args.eval_data), args.cache_dir, progress=True,
+                                                json_mode=args.json, evaluation=eval_spec(args)), args)
 
 
 @command("export", "export the model without the given layers (a set chosen by hand or from `prune`), verified "
@@ -391,8 +408,9 @@ def _candidates(args) -> dict:
 
     if args.top < 1:
         raise WorkbenchError("--top must be at least 1.")
-    return pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir, evaluation=eval_spec(args),
-                               progress=True, json_mode=args.json)
+    return _with_extrapolation(pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir,
+                                                   evaluation=eval_spec(args), progress=True, json_mode=args.json),
+                               args)
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "

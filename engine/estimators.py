@@ -24,6 +24,7 @@ from engine.shapley import EXACT_MAX_L  # numpy only: the registry still imports
 
 SHAPLEY_VALUE = "Shapley value"
 STRATA_SEMIVALUE = "restricted-strata semivalue"
+SAMPLED_STRATA_SEMIVALUE = "restricted-strata semivalue on the sampled kept counts"
 BANZHAF_VALUE = "Banzhaf value"
 PAPER_MASKS = 80_000  # the reference code's Monte Carlo masks (each with all L flips)
 PERMUTATIONS = 2_000
@@ -50,7 +51,7 @@ class Estimator:
     name: str
     label: str  # short, for selectboxes and legends
     help: str  # one sentence: what it computes and how
-    estimand: str  # SHAPLEY_VALUE | STRATA_SEMIVALUE | BANZHAF_VALUE (on stratified runs, see help)
+    estimand: str  # SHAPLEY_VALUE | STRATA_SEMIVALUE | BANZHAF_VALUE (SAMPLED_STRATA_SEMIVALUE: see `estimand`)
     run: Callable[[EstimationInput], object]
     default_budget: Callable[[int], int | None]  # L -> evaluations per surrogate (None: exact, no budget)
     max_layers: int | None = None  # exact enumeration limit
@@ -121,18 +122,23 @@ def weighting_for(name: str, design, L: int):
     """The shapley.Weighting whose semivalue estimator `name` targets on a run sampled with `design`."""
     from engine import shapley
 
-    target = estimand(name, design)
+    target = estimand(name, design, L)
     if target == SHAPLEY_VALUE:
         return shapley.SHAPLEY
     if target == BANZHAF_VALUE:
         return shapley.BANZHAF
+    if target == SAMPLED_STRATA_SEMIVALUE:
+        return shapley.sampled_strata(strata_of(design, L))
     return shapley.restricted_strata(strata_of(design, L))
 
 
 def _regression_adjusted(x: EstimationInput):
-    """Shapley on size-uniform runs (fully covered); the restricted-strata semivalue on stratified
-    runs, where the correction only sees the sampled kept counts (details['uncovered_weight_fraction'],
-    and a stated bias allowance in the interval). engine.uncertainty.regression_adjusted:
+    """Shapley on size-uniform runs (fully covered); on stratified runs the restricted-strata semivalue
+    on the sampled kept counts (shapley.sampled_strata: only the paper's coalitions whose two masks both
+    have a sampled kept count), so every mask it weighs is one the correction sees and the interval needs
+    no bias allowance. (The paper's own estimand also weighs the kept count below the lowest stratum,
+    never sampled: there the surrogate extrapolates and no stated allowance held on held-out games,
+    bench/README.md.) engine.uncertainty.regression_adjusted:
     post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval.
 
     Runs with active rounds (engine.active) or partial rows (multi-fidelity): the surrogates are
@@ -206,13 +212,20 @@ register(Estimator(
     "regression-adjusted", "regression-adjusted",
     "the surrogate's exact value plus a cross-fitted Monte Carlo correction from the real evaluations "
     "(Witter, Liu & Musco 2025): unbiased for the Shapley value on size-uniform runs, for the "
-    "restricted-strata semivalue on stratified runs", SHAPLEY_VALUE, _regression_adjusted,
+    "restricted-strata semivalue on the sampled kept counts on stratified runs", SHAPLEY_VALUE, _regression_adjusted,
     default_budget=lambda L: None if L <= EXACT_MAX_L else PAPER_MASKS * (L + 1), uses_real_evaluations=True))
 
 
-def estimand(name: str, design) -> str:
-    """What `name` estimates on a run sampled with `design` (regression adjustment follows the design)."""
+def estimand(name: str, design, L: int | None = None) -> str:
+    """What `name` estimates on a run sampled with `design` (regression adjustment follows the design: on
+    stratified runs the semivalue on the sampled kept counts, or, for an L whose strata hold no two adjacent
+    kept counts, the paper's restricted-strata semivalue)."""
     e = get(name)
     if e.uses_real_evaluations and design.scheme == "stratified":
-        return STRATA_SEMIVALUE
+        if L is not None:
+            from engine.shapley import has_adjacent_strata
+
+            if not has_adjacent_strata(strata_of(design, L), L):
+                return STRATA_SEMIVALUE
+        return SAMPLED_STRATA_SEMIVALUE
     return e.estimand

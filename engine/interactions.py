@@ -331,7 +331,8 @@ class Interactions:
     def to_dict(self) -> dict:
         return jsonable({
             "index": self.index,
-            "name": INDICES[self.index],
+            "name": self.details.get("estimand") or INDICES[self.index],
+            "estimand": self.details.get("estimand") or INDICES[self.index],
             "diagonal": self.diagonal,
             "matrix": self.matrix,
             "stderr": self.stderr,
@@ -393,6 +394,11 @@ def interaction_index(
         sampled = sorted({int(s) for s in sampled_sizes if 0 <= int(s) <= L})
         details["sampled_sizes"] = sampled
         details["unsampled_weight_fraction"] = float(1.0 - sw[sampled].sum())
+        frac = details["unsampled_weight_fraction"]
+        details["estimand"] = (f"{INDICES[index]} of the surrogate" if frac <= 0 else
+                               f"{INDICES[index]} of the surrogate, extrapolated: {frac:.0%} of its weight lies on "
+                               f"kept counts never sampled (sampled {_ranges(sampled)})")
+        details["extrapolated"] = bool(frac > 0)
     if index in EFFICIENT:
         ends = np.mean([_evaluate(g, np.stack([np.ones(L, bool), np.zeros(L, bool)]), 2) for g in members], axis=0)
         total = float(np.trace(matrix) + matrix[np.triu_indices(L, k=1)].sum())
@@ -564,3 +570,198 @@ def _normal_quantile(p: float) -> float:
     from statistics import NormalDist
 
     return NormalDist().inv_cdf(p)
+
+
+# ---------------------------------------------------------------- the index on the sampled kept counts
+
+
+@dataclass(frozen=True)
+class RestrictedWeights:
+    """An index's derivative-form weights kept only on coalitions whose masks all have a known kept count.
+
+    delta2[s], s = 0..L-2: p_2(s) where s, s+1, s+2 are all in `known`, else 0; delta1[s], s = 0..L-1:
+    p_1(s) where s, s+1 are. Each is rescaled so that its total weight sum_s C(L-t, s) p_t(s) is the
+    full index's (1 for SII), i.e. the index's average of Δ_T f over the coalitions it can see."""
+
+    index: str
+    L: int
+    known: tuple[int, ...]
+    delta2: np.ndarray
+    delta1: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return f"{INDICES[self.index]} on the sampled kept counts {_ranges(self.known)}"
+
+
+def _ranges(counts) -> str:
+    """'7-12' / '9-10, 12-13, 15-16': runs of consecutive kept counts."""
+    c = sorted(set(int(x) for x in counts))
+    runs, start = [], None
+    for a, b in zip(c, c[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            runs.append(f"{start}-{a}" if a != start else f"{a}")
+            start = None
+    return ", ".join(runs)
+
+
+def restricted_weights(index: str, L: int, known) -> RestrictedWeights | None:
+    """`index` restricted to the coalitions whose masks (S, S+i, S+j, S+ij) all have a kept count in
+    `known` (the sampled counts; add L, the full mask, known exactly); None when no pair coalition
+    qualifies (e.g. the demo's strata 9, 10, 12, 13, 15: no three consecutive counts)."""
+    w = index_weights(index, L)
+    ok = {int(k) for k in known}
+    keep2 = np.array([s in ok and s + 1 in ok and s + 2 in ok for s in range(L - 1)])
+    keep1 = np.array([s in ok and s + 1 in ok for s in range(L)])
+    c2 = np.array([math.comb(L - 2, s) for s in range(L - 1)], dtype=np.float64)
+    c1 = np.array([math.comb(L - 1, s) for s in range(L)], dtype=np.float64)
+    t2, t1 = float(np.sum(c2 * w.delta2 * keep2)), float(np.sum(c1 * w.delta1 * keep1))
+    if not keep2.any() or t2 == 0 or t1 == 0:
+        return None
+    return RestrictedWeights(index, L, tuple(sorted(ok)), w.delta2 * keep2 * (np.sum(c2 * w.delta2) / t2),
+                             w.delta1 * keep1 * (np.sum(c1 * w.delta1) / t1))
+
+
+def _coefficients(masks: np.ndarray, delta1: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+    """float[n, L + P]: c(T) of each mask T in I = sum_T f(T) c(T) (order-1 | pairs, triu order), for
+    derivative weights delta1 / delta2 (see `signed_coefficients`)."""
+    b = masks.astype(np.int64)  # (n, L)
+    L = b.shape[1]
+    iu, ju = np.triu_indices(L, k=1)
+    size = b.sum(axis=1, keepdims=True)  # (n, 1)
+    single = np.where(masks, 1.0, -1.0) * delta1[size - b]  # (n, L)
+    c2 = b[:, iu] + b[:, ju]  # (n, P)
+    d2 = np.concatenate([delta2, [0.0, 0.0]])  # index size - c2 may reach L - 1 (never weighted)
+    pair = np.where(c2 == 1, -1.0, 1.0) * d2[size - c2]  # (n, P)
+    return np.concatenate([single, pair], axis=1)
+
+
+def index_by_size(f: ValueFn, rw: RestrictedWeights, chunk: int = 1 << 14) -> np.ndarray:
+    """C[j] = sum over masks T with |T| = j of c(T) f(T), float[L+1, L+P]: C.sum(0) is the restricted
+    index of f (order-1 | pairs). Exact enumeration of the 2^L masks (L <= EXACT_MAX_L)."""
+    L = rw.L
+    if L > EXACT_MAX_L:
+        raise EstimationError(f"the index on the sampled kept counts enumerates 2^L masks (L <= {EXACT_MAX_L})")
+    out = np.zeros((L + 1, L + L * (L - 1) // 2))
+    for a in range(0, 1 << L, chunk):
+        m = _masks_from_codes(np.arange(a, min(a + chunk, 1 << L), dtype=np.int64), L)  # (c, L)
+        v = _evaluate(f, m, chunk)  # (c,)
+        np.add.at(out, m.sum(axis=1), _coefficients(m, rw.delta1, rw.delta2) * v[:, None])
+    return out
+
+
+def restricted_index(f: ValueFn, rw: RestrictedWeights) -> np.ndarray:
+    """float[L, L]: the restricted index of f (pairs off the diagonal, order-1 values on it)."""
+    return _to_matrix(index_by_size(f, rw).sum(axis=0), rw.L)
+
+
+def _folds_by_size(sizes: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """int[n]: a seeded shuffle within each kept count dealt round-robin over k folds."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(sizes), dtype=np.int64)
+    offset = 0
+    for j in np.unique(sizes):
+        idx = rng.permutation(np.flatnonzero(sizes == j))
+        out[idx] = (np.arange(len(idx)) + offset) % k
+        offset += len(idx)
+    return out
+
+
+def regression_adjusted_index(
+    masks: np.ndarray,
+    values: np.ndarray,
+    fit: Callable[..., ValueFn],
+    index: str = "sii",
+    known=None,
+    folds: int = 5,
+    seed: int = 0,
+    level: float = 0.9,
+    full_score: float | None = 1.0,
+    train_only: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+) -> Interactions:
+    """The index on the sampled kept counts (`restricted_weights`), estimated by cross-fitted regression
+    adjustment post-stratified by kept count (engine.uncertainty.regression_adjusted, for pairs): per
+    fold k a surrogate g_k fitted on the other folds gives its exact per-count index C_j(g_k) plus
+    (N_j / n_jk) x the sum over fold k's masks of count j of c(T) (f(T) - g_k(T)). Every mask the
+    index weighs has a sampled kept count, so this is unbiased whatever the surrogate's bias; kept
+    counts whose every mask was evaluated are summed exactly. stderr: the stratified-sampling standard
+    error of the correction (finite population corrected); details['interval'] at `level`.
+
+    masks bool[n, L], values float[n] (scores); fit(X, y[, w]) -> value function; known: kept counts
+    treated as sampled (default: those of `masks`, and L); full_score: the full mask's score, appended
+    when no row has it. train_only bool[n]: rows that train every fold's fit but are not in the
+    correction (actively chosen or partial rows); sample_weight: fit weights. EstimationError when no
+    pair coalition has all four kept counts sampled."""
+    X = np.asarray(masks, dtype=bool)
+    y = np.asarray(values, dtype=np.float64)
+    n, L = X.shape
+    extra = np.zeros(n, bool) if train_only is None else np.asarray(train_only, dtype=bool)
+    wts = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if full_score is not None and not X.all(axis=1).any():
+        X, y = np.vstack([X, np.ones((1, L), bool)]), np.append(y, float(full_score))
+        extra = np.append(extra, False)
+        wts = None if wts is None else np.append(wts, 1.0)
+    known = sorted(set(int(k) for k in (np.unique(X[~extra].sum(axis=1)) if known is None else known)) | {L})
+    rw = restricted_weights(index, L, known)
+    if rw is None:
+        raise EstimationError(f"no pair coalition has all four masks' kept counts among the sampled ones "
+                              f"({_ranges(known)}): the {INDICES[index]} on the sampled kept counts is empty; sample "
+                              "three consecutive kept counts (e.g. --scheme size-uniform, or strata such as 9,10,11)")
+    rows = np.flatnonzero(~extra)
+    sizes = X[rows].sum(axis=1)
+    N = np.array([math.comb(L, j) for j in range(L + 1)], dtype=np.float64)
+    n_j = np.bincount(sizes, minlength=L + 1)
+    exhausted = n_j == N
+    fit_rows = ~exhausted[sizes]
+    if 0 < fit_rows.sum() < 2 * folds:
+        raise EstimationError(f"cross-fitting with {folds} folds needs at least {2 * folds} sampled masks")
+    assign = _folds_by_size(sizes, folds, seed)
+    coef = _coefficients(X[rows], rw.delta1, rw.delta2)  # (s, L + P)
+    pred = np.zeros(len(rows))
+    C = [np.zeros((L + 1, coef.shape[1]))] if not fit_rows.any() else []  # every mask known: nothing to fit
+    for k in range(folds if fit_rows.any() else 0):
+        test = (assign == k) & fit_rows
+        train = np.ones(len(y), bool)
+        train[rows[test]] = False
+        g = fit(X[train], y[train]) if wts is None else fit(X[train], y[train], wts[train])
+        C.append(index_by_size(g, rw))
+        pred[test] = _evaluate(g, X[rows[test]], DEFAULT_CHUNK)
+    C = np.stack(C)  # (K, L+1, L+P)
+    ys = y[rows]
+    t = coef * (ys - pred)[:, None]  # (s, L+P) residual terms
+    P = C.mean(axis=0)
+    var = np.zeros(P.shape[1])
+    for j in np.flatnonzero(n_j):
+        sel = sizes == j
+        if exhausted[j]:
+            P[j] = (coef[sel] * ys[sel][:, None]).sum(axis=0)
+            continue
+        est = np.zeros(P.shape[1])
+        for k in range(folds):
+            in_k = sel & (assign == k)
+            if in_k.any():
+                est += in_k.sum() / n_j[j] * (C[k, j] + N[j] / in_k.sum() * t[in_k].sum(axis=0))
+        P[j] = est
+        m = int(sel.sum())
+        # each fold corrects its own fit from its own ~m/K masks: the finite population correction is per fold
+        fpc = 1 - m / (folds * N[j])
+        var += (N[j] ** 2 * fpc * t[sel].var(axis=0, ddof=1) / m) if m >= 2 else (N[j] * t[sel][0]) ** 2
+    flat = P.sum(axis=0)
+    matrix, se = _to_matrix(flat, L), _to_matrix(np.sqrt(var), L)
+    z = _normal_quantile(0.5 + level / 2)
+    sw = size_weight(index, L)
+    details = {
+        "estimand": rw.label, "known_kept_counts": list(rw.known), "restricted": True,
+        "surrogate_part": _to_matrix(C.mean(axis=0).sum(axis=0), L), "n_folds": int(folds),
+        "sampled_sizes": [int(j) for j in np.flatnonzero(n_j)],
+        "unsampled_weight_fraction": 0.0,
+        "full_index_unsampled_weight_fraction": float(1.0 - sw[[j for j in np.flatnonzero(n_j)]].sum()),
+        "interval": {"level": level, "low": matrix - z * se, "high": matrix + z * se, "folds": int(folds),
+                     "bias_allowance": np.zeros((L, L))},
+        "stderr_is": "stratified-sampling standard error of the cross-fitted correction (by kept count, finite "
+                     "population corrected); no bias term: every coalition the index weighs was sampled",
+    }
+    method = f"regression-adjusted ({folds} cross-fits, post-stratified by kept count), exact per fold"
+    return Interactions(index, matrix, se, method, int(folds) << L, details)

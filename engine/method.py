@@ -387,10 +387,18 @@ def interaction_interval(samples: Samples, spec: SurrogateSpec, estimate, index:
                          budget: int | None = None, seed: int = 0, folds: int = 5, level: float = 0.9,
                          members=None):
     """`estimate` (from `interactions`, on the ensemble `members` fitted on `samples`) with stderr and a
-    `level` interval that include the sampling of the masks: `interactions.jackknife_interval` over
-    `folds` groups of the masks, each refitted as one member of `spec` (`folds` extra fits; the seed
-    noise of the MLP kinds is separated from the jackknife), plus, for members made of two parts
-    (mlp+log-pairwise), half the disagreement of the parts' indices as a bias allowance."""
+    `level` interval that include the sampling of the masks.
+
+    When the run's kept counts leave some of the index's weight unsampled (the paper's strata) and three
+    or more consecutive kept counts were sampled, the estimand becomes the index on the sampled kept
+    counts (`interactions.restricted_weights`, named in details['estimand'] and the record's name),
+    estimated by cross-fitted regression adjustment (`interactions.regression_adjusted_index`, `folds`
+    fits; unbiased, no extrapolation); the surrogate's full index stays in details['surrogate_index'].
+    Otherwise (every weighted count sampled, or no three consecutive ones, L > 22, or a Monte Carlo
+    `budget`): `interactions.jackknife_interval` over `folds` groups of the masks, each refitted as one
+    member of `spec` (the seed noise of the MLP kinds separated from the jackknife), plus, for members made
+    of two parts (mlp+log-pairwise), half the disagreement of the parts' indices as a bias allowance; its
+    details['estimand'] says when the index is extrapolated (weight on kept counts never sampled)."""
     from engine import interactions as inter
 
     s = samples.require()
@@ -401,6 +409,17 @@ def interaction_interval(samples: Samples, spec: SurrogateSpec, estimate, index:
     def fit_one(X, y, w=None):
         return make_surrogate(single, seed=spec.seed + 1000).fit(X, y, sample_weight=w)
 
+    rows = estimators.real_rows(s)
+    design = s.masks if rows["train_only"] is None else s.masks[~rows["train_only"]]
+    known = sorted(set(np.unique(design.sum(axis=1)).tolist()) | {L})
+    unsampled = float(estimate.details.get("unsampled_weight_fraction") or 0.0)
+    if (unsampled > 0 and n_samples is None and L <= inter.EXACT_MAX_L
+            and inter.restricted_weights(index, L, known) is not None):
+        r = inter.regression_adjusted_index(s.masks, s.scores, fit_one, index, known, folds, seed, level,
+                                            **rows)
+        details = {**r.details, "surrogate_index": estimate.matrix, "surrogate_index_stderr": estimate.stderr,
+                   "n_members": estimate.details.get("n_members"), "size_weight": estimate.details.get("size_weight")}
+        return dataclasses.replace(r, details=details, n_evaluations=r.n_evaluations + estimate.n_evaluations)
     bias = inter.parts_disagreement(members, L, index, n_samples, seed) if members else None
     return inter.jackknife_interval(s.masks, s.scores, fit_one, estimate, index, folds, seed,
                                     seed_noise=not SURROGATES[spec.kind].bootstrap, n_samples=n_samples,

@@ -111,6 +111,8 @@ class Weighting:
             return "Banzhaf"
         if self.kind == "weighted_banzhaf":
             return f"weighted Banzhaf (p={self.p:g})"
+        if self.kind == "sampled_strata":
+            return f"restricted-strata semivalue on the sampled kept counts ({list(self.strata)} and the full mask)"
         return f"restricted-strata semivalue (paper; kept counts {list(self.strata)})"
 
     def vector(self, L: int) -> np.ndarray:
@@ -131,6 +133,8 @@ class Weighting:
             pi = self.size_distribution(L)
             binom = np.array([math.comb(L, k) for k in range(L + 1)], dtype=np.float64)
             return pi[s + 1] / binom[s + 1] + pi[s] / binom[s]
+        if self.kind == "sampled_strata":
+            return _sampled_vector(self, L)
         raise EstimationError(f"unknown semivalue weighting {self.kind!r}")
 
     def size_distribution(self, L: int) -> np.ndarray:
@@ -152,7 +156,31 @@ class Weighting:
             for kk, pk in zip(self.strata, probs):
                 pi[kk] += pk
             return pi / pi.sum()
+        if self.kind == "sampled_strata":
+            raise EstimationError("the sampled-strata semivalue has no Monte Carlo sampler: compute it by enumeration "
+                                  "(semivalue with n_samples=None, L <= 22, or uncertainty.semivalue_by_size)")
         raise EstimationError(f"unknown semivalue weighting {self.kind!r}")
+
+
+def _sampled_vector(w: "Weighting", L: int) -> np.ndarray:
+    """w(s), float[L], of sampled_strata: the paper's w(s) where both kept counts s and s + 1 are sampled
+    (a stratum, or L: the full mask, known exactly), 0 elsewhere, rescaled so that sum_s C(L-1, s) w(s) = 1
+    (each player's coalition weights sum to 1, as for the paper's)."""
+    base = Weighting("restricted_strata", strata=w.strata, stratum_probs=w.stratum_probs).vector(L)  # (L,)
+    known = set(w.strata) | {L}
+    keep = np.array([s in known and s + 1 in known for s in range(L)])
+    comb = np.array([math.comb(L - 1, k) for k in range(L)], dtype=np.float64)
+    total = float(np.sum(comb * base * keep))
+    if total <= 0:
+        raise EstimationError(f"strata {list(w.strata)} hold no two adjacent kept counts (with the full mask, {L}): "
+                              "the sampled-strata semivalue has no coalition to weigh; use the paper's strata weighting")
+    return base * keep / total
+
+
+def has_adjacent_strata(strata: Sequence[int], L: int) -> bool:
+    """True when some kept counts s, s + 1 are both sampled (strata, or L): sampled_strata is defined."""
+    known = set(int(k) for k in strata) | {L}
+    return any(s in known and s + 1 in known for s in range(L))
 
 
 SHAPLEY = Weighting("shapley")
@@ -178,8 +206,17 @@ def restricted_strata(strata: Sequence[int], stratum_probs: Sequence[float] | No
     return Weighting("restricted_strata", strata=strata, stratum_probs=stratum_probs)
 
 
+def sampled_strata(strata: Sequence[int], stratum_probs: Sequence[float] | None = None) -> Weighting:
+    """The paper's weighting restricted to the coalitions a stratified run observes: a marginal contribution
+    f(S + i) - f(S) counts only when both kept counts |S| and |S| + 1 were sampled (a stratum, or the full
+    mask), with the paper's relative weights, renormalised. Every mask it weighs has a kept count the run
+    drew masks from, so a regression-adjusted estimate of it needs no bias allowance."""
+    w = restricted_strata(strata, stratum_probs)
+    return Weighting("sampled_strata", strata=w.strata, stratum_probs=w.stratum_probs)
+
+
 def _check_strata(w: Weighting, L: int) -> None:
-    if w.kind == "restricted_strata" and not all(0 <= k <= L for k in w.strata):
+    if w.kind in ("restricted_strata", "sampled_strata") and not all(0 <= k <= L for k in w.strata):
         raise EstimationError(f"strata {list(w.strata)} must be kept-layer counts between 0 and {L}")
 
 

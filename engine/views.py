@@ -539,3 +539,13 @@ def model_presets() -> dict:
     return {name: {"label": p.label, "description": p.description, "license": p.wheel.license,
                    "wheel": p.wheel.requirement, "folder": str(preset_dir(name)), "ready": is_ready(name)}
             for name, p in PRESETS.items()}
+
+
+def extrapolation_label(sample_masks, mask) -> str | None:
+    """The what-if editor's label for a surrogate prediction of `mask` (bool[L]): None when its kept count
+    lies inside the run's sampled kept counts (`sample_masks` bool[n, L]), else "outside the sampled region
+    (kept lo-hi)" (engine.extrapolation)."""
+    from engine import extrapolation
+
+    return extrapolation.labels_for(np.atleast_2d(mask), extrapolation.region(sample_masks))[0]
+

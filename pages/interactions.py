@@ -53,6 +53,11 @@ if result["stale"]:
     st.warning(f"Computed from {result['n_masks']} masks; the run now has {run.store.count()}. Compute again.")
 
 details = result["details"]
+st.markdown(f"**Estimand:** {result.get('estimand') or result.get('name')}")
+if details.get("extrapolated"):
+    st.warning("These values are the surrogate's own index: most of its weight lies on kept counts no evaluated "
+               "mask has, so they are extrapolated. Sample three consecutive kept counts (e.g. size-uniform masks) "
+               "for an index estimated from real evaluations.")
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("surrogate evaluations", f"{result['n_evaluations']:,}", help=result["method"])
 strongest = result["pairs"][0]
@@ -75,9 +80,11 @@ if chk:
                    "on sampled kept counts)")
 interval = details.get("interval")
 st.caption(f"Map of {result.get('surrogate', mspec.surrogate.kind)} fitted on {result['fit_on']} masks. Diagonal (not "
-           f"drawn in the heatmap): {result['diagonal']}. Error bars: how far the map moves when the evaluated masks "
-           "are resampled, plus the surrogate's own noise"
-           + (f"; {interval['level']:.0%} intervals from {interval['folds']} groups of masks" if interval else "") + ".")
+           f"drawn in the heatmap): {result['diagonal']}. Error bars: how far the values move when the evaluated "
+           "masks are resampled, plus the surrogate's own noise"
+           + (f"; {interval['level']:.0%} intervals" + ("" if details.get("restricted") else
+                                                       f" from {interval['folds']} groups of masks") if interval
+              else "") + ".")
 with st.expander("How the errors are computed"):
     st.write(details["stderr_is"])
 

@@ -101,7 +101,15 @@ removed = st.pills("layers to remove", list(range(L)), selection_mode="multi", d
                    key=f"whatif:{k}:{state['n_masks']}")
 mask = removal_mask(removed, L)  # (L,)
 c1, c2 = st.columns(2)
-c1.metric("predicted perplexity", f"{pipeline.predict_ppl(run, mspec, mask)[0]:.3f}")
+outside = views.extrapolation_label(pipeline.samples(run).masks, mask)  # None inside the sampled kept counts
+c1.metric("predicted perplexity", f"{pipeline.predict_ppl(run, mspec, mask)[0]:.3f}",
+          delta=outside, delta_color="off",
+          help="the surrogate's prediction" + (f"; {outside}: no evaluated mask keeps this many layers, so the "
+                                                "surrogate extrapolates and the number may be off by factors; "
+                                                "press Measure" if outside else ""))
+if outside:
+    st.warning(f"Predicted perplexity {outside}: the surrogate extrapolates here. Measure the mask to know its "
+               "perplexity.")
 if c2.button("Measure"):
     with _ui.shown_errors(), st.spinner("Evaluating the mask..."):
         st.session_state.measured = (run.run_id, tuple(sorted(removed)), pipeline.measure(run, mask)[0])

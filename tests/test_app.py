@@ -269,6 +269,11 @@ def test_prune_decide_whatif_measure_export(demo_run, tmp_path):
     fresh.switch_page("pages/prune.py").run()
     assert not fresh.exception
     assert float(_metrics(fresh)["measured, 2 removed"]) == pytest.approx(float(m["measured, 2 removed"]), rel=1e-9)
+    # the what-if editor labels a prediction outside the run's sampled kept counts (strata 9-15 of 16)
+    assert not any("outside the sampled region" in w.value for w in at.warning)
+    at.session_state["whatif:2:24"] = list(range(12))  # keeps 4 layers
+    at.run()
+    assert any("outside the sampled region (kept 9-15)" in w.value for w in at.warning)
 
 
 def _fresh_session(query: dict | None = None):

@@ -31,7 +31,7 @@ def test_mixed_design_is_half_stratified_half_paired():
 
 def test_json_rows_on_the_demo_ground_truth(capsys):
     bi.main(["--masks", "64", "--surrogates", "ridge-pairwise", "--schemes", "stratified", "paired", "--seeds", "0",
-             "--ensemble", "2", "--cost-layers", "24", "--cost-samples", "4", "--json"])
+             "--ensemble", "2", "--cost-layers", "24", "--cost-samples", "4", "--game-seeds", "0", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     top = out["truth_top"][0]
     assert (top["i"], top["j"]) == (0, 15) and top["value"] == pytest.approx(0.273, abs=5e-4)
@@ -61,3 +61,22 @@ def test_interval_coverage_counts_pairs_inside_and_the_strongest_separately():
     cov = bi.interval_coverage(r, truth, top=3)
     assert cov["coverage"] == pytest.approx(14 / 15) and cov["coverage_top15"] == pytest.approx(2 / 3)
     assert cov["median_halfwidth"] == pytest.approx(0.001)
+
+
+def test_per_game_coverage_of_the_defaults_on_a_tiny_game(tmp_path, capsys):
+    """`games` / `min_coverage`: the defaults of engine interactions on a complete 7-layer ground truth; its
+    strata (6, 5, 4) hold three consecutive kept counts, so the reported index is the restricted one."""
+    from tests.conftest import save_tiny_llama, write_words
+
+    save_tiny_llama(tmp_path / "model", n_layers=7, seed=4)
+    write_words(tmp_path / "cal.txt", 400, seed=10)
+    gtm.build(str(tmp_path / "model"), str(tmp_path / "cal.txt"), 3, 16, out=tmp_path / "ground_truth_tiny.npz",
+              progress=False)
+    bi.main(["--masks", "--cost-layers", "--games", str(tmp_path / "ground_truth_tiny.npz"), "--game-seeds", "2",
+             "--game-masks", "40", "--ensemble", "2", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (g,) = out["games"]
+    assert g["name"] == "tiny" and g["seeds"] == [0, 1] and g["n_layers"] == 7 and g["masks"] == 40 and g["restricted"]
+    assert 0 <= g["coverage"] <= 1 and 0 <= g["coverage_top10"] <= 1 and len(g["coverage_by_seed"]) == 2
+    assert out["min_coverage"] == g["coverage"] and out["min_coverage_top10"] == g["coverage_top10"]
+    assert out["rows"] == []

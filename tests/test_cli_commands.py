@@ -113,6 +113,12 @@ def test_prune_exports_and_refuses_a_full_folder(sampled, tmp_path, capsys):
     assert cli.main([*argv, "--overwrite", "--json"]) == 0
     js = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(js["removed"]) == 1 and js["verification"]["ok"] and js["out"] == str(out)
+    # every surrogate prediction says whether its kept count lies inside the sampled ones (engine.extrapolation)
+    region = js["sampled_region"]
+    assert region["kept_min"] <= region["kept_max"] and region["text"].startswith("kept ")
+    assert js["kept"] == js["n_layers"] - 1 if "n_layers" in js else js["kept"] >= 1
+    inside = region["kept_min"] <= js["kept"] <= region["kept_max"]
+    assert js["extrapolation"] == (None if inside else f"outside the sampled region ({region['text']})")
 
 
 def test_run_and_baselines(sampled, capsys):

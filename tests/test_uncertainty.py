@@ -283,10 +283,58 @@ def test_bench_uncertainty_end_to_end(tmp_path, capsys):
     assert 0 <= last["coverage"] <= 1
     assert set(last["coverage_by_estimator"]) == {"regression-adjusted", "paper", "exact", "regression-adjusted:other"}
     assert set(last["coverage_by_design"]) == {"stratified", "size-uniform"}
-    assert last["default"]["estimand"] == "strata"
+    assert last["default"]["estimand"] == "sampled-strata"  # the product's estimand on its default design
+    assert [g["name"] for g in last["games"]] == ["gt"] and last["min_coverage"] == last["coverage"]
+    assert last["games"][0]["pairs"] == 2 * 6 and len(last["games"][0]["mean_error"]) == 6
     for m in last["metrics"]["stratified"].values():
         assert 0 <= m["coverage"] <= 1 and m["n"] == 2
     rows = r["decisions"]["rows"]
     assert {(row["k"], row["split"]) for row in rows} == {(k, str(tmp_path / "test.txt")) for k in (1, 2)}
     for row in rows:
         assert row["ratio"] >= 1.0 and row["calibration_best_ratio"] >= 1.0 and len(row["chosen"]) == row["k"]
+
+
+def test_sampled_strata_weighs_only_coalitions_whose_two_masks_were_sampled():
+    strata = (6, 5, 3)  # with the full mask (8): adjacent counts 5-6 and 7-8? 7 is not sampled: only (5, 6)
+    w = shapley.sampled_strata(strata).vector(L)  # (L,) over the other players' coalition size s
+    assert np.flatnonzero(w).tolist() == [5]  # s = 5: masks keeping 5 and 6 layers, both strata
+    assert sum(math.comb(L - 1, s) * w[s] for s in range(L)) == pytest.approx(1.0)
+    mass = unc.size_weight_mass(shapley.sampled_strata(strata), L)
+    assert set(np.flatnonzero(mass)) == {5, 6}
+    assert unc.estimand_of(shapley.sampled_strata(strata)) == "sampled-strata"
+    assert shapley.sampled_strata((7, 5)).vector(L)[7] > 0  # 7 and the full mask, 8
+    with pytest.raises(EstimationError, match="adjacent"):
+        shapley.sampled_strata((6, 4)).vector(L)
+    assert not shapley.has_adjacent_strata((6, 4), L) and shapley.has_adjacent_strata((7, 4), L)
+
+
+def test_regression_adjusted_sampled_strata_is_unbiased_and_needs_no_allowance():
+    """Stratified masks (strata 7, 6, 5 of 8), a surrogate that cannot fit the pairs: the estimate of the
+    sampled-strata semivalue is unbiased (every weighted kept count sampled), has no allowance, covers."""
+    weighting = shapley.sampled_strata((7, 6, 5))
+    truth = shapley.semivalue(pairwise_game, L, weighting).values
+    full = float(pairwise_game(np.ones((1, L)))[0])
+    errors, covered = [], []
+    for seed in range(24):
+        masks = sample_masks(SamplingSpec(n_masks=90, strata=(7, 6, 5), seed=seed), L)
+        iv = unc.regression_adjusted(masks, pairwise_game(masks), shrunk_fit, weighting, seed=seed, n_boot=0,
+                                     full_score=full)
+        assert iv.details["uncovered_kept_counts"] == [] and np.all(iv.bias_allowance == 0)
+        errors.append(iv.values - truth)
+        covered.append(iv.covers(truth))
+    errors = np.array(errors)
+    assert np.all(np.abs(errors.mean(0)) < 4 * errors.std(0, ddof=1) / math.sqrt(len(errors)))
+    assert 0.8 <= np.mean(covered) <= 1.0
+
+
+def test_the_default_estimator_targets_the_sampled_strata_on_stratified_runs():
+    from engine import estimators
+
+    w = estimators.weighting_for("regression-adjusted", SamplingSpec(), 12)
+    assert w.kind == "sampled_strata" and w.strata == (11, 10, 9, 8, 7)
+    assert estimators.estimand("regression-adjusted", SamplingSpec()) == estimators.SAMPLED_STRATA_SEMIVALUE
+    assert estimators.weighting_for("paper", SamplingSpec(), 12).kind == "restricted_strata"  # the paper's, unchanged
+    assert estimators.weighting_for("regression-adjusted", SamplingSpec(scheme="size-uniform"), 12) == shapley.SHAPLEY
+    lone = SamplingSpec(strata=(10, 7))  # no two adjacent kept counts: the paper's estimand, with its allowance
+    assert estimators.estimand("regression-adjusted", lone, 12) == estimators.STRATA_SEMIVALUE
+    assert estimators.weighting_for("regression-adjusted", lone, 12).kind == "restricted_strata"
