@@ -175,6 +175,11 @@ k = st.select_slider("k (layers removed)", options=sorted(by_k), value=max(by_k)
 chosen = by_k[k]
 st.caption(f"{chosen['search']}; interval: ensemble mean ± 2 std of the predicted score, as perplexity; measured "
            "where the run evaluated that set.")
+outside = views.extrapolation_label(pipeline.samples(run).masks, np.arange(L) >= k)  # any set keeping L - k layers
+if outside:
+    st.warning(f"Every set here keeps {L - k} of {L} layers: {outside}. The surrogate extrapolates, so the predicted "
+               "perplexities and their intervals can be far off; measure a set (Prune page, what-if editor) before "
+               "trusting it.")
 n1, n2 = st.columns([3, 2])
 n1.dataframe(views.near_sets_frame(chosen), hide_index=True, key="near_sets")
 freq = pd.DataFrame({"layer": list(range(L)), "share of near-optimal sets": chosen["layer_frequency"]})

@@ -444,6 +444,11 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     sets = next(d.value for d in at.dataframe if "predicted PPL" in d.value.columns)
     assert len(sets) == 4 and all(len(r.split(", ")) == 2 for r in sets["removed"])
     assert _charts(at) == 4  # + layer frequency
+    assert not any("outside the sampled region" in w.value for w in at.warning)  # kept 14: inside 9-15
+    at.number_input(key="near_k").set_value(8).run()  # kept 8: below every sampled count
+    assert not _click_job(at, "Find near-optimal sets")
+    at.select_slider(key="near_show_k").set_value(8).run()
+    assert any("keeps 8 of 16 layers: outside the sampled region (kept 9-15)" in w.value for w in at.warning)
 
 
 # ---------------------------------------------------------------- multi-fidelity and active runs
