@@ -35,6 +35,7 @@ from engine.config import (
     SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError, describe
+from engine.registry import Registry
 
 UsageError = SpecError  # a malformed command line is a spec error too (kept name for scripts)
 
@@ -271,14 +272,14 @@ _GROUPS: dict[str, tuple] = {
 
 
 # ------------------------------------------------------------------ commands
-_COMMANDS: dict[str, tuple[str, tuple[str, ...], Callable]] = {}
+_COMMANDS: Registry[tuple[str, tuple[str, ...], Callable]] = Registry("command", error=UsageError)
 
 
 def command(name: str, help: str, options: tuple[str, ...] = ()):
     """Register `fn(args) -> dict` as `python -m engine <name>` with the given option groups."""
 
     def register(fn: Callable) -> Callable:
-        _COMMANDS[name] = (help, options, fn)
+        _COMMANDS.register(name, (help, options, fn))
         return fn
 
     return register

@@ -64,7 +64,8 @@ def model_facts(spec: ModelSpec) -> ModelFacts | None:
                                  "pass a folder saved with save_pretrained") from e
         return None
     model_type = getattr(config, "model_type", None)
-    fields = next((a.count_fields for a in ADAPTERS if model_type in a.model_types), ()) + COUNT_FIELDS
+    adapter = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    fields = (adapter.count_fields if adapter is not None else ()) + COUNT_FIELDS
     n_layers = next((v for f in fields if isinstance(v := getattr(config, f, None), int) and not isinstance(v, bool)),
                     None)  # fmt: skip
     max_pos = next((v for f in POSITION_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0), None)
