@@ -31,7 +31,7 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, HealSpec, MethodSpec, ModelSpec, RunSpec,
+    BaselineSpec, CandidateSpec, DataSpec, EvalSpec, HealSpec, InteractionSpec, MethodSpec, ModelSpec, RunSpec,
     SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints, spec_argv,
 )
 from engine.errors import WorkbenchError, describe
@@ -71,12 +71,16 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
         if "help" not in meta or (only is not None and f.name not in only):
             continue
         flag, dest, default = option_flag(f), _dest(cls, f), f.default
+        flags = (flag, *meta.get("aliases", ()))
         choices = meta["choices"] or (tuple(_registry(meta["registry"])) if meta["registry"] else None)
         help_text = meta["help"]
         if meta["registry"]:
-            help_text += ": " + "; ".join(f"{k}: {getattr(v, 'help', '')}" for k, v in _registry(meta["registry"]).items())
-        if default not in (None, False):
+            help_text += ": " + _describe(_registry(meta["registry"]))
+        if default not in (None, False, ()):
             help_text += " (default %(default)s)"
+        if meta.get("many"):  # comma-separated names, each from the registry
+            g.add_argument(*flags, dest=dest, required=meta["required"], type=_names(choices), help=help_text)
+            continue
         if meta["off_flag"]:
             both = g.add_mutually_exclusive_group()
             both.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
@@ -85,8 +89,16 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
         elif _scalar_type(hints[f.name]) is bool:
             g.add_argument(flag, dest=dest, action="store_true", help=help_text)
         else:
-            g.add_argument(flag, dest=dest, default=default, choices=choices, help=help_text,
-                           type=meta["parse"] or _scalar_type(hints[f.name]))
+            g.add_argument(*flags, dest=dest, default=default, choices=choices, help=help_text,
+                           required=meta.get("required", False), type=meta["parse"] or _scalar_type(hints[f.name]))
+
+
+def _describe(registry) -> str:
+    """'name: help; ...' for a registry of described entries (a str, or a .help), else the names."""
+    helps = {k: v if isinstance(v, str) else getattr(v, "help", None) for k, v in registry.items()}
+    if not any(helps.values()):
+        return ", ".join(registry)
+    return "; ".join(f"{k}: {h or ''}" for k, h in helps.items())
 
 
 def _spec(cls, args, **nested):
@@ -119,16 +131,6 @@ def method_spec(args) -> MethodSpec:
 
 def eval_spec(args) -> EvalSpec:
     return _spec(EvalSpec, args)
-
-
-def _baseline_options(p: argparse.ArgumentParser) -> None:
-    from engine.baselines import BASELINES
-
-    g = p.add_argument_group("baseline")
-    g.add_argument("--method", required=True, type=_names(tuple(BASELINES)),
-                   help="the criterion to run, or several separated by commas: " + ", ".join(BASELINES))
-    g.add_argument("--k-max", type=int, default=None, help="sleb: rounds to run (default L-1)")
-    g.add_argument("--baseline-seed", type=int, default=0, help="random: the seed (default %(default)s)")
 
 
 def _names(allowed: tuple[str, ...]):
@@ -184,33 +186,6 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default=None, help="text both models continue (default: the start of the calibration text)")
 
 
-def _interaction_options(p: argparse.ArgumentParser) -> None:
-    from engine.interactions import INDICES
-
-    g = p.add_argument_group("interactions")
-    g.add_argument("--index", default="sii", choices=tuple(INDICES),
-                   help="; ".join(f"{k}: {v}" for k, v in INDICES.items()) + " (default %(default)s)")
-    g.add_argument("--fit-on", default="all", choices=("all", "train"),
-                   help="surrogate ensemble refitted on every mask (all) or the fit step's training part (train) "
-                        "(default %(default)s)")
-    g.add_argument("--interaction-surrogate", default=INTERACTION_SURROGATE, metavar="KIND",
-                   help="surrogate kind fitted for the map, with the other --surrogate settings, or 'same' (the run's "
-                        "--surrogate); default %(default)s: on the demo game it ranked the pairs closest to the exact "
-                        "index (bench/README.md)")
-    g.add_argument("--folds", type=int, default=INTERACTION_FOLDS,
-                   help="jackknife groups over the evaluated masks for the stderr and the 90%% interval "
-                        "(that many extra fits; 0: ensemble spread and Monte Carlo only) (default %(default)s)")
-    g.add_argument("--csv", default=None, metavar="PATH", help="also write the pairs and the diagonal as CSV")
-    g.add_argument("--bias-check", action="store_true",
-                   help="also estimate each pair from the real evaluations (cross-fitted residual correction, "
-                        "5 extra fits): an interval that accounts for the surrogate's bias")
-
-
-def _candidate_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("near-optimal sets")
-    g.add_argument("--top", type=int, default=10, help="removal sets shown per k (default %(default)s)")
-
-
 def _zeroshot_options(p: argparse.ArgumentParser) -> None:
     from engine.baselines import BASELINES
 
@@ -254,11 +229,11 @@ _GROUPS: dict[str, tuple] = {
     "estimate": (MethodSpec, "contributions", _ESTIMATE),
     "method": (MethodSpec, "contributions and pruning", None),
     "export": (_export_options, None, None),
-    "interactions": (_interaction_options, None, None),
+    "interactions": (InteractionSpec, "interactions", None),
     "mc": (MethodSpec, "Monte Carlo (above 22 layers, or when --budget is given)", ("budget", "mc_seed")),
-    "candidates": (_candidate_options, None, None),
+    "candidates": (CandidateSpec, "near-optimal sets", None),
     "remove": (MethodSpec, "removal", ("remove",)),
-    "baseline": (_baseline_options, None, None),
+    "baseline": (BaselineSpec, "baseline", None),
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
     "report": (_report_options, None, None),
@@ -378,9 +353,10 @@ def _report(args) -> dict:
 def _interactions(args) -> dict:
     from engine import pipeline
 
-    return pipeline.interactions(run_spec(args), method_spec(args), args.index, args.fit_on, args.cache_dir,
-                                 evaluation=eval_spec(args), csv_path=args.csv, bias_check=args.bias_check,
-                                 surrogate=args.interaction_surrogate, folds=args.folds)
+    ispec = _spec(InteractionSpec, args)
+    return pipeline.interactions(run_spec(args), method_spec(args), ispec.index, ispec.fit_on, args.cache_dir,
+                                 evaluation=eval_spec(args), csv_path=ispec.csv, bias_check=ispec.bias_check,
+                                 surrogate=ispec.surrogate, folds=ispec.folds)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "
@@ -390,9 +366,10 @@ def _candidates(args) -> dict:
     from engine import pipeline
     from engine.errors import WorkbenchError
 
-    if args.top < 1:
+    cspec = _spec(CandidateSpec, args)
+    if cspec.top < 1:
         raise WorkbenchError("--top must be at least 1.")
-    return pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir, evaluation=eval_spec(args),
+    return pipeline.candidates(run_spec(args), method_spec(args), cspec.top, args.cache_dir, evaluation=eval_spec(args),
                                progress=True, json_mode=args.json)
 
 
@@ -401,7 +378,8 @@ def _candidates(args) -> dict:
 def _baselines(args) -> dict:
     from engine import pipeline
 
-    return pipeline.baseline(run_spec(args), args.method, k_max=args.k_max, seed=args.baseline_seed,
+    bspec = _spec(BaselineSpec, args)
+    return pipeline.baseline(run_spec(args), bspec.criteria, k_max=bspec.k_max, seed=bspec.seed,
                              cache_dir=args.cache_dir, evaluation=eval_spec(args), progress=args.json)
 
 
