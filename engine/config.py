@@ -534,7 +534,7 @@ def spec_argv(spec, keep=None) -> list[str]:
 
     Inverse of the CLI's option parsing (engine/cli.py builds options from the same fields), so
     the app launches `python -m engine ...` with exactly the spec on screen. `keep(cls, name)`
-    selects fields (engine.cli.command_argv keeps those its command accepts)."""
+    selects fields (engine.argv.command_argv keeps those its command accepts)."""
     argv: list[str] = []
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
