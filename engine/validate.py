@@ -8,7 +8,7 @@ Contract:
   milliseconds; a hub id that is neither reachable nor cached is left to ``load_model``, which
   reports it. Checks: layer count vs ``--remove`` (1..L-1) and the sampling settings (strata),
   ``--seq-len`` vs the model's maximum positions, the tokenizer files of a local folder, the
-  export folder (``prune.check_export_folder``) and the cache directory.
+  export folder (``export_checks.check_export_folder``) and the cache directory.
 - ``check_cache_dir(cache_dir)``: EnvironmentFault when the path is a file.
 - ``check_full_perplexity(lm, windows, ppl_full)`` raises ``NonFiniteModel`` when the full
   model's perplexity is NaN/inf, naming the parameters holding non-finite values and the first
@@ -100,7 +100,7 @@ def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite:
         raise InputError(f"--first-windows {first}: the run has {spec.data.n_windows} calibration windows, so a first "
                          f"evaluation on fewer windows needs 1..{spec.data.n_windows - 1} (0: every window at once).")
     if out_dir is not None:
-        from engine.prune import check_export_folder
+        from engine.export_checks import check_export_folder
 
         check_export_folder(out_dir, overwrite)
     facts = model_facts(spec.model)
