@@ -268,13 +268,20 @@ def _status(args) -> dict:
     return {"runs": pipeline.status(args.cache_dir)}
 
 
+def _open_existing(spec: RunSpec, args, evaluation: EvalSpec):
+    """The run of `spec`, opened once at the edge for an analysis stage (never creates a run)."""
+    from engine import pipeline
+
+    return pipeline.open_run(spec, args.cache_dir, evaluation, create=False)
+
+
 @command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, quality "
          "against evaluation work, and a comparison of every surrogate kind")
 def _fit(args) -> dict:
     from engine import pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    run = pipeline.open_run(spec, args.cache_dir, evaluation, create=False)  # analysis: never creates a run
+    run = _open_existing(spec, args, evaluation)
     out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation, progress=True,
                        json_mode=args.json)
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
@@ -284,8 +291,9 @@ def _fit(args) -> dict:
 def _shapley(args) -> dict:
     from engine import pipeline
 
-    return pipeline.contributions(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
-                                  progress=True, json_mode=args.json)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    return pipeline.contributions(spec, method, args.cache_dir, run=_open_existing(spec, args, evaluation),
+                                  evaluation=evaluation, progress=True, json_mode=args.json)
 
 
 @command("prune", "decide which layers to remove from the run's samples and export the pruned model")
@@ -346,8 +354,9 @@ def _candidates(args) -> dict:
     cspec = _spec(CandidateSpec, args)
     if cspec.top < 1:
         raise WorkbenchError("--top must be at least 1.")
-    return pipeline.candidates(run_spec(args), method_spec(args), cspec.top, args.cache_dir, evaluation=eval_spec(args),
-                               progress=True, json_mode=args.json)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    return pipeline.candidates(spec, method, cspec.top, args.cache_dir, run=_open_existing(spec, args, evaluation),
+                               evaluation=evaluation, progress=True, json_mode=args.json)
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "
