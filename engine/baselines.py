@@ -46,6 +46,7 @@ from engine.data import Windows
 from engine.errors import WorkbenchError
 from engine.evaluate import MaskEvaluator
 from engine.models import LoadedModel
+from engine.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ def _json_floats(xs) -> list[float | None]:
     return [_json_float(float(x)) for x in xs]
 
 
-BASELINES: dict[str, Callable[..., BaselineResult]] = {
+BASELINES: Registry[Callable[..., BaselineResult]] = Registry("baseline", {
     "block-influence": block_influence,
     "angular": angular,
     "ppl": ppl,
@@ -393,7 +394,7 @@ BASELINES: dict[str, Callable[..., BaselineResult]] = {
     "sleb": sleb,
     "random": random_order,
     "last": last,
-}
+}, error=WorkbenchError)
 
 
 def run_baseline(
@@ -405,9 +406,7 @@ def run_baseline(
     seed: int = 0,
 ) -> BaselineResult:
     """Run the baseline `name`; each gets only the options it takes (evaluator, k_max, seed)."""
-    fn = BASELINES.get(name)
-    if fn is None:
-        raise WorkbenchError(f"Unknown baseline {name!r}. Choose one of: {', '.join(BASELINES)}.")
+    fn = BASELINES.lookup(name)
     offered = {"evaluator": evaluator, "k_max": k_max, "seed": seed}
     accepted = inspect.signature(fn).parameters
     return fn(lm, windows, **{k: v for k, v in offered.items() if k in accepted})

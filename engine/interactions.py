@@ -50,16 +50,17 @@ import numpy as np
 
 from engine.errors import EstimationError
 from engine.jsonable import jsonable
+from engine.registry import Registry
 from engine.shapley import DEFAULT_CHUNK, _evaluate, _masks_from_codes, _random_masks_of_sizes
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
 
-INDICES = {
+INDICES: Registry[str] = Registry("interaction index", {
     "sii": "Shapley interaction index",
     "stii": "Shapley-Taylor interaction index (order 2)",
     "fsii": "Faithful Shapley interaction index (order 2)",
     "banzhaf": "Banzhaf interaction index",
-}
+}, error=EstimationError)
 DIAGONAL = {
     "sii": "Shapley values (order-1 SII)",
     "stii": "order-1 STII terms f({i}) - f({}); sum(diagonal) + sum(upper triangle) = f(N) - f({})",
@@ -110,15 +111,14 @@ def _omega(index: str, t: int, s: int) -> Fraction:
             return Fraction(0)
         coef = Fraction((-1) ** (2 - t) * t * math.comb(2, t), 2 + t)
         return coef * Fraction(math.comb(s - 1, 2), math.comb(s + 1, 2 + t))
-    raise EstimationError(f"unknown interaction index {index!r}; choose one of {', '.join(INDICES)}")
+    raise INDICES.unknown(index)
 
 
 @lru_cache(maxsize=64)
 def index_weights(index: str, L: int) -> IndexWeights:
     """Both forms of `index` on L players; the derivative weights come from the Möbius weights by
     exact binomial inversion: p_t(s) = sum_{r >= s} (-1)^(r-s) C(L-t-s, r-s) omega_t(r + t)."""
-    if index not in INDICES:
-        raise EstimationError(f"unknown interaction index {index!r}; choose one of {', '.join(INDICES)}")
+    INDICES.lookup(index)
     if L < 2:
         raise EstimationError(f"pairwise interactions need at least 2 layers, got {L}")
     out = {}

@@ -41,6 +41,7 @@ from engine import load_checks
 from engine.config import ModelSpec
 from engine.errors import ModelLoadError, UnsupportedArchitecture
 from engine.hub import hub_reachable
+from engine.registry import Registry
 
 # Layer-count and per-layer fields that any family may store (adapters add their own).
 COUNT_FIELDS = cfg.LAYER_COUNT_FIELDS
@@ -117,7 +118,9 @@ def unhandled_layer_fields(config: Any, updates: dict, L: int) -> list[str]:
 
 _LLAMA_LIKE = dict(layers_path="model.layers", count_fields=("num_hidden_layers",), per_layer_fields=("layer_types",))
 
-ADAPTERS: tuple[Adapter, ...] = (
+# model_type -> Adapter (an adapter handling several model types is registered under each).
+ADAPTERS: Registry[Adapter] = Registry("model type", error=UnsupportedArchitecture)
+for _adapter in (
     Adapter("llama", ("llama",), **_LLAMA_LIKE),
     Adapter("mistral", ("mistral",), **_LLAMA_LIKE),
     # Qwen2/Qwen3 pick each layer's attention mask by config.layer_types[position]: sub-list it.
@@ -129,26 +132,27 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("opt", ("opt",), "model.decoder.layers", ("num_hidden_layers",)),
     Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("num_hidden_layers",)),
     Adapter("mamba", ("mamba",), "backbone.layers", ("num_hidden_layers",)),
-)
+):
+    for _model_type in _adapter.model_types:
+        ADAPTERS.register(_model_type, _adapter)
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for a in ADAPTERS for t in a.model_types)
+    return sorted(ADAPTERS)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for `model` (by config.model_type); UnsupportedArchitecture says how to add one."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            try:
-                layers = adapter.layers(model)
-            except AttributeError:
-                layers = None
-            if isinstance(layers, nn.ModuleList):
-                return adapter
-            break
-    paths = sorted({a.layers_path for a in ADAPTERS})
+    adapter = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    if adapter is not None:
+        try:
+            layers = adapter.layers(model)
+        except AttributeError:
+            layers = None
+        if isinstance(layers, nn.ModuleList):
+            return adapter
+    paths = sorted({a.layers_path for a in ADAPTERS.values()})
     raise UnsupportedArchitecture(
         f"no architecture adapter for {type(model).__name__} (model_type {model_type!r}); looked for the "
         f"decoder layers at {', '.join(paths)}. Supported model types: {', '.join(supported_model_types())} "

@@ -6,6 +6,9 @@ Pure functions from the result dicts of engine.pipeline to strings; no computati
 from __future__ import annotations
 
 import math
+from typing import Callable
+
+from engine.registry import Registry
 
 
 def _num(x, digits: int = 3) -> str:
@@ -309,7 +312,9 @@ def zeroshot_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-SUMMARIES = {"report": report_summary, "export": export_summary, "status": status_summary, "sample": sample_summary, "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
+SUMMARIES: Registry[Callable] = Registry("summary", {
+             "report": report_summary, "export": export_summary, "status": status_summary, "sample": sample_summary,
+             "info": info_summary, "fit": fit_summary, "shapley": shapley_summary, "run": run_summary, "prune": run_summary,
              "baselines": baseline_summary, "interactions": interactions_summary, "candidates": candidates_summary,
              "heal": heal_summary,
-             "evaluate": zeroshot_summary}
+             "evaluate": zeroshot_summary})

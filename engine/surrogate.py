@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 from engine.config import INTERACTION_SURROGATE, MIN_MASKS, SurrogateSpec  # noqa: F401 (re-exported)
 from engine.errors import EstimationError
 from engine.jsonable import jsonable
+from engine.registry import Registry
 
 SCORE_FLOOR = 1e-3  # scores are clipped here before conversion to perplexity (PPL <= 1000 x full)
 PREDICT_CHUNK = 2**16
@@ -548,7 +549,7 @@ class SurrogateKind:
 
 # The only list of surrogate kinds: the CLI's --surrogate choices, the app's selectbox and
 # `compare` read it. Adding a kind is one entry here (a class with fit/predict) plus its test.
-SURROGATES: dict[str, SurrogateKind] = {
+SURROGATES: Registry[SurrogateKind] = Registry("surrogate kind", {
     k.name: k for k in (
         SurrogateKind("mlp", "the paper's MLP", "Linear(L,2L)-CELU-Linear(2L,1)-Sigmoid; preset adam (full-batch, "
                       "early stopping) or paper (the reference SGD schedule)",
@@ -563,7 +564,7 @@ SURROGATES: dict[str, SurrogateKind] = {
                       "model; the default of engine interactions",
                       lambda seed, preset, **o: HybridSurrogate(seed=seed, **o), bootstrap=False),
     )
-}
+}, error=EstimationError)
 KINDS = tuple(SURROGATES)
 
 
@@ -581,9 +582,7 @@ def variant_label(variant: str) -> str:
 
 def make_surrogate(spec: SurrogateSpec = SurrogateSpec(), seed: int | None = None, **options) -> Surrogate:
     """An unfitted surrogate of spec.kind (and spec.preset for mlp); `options` go to its constructor."""
-    if spec.kind not in SURROGATES:
-        raise EstimationError(f"unknown surrogate kind {spec.kind!r}; choose one of {', '.join(SURROGATES)}")
-    return SURROGATES[spec.kind].make(seed=spec.seed if seed is None else seed, preset=spec.preset, **options)
+    return SURROGATES.lookup(spec.kind).make(seed=spec.seed if seed is None else seed, preset=spec.preset, **options)
 
 
 # ---------------------------------------------------------------- ensembles

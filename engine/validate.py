@@ -8,7 +8,7 @@ Contract:
   milliseconds; a hub id that is neither reachable nor cached is left to ``load_model``, which
   reports it. Checks: layer count vs ``--remove`` (1..L-1) and the sampling settings (strata),
   ``--seq-len`` vs the model's maximum positions, the tokenizer files of a local folder, the
-  export folder (``prune.check_export_folder``) and the cache directory.
+  export folder (``export_checks.check_export_folder``) and the cache directory.
 - ``check_cache_dir(cache_dir)``: EnvironmentFault when the path is a file.
 - ``check_full_perplexity(lm, windows, ppl_full)`` raises ``NonFiniteModel`` when the full
   model's perplexity is NaN/inf, naming the parameters holding non-finite values and the first
@@ -64,7 +64,8 @@ def model_facts(spec: ModelSpec) -> ModelFacts | None:
                                  "pass a folder saved with save_pretrained") from e
         return None
     model_type = getattr(config, "model_type", None)
-    fields = next((a.count_fields for a in ADAPTERS if model_type in a.model_types), ()) + COUNT_FIELDS
+    adapter = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    fields = (adapter.count_fields if adapter is not None else ()) + COUNT_FIELDS
     n_layers = next((v for f in fields if isinstance(v := getattr(config, f, None), int) and not isinstance(v, bool)),
                     None)  # fmt: skip
     max_pos = next((v for f in POSITION_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0), None)
@@ -99,7 +100,7 @@ def check_run(spec: RunSpec, remove: int | None = None, out_dir=None, overwrite:
         raise InputError(f"--first-windows {first}: the run has {spec.data.n_windows} calibration windows, so a first "
                          f"evaluation on fewer windows needs 1..{spec.data.n_windows - 1} (0: every window at once).")
     if out_dir is not None:
-        from engine.prune import check_export_folder
+        from engine.export_checks import check_export_folder
 
         check_export_folder(out_dir, overwrite)
     facts = model_facts(spec.model)

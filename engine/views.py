@@ -42,8 +42,8 @@ def spec_from_dict(d: dict) -> RunSpec:
 
 def job_argv(command: str, *specs, cache_dir, threads: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """Full argv of `python -m engine <command> --json` reproducing `specs` (the options that command
-    takes, generated from the spec fields by engine.cli), for engine.jobs.launch."""
-    from engine.cli import command_argv
+    takes, generated from the spec fields by engine.argv), for engine.jobs.launch."""
+    from engine.argv import command_argv
     from engine.config import EvalSpec
 
     specs = [s for s in specs if not isinstance(s, EvalSpec)]

@@ -98,7 +98,7 @@ with right:
     st.session_state["baselines_kept"] = picked
     missing = [n for n in picked if run.store.get_artifact(f"baseline:{n}") is None]
     if missing:
-        _ui.job_panel(run, "baselines", f"Run {len(missing)} baseline(s)", extra=("--method", ",".join(missing)),
+        _ui.job_panel(run, "baselines", f"Run {len(missing)} baseline(s)", extra=("--criterion", ",".join(missing)),
                       help="runs `python -m engine baselines` in the background, one criterion after another")
     shown = {n: run.store.get_artifact(f"baseline:{n}") for n in picked}
     shown = {n: r for n, r in shown.items() if r}

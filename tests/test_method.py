@@ -93,7 +93,7 @@ def test_unknown_estimator_is_a_clear_error(setup):
     _, _, run = setup
     s = pipeline.samples(run)
     f = method.fit(s, dataclasses.replace(RIDGE, ensemble=1), curve=False)
-    with pytest.raises(WorkbenchError, match="choose one of"):
+    with pytest.raises(WorkbenchError, match="unknown estimator 'magic'; choose from"):
         method.contributions(s, f, MethodSpec(estimator="magic"))
 
 

@@ -4,11 +4,9 @@ so a reader tells a stale result (the store grew since) from a current one."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from engine.config import INTERACTION_FOLDS, INTERACTION_SURROGATE, MethodSpec, stable_hash
+from engine.config import INTERACTION_FOLDS, INTERACTION_SURROGATE, InteractionSpec, MethodSpec, stable_hash
 from engine.store import RunStore
 from engine.pipeline.run import OpenRun
 
@@ -63,9 +61,7 @@ def _interaction_key(method: MethodSpec, index: str, fit_on: str, surrogate: str
     kind give the same key), index, budget, Monte Carlo seed, fit_on, jackknife groups and level."""
     from engine.method import interaction_spec
 
-    spec = interaction_spec(method.surrogate, surrogate)
-    return {"surrogate": dataclasses.asdict(spec), "index": index, "budget": method.budget, "mc_seed": method.mc_seed,
-            "fit_on": fit_on, "folds": folds, **({"level": method.level} if folds else {})}
+    return InteractionSpec(index, fit_on, surrogate, folds).key(method, interaction_spec(method.surrogate, surrogate))
 
 
 def interactions_name(method: MethodSpec, index: str, fit_on: str = "all", surrogate: str = INTERACTION_SURROGATE,
