@@ -39,6 +39,8 @@ def test_install_copies_once_and_the_app_opens_on_its_stored_results(tmp_path):
         assert pipeline.stored(store, stage, got.method) is not None, stage
         assert not pipeline.stored(store, stage, got.method)["stale"], stage
     assert got.method == dataclasses.replace(MethodSpec(), remove=4)  # the defaults, so the pages' inputs match
+    fit = pipeline.stored(store, "fit", got.method)
+    assert fit.get("work_curve") and fit.get("learning_curve"), "the Surrogate page's curves: rebuild the demo run"
 
 
 def test_engine_demo_run_command(tmp_path):
