@@ -29,7 +29,7 @@ def layer_strip(n_layers: int, removed) -> go.Figure:
                                colorscale=[[0, "#d62728"], [1, "#1f77b4"]], xgap=3,
                                hovertemplate="layer %{x}: %{customdata}<extra></extra>",
                                customdata=[["removed" if i in removed else "kept" for i in range(n_layers)]]))
-    fig.update_layout(height=120, margin=dict(l=10, r=10, t=30, b=30), xaxis=dict(dtick=1, title="layer"),
+    fig.update_layout(height=140, margin=dict(l=10, r=10, t=50, b=30), xaxis=dict(dtick=1, title="layer"),
                       title=f"{n_layers - len(removed)} of {n_layers} layers kept (red: removed)")
     return fig
 
