@@ -14,7 +14,10 @@ product's removal sets against the cheap baselines' on held-out and out-of-domai
 2. Sampling cost: masks/s, decoder-layer calls per mask as made, against the counting floor
    (fidelity.count_prefix_computations: the fewest layer calls prefix sharing allows for these
    masks) and against L (what evaluating each mask from scratch costs).
-3. Every baseline in --baselines on the calibration windows (timed), its removal set at each k.
+3. Every baseline in --baselines on the calibration windows (timed), its removal set at each k; a
+   baseline already stored in the run (`engine baselines --criterion sleb --k-max 10`, or the
+   decision's own candidates) is read, not rerun (`baselines_stored`), and one computed here is stored.
+   Stored before this bench runs, it is also one of the decision's candidates.
 4. On each held-out text (--eval-windows windows of seq_len tokens): per-window losses of the full
    model, the product's set and each baseline's set at every k, all in one prefix-shared call.
    `uncertainty.compare_candidates` (the decision's own paired bootstrap over windows) gives each
@@ -115,6 +118,7 @@ def run(args) -> dict:
     from engine.decision import removal_mask
     from engine.evaluate import MaskEvaluator
     from engine.fidelity import count_prefix_computations
+    from engine.pipeline.stages import _baseline_removed
     from engine.uncertainty import compare_candidates
 
     ks = [int(x) for x in args.ks.split(",")]
@@ -155,14 +159,22 @@ def run(args) -> dict:
                 "layer_calls_per_mask": (s["layer_calls"] / result["evaluated"]) if result["evaluated"] else None,
                 "floor_layer_calls_per_mask": floor / len(masks), "from_scratch_layer_calls_per_mask": L}
     product = {x["k"]: tuple(x["removed"]) for x in result["by_k"]}
+    sources = {x["k"]: x.get("source") for x in result["by_k"]}  # where each set came from
 
-    baseline_s, sets = {}, {}
+    baseline_s, sets, baseline_stored = {}, {}, []
     for name in names:
         t = time.monotonic()
-        r = run_baseline(name, lm, run_.windows, k_max=max(ks))
+        stored = run_.store.get_artifact(f"baseline:{name}")  # `engine baselines` (or the decision) stored it
+        if stored is not None and all(_baseline_removed(stored, k) is not None for k in ks):
+            sets[name] = {k: _baseline_removed(stored, k) for k in ks}
+            baseline_stored.append(name)
+        else:
+            r = run_baseline(name, lm, run_.windows, k_max=max(ks))
+            run_.store.put_artifact(f"baseline:{name}", r.to_json())  # a rerun (or the app) finds it
+            sets[name] = {k: tuple(int(i) for i in r.removed(k)) for k in ks}
         baseline_s[name] = round(time.monotonic() - t, 2)
-        sets[name] = {k: tuple(int(i) for i in r.removed(k)) for k in ks}
-        print(f"baseline {name}: {baseline_s[name]:.0f} s", file=sys.stderr, flush=True)
+        print(f"baseline {name}: {baseline_s[name]:.0f} s{' (stored)' if name in baseline_stored else ''}",
+              file=sys.stderr, flush=True)
 
     tables, full_ppl = {}, {}
     for split in splits:
@@ -191,7 +203,8 @@ def run(args) -> dict:
     return {"bench": "real", "model": args.model, "identity": lm.identity, "n_layers": L,
             "n_params": lm.n_params, "run_id": result["run_id"], "stages_s": meter.seconds,
             "stages_peak_mib": meter.peak, "run_wall_s": round(run_wall, 1), "run_seconds_reported": result["seconds"],
-            "sampling": sampling, "baselines_s": baseline_s, "full_ppl": full_ppl,
+            "sampling": sampling, "baselines_s": baseline_s,
+            "baselines_stored": baseline_stored, "product_sources": sources, "full_ppl": full_ppl,
             "calibration": {"ppl_full": result["ppl_full"],
                             "by_k": {x["k"]: x["ppl_measured"] for x in result["by_k"]}},
             "by_k": tables[splits[0]] if splits else [], **{f"by_k_{s}": tables[s] for s in splits},
