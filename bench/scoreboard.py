@@ -108,7 +108,8 @@ def main(argv=None) -> dict:
     cache = a.cache_dir
     spec = RunSpec(model=ModelSpec(name=a.model), data=DataSpec(source=a.data, n_windows=a.windows, seq_len=a.seq_len),
                    sampling=SamplingSpec(n_masks=a.masks))
-    method = MethodSpec(remove=max(ks), swaps=a.swaps, n_compare=a.n_compare, n_verify=a.n_verify,
+    # ks named as `engine run --ks` / bench.real name them, so a decision either stored is found by the other
+    method = MethodSpec(remove=max(ks), ks=ks, swaps=a.swaps, n_compare=a.n_compare, n_verify=a.n_verify,
                         val_windows=a.val_windows)
     zs = ZeroShotSpec(tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()), limit=a.limit,
                       batch_size=a.lm_batch_size, pair_boot=a.boot)

@@ -315,9 +315,12 @@ def taylor(lm: LoadedModel, windows: Windows, plus: bool = True, batch_size: int
     )
 
 
-def sleb(lm: LoadedModel, windows: Windows, k_max: int | None = None, evaluator: MaskEvaluator | None = None) -> BaselineResult:
+def sleb(lm: LoadedModel, windows: Windows, k_max: int | None = None, evaluator: MaskEvaluator | None = None,
+         progress: Callable[[int, int, str], None] | None = None) -> BaselineResult:
     """SLEB: k_max greedy rounds (default L-1); round r evaluates, in one batched call, the
     current mask with each kept layer dropped and removes the one with the lowest perplexity.
+    `progress(done, total, words)` is called before each round and at the end, counted in masks
+    evaluated (round r costs L - r of them), so an ETA from it is not skewed by the shrinking rounds.
 
     `details["ppl_after"][r]` is the calibration perplexity after round r. Layers never
     removed follow in `order` by their perplexity in the last round. `scores` are positions
@@ -333,8 +336,13 @@ def sleb(lm: LoadedModel, windows: Windows, k_max: int | None = None, evaluator:
     order: list[int] = []
     ppl_after: list[float | None] = []
     last_round: dict[int, float] = {}
-    for _ in range(k_max):
+    total = sum(n_layers - r for r in range(k_max))  # masks over all rounds
+    done = 0
+    for r in range(k_max):
         candidates = np.flatnonzero(kept)
+        if progress is not None:
+            progress(done, total, f"round {r + 1}/{k_max}, measuring {len(candidates)} masks (one layer dropped each)")
+        done += len(candidates)
         masks = np.repeat(kept[None, :], len(candidates), axis=0)  # (c, L)
         masks[np.arange(len(candidates)), candidates] = False
         values = np.asarray(ev.perplexities(masks), dtype=float)  # (c,)
@@ -345,6 +353,8 @@ def sleb(lm: LoadedModel, windows: Windows, k_max: int | None = None, evaluator:
         order.append(layer)
         ppl_after.append(_json_float(values[best]))
         last_round = {int(c): float(k) for c, k in zip(candidates, keyed)}
+    if progress is not None:
+        progress(total, total, f"{k_max} rounds done, masks")
     rest = sorted((l for l in range(n_layers) if kept[l]), key=lambda l: (last_round[l], l))
     order += rest
     return BaselineResult(
@@ -404,9 +414,11 @@ def run_baseline(
     evaluator: MaskEvaluator | None = None,
     k_max: int | None = None,
     seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> BaselineResult:
-    """Run the baseline `name`; each gets only the options it takes (evaluator, k_max, seed)."""
+    """Run the baseline `name`; each gets only the options it takes (evaluator, k_max, seed, progress:
+    `progress(done, total, words)` from the criteria that run many evaluations, SLEB)."""
     fn = BASELINES.lookup(name)
-    offered = {"evaluator": evaluator, "k_max": k_max, "seed": seed}
+    offered = {"evaluator": evaluator, "k_max": k_max, "seed": seed, "progress": progress}
     accepted = inspect.signature(fn).parameters
     return fn(lm, windows, **{k: v for k, v in offered.items() if k in accepted})

@@ -137,6 +137,18 @@ def test_sleb_full_run_uses_one_call_per_round(setup):
         B.sleb(lm, windows, k_max=N_LAYERS, evaluator=ev)
 
 
+def test_sleb_progress_counts_masks_per_round(setup):
+    lm, windows, ev = setup
+    seen = []
+    result = B.run_baseline("sleb", lm, windows, evaluator=ev, k_max=2,
+                            progress=lambda done, total, words: seen.append((done, total, words)))
+    total = N_LAYERS + (N_LAYERS - 1)  # round r evaluates the L - r kept layers
+    assert [(d, t) for d, t, _ in seen] == [(0, total), (N_LAYERS, total), (total, total)]
+    assert seen[0][2].startswith("round 1/2") and result.order[0] == IDENT
+    B.run_baseline("ppl", lm, windows, evaluator=ev, progress=lambda *a: seen.append(a))  # not offered: ignored
+    assert len(seen) == 3
+
+
 def test_ppl_criterion_identity_least_important(setup):
     lm, windows, ev = setup
     result = B.ppl(lm, windows, evaluator=ev)

@@ -212,7 +212,8 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     for i, name in enumerate(names):
         t = time.monotonic()
         bar.at(i, len(names), f"running {name}")
-        r = run_baseline(name, lm, windows, k_max=k_max, seed=seed).to_json()
+        r = run_baseline(name, lm, windows, k_max=k_max, seed=seed,
+                         progress=lambda done, total, words: bar.at(done, total, f"{name}: {words}")).to_json()
         results[name] = r
         if store is not None:
             store.put_artifact(f"baseline:{name}", r)
