@@ -211,10 +211,10 @@ class TeacherTargets:
 
 @torch.no_grad()
 def sample_windows(model: nn.Module, train: torch.Tensor, n: int, seed: int, prefix: int = PREFIX_TOKENS,
-                   batch: int = 64) -> torch.Tensor:
+                   batch: int = 64, progress: Callable[[int, int, str], None] | None = None) -> torch.Tensor:
     """LongTensor (n, T): `n` windows sampled from `model` (temperature 1, no truncation), each continuing
     the first `prefix` tokens of a training window drawn with `seed` (so the samples stay in the healing
-    text's domain), T = train.shape[1]."""
+    text's domain), T = train.shape[1]. `progress(done, n, words)` before each batch and at the end."""
     device = next(model.parameters()).device
     T = train.shape[1]
     prefix = min(prefix, T - 1)
@@ -225,6 +225,8 @@ def sample_windows(model: nn.Module, train: torch.Tensor, n: int, seed: int, pre
     out = []
     try:
         for i in range(0, n, batch):
+            if progress is not None:
+                progress(i, n, f"sampling {n} windows of {T} tokens from the full model")
             ids = train[rows[i : i + batch], :prefix].to(device)  # (b, prefix)
             past = None
             step_ids = ids
@@ -238,12 +240,16 @@ def sample_windows(model: nn.Module, train: torch.Tensor, n: int, seed: int, pre
             out.append(torch.cat(seq, dim=1).cpu())  # (b, T)
     finally:
         model.train(was_training)
+    if progress is not None:
+        progress(n, n, f"sampled {n} windows from the full model")
     return torch.cat(out)
 
 
 @torch.no_grad()
-def teacher_targets(model: nn.Module, train: torch.Tensor, k: int = KD_TOPK, batch: int = 8) -> TeacherTargets:
-    """Top-`k` softmax of `model` (the full model, eval mode) at every position of `train` (n, T)."""
+def teacher_targets(model: nn.Module, train: torch.Tensor, k: int = KD_TOPK, batch: int = 8,
+                    progress: Callable[[int, int, str], None] | None = None) -> TeacherTargets:
+    """Top-`k` softmax of `model` (the full model, eval mode) at every position of `train` (n, T);
+    `progress(done, n, words)` before each batch."""
     t0 = time.monotonic()
     device = next(model.parameters()).device
     was_training = model.training
@@ -251,6 +257,8 @@ def teacher_targets(model: nn.Module, train: torch.Tensor, k: int = KD_TOPK, bat
     probs, index = [], []
     try:
         for i in range(0, len(train), batch):
+            if progress is not None:
+                progress(i, len(train), f"the full model's top-{k} targets on {len(train)} windows")
             logits = model(input_ids=train[i : i + batch].to(device), use_cache=False).logits.float()  # (b, T, V)
             top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (b, T, K)
             probs.append(torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu())
@@ -285,10 +293,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def heal_model(lm, kept: Sequence[int], windows: HealWindows, spec: HealSpec, steps: int,
                checkpoint: HealCheckpoint | None = None,
-               progress: Callable[[int, int, float, float], None] | None = None) -> HealOutcome:
+               progress: Callable[[int, int, float, float], None] | None = None,
+               phase: Callable[[int, int, str], None] | None = None) -> HealOutcome:
     """Train LoRA on the pruned view of `lm` for `steps` steps, merge it in (see the module docstring).
 
-    `progress(step, steps, loss, lr)` is called after every step."""
+    `progress(step, steps, loss, lr)` is called after every step; `phase(done, total, words)` during the
+    work before the first step (sampling windows from the full model, the teacher's targets)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     model, adapter = lm.model, lm.adapter
@@ -300,10 +310,10 @@ def heal_model(lm, kept: Sequence[int], windows: HealWindows, spec: HealSpec, st
     generated = None
     if spec.generated:  # the full model's own samples, kept in the checkpoint (a resume trains on the same)
         generated = saved["generated"] if saved is not None and "generated" in saved else sample_windows(
-            model, windows.train, spec.generated, spec.seed)
+            model, windows.train, spec.generated, spec.seed, progress=phase)
         train = torch.cat([train, generated])  # (n_train + generated, T)
     order = batch_order(len(train), steps, spec.batch, spec.seed)  # (steps, batch)
-    teacher = teacher_targets(model, train) if spec.objective == "distill" else None  # the full model
+    teacher = teacher_targets(model, train, progress=phase) if spec.objective == "distill" else None  # full model
     with pruned_view(model, adapter, list(kept)):
         targets = select_targets(linear_targets(model, adapter), spec.modules)
         if not targets:

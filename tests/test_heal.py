@@ -286,8 +286,12 @@ def test_distillation_on_sampled_windows_lowers_the_kl_and_a_resume_reuses_the_s
     assert all(tuple(r[: heal_lib.PREFIX_TOKENS].tolist()) in starts for r in sampled)  # continues the text's prefixes
     spec = HealSpec(steps=20, lr=1e-2, batch=4, dropout=0.0, objective="distill", generated=5, checkpoint_every=10)
     ck = heal_lib.HealCheckpoint(tmp_path / "ck", "k")
-    out = heal_lib.heal_model(lm, [0, 2, 3], hw, spec, steps=20, checkpoint=ck)
+    phases = []
+    out = heal_lib.heal_model(lm, [0, 2, 3], hw, spec, steps=20, checkpoint=ck,
+                              phase=lambda done, total, words: phases.append((done, total, words)))
     assert np.mean(out.losses[-4:]) < np.mean(out.losses[:4]) and min(out.losses) >= -1e-6  # a KL: never negative
+    assert phases[0][:2] == (0, 5) and "sampling 5 windows" in phases[0][2]  # the work before step 1 is reported
+    assert (5, 5) in [p[:2] for p in phases] and any("targets" in p[2] for p in phases)
     saved = torch.load(ck.path, weights_only=False)
     assert torch.equal(saved["generated"], sampled) and saved["step"] == 20
 

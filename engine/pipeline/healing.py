@@ -13,7 +13,7 @@ from engine import validate
 from engine.config import EvalSpec, MethodSpec, RunSpec
 from engine.pipeline.run import OpenRun, load, open_run
 from engine.pipeline.artifacts import heal_name, stored
-from engine.pipeline.progress import _HealProgress
+from engine.pipeline.progress import StepProgress, _HealProgress
 from engine.pipeline.stages import _decide
 
 
@@ -113,7 +113,8 @@ def heal(spec: RunSpec, method: MethodSpec, healing, out_dir=None, removed=None,
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     key = heal_lib.checkpoint_key(lm.identity, kept, L, healing, hw.text_sha256, tokenizer_hash(lm.tokenizer), dtype, T)
     checkpoint = heal_lib.HealCheckpoint(cache / "heal" / key, key)
-    outcome = heal_lib.heal_model(lm, kept, hw, healing, steps, checkpoint, _HealProgress(progress, json_mode))
+    outcome = heal_lib.heal_model(lm, kept, hw, healing, steps, checkpoint, _HealProgress(progress, json_mode),
+                                  phase=StepProgress("heal", progress, json_mode).at)
     after = {name: heal_lib.window_losses(lm, w, mask) for name, w in splits.items()}
     results = {name: heal_lib.compare(before[name][:2], after[name][:2], before[name][2], method.level,
                                       method.mc_seed) for name in splits}

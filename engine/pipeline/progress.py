@@ -116,8 +116,9 @@ class _HealProgress:
         self.first_step = None
 
     def __call__(self, step: int, steps: int, loss: float, lr: float) -> None:
-        if self.first_step is None:
-            self.first_step = step - 1
+        if self.first_step is None:  # the ETA from the training steps' own pace, not the sampling before them
+            self.first_step = step  # steps after this one, over the time since it: no sampling time inside
+            self.t0 = time.monotonic()
         now = time.monotonic()
         if not self.enabled or (now - self.last < (1.0 if self.json_mode else 3.0) and step != steps):
             return
