@@ -354,7 +354,7 @@ def sleb(lm: LoadedModel, windows: Windows, k_max: int | None = None, evaluator:
         ppl_after.append(_json_float(values[best]))
         last_round = {int(c): float(k) for c, k in zip(candidates, keyed)}
     if progress is not None:
-        progress(total, total, f"{k_max} rounds done, masks")
+        progress(total, total, f"{k_max} rounds done")
     rest = sorted((l for l in range(n_layers) if kept[l]), key=lambda l: (last_round[l], l))
     order += rest
     return BaselineResult(

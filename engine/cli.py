@@ -348,7 +348,7 @@ def _report(args) -> dict:
     from engine import pipeline
 
     return pipeline.summarize(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
-                              prompt=args.prompt, out_html=args.out)
+                              prompt=args.prompt, out_html=args.out, progress=True, json_mode=args.json)
 
 
 @command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
@@ -359,7 +359,7 @@ def _interactions(args) -> dict:
     ispec = _spec(InteractionSpec, args)
     return pipeline.interactions(run_spec(args), method_spec(args), ispec.index, ispec.fit_on, args.cache_dir,
                                  evaluation=eval_spec(args), csv_path=ispec.csv, bias_check=ispec.bias_check,
-                                 surrogate=ispec.surrogate, folds=ispec.folds)
+                                 surrogate=ispec.surrogate, folds=ispec.folds, progress=True, json_mode=args.json)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "

@@ -214,7 +214,7 @@ def test_export_by_hand_and_report(sampled, tmp_path, capsys):
 
 
 def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(sampled, capsys):
-    """decide, fit, shapley, candidates and baselines write {"event": "progress", "stage", "done", "total",
+    """decide, fit, shapley, candidates, baselines (SLEB per round), interactions and report write {"event": "progress", "stage", "done", "total",
     "eta_s", "step"} lines on stderr with --json (what the app's job panel shows)."""
     def progress(argv):
         assert cli.main([*argv, "--json"]) == 0
@@ -235,3 +235,12 @@ def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(samp
     assert [x["done"] for x in cands if x["stage"] == "candidates"] == [0, 1, 2]
     base = progress(["baselines", *_base(sampled, "--method", "block-influence,angular")])
     assert [x["done"] for x in base if x["stage"] == "baselines"] == [0, 1, 1, 2]
+    sleb = [x for x in progress(["baselines", *_base(sampled, "--criterion", "sleb", "--k-max", "2")])
+            if x["stage"] == "baselines" and "round" in x["step"]]
+    assert [x["done"] for x in sleb] == [0, L, 2 * L - 1] == [0, L, sleb[0]["total"]]  # masks over both rounds
+    inter = [x for x in progress(["interactions", *_base(sampled, *STAGE2)]) if x["stage"] == "interactions"]
+    assert inter[0]["done"] == 0 and inter[-1]["done"] == inter[-1]["total"] >= 3
+    assert any("jackknife" in x["step"] for x in inter)
+    report = [x for x in progress(["report", *_base(sampled, *STAGE2, "--remove", "2")]) if x["stage"] == "report"]
+    assert [x["done"] for x in report] == list(range(report[-1]["total"] + 1))
+    assert any("generating" in x["step"] for x in report)

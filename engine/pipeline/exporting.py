@@ -227,10 +227,12 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
 
 
 def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, run: OpenRun | None = None,
-              evaluation: EvalSpec = EvalSpec(), prompt: str | None = None, out_html=None) -> dict:
+              evaluation: EvalSpec = EvalSpec(), prompt: str | None = None, out_html=None,
+              progress: bool = False, json_mode: bool = False) -> dict:
     """The stakeholder summary of the decision for k = method.remove (engine.summary has the record's
     contract); measures the full and the pruned model here, stores artifact ``summary:<hash>`` and,
-    with `out_html`, writes the self-contained HTML report there."""
+    with `out_html`, writes the self-contained HTML report there. `progress`: one StepProgress line per
+    step (baselines' curves, paired perplexities per split, size and speed, generation)."""
     import platform
 
     from engine import footprint, summary as summary_lib
@@ -249,6 +251,9 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     d = next(x for x in decisions["decisions"] if x["k"] == k)
     removed = tuple(d["removed"])
     ks = decisions["ks"]
+    bar = StepProgress("report", progress, json_mode)
+    n_steps = 4 + len(decisions["splits"])
+    bar.at(0, n_steps, "measuring the baselines' sets on the calibration windows")
     curves = {"method": [{"k": x["k"], "ppl": x["ppl_measured"]} for x in decisions["decisions"]]}
     baselines = {name.split(":", 1)[1]: run.store.get_artifact(name) for name in run.store.artifact_names()
                  if name.startswith("baseline:")}
@@ -258,8 +263,10 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         measured = _measure_fn(run)(np.stack([removal_mask(s, run.n_layers) for _, _, s in sets]))
         for (name, kk, _), ppl in zip(sets, measured):
             curves.setdefault(name, []).append({"k": kk, "ppl": float(ppl)})
+    bar.at(1, n_steps, "full and pruned perplexity on the calibration windows")
     ppl = {"calibration": _paired_change(run, removed, None, method.level)}
-    for name, sp in decisions["splits"].items():
+    for i, (name, sp) in enumerate(decisions["splits"].items()):
+        bar.at(2 + i, n_steps, f"full and pruned perplexity on {name}")
         if k in sp["ks"]:
             ppl[name] = _paired_change(run, removed, name, method.level)
     ids = run.windows.input_ids
@@ -271,6 +278,11 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
             run.lm.tokenizer, dataclasses.replace(run.spec.data, source=splits[0]))
         prompt = summary_lib.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
     fit = stored(run, "fit", method) or {}
+    bar.at(n_steps - 2, n_steps, "size and speed of the full and the pruned model")
+    footprints = {"full": footprint.measure(run.lm, ids).to_dict(),
+                  "pruned": footprint.measure(run.lm, ids, removed).to_dict()}
+    speed = footprint.compare_speed(run.lm, ids, removed).to_dict()
+    bar.at(n_steps - 1, n_steps, "generating from the full and the pruned model")
     record = {
         "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
         "n_masks": run.store.count(), "k": k, "removed": list(removed), "rule": d["method"],
@@ -278,9 +290,8 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         "estimator": ESTIMATOR_LABEL(method.estimator), "r2": fit.get("r2"),
         "n_heldout": ((fit.get("report") or {}).get("split") or {}).get("n_test"),
         "ppl": ppl, "curves": curves,
-        "footprint": {"full": footprint.measure(run.lm, ids).to_dict(),
-                      "pruned": footprint.measure(run.lm, ids, removed).to_dict()},
-        "speed": footprint.compare_speed(run.lm, ids, removed).to_dict(),
+        "footprint": footprints,
+        "speed": speed,
         "generation": {"prompt": prompt, "full": "".join(footprint.generate(run.lm, prompt)),
                        "pruned": "".join(footprint.generate(run.lm, prompt, removed))} if run.lm.tokenizer else None,
         "machine": f"{platform.machine()} {platform.system()}, {run.lm.device}, torch threads "
@@ -289,6 +300,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         "zeroshot": stored_zeroshot_pair(run.lm, removed, cache_dir),
         "healing": run.store.get_artifact(heal_name(removed, run.n_layers)),  # the report's before/after healing
     }
+    bar.at(n_steps, n_steps, "summary built")
     _put(run, "summary", method, run.store, record)
     if out_html is not None:
         atomic.write_atomic(out_html, summary_lib.to_html(record))  # a kill or a full disk leaves no half file

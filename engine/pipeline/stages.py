@@ -286,7 +286,7 @@ def estimand(estimator: str, design) -> str:
 def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
                  cache_dir=None, run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(),
                  csv_path=None, bias_check: bool = False, surrogate: str = INTERACTION_SURROGATE,
-                 folds: int = INTERACTION_FOLDS) -> dict:
+                 folds: int = INTERACTION_FOLDS, progress: bool = False, json_mode: bool = False) -> dict:
     """Pairwise interaction index of every layer pair on a surrogate of the run (engine.interactions):
     `matrix`, `stderr`, `pairs` (strongest first), `diagonal` (what the diagonal holds), stored as an
     artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr).
@@ -296,7 +296,8 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
     the masks (method.interaction_interval; `folds` extra fits); 0: ensemble spread and Monte Carlo only.
     `bias_check` adds `bias_check` (method.interaction_bias_check: an unbiased, cross-fitted estimate
     from the real evaluations with its stderr, and `outside`: pairs whose value lies outside its
-    2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes."""
+    2-stderr interval), which accounts for the surrogate's bias where the design covers the sizes.
+    `progress`: one StepProgress line per step (fits, the index, the jackknife, the bias check)."""
     from engine import method as method_lib
 
     if csv_path is not None:
@@ -305,22 +306,29 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
     t = time.monotonic()
     key = _interaction_key(method, index, fit_on, surrogate, folds)
     sspec = method_lib.interaction_spec(method.surrogate, surrogate)
+    bar = StepProgress("interactions", progress, json_mode)
+    n_steps = 2 + bool(folds) + bool(bias_check)
+    bar.at(0, n_steps, f"fitting the {sspec.kind} surrogate ({sspec.ensemble} members)")
     f = _fit(run, method) if fit_on == "train" else None  # the fit step's split; "all" needs no fit step
     s = f.samples if f is not None else samples(run)
     members = method_lib.interaction_members(s, sspec, fit_on, f)
+    bar.at(1, n_steps, f"the {index} index of every layer pair")
     r = method_lib.interactions(s, members, index, method.budget, method.mc_seed)
     if folds:
+        bar.at(2, n_steps, f"its interval: {folds} jackknife refits")
         part = s if fit_on == "all" else s.subset(f.fitted.report.split.train)
         r = method_lib.interaction_interval(part, sspec, r, index, method.budget, method.mc_seed, folds, method.level,
                                             members)
     result = {"run_id": run.run_id, "n_layers": run.n_layers, "fit_on": fit_on, "surrogate": sspec.kind,
               "folds": folds, **r.to_dict()}
     if bias_check:
+        bar.at(n_steps - 1, n_steps, "the bias check on the real evaluations")
         chk = method_lib.interaction_bias_check(s, sspec, index, method.mc_seed)
         iu = np.triu_indices(run.n_layers, 1)
         outside = np.abs(r.matrix - chk["corrected"])[iu] > 2 * chk["stderr"][iu]
         result["bias_check"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in chk.items()}
         result["bias_check"]["outside"] = int(outside.sum())
+    bar.at(n_steps, n_steps, "interactions done")
     art = {"stage": "interactions", "spec": key, **_seen(s), **result}
     run.store.put_artifact(interactions_name(method, index, fit_on, surrogate, folds), art)
     out = {**result, "n_masks": int(s.n), "seconds": round(time.monotonic() - t, 3)}
