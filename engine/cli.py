@@ -471,7 +471,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ output
 def _human(name: str, result) -> str:
-    from engine.report import SUMMARIES
+    from engine.terminal import SUMMARIES
 
     if name in SUMMARIES:
         return SUMMARIES[name](result)

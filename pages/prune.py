@@ -16,7 +16,7 @@ import streamlit as st
 from engine import pipeline, views
 from engine.decision import removal_mask
 from engine.estimators import ESTIMATORS
-from engine.prune import MANIFEST, zip_export
+from engine.export import MANIFEST, zip_export
 from pages import _ui
 
 st.title("Prune & export")

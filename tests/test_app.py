@@ -380,10 +380,10 @@ def test_summary_page_builds_the_report_and_generates(demo_run):
     assert table["healed"].iloc[0] == f"{healed['ppl_after']:,.2f}"
     assert any("2 LoRA steps" in c.value and "4 windows sampled" in c.value for c in at.caption)
     # the HTML report (what the download button offers) carries the same before/after table
-    from engine import summary as summary_lib
+    from engine import html_report
 
-    assert "After healing" not in summary_lib.to_html(record)
-    report = summary_lib.to_html(record, healed)
+    assert "After healing" not in html_report.to_html(record)
+    report = html_report.to_html(record, healed)
     assert "After healing (LoRA)" in report and f"{healed['ppl_after']:,.2f}" in report
 
 

@@ -145,8 +145,8 @@ def _file_imports(path: Path) -> set[str]:
 # registries' names. Model logic (method, evaluate, masking, models, data, surrogate fitting) is
 # reached through engine.pipeline only.
 PAGE_ALLOWED = {"engine.pipeline", "engine.views", "engine.config", "engine.errors", "engine.estimators",
-                "engine.surrogate", "engine.baselines", "engine.store", "engine.decision", "engine.prune",
-                "engine.jobs", "engine.summary", "engine.session"}
+                "engine.surrogate", "engine.baselines", "engine.store", "engine.decision", "engine.export",
+                "engine.jobs", "engine.html_report", "engine.session"}
 PAGE_FORBIDDEN = {"engine.method", "engine.evaluate", "engine.masking", "engine.models", "engine.data",
                   "engine.shapley", "torch", "transformers"}
 

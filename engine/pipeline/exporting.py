@@ -28,7 +28,7 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
     """Export the model without `removed` (default: the decision for k = method.remove) to `out_dir`,
     with manifest and model card, verified by a reload in a fresh process. `fmt="gguf"`: one GGUF
     file `out_dir` (engine.gguf_export) with `quant` f32 | f16 | q8_0 | q4_1."""
-    from engine.prune import check_export_folder
+    from engine.export import check_export_folder
 
     if fmt == "gguf":
         from engine.gguf_export import check_gguf_out
@@ -60,7 +60,7 @@ def export_run(run: OpenRun, method: MethodSpec, out_dir, removed=None, overwrit
 def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: int, removed=None,
             fmt: str = "folder", quant: str = "f32") -> dict:
     from engine.decision import removal_mask
-    from engine.prune import prune_model
+    from engine.export import prune_model
 
     art = stored(run, "fit", method) or {}
     if removed is None:
@@ -124,7 +124,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
           evaluation: EvalSpec = EvalSpec(), progress: bool = False, json_mode: bool = False) -> dict:
     """fit -> contributions -> decide (k = remove, plus --ks / --all-k) -> export (if out_dir) on the run's
     samples; with `progress`, the decision's progress on stderr (StepProgress)."""
-    from engine.prune import check_export_folder
+    from engine.export import check_export_folder
 
     t0 = time.monotonic()
     if run is None:  # every option, the export folder included, before any model is loaded
@@ -227,12 +227,12 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
 
 def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, run: OpenRun | None = None,
               evaluation: EvalSpec = EvalSpec(), prompt: str | None = None, out_html=None) -> dict:
-    """The stakeholder summary of the decision for k = method.remove (engine.summary has the record's
+    """The stakeholder summary of the decision for k = method.remove (engine.html_report has the record's
     contract); measures the full and the pruned model here, stores artifact ``summary:<hash>`` and,
     with `out_html`, writes the self-contained HTML report there."""
     import platform
 
-    from engine import footprint, summary as summary_lib
+    from engine import footprint, html_report
     from engine.decision import removal_mask
     from engine.estimators import get as estimator
 
@@ -268,7 +268,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         splits = [name for name in decisions["splits"] if name in ppl]
         source = run.windows if not splits else make_windows(
             run.lm.tokenizer, dataclasses.replace(run.spec.data, source=splits[0]))
-        prompt = summary_lib.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
+        prompt = html_report.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
     fit = stored(run, "fit", method) or {}
     record = {
         "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
@@ -290,7 +290,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     }
     _put(run, "summary", method, run.store, record)
     if out_html is not None:
-        atomic.write_atomic(out_html, summary_lib.to_html(record))  # a kill or a full disk leaves no half file
+        atomic.write_atomic(out_html, html_report.to_html(record))  # a kill or a full disk leaves no half file
         record = {**record, "html": str(out_html)}
     return record
 
