@@ -108,7 +108,8 @@ def test_engine_never_imports_streamlit():
         assert "streamlit" not in external, f"engine/{m}.py imports streamlit"
 
 
-@pytest.mark.parametrize("module", ["sampling", "surrogate", "shapley", "interactions"])
+@pytest.mark.parametrize("module", ["sampling", "surrogate", "shapley", "interactions", "interaction_intervals",
+                                    "mask_order", "store_schema"])
 def test_model_free_modules_never_reach_transformers(module):
     if module not in MODULES:
         pytest.skip(f"engine/{module}.py not written yet")
