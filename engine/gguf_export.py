@@ -38,12 +38,13 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from engine.config import GGUF_QUANTS
 from engine.errors import ExportCheckFailed, ExportError, from_exception
 from engine.export import _kept_from_removed, judge, package_versions, pruned_view, verify_exports
 from engine import _verify_export
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-QUANTS = ("f32", "f16", "q8_0", "q4_1")
+QUANTS = GGUF_QUANTS  # declared with the --quant option (config.ExportSpec)
 # Reload tolerance on perplexity, relative to the in-memory pruned model. f32 is the same model;
 # the rest are rounded on purpose, so the bound only catches a broken file (measured deltas in README).
 QUANT_RTOL = {"f32": 1e-4, "f16": 5e-3, "q8_0": 5e-2, "q4_1": 0.5}

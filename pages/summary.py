@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import html_report, pipeline, views
-from engine.config import HEAL_STEPS, HealSpec
+from engine.config import HEAL_STEPS, ExportSpec, HealSpec, spec_argv
 from engine.estimators import ESTIMATORS
 from pages import _ui
 
@@ -93,7 +93,7 @@ heal_sampled = h2.number_input("windows sampled from the full model", min_value=
                                help=views.option_help(HealSpec, "generated"))
 healing = HealSpec(steps=int(heal_steps), generated=int(heal_sampled))
 _ui.job_panel(run, "heal", "Heal", dataclasses.replace(mspec, remove=k), healing,
-              extra=("--out", str(heal_out), "--overwrite"),
+              extra=tuple(spec_argv(ExportSpec(out=str(heal_out), overwrite=True))),
               help=f"LoRA on every linear layer of the kept layers ({html_report.HEAL_HELP}), then a verified export "
                    f"to {heal_out} (background job; resumes after a cancel)")
 if healed is None:

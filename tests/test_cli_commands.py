@@ -235,3 +235,22 @@ def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(samp
     assert [x["done"] for x in cands if x["stage"] == "candidates"] == [0, 1, 2]
     base = progress(["baselines", *_base(sampled, "--method", "block-influence,angular")])
     assert [x["done"] for x in base if x["stage"] == "baselines"] == [0, 1, 1, 2]
+
+
+def test_export_spec_round_trips_through_its_flags():
+    """ExportSpec declares the export flags once: the argv the pages build from it (the hand-written argv
+    they built before, byte for byte) parses back to the same spec, --eval-data repeated in order."""
+    from engine.argv import command_argv
+    from engine.config import ExportSpec, spec_argv
+
+    held = ExportSpec(eval_data=("demo-test", "more.txt"))
+    assert spec_argv(held) == ["--eval-data", "demo-test", "--eval-data", "more.txt"]
+    assert spec_argv(ExportSpec(out="x", overwrite=True)) == ["--out", "x", "--overwrite"]
+    assert spec_argv(ExportSpec()) == []
+    for name, spec in (("prune", held), ("run", ExportSpec(out="x", overwrite=True, eval_data=("a",))),
+                       ("export", ExportSpec(out="m.gguf", format="gguf", quant="q8_0")), ("heal", ExportSpec())):
+        argv = command_argv(name, spec, extra=("--removed", "1") if name == "export" else ())
+        assert cli._spec(ExportSpec, cli.build_parser(argv).parse_args(argv)) == spec
+    # prune, run and heal take no format: their flags are not there
+    argv = command_argv("prune", ExportSpec(format="gguf"))
+    assert "--format" not in argv and cli._spec(ExportSpec, cli.build_parser(argv).parse_args(argv)) == ExportSpec()
