@@ -253,7 +253,8 @@ def _status(args) -> dict:
 
 
 def _open_existing(spec: RunSpec, args, evaluation: EvalSpec):
-    """The run of `spec`, opened once at the edge for an analysis stage (never creates a run)."""
+    """The run of `spec`, opened once at the edge for an analysis stage (never creates a run: one that was
+    never sampled is an error saying so)."""
     from engine import pipeline
 
     return pipeline.open_run(spec, args.cache_dir, evaluation, create=False)
@@ -266,8 +267,7 @@ def _fit(args) -> dict:
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
     run = _open_existing(spec, args, evaluation)
-    out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation, progress=True,
-                       json_mode=args.json)
+    out = pipeline.fit(run, method, compare=not args.no_compare, progress=True, json_mode=args.json)
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
 
@@ -276,8 +276,8 @@ def _shapley(args) -> dict:
     from engine import pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    return pipeline.contributions(spec, method, args.cache_dir, run=_open_existing(spec, args, evaluation),
-                                  evaluation=evaluation, progress=True, json_mode=args.json)
+    return pipeline.contributions(_open_existing(spec, args, evaluation), method, progress=True,
+                                  json_mode=args.json)
 
 
 def _with_extrapolation(result, args):
@@ -334,21 +334,26 @@ def _export(args) -> dict:
 @command("report", "one self-contained HTML summary of the decision for --remove: layers removed, perplexity "
          "before/after, size and speed of the full and pruned model, baselines, generation")
 def _report(args) -> dict:
-    from engine import pipeline
+    from engine import atomic, pipeline
 
-    return pipeline.summarize(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
-                              prompt=args.prompt, out_html=args.out)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    atomic.check_output_file(args.out, "--out")  # a folder, a dangling link, a long name: before the model loads
+    return pipeline.summarize(_open_existing(spec, args, evaluation), method, prompt=args.prompt,
+                              out_html=args.out)
 
 
 @command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
          "Banzhaf): matrix, strongest pairs with standard errors")
 def _interactions(args) -> dict:
-    from engine import pipeline
+    from engine import atomic, pipeline
 
     ispec = _spec(InteractionSpec, args)
-    return pipeline.interactions(run_spec(args), method_spec(args), ispec.index, ispec.fit_on, args.cache_dir,
-                                 evaluation=eval_spec(args), csv_path=ispec.csv, bias_check=ispec.bias_check,
-                                 surrogate=ispec.surrogate, folds=ispec.folds)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    if ispec.csv is not None:
+        atomic.check_output_file(ispec.csv, "--csv")  # before the model loads
+    return pipeline.interactions(_open_existing(spec, args, evaluation), method, ispec.index, ispec.fit_on,
+                                 csv_path=ispec.csv, bias_check=ispec.bias_check, surrogate=ispec.surrogate,
+                                 folds=ispec.folds)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "
@@ -361,8 +366,7 @@ def _candidates(args) -> dict:
     if cspec.top < 1:
         raise WorkbenchError("--top must be at least 1.")
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    return _with_extrapolation(pipeline.candidates(spec, method, cspec.top, args.cache_dir,
-                                                   run=_open_existing(spec, args, evaluation), evaluation=evaluation,
+    return _with_extrapolation(pipeline.candidates(_open_existing(spec, args, evaluation), method, cspec.top,
                                                    progress=True, json_mode=args.json), args)
 
 

@@ -401,7 +401,8 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     from engine import pipeline
     from engine.config import MethodSpec
 
-    pipeline.contributions(SPEC, MethodSpec(estimator="exact"), demo_run[0])  # shown in the estimator overlay
+    run = pipeline.open_run(SPEC, demo_run[0], create=False)
+    pipeline.contributions(run, MethodSpec(estimator="exact"))  # shown in the estimator overlay
     at = _app("interactions")
     assert any("No interaction map" in i.value for i in at.info)
     at.checkbox(key="interaction_bias_check").check().run()
@@ -470,7 +471,7 @@ def adaptive_run(demo_run, tmp_path_factory):
     result = pipeline.sample(spec, cache, progress=False, run=run)
     assert result.total == 24 and 0 < result.partial < 24 and len(result.rounds) == 2
     method = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=1))
-    pipeline.fit(spec, method, run=run)
+    pipeline.fit(run, method)
     pipeline.work_curve(run, method)
     return cache, run.run_id, spec, method
 

@@ -178,7 +178,7 @@ def test_cli_pipeline_and_method_give_the_same_contributions(sampled, capsys):
     mspec = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=2), estimator="paper", budget=5000,
                        mc_seed=3)
     run = pipeline.open_run(spec, sampled / "cache")
-    from_pipeline = pipeline.contributions(spec, mspec, run=run)["contributions"]
+    from_pipeline = pipeline.contributions(run, mspec)["contributions"]
     t = run.store.table()
     samples = method.Samples.from_perplexities(t.masks, t.ppl, run.store.meta()["ppl_full"], spec.sampling)
     from_method = method.contributions(samples, method.fit(samples, mspec.surrogate, curve=False), mspec).values

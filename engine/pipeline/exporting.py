@@ -225,11 +225,11 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     return out
 
 
-def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, run: OpenRun | None = None,
-              evaluation: EvalSpec = EvalSpec(), prompt: str | None = None, out_html=None) -> dict:
+def summarize(run: OpenRun, method: MethodSpec = MethodSpec(), prompt: str | None = None, out_html=None) -> dict:
     """The stakeholder summary of the decision for k = method.remove (engine.html_report has the record's
     contract); measures the full and the pruned model here, stores artifact ``summary:<hash>`` and,
-    with `out_html`, writes the self-contained HTML report there."""
+    with `out_html`, writes the self-contained HTML report there (after the artifact; the caller checks the
+    path first, `atomic.check_output_file`: the CLI, before opening the run)."""
     import platform
 
     from engine import footprint, html_report
@@ -237,9 +237,6 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     from engine.estimators import get as estimator
 
     ESTIMATOR_LABEL = lambda name: estimator(name).label  # noqa: E731
-    if out_html is not None:
-        atomic.check_output_file(out_html, "--out")  # a folder, a dangling link, a long name: before the work
-    run = run or open_run(spec, cache_dir, evaluation, create=False)
     decisions = stored(run, "decisions", method)
     k = default_remove(method, run.n_layers)
     if not decisions or k not in decisions["ks"]:
@@ -271,7 +268,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         prompt = html_report.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
     fit = stored(run, "fit", method) or {}
     record = {
-        "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
+        "run_id": run.run_id, "model": run.spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
         "n_masks": run.store.count(), "k": k, "removed": list(removed), "rule": d["method"],
         "splits_order": [n for n in decisions.get("splits_measured") or decisions["splits"] if n in ppl],
         "estimator": ESTIMATOR_LABEL(method.estimator), "r2": fit.get("r2"),
@@ -285,7 +282,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         "machine": f"{platform.machine()} {platform.system()}, {run.lm.device}, torch threads "
                    f"{__import__('torch').get_num_threads()}",
         "method_spec": dataclasses.asdict(method),
-        "zeroshot": stored_zeroshot_pair(run.lm, removed, cache_dir),
+        "zeroshot": stored_zeroshot_pair(run.lm, removed, run.store.cache_dir),
         "healing": run.store.get_artifact(heal_name(removed, run.n_layers)),  # the report's before/after healing
     }
     _put(run, "summary", method, run.store, record)
