@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
         method = MethodSpec(remove=k)
         art = pipeline.stored(run, "decisions", method)
         if art is None or art["stale"]:  # decide now (a stored decision of these settings is reused)
-            art = pipeline.decide(spec, method, run=run)
+            art = pipeline.decide(run, method)
         seconds = art["cost"]["seconds"]
         d = art["decisions"][0]
         chosen = tuple(d["removed"])

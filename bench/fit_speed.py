@@ -25,12 +25,12 @@ def measure(run, spec, method, batched: bool) -> dict:
     surrogate.BATCHED_FITS = batched
     pipeline._FITS.clear()  # refit: nothing cached from the other mode
     t = time.perf_counter()
-    f = pipeline.fit(spec, method, compare=True, run=run)
+    f = pipeline.fit(run, method, compare=True)
     pipeline.work_curve(run, method)
     fit_s = time.perf_counter() - t
     pipeline._FITS.clear()
     t = time.perf_counter()
-    c = pipeline.contributions(spec, method, run=run)
+    c = pipeline.contributions(run, method)
     return {"batched": batched, "fit_seconds": round(fit_s, 2),
             "contributions_seconds": round(time.perf_counter() - t, 2),
             "r2": f["r2"], "spearman": f["spearman"], "contributions": c["contributions"],

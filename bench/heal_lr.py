@@ -20,7 +20,7 @@ from engine.config import DataSpec, ModelSpec
 from engine.data import load_text, make_windows
 from engine.evaluate import MaskEvaluator
 from engine.models import load_model
-from engine.prune import pruned_view
+from engine.export import pruned_view
 
 
 def main() -> None:

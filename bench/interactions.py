@@ -18,10 +18,10 @@ of the ensemble. Reported per row, as the mean over seeds:
 Spearman over all pairs, Spearman over the 15 strongest true pairs (by |value|), Pearson over all
 pairs, the share of the index's weight on kept counts the scheme never samples, `coverage`: the share
 of pairs whose exact value lies inside the `--level` interval that `engine interactions` reports
-(`engine.interactions.jackknife_interval` over `--folds` groups of the masks, through
+(`engine.interaction_intervals.jackknife_interval` over `--folds` groups of the masks, through
 `method.interaction_interval`; `coverage_top15` over the 15 strongest true pairs; 0 folds: not
 computed), the share within 2 stderr of the ensemble spread alone (`coverage_ensemble`; with
---bias-check also the cross-fitted residual check's interval, `engine.interactions.residual_check`),
+--bias-check also the cross-fitted residual check's interval, `engine.interaction_intervals.residual_check`),
 and fit seconds.
 
 Cost: interactions of a 5-member ensemble of the paper's MLP at each of `--cost-layers` (exact up to
@@ -46,7 +46,8 @@ from scipy.stats import pearsonr, spearmanr
 from bench import ground_truth as gtm
 from bench.common import emit, run_script
 from engine.config import INTERACTION_SURROGATE, MethodSpec, SamplingSpec, SurrogateSpec
-from engine.interactions import interaction_index, residual_check, restricted_index, restricted_weights
+from engine.interaction_intervals import residual_check, restricted_index, restricted_weights
+from engine.interactions import interaction_index
 from engine.method import Samples, interaction_interval
 from engine.sampling import mask_probability, sample_masks, size_distribution
 from engine.surrogate import Ensemble, fit_with_diagnostics, make_surrogate

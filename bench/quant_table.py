@@ -91,7 +91,7 @@ def run(args) -> dict:
     heldout = make_windows(lm.tokenizer, DataSpec(source=args.eval_data, n_windows=args.eval_windows,
                                                   seq_len=args.seq_len)).input_ids
     if args.healed:  # an export of `engine heal`: already pruned and healed
-        from engine.prune import MANIFEST
+        from engine.export import MANIFEST
 
         manifest = json.loads((Path(args.healed) / MANIFEST).read_text())
         if manifest.get("removed_layers") != list(removed):

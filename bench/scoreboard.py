@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     if {"decision", "rank-and-cut"} & set(methods) and (not decided or decided["stale"]
                                                         or not set(ks) <= set(decided["ks"])):
         t = time.monotonic()
-        pipeline.decide(spec, method, cache, run=run, ks=ks)
+        pipeline.decide(run, method, ks=ks)
         stage("decide", t)
     missing = [b for b in baselines if run.store.get_artifact(f"baseline:{b}") is None]
     if missing:

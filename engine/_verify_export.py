@@ -7,7 +7,7 @@ JOBS.json is a list of {"model_dir": str (a folder, or a .gguf file), "windows":
 "new_tokens": int, "dtype": "float32" | "bfloat16" | ..., "device": "cpu" | "cuda:0" | ...}. RESULTS.json receives one dict per job (see `check_export`); a job that
 raises gets {"error": "..."} instead, so one broken export does not hide the others.
 
-`perplexity` is also imported in-process by engine.prune, so both sides measure the same way:
+`perplexity` is also imported in-process by engine.export, so both sides measure the same way:
 exp(mean next-token NLL over every predicted token of every window), use_cache=False.
 """
 
@@ -109,7 +109,7 @@ def layer_indices(model) -> list[int]:
 
 def check_export(model_dir: str, windows: str, new_tokens: int = 4, dtype: str = "float32", device: str = "cpu") -> dict:
     """Load `model_dir` with plain transformers (same dtype and device as the in-memory model,
-    so both sides run the same kernels) and measure what engine.prune compares."""
+    so both sides run the same kernels) and measure what engine.export compares."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()

@@ -2,15 +2,15 @@
 
 The one table both the CLI (engine/cli.py builds each command's options from it) and the app's
 background jobs (engine/views.job_argv) read, so neither imports the other. Groups of hand-built
-options (export folder, --removed, report, fetch, ...) are named here too and built by the CLI.
+options (--removed, report, fetch, ...) are named here too and built by the CLI.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from engine.config import (BaselineSpec, CandidateSpec, DataSpec, EvalSpec, HealSpec, InteractionSpec, MethodSpec,
-                           ModelSpec, SamplingSpec, SurrogateSpec, ZeroShotSpec, spec_argv)
+from engine.config import (BaselineSpec, CandidateSpec, DataSpec, EvalSpec, ExportSpec, HealSpec, InteractionSpec,
+                           MethodSpec, ModelSpec, SamplingSpec, SurrogateSpec, ZeroShotSpec, spec_argv)
 
 _ESTIMATE = ("estimator", "budget", "mc_seed", "level", "boot", "window_boot")
 # Option groups declared by specs: name -> (spec class, title, fields shown or None for all).
@@ -30,6 +30,8 @@ SPEC_GROUPS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
     "baseline": (BaselineSpec, "baseline", None),
     "healing": (HealSpec, "healing (LoRA on every linear layer of the kept decoder layers)", None),
     "zeroshot": (ZeroShotSpec, "zero-shot tasks (lm-eval)", None),
+    "export": (ExportSpec, "export and held-out text", ("out", "overwrite", "eval_data")),
+    "format": (ExportSpec, "format", ("format", "quant")),
 }
 
 _RUN = ("model", "data", "sampling")

@@ -31,8 +31,8 @@ import typing
 from typing import Callable
 
 from engine.config import (
-    BaselineSpec, CandidateSpec, DataSpec, EvalSpec, HealSpec, InteractionSpec, MethodSpec, ModelSpec, RunSpec,
-    SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints,
+    BaselineSpec, CandidateSpec, DataSpec, EvalSpec, ExportSpec, HealSpec, InteractionSpec, MethodSpec, ModelSpec,
+    RunSpec, SamplingSpec, SpecError, SurrogateSpec, ZeroShotSpec, option_flag, parse_ints,
 )
 from engine.argv import COMMAND_GROUPS, SPEC_GROUPS, command_argv  # noqa: F401 (command_argv re-exported)
 from engine.errors import WorkbenchError, describe
@@ -82,6 +82,10 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
         if meta.get("many"):  # comma-separated names, each from the registry
             g.add_argument(*flags, dest=dest, required=meta["required"], type=_names(choices), help=help_text)
             continue
+        if meta.get("repeat"):  # the flag given once per value
+            g.add_argument(*flags, dest=dest, action="append", default=[], choices=choices, help=help_text,
+                           type=meta["parse"] or str)
+            continue
         if meta["off_flag"]:
             both = g.add_mutually_exclusive_group()
             both.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
@@ -105,6 +109,8 @@ def _describe(registry) -> str:
 def _spec(cls, args, **nested):
     """Build `cls` from the parsed options (fields without an option keep their defaults)."""
     values = {f.name: getattr(args, _dest(cls, f)) for f in dataclasses.fields(cls) if hasattr(args, _dest(cls, f))}
+    values |= {f.name: tuple(values[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("repeat")
+               and f.name in values}  # argparse's list -> the spec's tuple
     try:
         return cls(**values, **nested)
     except SpecError as e:  # say it with the flag the user typed
@@ -142,26 +148,6 @@ def _names(allowed: tuple[str, ...]):
             raise SpecError(f"unknown criterion {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}.")
         return names
     return parse
-
-
-def _export_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("export and held-out text")
-    g.add_argument("--out", default=None, help="export folder for the pruned model (must be empty or new)")
-    g.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
-    g.add_argument("--eval-data", action="append", default=[],
-                   help="held-out text measured before/after pruning (repeatable; demo data adds demo-test, demo-ood)")
-
-
-def _format_options(p: argparse.ArgumentParser) -> None:
-    from engine.gguf_export import QUANTS
-
-    g = p.add_argument_group("format")
-    g.add_argument("--format", default="folder", choices=("folder", "gguf"),
-                   help="folder: a Hugging Face folder; gguf: one GGUF file (llama architecture; --out FILE.gguf) "
-                        "(default %(default)s)")
-    g.add_argument("--quant", default="f32", choices=QUANTS,
-                   help="GGUF weight type (norms stay f32; rows not a multiple of 32 fall back to f16) "
-                        "(default %(default)s)")
 
 
 def _fit_options(p: argparse.ArgumentParser) -> None:
@@ -221,12 +207,10 @@ def _fetch_options(p: argparse.ArgumentParser) -> None:
 # groups and which command takes which come from engine.argv.
 _GROUPS: dict[str, tuple] = {
     **SPEC_GROUPS,
-    "export": (_export_options, None, None),
     "fit": (_fit_options, None, None),
     "removed": (_removed_option, None, None),
     "report": (_report_options, None, None),
     "fetch": (_fetch_options, None, None),
-    "format": (_format_options, None, None),
     "heal-layers": (_heal_layers_option, None, None),
     "zeroshot_which": (_zeroshot_options, None, None),
 }
@@ -269,7 +253,8 @@ def _status(args) -> dict:
 
 
 def _open_existing(spec: RunSpec, args, evaluation: EvalSpec):
-    """The run of `spec`, opened once at the edge for an analysis stage (never creates a run)."""
+    """The run of `spec`, opened once at the edge for an analysis stage (never creates a run: one that was
+    never sampled is an error saying so)."""
     from engine import pipeline
 
     return pipeline.open_run(spec, args.cache_dir, evaluation, create=False)
@@ -282,8 +267,7 @@ def _fit(args) -> dict:
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
     run = _open_existing(spec, args, evaluation)
-    out = pipeline.fit(spec, method, compare=not args.no_compare, run=run, evaluation=evaluation, progress=True,
-                       json_mode=args.json)
+    out = pipeline.fit(run, method, compare=not args.no_compare, progress=True, json_mode=args.json)
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
 
@@ -292,8 +276,8 @@ def _shapley(args) -> dict:
     from engine import pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    return pipeline.contributions(spec, method, args.cache_dir, run=_open_existing(spec, args, evaluation),
-                                  evaluation=evaluation, progress=True, json_mode=args.json)
+    return pipeline.contributions(_open_existing(spec, args, evaluation), method, progress=True,
+                                  json_mode=args.json)
 
 
 def _with_extrapolation(result, args):
@@ -315,8 +299,9 @@ def _with_extrapolation(result, args):
 def _prune(args) -> dict:
     from engine import pipeline
 
-    return _with_extrapolation(pipeline.prune(run_spec(args), method_spec(args), args.out, args.overwrite,
-                                              tuple(args.eval_data), args.cache_dir, evaluation=eval_spec(args),
+    xspec = _spec(ExportSpec, args)
+    return _with_extrapolation(pipeline.prune(run_spec(args), method_spec(args), xspec.out, xspec.overwrite,
+                                              xspec.eval_data, args.cache_dir, evaluation=eval_spec(args),
                                               progress=True, json_mode=args.json), args)
 
 
@@ -324,8 +309,9 @@ def _prune(args) -> dict:
 def _run(args) -> dict:
     from engine import pipeline
 
-    return _with_extrapolation(pipeline.run_all(run_spec(args), method_spec(args), args.out, args.overwrite,
-                                                tuple(args.eval_data), args.cache_dir, progress=True,
+    xspec = _spec(ExportSpec, args)
+    return _with_extrapolation(pipeline.run_all(run_spec(args), method_spec(args), xspec.out, xspec.overwrite,
+                                                xspec.eval_data, args.cache_dir, progress=True,
                                                 json_mode=args.json, evaluation=eval_spec(args)), args)
 
 
@@ -334,32 +320,40 @@ def _run(args) -> dict:
 def _export(args) -> dict:
     from engine import pipeline
 
-    if args.out is None:
+    xspec = _spec(ExportSpec, args)
+    if xspec.out is None:
         raise UsageError("export needs --out FOLDER (an empty or new folder), or --out FILE.gguf with --format gguf.")
-    if args.quant != "f32" and args.format != "gguf":
-        raise UsageError(f"--quant {args.quant} applies to --format gguf only (a folder export keeps the model's dtype).")
-    return pipeline.export(run_spec(args), method_spec(args), args.out, removed=args.removed, overwrite=args.overwrite,
-                           cache_dir=args.cache_dir, evaluation=eval_spec(args), fmt=args.format, quant=args.quant)
+    if xspec.quant != "f32" and xspec.format != "gguf":
+        raise UsageError(f"--quant {xspec.quant} applies to --format gguf only (a folder export keeps the model's "
+                         "dtype).")
+    return pipeline.export(run_spec(args), method_spec(args), xspec.out, removed=args.removed,
+                           overwrite=xspec.overwrite, cache_dir=args.cache_dir, evaluation=eval_spec(args),
+                           fmt=xspec.format, quant=xspec.quant)
 
 
 @command("report", "one self-contained HTML summary of the decision for --remove: layers removed, perplexity "
          "before/after, size and speed of the full and pruned model, baselines, generation")
 def _report(args) -> dict:
-    from engine import pipeline
+    from engine import atomic, pipeline
 
-    return pipeline.summarize(run_spec(args), method_spec(args), args.cache_dir, evaluation=eval_spec(args),
-                              prompt=args.prompt, out_html=args.out, progress=True, json_mode=args.json)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    atomic.check_output_file(args.out, "--out")  # a folder, a dangling link, a long name: before the model loads
+    return pipeline.summarize(_open_existing(spec, args, evaluation), method, prompt=args.prompt,
+                              out_html=args.out, progress=True, json_mode=args.json)
 
 
 @command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
          "Banzhaf): matrix, strongest pairs with standard errors")
 def _interactions(args) -> dict:
-    from engine import pipeline
+    from engine import atomic, pipeline
 
     ispec = _spec(InteractionSpec, args)
-    return pipeline.interactions(run_spec(args), method_spec(args), ispec.index, ispec.fit_on, args.cache_dir,
-                                 evaluation=eval_spec(args), csv_path=ispec.csv, bias_check=ispec.bias_check,
-                                 surrogate=ispec.surrogate, folds=ispec.folds, progress=True, json_mode=args.json)
+    spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
+    if ispec.csv is not None:
+        atomic.check_output_file(ispec.csv, "--csv")  # before the model loads
+    return pipeline.interactions(_open_existing(spec, args, evaluation), method, ispec.index, ispec.fit_on,
+                                 csv_path=ispec.csv, bias_check=ispec.bias_check, surrogate=ispec.surrogate,
+                                 folds=ispec.folds, progress=True, json_mode=args.json)
 
 
 @command("candidates", "near-optimal removal sets for k = 1..--remove: the --top best per k by the surrogate, "
@@ -372,8 +366,7 @@ def _candidates(args) -> dict:
     if cspec.top < 1:
         raise WorkbenchError("--top must be at least 1.")
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    return _with_extrapolation(pipeline.candidates(spec, method, cspec.top, args.cache_dir,
-                                                   run=_open_existing(spec, args, evaluation), evaluation=evaluation,
+    return _with_extrapolation(pipeline.candidates(_open_existing(spec, args, evaluation), method, cspec.top,
                                                    progress=True, json_mode=args.json), args)
 
 
@@ -401,8 +394,9 @@ def _demo_run(args) -> dict:
 def _heal(args) -> dict:
     from engine import pipeline
 
-    return pipeline.heal(run_spec(args), method_spec(args), _spec(HealSpec, args), args.out, removed=args.removed,
-                         overwrite=args.overwrite, eval_data=tuple(args.eval_data), cache_dir=args.cache_dir,
+    xspec = _spec(ExportSpec, args)
+    return pipeline.heal(run_spec(args), method_spec(args), _spec(HealSpec, args), xspec.out, removed=args.removed,
+                         overwrite=xspec.overwrite, eval_data=xspec.eval_data, cache_dir=args.cache_dir,
                          evaluation=eval_spec(args), progress=True, json_mode=args.json)
 @command("evaluate", "zero-shot accuracy with lm-eval (LAMBADA and the 7 commonsense tasks, offline after `make "
          "fetch-tasks`) of the full model, a layer set, a run's decision or a baseline's set for --remove K, or an "
@@ -471,7 +465,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ output
 def _human(name: str, result) -> str:
-    from engine.report import SUMMARIES
+    from engine.terminal import SUMMARIES
 
     if name in SUMMARIES:
         return SUMMARIES[name](result)

@@ -66,7 +66,7 @@ class SpecError(WorkbenchError):
 
 def option(default, help: str, flag: str | None = None, parse=None, registry: str | None = None,
            off_flag: str | None = None, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (),
-           required: bool = False, many: bool = False):
+           required: bool = False, many: bool = False, repeat: bool = False):
     """A spec field that is also a command-line option and an app input.
 
     `flag`: the CLI spelling (default ``--field-name``); `parse`: str -> value for non-scalar
@@ -74,12 +74,13 @@ def option(default, help: str, flag: str | None = None, parse=None, registry: st
     only when that command's parser is built); `off_flag`: for a ``bool | None`` field, the flag
     that sets False (None means "the command's default"); `aliases`: older spellings of the flag the
     CLI still accepts; `required`: the command needs the option; `many`: a tuple of registry names given
-    comma-separated (each checked against `registry`). The CLI builds its options from these
+    comma-separated (each checked against `registry`); `repeat`: a tuple whose values are given by repeating
+    the flag (``--eval-data a --eval-data b``), in order. The CLI builds its options from these
     (engine/cli.py) and the app's argv is generated back from a spec (`spec_argv`), so a new
     setting is one field here.
     """
     meta = {"help": help, "flag": flag, "parse": parse, "registry": registry, "off_flag": off_flag,
-            "choices": choices, "aliases": aliases, "required": required, "many": many}
+            "choices": choices, "aliases": aliases, "required": required, "many": many, "repeat": repeat}
     return field(default=default, metadata=meta)
 
 
@@ -409,6 +410,24 @@ class BaselineSpec:
     seed: int = option(0, "random: the seed", flag="--baseline-seed")
 
 
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_1")  # the weight types engine.gguf_export writes (--quant)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Where and how a pruned model is written and which held-out texts are measured before and after
+    (`engine prune`, `run`, `heal`, `export`); `format` and `quant` are `engine export`'s only (engine.argv)."""
+
+    out: str | None = option(None, "export folder for the pruned model (must be empty or new)")
+    overwrite: bool = option(False, "replace a previous export in --out")
+    eval_data: tuple[str, ...] = option((), "held-out text measured before/after pruning (repeatable; demo data "
+                                        "adds demo-test, demo-ood)", repeat=True)
+    format: str = option("folder", "folder: a Hugging Face folder; gguf: one GGUF file (llama architecture; "
+                         "--out FILE.gguf)", choices=("folder", "gguf"))
+    quant: str = option("f32", "GGUF weight type (norms stay f32; rows not a multiple of 32 fall back to f16)",
+                        choices=GGUF_QUANTS)
+
+
 HEAL_LR = 1e-3
 # With --objective lm (the default before distillation): the same set (the decision for k = 4, 2 3 7 10) at lr 1e-3 took demo-test from 40.17 to 38.94,
 # 38.63, 39.25 and 42.60 after 50, 100, 150 and 300 steps (2.5 passes over the calibration text at 100; more
@@ -567,6 +586,8 @@ def spec_argv(spec, keep=None) -> list[str]:
         flag = option_flag(f)
         if isinstance(value, bool):
             argv.append(flag if value else f.metadata["off_flag"])
+        elif f.metadata.get("repeat"):
+            argv += [x for v in value for x in (flag, str(v))]
         elif isinstance(value, tuple):
             argv += [flag, ",".join(str(v) for v in value)]
         else:

@@ -18,7 +18,7 @@ Contract of `RayEvaluator`:
   cluster's GPUs divided among the actors (gpus // workers each, at least 1), loaded with
   accelerate's device_map="auto" over the actor's GPUs (models larger than one GPU).
 * Work: the pending masks are split into whole subtrees of their prefix trie
-  (`evaluate.split_subtrees`, about `tasks_per_worker` x workers groups, at least one per
+  (`mask_order.split_subtrees`, about `tasks_per_worker` x workers groups, at least one per
   `masks_per_task` masks), so prefix sharing stays inside a worker. Each subtree is one actor task;
   at most `in_flight` tasks wait on each actor; the driver collects finished tasks with `ray.wait`
   and yields their rows at once, then gives that actor the next subtree (largest first).
@@ -52,7 +52,8 @@ import torch
 from engine.config import EvalSpec, ModelSpec
 from engine.data import Windows
 from engine.errors import WorkbenchError
-from engine.evaluate import MaskEvaluator, check_masks, in_mask_order, split_subtrees
+from engine.evaluate import MaskEvaluator
+from engine.mask_order import check_masks, in_mask_order, split_subtrees
 from engine.models import LoadedModel
 
 TEST_DELAY_ENV = "LAYERPRUNE_TEST_TASK_DELAY_S"  # seconds each task sleeps first (tests only)

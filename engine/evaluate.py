@@ -45,8 +45,6 @@ engine.uncertainty resamples windows with them (paired bootstrap) without re-run
 
 from __future__ import annotations
 
-import heapq
-import os
 import time
 from collections.abc import Iterator
 
@@ -56,7 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data import Windows
+from engine.device_memory import free_memory, max_batch_states, module_device, to_device
 from engine.fidelity import count_prefix_computations, work  # noqa: F401  (count_...: re-exported here)
+from engine.mask_order import check_masks, common_prefix, in_mask_order, kept_sequences
 from engine.masking import keep_only, swapped_layers
 from engine.models import LoadedModel
 
@@ -96,75 +96,6 @@ class _Inject(nn.Module):
         return (self.hidden,) if self.as_tuple else self.hidden
 
 
-def _sequences(masks: np.ndarray) -> list[tuple[int, ...]]:
-    return [tuple(int(i) for i in np.flatnonzero(m)) for m in masks]
-
-
-def _lcp(a: tuple, b: tuple) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def split_subtrees(masks, parts: int) -> list[list[int]]:
-    """Partition the rows of `masks` (bool[n, L]) into about `parts` whole subtrees of their prefix trie.
-
-    Each group holds every mask below one trie node (all masks that share the node's kept-layer
-    prefix), so prefix sharing stays inside a group; only the node's own prefix is recomputed by
-    each group that descends from it. The largest group is split at its next branching node until
-    there are `parts` groups or nothing can be split (identical masks stay together). Masks that end
-    exactly at a split node go with its first child. Deterministic; every index appears once.
-    Measured with count_prefix_computations on the default stratified design: 32 groups cost
-    +0.6% layer calls at L=32 / 1,024 masks, +2.5% at 256 masks.
-    """
-    seqs = _sequences(np.asarray(masks, dtype=bool))
-    heap = [(-len(seqs), 0, 0, list(range(len(seqs))))] if seqs else []  # (-size, tiebreak, depth, indices)
-    final: list[list[int]] = []
-    tie = 1
-    while heap and len(heap) + len(final) < parts:
-        _, _, depth, idx = heapq.heappop(heap)
-        while True:  # descend to the group's next branching node
-            kids: dict[int, list[int]] = {}
-            for i in idx:
-                s = seqs[i]
-                kids.setdefault(s[depth] if len(s) > depth else -1, []).append(i)
-            if len(kids) > 1 or -1 in kids:
-                break
-            depth += 1
-        if list(kids) == [-1]:  # identical masks: cannot be split
-            final.append(idx)
-            continue
-        ended = kids.pop(-1, [])
-        keys = sorted(kids)
-        kids[keys[0]] = ended + kids[keys[0]]
-        for k in keys:
-            heapq.heappush(heap, (-len(kids[k]), tie, depth + 1, kids[k]))
-            tie += 1
-    return final + [g[3] for g in sorted(heap, key=lambda g: g[1])]
-
-
-def check_masks(masks, n_layers: int) -> np.ndarray:
-    """bool (n, L) from one mask or a batch; ValueError on the wrong number of layers."""
-    m = np.asarray(masks, dtype=bool)
-    if m.ndim == 1:
-        m = m[None, :]
-    if m.ndim != 2 or m.shape[1] != n_layers:
-        raise ValueError(f"masks must have shape (n, {n_layers}), got {tuple(np.shape(masks))}")
-    return m
-
-
-def in_mask_order(evaluator, masks) -> np.ndarray:
-    """float[n]: `evaluator.iter_perplexities` (any completion order) put back in the order of `masks`."""
-    m = evaluator._check(masks)
-    out = np.full(m.shape[0], np.nan)
-    for i, ppl, _ in evaluator.iter_perplexities(m):
-        out[i] = ppl
-    return out
-
-
 def scores(ppl, ppl_full: float) -> tuple[np.ndarray, np.ndarray]:
     """(score = ppl_full / ppl, nonfinite flag); non-finite ppl -> score 0, flag True. Order kept
     (fidelity.row_scores without per-window losses)."""
@@ -181,82 +112,6 @@ def scores(ppl, ppl_full: float) -> tuple[np.ndarray, np.ndarray]:
 CPU_LOSS_CHUNK = 1 << 18
 GPU_LOSS_CHUNK = 1 << 24
 MIN_LOSS_ROWS = 64  # CPU chunks keep at least this many rows: the head GEMM stays efficient for large vocabularies
-
-
-def _module_device(module: nn.Module, default: torch.device) -> torch.device:
-    """Where `module` computes: accelerate's execution device (device_map), else its first real parameter's."""
-    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    if dev is not None:
-        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return default
-
-
-def _to_device(obj, device: torch.device, memo: dict):
-    """`obj` with every tensor inside (tuples, lists, dicts) on `device`; each tensor is moved once per device
-    (memo keyed by (id, device): the recorded arguments stay alive, so ids are not reused)."""
-    if isinstance(obj, torch.Tensor):
-        key = (id(obj), device)
-        if key not in memo:
-            memo[key] = obj if obj.device == device else obj.to(device)
-        return memo[key]
-    if isinstance(obj, tuple):
-        return tuple(_to_device(x, device, memo) for x in obj)
-    if isinstance(obj, list):
-        return [_to_device(x, device, memo) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device, memo) for k, v in obj.items()}
-    return obj
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for activations on `device`: CUDA's free memory, or MemAvailable on the host."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def _config_int(config, names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
-def state_bytes(config, n_windows: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Memory one prefix state costs in a batched layer call, from the model's shape.
-
-    The state itself (n, T, d) plus the layer's temporaries on it: residual, norm, attention
-    projections and output (~4 d), MLP gate / up / activation (3 ffn), and the attention
-    scores (heads x T x T, float32, eager attention; fused kernels need less)."""
-    d = _config_int(config, ("hidden_size", "n_embd", "d_model"), 1024)
-    ffn = _config_int(config, ("intermediate_size", "n_inner", "ffn_dim"), 4 * d)
-    heads = _config_int(config, ("num_attention_heads", "n_head"), 1)
-    elem = torch.empty((), dtype=dtype).element_size()
-    tokens = n_windows * seq_len
-    return tokens * (5 * d + 3 * ffn) * elem + n_windows * heads * seq_len * seq_len * 4
-
-
-MAX_BATCH_STATES = 64  # more states per call gain little (GEMMs are already large) and lose sharing at group edges
-
-
-def max_batch_states(config, n_windows: int, seq_len: int, dtype: torch.dtype, free_bytes: int,
-                     fraction: float = 0.5, cap: int = MAX_BATCH_STATES) -> int:
-    """How many prefix states one batched layer call (and one group of the batched walk) may hold:
-    `fraction` of the free memory over `state_bytes`, between 1 and `cap`."""
-    per = max(1, state_bytes(config, n_windows, seq_len, dtype))
-    return int(max(1, min(cap, (fraction * free_bytes) // per)))
 
 
 class MaskEvaluator:
@@ -314,12 +169,12 @@ class MaskEvaluator:
         self._chunks = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
         self._n_targets = n * (self.input_ids.shape[1] - 1)
         if layer_devices is None:
-            layer_devices = [_module_device(layer, lm.device) for layer in self._layers]
+            layer_devices = [module_device(layer, lm.device) for layer in self._layers]
         self._layer_devices = [torch.device(d) for d in layer_devices]
         if len(self._layer_devices) != self.n_layers:
             raise ValueError(f"layer_devices has {len(self._layer_devices)} entries for {self.n_layers} layers")
         head = self.model.get_output_embeddings()
-        self._head_device = _module_device(head, lm.device)
+        self._head_device = module_device(head, lm.device)
         self._head32 = None
         w = getattr(head, "weight", None)
         if (head_float32 and isinstance(head, nn.Linear) and w is not None and w.device.type != "meta"
@@ -360,7 +215,7 @@ class MaskEvaluator:
     def _on_layer_device(self, j: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Layer j's recorded arguments on layer j's device (each tensor moved once per device)."""
         dev = self._layer_devices[j]
-        return _to_device(args, dev, self._memo), _to_device(kwargs, dev, self._memo)
+        return to_device(args, dev, self._memo), to_device(kwargs, dev, self._memo)
 
     def _args_for_batch(self, k: int) -> list[list[tuple[tuple, dict]]]:
         """[chunk][layer] -> (args, kwargs) for k prefix states at once (k x b windows per chunk).
@@ -493,7 +348,7 @@ class MaskEvaluator:
                 yield i, ppl, t1 - t0
                 t0 = t1
             return
-        seqs = _sequences(m)
+        seqs = kept_sequences(m)
         if self.batch_masks:
             yield from self._iter_batched(seqs, t0)
             return
@@ -507,7 +362,7 @@ class MaskEvaluator:
                 yield i, ppl, 0.0
                 continue
             with torch.inference_mode():
-                keep = _lcp(prev, s) + 1
+                keep = common_prefix(prev, s) + 1
                 del stack[keep:], devs[keep:]
                 for j in s[len(stack) - 1 :]:
                     stack.append(self._layer(j, self._move(j, stack[-1], devs[-1])))

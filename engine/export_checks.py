@@ -1,7 +1,7 @@
 """Checks of an export destination that need no model (no torch): may `--out` receive an export?
 
 `check_export_folder` and `check_export_path` raise before any model is loaded (validate.check_run,
-the export stages); engine/prune.py writes the export and re-exports these names.
+the export stages); engine/export.py writes the export and re-exports these names.
 """
 
 from __future__ import annotations

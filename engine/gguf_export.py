@@ -7,7 +7,7 @@ Contract of `export_gguf(lm, removed, out, quant="f32", ...)`:
   `gguf.get_tensor_name_map(MODEL_ARCH.LLAMA, k)`; q/k weights permuted the way llama.cpp's
   convert_hf_to_gguf.py does (transformers' GGUF loader undoes it); an explicit `output.weight`
   for tied embeddings; the tokenizer as gpt2-style BPE (tokens, token types, merges, special
-  ids, chat template). Every metadata value comes from the PRUNED config (`prune.pruned_view`),
+  ids, chat template). Every metadata value comes from the PRUNED config (`export.pruned_view`),
   so `llama.block_count` is the kept count and any per-layer value has one entry per kept layer
   (llama.cpp's `--prune-layers` leaves such arrays at the original length).
 - `quant`: f32 | f16 | q8_0 | q4_1 (gguf-py's numpy quantizers). 1-D tensors (norms) stay F32;
@@ -38,12 +38,13 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from engine.config import GGUF_QUANTS
 from engine.errors import ExportCheckFailed, ExportError, from_exception
-from engine.prune import _kept_from_removed, judge, package_versions, pruned_view, verify_exports
+from engine.export import _kept_from_removed, judge, package_versions, pruned_view, verify_exports
 from engine import _verify_export
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-QUANTS = ("f32", "f16", "q8_0", "q4_1")
+QUANTS = GGUF_QUANTS  # declared with the --quant option (config.ExportSpec)
 # Reload tolerance on perplexity, relative to the in-memory pruned model. f32 is the same model;
 # the rest are rounded on purpose, so the bound only catches a broken file (measured deltas in README).
 QUANT_RTOL = {"f32": 1e-4, "f16": 5e-3, "q8_0": 5e-2, "q4_1": 0.5}

@@ -8,14 +8,14 @@ Contract:
   contamination measure of the GPT-3 paper). A healing text sharing >= OVERLAP_REFUSE of its own or a
   held-out text's 13-grams (or named like one) raises HealDataOverlap, or with `allow` returns a warning.
 - `heal_model(lm, kept, windows, spec, checkpoint=None, progress=None) -> HealOutcome`: inside
-  prune.pruned_view (the model IS the pruned model), peft LoRA (rank, alpha, dropout of `spec`) on the
+  export.pruned_view (the model IS the pruned model), peft LoRA (rank, alpha, dropout of `spec`) on the
   linear layers of the kept decoder layers that `spec.modules` names (all, attn, mlp), trained on
   `spec.objective`: "lm" is next-token cross-entropy on the text; "distill" is the KL from the full
   (unpruned) model's next-token distribution at every position, over its KD_TOPK most likely tokens plus
   one bin for all the others (`teacher_targets`, computed once before training; `distill_loss`), AdamW with 5% linear warm-up then linear decay, batches in a
   seeded order fixed up front; after training `merge_and_unload` writes the adapters into the base weights,
   so afterwards `lm.model` holds the healed kept layers (the removed ones untouched) and
-  prune.prune_model(lm, removed, ...) exports the healed pruned model. `lm` is modified in place.
+  export.prune_model(lm, removed, ...) exports the healed pruned model. `lm` is modified in place.
 - Resume: with a `HealCheckpoint`, the adapter, optimizer, scheduler, RNG states, losses and step are
   saved there every `spec.checkpoint_every` steps and at the end (torch.save to a temporary file
   beside, then rename); a call with the same checkpoint continues from its step (a finished one only
@@ -43,7 +43,7 @@ from torch import nn
 
 from engine.config import HealSpec, stable_hash
 from engine.errors import DataError, WorkbenchError
-from engine.prune import pruned_view
+from engine.export import pruned_view
 
 NGRAM = 13  # words per shingle of the overlap check (GPT-3's contamination check)
 OVERLAP_REFUSE = 0.01  # share of 13-grams above which a healing text counts as overlapping a held-out text

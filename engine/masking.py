@@ -76,7 +76,7 @@ def keep_only(lm_or_model: LoadedModel | nn.Module, adapter: Adapter, mask, renu
     """Inside the block the model runs only the layers where `mask` is True; yields the model.
 
     `renumber=True` also renumbers the kept layers' index attributes: the model is then exactly
-    the pruned model an export saves (engine.prune uses this; evaluation does not need it)."""
+    the pruned model an export saves (engine.export uses this; evaluation does not need it)."""
     model = lm_or_model.model if isinstance(lm_or_model, LoadedModel) else lm_or_model
     layers = adapter.layers(model)
     kept = kept_indices(mask, len(layers))

@@ -399,7 +399,7 @@ def interaction_interval(samples: Samples, spec: SurrogateSpec, estimate, index:
     member of `spec` (the seed noise of the MLP kinds separated from the jackknife), plus, for members made
     of two parts (mlp+log-pairwise), half the disagreement of the parts' indices as a bias allowance; its
     details['estimand'] says when the index is extrapolated (weight on kept counts never sampled)."""
-    from engine import interactions as inter
+    from engine import interaction_intervals as inter
 
     s = samples.require()
     single = dataclasses.replace(spec, ensemble=1)
@@ -467,7 +467,7 @@ def interaction_bias_check(samples: Samples, spec: SurrogateSpec, index: str = "
     """`interactions.residual_check` on the run's real evaluations with single-member surrogates of
     `spec` (cross-fitted: `folds` extra fits). Unbiased where the design samples every kept count
     (size-uniform, paired); on stratified runs it corrects only the sampled counts."""
-    from engine import interactions as inter
+    from engine import interaction_intervals as inter
     from engine.sampling import mask_probability
 
     s = samples.require()

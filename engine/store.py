@@ -63,210 +63,33 @@ Contract
   URI), so reading works and a write fails with ``ReadOnlyLocation``. SQLite and OS errors
   become ``engine.errors`` environment errors naming the database (disk full, read-only,
   damaged); ``list_runs`` lists every run folder, with a ``problem`` for the unreadable ones.
+* Where the code lives: the tables, the records and the BLOB packing in engine/store_schema.py, the
+  writer (lease, heartbeat, ``add``, ``complete``) in engine/store_writer.py, opening, reading and
+  listing runs here. Callers import everything from this module.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import socket
 import sqlite3
-import threading
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
 from engine.config import default_cache_dir
-from engine.errors import (
-    EnvironmentFault, InternalError, ReadOnlyLocation, StoreDamaged, StoreError, StoreLocked, from_exception,
-)
+from engine.errors import EnvironmentFault, ReadOnlyLocation, StoreDamaged, StoreError, from_exception
+from engine.store_schema import (DB_NAME, DDL, MIGRATABLE, QUICK_CHECK_MAX_BYTES, RUN_ID, SAMPLE_COLUMNS, SCHEMA,
+                                 TABLES, V3_COLUMNS, Lease, RunSummary, Sample, SampleTable, check_run_id, dumps,
+                                 unpack_windows)
+from engine.store_schema import LEASE_TIMEOUT_S, SOURCES, pid_alive  # noqa: F401 (re-exported: callers read them here)
+from engine.store_writer import Writer
 
-SCHEMA = 3
-MIGRATABLE = (1, 2)  # older schemas `RunStore.open` upgrades in place
-DB_NAME = "run.sqlite"
-HEARTBEAT_S = 2.0
-LEASE_TIMEOUT_S = 10.0
 _BUSY_TIMEOUT_MS = 10_000
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-QUICK_CHECK_MAX_BYTES = 512 << 20  # quick_check reads every page: ~1 s per GB; bigger stores skip it
-TABLES = ("artifacts", "lease", "meta", "samples")
-# Columns schema 3 added to `samples` (name, declaration); `_migrate` adds the missing ones.
-V3_COLUMNS = (("round", "INTEGER NOT NULL DEFAULT 0"), ("source", "TEXT NOT NULL DEFAULT 'design'"),
-              ("windows", "INTEGER"), ("work", "INTEGER NOT NULL DEFAULT 0"), ("completed", "REAL"))
-SOURCES = ("design", "active")  # where a row's mask came from: the sampling design or an active round
-_SAMPLE_COLUMNS = "rowid, mask, kept, ppl, score, nonfinite, seconds, created, round, source, windows, work, completed"
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, json TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS samples (
-    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
-    mask TEXT NOT NULL UNIQUE,
-    kept INTEGER NOT NULL,
-    ppl REAL CHECK (ppl IS NOT NULL OR nonfinite = 1),
-    score REAL NOT NULL,
-    nonfinite INTEGER NOT NULL CHECK (nonfinite IN (0, 1)),
-    seconds REAL NOT NULL,
-    created REAL NOT NULL,
-    round INTEGER NOT NULL DEFAULT 0,
-    source TEXT NOT NULL DEFAULT 'design',
-    windows INTEGER,
-    work INTEGER NOT NULL DEFAULT 0,
-    completed REAL
-);
-CREATE TABLE IF NOT EXISTS window_losses (
-    sample_rowid INTEGER PRIMARY KEY REFERENCES samples(rowid),
-    n_windows INTEGER NOT NULL,
-    nll BLOB NOT NULL,
-    tokens BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, json TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS lease (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    pid INTEGER NOT NULL,
-    hostname TEXT NOT NULL,
-    token TEXT NOT NULL,
-    started REAL NOT NULL,
-    heartbeat REAL NOT NULL,
-    target INTEGER,
-    status TEXT NOT NULL,
-    cancel INTEGER NOT NULL DEFAULT 0,
-    message TEXT
-);
-"""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One evaluated mask (a row of ``samples``)."""
-
-    rowid: int
-    mask: str  # '0101..', 1 = layer kept
-    kept: int
-    ppl: float  # NaN/inf kept as evaluated (stored NULL for NaN)
-    score: float  # ppl_full / ppl; 0 when ppl is not finite
-    nonfinite: bool
-    seconds: float
-    created: float  # unix time of the commit
-    round: int = 0  # sampling round the mask was chosen in (0: the design's first masks)
-    source: str = "design"  # design (drawn by the sampling design) | active (chosen by an active round)
-    windows: int | None = None  # calibration windows ppl/score cover (None: no per-window losses stored)
-    work: int = 0  # token-layer calls spent on this row (first evaluation + completion; 0 before schema 3)
-    completed: float | None = None  # unix time of the last `Writer.complete` (None: never completed)
-
-
-@dataclass(frozen=True)
-class SampleTable:
-    """The same rows as arrays: masks bool[n, L], the rest [n]."""
-
-    rowid: np.ndarray
-    masks: np.ndarray
-    ppl: np.ndarray
-    score: np.ndarray
-    nonfinite: np.ndarray
-    seconds: np.ndarray
-    window_nll: np.ndarray | None = None  # float64 (n, W): summed NLL per calibration window; None unless every row has them
-    window_tokens: np.ndarray | None = None  # int64 (n, W): target tokens per window; None likewise
-    round: np.ndarray | None = None  # int (n,): sampling round of each row
-    source: np.ndarray | None = None  # str (n,): design | active
-    windows: np.ndarray | None = None  # int (n,): evaluated windows per row (-1: no per-window losses)
-    work: np.ndarray | None = None  # int (n,): token-layer calls spent on each row
-
-
-def _pack_windows(nll, tokens) -> tuple[int, bytes, bytes]:
-    """(W, float64 LE bytes, int64 LE bytes); StoreError unless both are 1-D of the same length >= 1."""
-    nll = np.asarray(nll, dtype="<f8").reshape(-1)
-    tokens = np.asarray(tokens, dtype="<i8").reshape(-1)
-    if len(nll) == 0 or len(nll) != len(tokens):
-        raise StoreError(f"per-window losses need one nll and one token count per window; got {len(nll)} and {len(tokens)}")
-    return len(nll), nll.tobytes(), tokens.tobytes()
-
-
-def _evaluated(tokens) -> int:
-    """Windows a row's per-window losses cover: those with tokens > 0 (missing ones hold 0 tokens, NaN nll)."""
-    return int(np.count_nonzero(np.asarray(tokens) > 0))
-
-
-def _subset_ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
-    """exp(sum nll / sum tokens) over the evaluated windows (tokens > 0); inf on overflow, NaN stays NaN."""
-    done = tokens > 0
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return float(np.exp(nll[done].sum() / tokens[done].sum()))
-
-
-def _unpack_windows(n_windows: int, nll: bytes, tokens: bytes) -> tuple[np.ndarray, np.ndarray]:
-    return (np.frombuffer(nll, dtype="<f8", count=n_windows).astype(np.float64),
-            np.frombuffer(tokens, dtype="<i8", count=n_windows).astype(np.int64))
-
-
-@dataclass(frozen=True)
-class Lease:
-    pid: int
-    hostname: str
-    token: str
-    started: float
-    heartbeat: float
-    target: int | None
-    status: str
-    cancel: bool
-    message: str | None
-
-    def alive(self, now: float | None = None) -> bool:
-        """True while a running writer holds it (see module contract)."""
-        if self.status != "running":
-            return False
-        now = time.time() if now is None else now
-        if now - self.heartbeat > LEASE_TIMEOUT_S:
-            return False
-        if self.hostname == socket.gethostname():
-            return pid_alive(self.pid)
-        return True
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    path: str
-    model: str | None
-    data: str | None
-    n_layers: int | None
-    n_samples: int
-    status: str  # new | running | finished | cancelled | failed | died
-    target: int | None
-    created: float | None
-    updated: float | None
-    problem: str | None = None  # why the store cannot be read (status damaged | unreadable | empty)
-    work: int = 0  # token-layer calls spent on the stored rows (fidelity.work; 0 for rows before schema 3)
-    evaluated_windows: int = 0  # calibration windows evaluated over all rows
-    partial: int = 0  # rows evaluated on some of the calibration windows only
-    rounds: dict | None = None  # {round: {"masks": rows, "active": rows chosen by the active rule}}
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host (the lease check; the app's launcher check)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def _check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
-        raise StoreError(f"invalid run id {run_id!r}: use letters, digits, '-', '_' or '.'.")
-    return run_id
 
 
 class RunStore:
@@ -274,7 +97,7 @@ class RunStore:
 
     def __init__(self, cache_dir: str | os.PathLike | None, run_id: str):
         self.cache_dir = Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir()
-        self.run_id = _check_run_id(run_id)
+        self.run_id = check_run_id(run_id)
         self.dir = self.cache_dir / run_id
         self.path = self.dir / DB_NAME
 
@@ -326,7 +149,7 @@ class RunStore:
             row = con.execute("SELECT json FROM meta WHERE key = 'schema'").fetchone()
             if row is None or json.loads(row[0]) not in MIGRATABLE:
                 return  # another process migrated it first
-            for statement in _DDL.split(";"):
+            for statement in DDL.split(";"):
                 if statement.strip():
                     con.execute(statement)  # CREATE TABLE IF NOT EXISTS: only the new table is created
             have = {r[1] for r in con.execute("PRAGMA table_info(samples)")}
@@ -335,7 +158,7 @@ class RunStore:
                     con.execute(f"ALTER TABLE samples ADD COLUMN {name} {declaration}")
             con.execute("UPDATE samples SET windows = (SELECT n_windows FROM window_losses "
                         "WHERE sample_rowid = samples.rowid) WHERE windows IS NULL")
-            con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('schema', ?)", (_dumps(SCHEMA),))
+            con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('schema', ?)", (dumps(SCHEMA),))
             con.execute("INSERT OR REPLACE INTO meta(key, json) VALUES ('migrated_from', ?)", (row[0],))
 
     def read_only(self) -> bool:
@@ -381,12 +204,12 @@ class RunStore:
         except OSError as e:
             raise from_exception(e, self.dir, "creating the run folder") or e
         with self._connect(write=True, create=True) as con:
-            for statement in _DDL.split(";"):
+            for statement in DDL.split(";"):
                 if statement.strip():
                     con.execute(statement)
             rows = {**meta, "run_id": self.run_id, "schema": SCHEMA, "created": meta.get("created", time.time())}
             con.executemany(
-                "INSERT OR IGNORE INTO meta(key, json) VALUES (?, ?)", [(k, _dumps(v)) for k, v in rows.items()]
+                "INSERT OR IGNORE INTO meta(key, json) VALUES (?, ?)", [(k, dumps(v)) for k, v in rows.items()]
             )
 
     def _open_connection(self, create: bool = False) -> sqlite3.Connection:
@@ -478,14 +301,14 @@ class RunStore:
     def set_meta(self, **values) -> None:
         with self._write() as con:
             con.executemany(
-                "INSERT OR REPLACE INTO meta(key, json) VALUES (?, ?)", [(k, _dumps(v)) for k, v in values.items()]
+                "INSERT OR REPLACE INTO meta(key, json) VALUES (?, ?)", [(k, dumps(v)) for k, v in values.items()]
             )
 
     def put_artifact(self, name: str, obj) -> None:
         with self._write() as con:
             con.execute(
                 "INSERT OR REPLACE INTO artifacts(name, json, created) VALUES (?, ?, ?)",
-                (name, _dumps(obj), time.time()),
+                (name, dumps(obj), time.time()),
             )
 
     def get_artifact(self, name: str, default=None):
@@ -520,7 +343,7 @@ class RunStore:
         """Rows with rowid > since_rowid, in rowid order, as frozen records."""
         with self._connect() as con:
             rows = con.execute(
-                f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE rowid > ? ORDER BY rowid", (since_rowid,),
+                f"SELECT {SAMPLE_COLUMNS} FROM samples WHERE rowid > ? ORDER BY rowid", (since_rowid,),
             ).fetchall()
         return [
             Sample(r[0], r[1], r[2], float("nan") if r[3] is None else r[3], r[4], bool(r[5]), r[6], r[7], *r[8:])
@@ -540,7 +363,7 @@ class RunStore:
                 "SELECT sample_rowid, n_windows, nll, tokens FROM window_losses WHERE sample_rowid > ?",
                 (since_rowid,),
             ).fetchall()
-        return {r[0]: _unpack_windows(r[1], r[2], r[3]) for r in rows}
+        return {r[0]: unpack_windows(r[1], r[2], r[3]) for r in rows}
 
     def table(self, since_rowid: int = 0) -> SampleTable:
         """The rows as arrays; window_nll / window_tokens (n, W) only when every row has per-window
@@ -634,200 +457,6 @@ class RunStore:
         return None if row is None else len(json.loads(row[0])["tokens"])
 
 
-class Writer:
-    """The single writer of a run: holds the lease, heartbeats, commits one row per mask."""
-
-    def __init__(self, store: RunStore, target: int | None):
-        self.store = store
-        self.target = target
-        self.token = uuid.uuid4().hex
-        self.cancelled = False  # set by the caller when it stops on a cancel request
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._con: sqlite3.Connection | None = None  # this writer's connection (its thread only)
-
-    def __enter__(self) -> "Writer":
-        now = time.time()
-        self._con = self.store._open_connection()
-        try:
-            with self.store._connect(write=True, con=self._con) as con:
-                row = con.execute(
-                    "SELECT pid, hostname, token, started, heartbeat, target, status, cancel, message FROM lease"
-                ).fetchone()
-                if row is not None:
-                    held = Lease(*row[:7], bool(row[7]), row[8])
-                    if held.alive(now):
-                        raise StoreLocked(
-                            f"run {self.store.run_id} is being written by pid {held.pid} on {held.hostname} "
-                            f"(last heartbeat {now - held.heartbeat:.0f} s ago, target {held.target} masks). "
-                            f"Wait for it, cancel it from the app, or stop it with `kill {held.pid}` on "
-                            f"{held.hostname}; a dead writer's lease expires after {LEASE_TIMEOUT_S:.0f} s."
-                        )
-                con.execute(
-                    "INSERT OR REPLACE INTO lease(id, pid, hostname, token, started, heartbeat, target, status, cancel, "
-                    "message) VALUES (1, ?, ?, ?, ?, ?, ?, 'running', 0, NULL)",
-                    (os.getpid(), socket.gethostname(), self.token, now, now, self.target),
-                )
-        except BaseException:
-            self._con.close()
-            raise
-        self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.store.run_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def _heartbeat(self) -> None:
-        con = self.store._open_connection()
-        try:
-            while not self._stop.wait(HEARTBEAT_S):
-                try:
-                    with self.store._connect(write=True, con=con):
-                        con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (time.time(), self.token))
-                except Exception:  # a busy database (or a full disk): the next beat retries;
-                    pass  # the lease only expires after LEASE_TIMEOUT_S, and the writer itself reports faults
-        finally:
-            con.close()
-
-    def cancel_requested(self) -> bool:
-        with self.store._connect(con=self._con) as con:
-            row = con.execute("SELECT cancel FROM lease WHERE token = ?", (self.token,)).fetchone()
-        return bool(row and row[0])
-
-    def add(self, mask: str, ppl: float, score: float, nonfinite: bool, seconds: float,
-            window_nll=None, window_tokens=None, round: int = 0, source: str = "design", work: int = 0) -> int:
-        """Commit one evaluated mask now; returns its rowid. A mask already stored is kept, not replaced.
-
-        window_nll float[W] / window_tokens int[W] (both or neither): its per-window losses, committed
-        in the same transaction as the row. A partially evaluated row has tokens 0 (and nll NaN) for
-        the windows not evaluated yet; its ppl / score are then those of the evaluated windows
-        (fidelity.subset_scores) and `Writer.complete` fills the rest later. round / source: the
-        sampling round and where the mask came from (SOURCES); work: token-layer calls spent on it.
-        Refuses (InternalError, nothing written) a score that is
-        not a finite number, a NaN/inf perplexity without the nonfinite flag, or a mask that is not a
-        '0'/'1' string: such a row would otherwise be dropped or poison every fit.
-        """
-        if (window_nll is None) != (window_tokens is None):
-            raise StoreError("give both window_nll and window_tokens, or neither")
-        if source not in SOURCES:
-            raise StoreError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-        packed = None if window_nll is None else _pack_windows(window_nll, window_tokens)
-        n_evaluated = None if window_tokens is None else _evaluated(window_tokens)
-        now = time.time()
-        bad = []
-        if not isinstance(mask, str) or not mask or set(mask) - {"0", "1"}:
-            bad.append(f"mask {mask!r} is not a string of 0/1")
-        if score is None or not math.isfinite(float(score)):
-            bad.append(f"score {score} is not finite")
-        ppl_finite = ppl is not None and math.isfinite(float(ppl))
-        if not ppl_finite and not nonfinite:
-            bad.append(f"perplexity {ppl} is not finite but the row is not flagged nonfinite")
-        if seconds is None or not math.isfinite(float(seconds)):
-            bad.append(f"seconds {seconds} is not finite")
-        if bad:
-            raise InternalError(
-                f"refusing to store mask {mask!r} in {self.store.path}: {'; '.join(bad)}. Nothing was stored for "
-                "this mask. This is a bug (non-finite perplexities must be flagged, scores finite): please "
-                "report it with the command line."
-            )
-        with self.store._connect(write=True, con=self._con) as con:
-            self._check_lease(con)
-            ppl_value = None if ppl is None or np.isnan(ppl) else float(ppl)
-            try:
-                # ON CONFLICT(mask) skips only a mask already stored; a NULL/NOT NULL or CHECK violation
-                # raises (INSERT OR IGNORE would drop such a row without a word).
-                cur = con.execute(
-                    "INSERT INTO samples(mask, kept, ppl, score, nonfinite, seconds, created, round, source, windows, "
-                    "work) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mask) DO NOTHING",
-                    (mask, mask.count("1"), ppl_value, float(score), int(bool(nonfinite)), float(seconds), now,
-                     int(round), source, n_evaluated, int(work)),
-                )
-            except sqlite3.IntegrityError as e:
-                raise InternalError(f"the run store {self.store.path} refused mask {mask!r}: {e}. This is a bug.") from e
-            rowid = cur.lastrowid if cur.rowcount == 1 else None
-            if rowid is None:
-                rowid = con.execute("SELECT rowid FROM samples WHERE mask = ?", (mask,)).fetchone()[0]
-            if packed is not None and cur.rowcount == 1:
-                con.execute("INSERT INTO window_losses(sample_rowid, n_windows, nll, tokens) VALUES (?, ?, ?, ?)",
-                            (rowid, *packed))
-            con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
-            return rowid
-
-    def complete(self, mask: str, window_nll, window_tokens, seconds: float = 0.0, work: int = 0) -> tuple[float, float]:
-        """Fill a stored row's missing windows; returns its new (ppl, score). One transaction.
-
-        window_nll float[W] / window_tokens int[W]: losses of the newly evaluated windows (tokens > 0),
-        tokens 0 elsewhere. Only windows the row lacks are written; giving a different value for an
-        evaluated window is refused (StoreError, nothing written), the same value is accepted (a
-        resumed completion). ppl, score (fidelity.row_scores against the full model's per-window
-        losses in meta `window_losses_full`) and nonfinite are recomputed over the evaluated windows;
-        `seconds` and `work` (token-layer calls) are added to the row's, `completed` set to now.
-        """
-        from engine.fidelity import row_scores  # the score fresh rows get (pipeline.collect)
-
-        new_nll = np.asarray(window_nll, dtype=np.float64).reshape(-1)  # (W,)
-        new_tok = np.asarray(window_tokens, dtype=np.int64).reshape(-1)  # (W,)
-        now = time.time()
-        with self.store._connect(write=True, con=self._con) as con:
-            self._check_lease(con)
-            row = con.execute("SELECT s.rowid, w.n_windows, w.nll, w.tokens FROM samples s JOIN window_losses w "
-                              "ON w.sample_rowid = s.rowid WHERE s.mask = ?", (mask,)).fetchone()
-            if row is None:
-                raise StoreError(f"run {self.store.run_id} has no per-window losses for mask {mask!r} to complete")
-            rowid, W = row[0], row[1]
-            nll, tok = _unpack_windows(W, row[2], row[3])
-            if len(new_nll) != W or len(new_tok) != W:
-                raise StoreError(f"mask {mask!r} has {W} windows; got {len(new_nll)} losses and {len(new_tok)} counts")
-            both = (tok > 0) & (new_tok > 0)
-            old_v, new_v = nll[both], new_nll[both]
-            same = (tok[both] == new_tok[both]) & ((old_v == new_v) | np.isnan(old_v) & np.isnan(new_v))
-            if not same.all():
-                raise StoreError(f"refusing to change evaluated windows {np.flatnonzero(both)[~same].tolist()} of mask "
-                                 f"{mask!r}: a completion only fills missing windows")
-            fill = (tok == 0) & (new_tok > 0)  # (W,)
-            nll, tok = np.where(fill, new_nll, nll), np.where(fill, new_tok, tok)
-            full = json.loads(con.execute("SELECT json FROM meta WHERE key = 'window_losses_full'").fetchone()[0])
-            score, flag = row_scores(None, None, nll[None], tok[None], np.asarray(full["nll"], dtype=np.float64),
-                                     np.asarray(full["tokens"], dtype=np.int64))
-            ppl = _subset_ppl(nll, tok)
-            _, nll_bytes, tok_bytes = _pack_windows(nll, tok)
-            con.execute("UPDATE window_losses SET nll = ?, tokens = ? WHERE sample_rowid = ?",
-                        (nll_bytes, tok_bytes, rowid))
-            con.execute("UPDATE samples SET ppl = ?, score = ?, nonfinite = ?, windows = ?, seconds = seconds + ?, "
-                        "work = work + ?, completed = ? WHERE rowid = ?",
-                        (None if np.isnan(ppl) else ppl, float(score[0]), int(bool(flag[0])), _evaluated(tok),
-                         float(seconds), int(work), now, rowid))
-            con.execute("UPDATE lease SET heartbeat = ? WHERE token = ?", (now, self.token))
-            return ppl, float(score[0])
-
-    def _check_lease(self, con) -> None:
-        holder = con.execute("SELECT token FROM lease").fetchone()
-        if holder is None or holder[0] != self.token:
-            raise StoreLocked(
-                f"run {self.store.run_id}: this writer lost its lease (its heartbeat stopped for over "
-                f"{LEASE_TIMEOUT_S:.0f} s and another writer took over); stopping."
-            )
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if exc_type is None:
-            status, message = ("cancelled" if self.cancelled else "finished"), None
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status, message = "cancelled", "interrupted"
-        else:
-            status, message = "failed", f"{exc_type.__name__}: {exc}"
-        try:
-            with self.store._connect(write=True, con=self._con) as con:
-                con.execute(
-                    "UPDATE lease SET status = ?, message = ?, heartbeat = ? WHERE token = ?",
-                    (status, message, time.time(), self.token),
-                )
-        except Exception:
-            pass  # the lease then expires by itself; never mask the original exception
-        finally:
-            self._con.close()
-
-
 def list_runs(cache_dir=None) -> list[RunSummary]:
     """Every run folder under cache_dir, most recently updated first; readable or not.
 
@@ -842,7 +471,7 @@ def list_runs(cache_dir=None) -> list[RunSummary]:
     out = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         run_id = folder.name
-        if not _RUN_ID.match(run_id):
+        if not RUN_ID.match(run_id):
             continue
         db = folder / DB_NAME
         if not db.is_file():

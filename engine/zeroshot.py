@@ -7,7 +7,7 @@ logs, and returns a `ZeroShotResult`: per task the headline accuracy (lm-eval's 
 lm-eval's standard error and n, acc_norm where lm-eval reports it, LAMBADA's perplexity, the
 mean over tasks (its stderr from the tasks' stderrs, tasks being independent samples), and each
 item's correctness keyed by doc_id (what the paired comparison needs). A pruned model is
-evaluated inside `engine.prune.pruned_view` (the layers really deleted, the config fixed), so
+evaluated inside `engine.export.pruned_view` (the layers really deleted, the config fixed), so
 lm-eval sees exactly the model an export would write.
 
 `paired_difference(a, b, boot, seed, level)`: accuracy difference of two models on the same

@@ -14,9 +14,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import pipeline, views
+from engine.config import ExportSpec, spec_argv
 from engine.decision import removal_mask
 from engine.estimators import ESTIMATORS
-from engine.prune import MANIFEST, zip_export
+from engine.export import MANIFEST, zip_export
 from pages import _ui
 
 st.title("Prune & export")
@@ -42,7 +43,7 @@ mspec = _ui.set_method_spec(dataclasses.replace(current, remove=k, decision=rule
 st.caption(f"removing {k} of {L} layers ({k / L:.0%}) · contributions: {ESTIMATORS[mspec.estimator].label} "
            f"(chosen on the Shapley page) · surrogate {mspec.surrogate.kind}")
 
-eval_data = tuple(x for name in heldout.split(",") if name.strip() for x in ("--eval-data", name.strip()))
+eval_data = tuple(spec_argv(ExportSpec(eval_data=tuple(n.strip() for n in heldout.split(",") if n.strip()))))
 _ui.job_panel(run, "prune", "Decide", mspec, extra=eval_data,
               help=f"runs `python -m engine prune` in the background: fit, contributions, and the candidate sets "
                    f"for k = {k} (rank-and-cut, the surrogate's best, the baselines', swaps) raced on real windows; "
@@ -127,8 +128,8 @@ out = st.text_input("export folder (must be empty or new)", value=default_out,
 overwrite = st.checkbox("overwrite a previous export in this folder", value=False)
 if chosen and len(chosen) < L:
     job = _ui.job_panel(run, "export", "Export pruned model", mspec,
-                        extra=("--removed", ",".join(map(str, chosen)), "--out", out, *(("--overwrite",) if overwrite
-                                                                                          else ())),
+                        extra=("--removed", ",".join(map(str, chosen)),
+                               *spec_argv(ExportSpec(out=out, overwrite=overwrite))),
                         help="runs `python -m engine export` in the background: saves, then reloads the folder in a "
                              "fresh process and checks perplexity and generation")
     if job and job.status == "finished":

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from engine import pipeline, summary, views
-from engine.config import HEAL_STEPS, HealSpec
+from engine import html_report, pipeline, views
+from engine.config import HEAL_STEPS, ExportSpec, HealSpec, spec_argv
 from engine.estimators import ESTIMATORS
 from pages import _ui
 
@@ -42,13 +42,13 @@ _ui.job_panel(run, "report", "Build summary", mspec, extra=("--out", str(report_
 
 s = _ui.stored_or_stop(run, "summary", mspec, f"Build summary (after Decide on the Prune page for k = {k})")
 
-st.markdown(f"**{summary.story(s)}**")
-if warning := summary.speed_warning(s):
+st.markdown(f"**{html_report.story(s)}**")
+if warning := html_report.speed_warning(s):
     st.warning(warning)
-st.plotly_chart(summary.layer_strip(L, s["removed"]), key="layer_strip")
+st.plotly_chart(html_report.layer_strip(L, s["removed"]), key="layer_strip")
 contrib = pipeline.stored(run, "contributions", mspec)
 if contrib:
-    st.plotly_chart(summary.contribution_bars(contrib["contributions"], s["removed"], contrib.get("ci_low"),
+    st.plotly_chart(html_report.contribution_bars(contrib["contributions"], s["removed"], contrib.get("ci_low"),
                                               contrib.get("ci_high"), label=f"contribution ({ESTIMATORS[mspec.estimator].label})"),
                     key="contribution_bars")
 cal = s["ppl"]["calibration"]
@@ -68,19 +68,19 @@ if speed:
 else:  # a summary stored before interleaved timing
     c4.metric("generation speed", f"{pruned['tokens_per_s']:.1f} tok/s",
               delta=f"{pruned['tokens_per_s'] - full['tokens_per_s']:+.1f}", help=f"one measurement on {s['machine']}")
-st.dataframe(pd.DataFrame(summary.rows(s), columns=["measured", "full model", "pruned model"]), hide_index=True,
+st.dataframe(pd.DataFrame(html_report.rows(s), columns=["measured", "full model", "pruned model"]), hide_index=True,
              width="stretch")
-st.plotly_chart(summary.ppl_curve(s), key="ppl_curve")
+st.plotly_chart(html_report.ppl_curve(s), key="ppl_curve")
 if s.get("zeroshot"):
     st.subheader("Zero-shot accuracy (lm-eval)")
-    st.dataframe(pd.DataFrame(summary.zeroshot_rows(s["zeroshot"]),
+    st.dataframe(pd.DataFrame(html_report.zeroshot_rows(s["zeroshot"]),
                               columns=["task", "full model", "pruned model", "pruned − full (95% paired)"]),
                  hide_index=True, width="stretch")
 else:
     st.caption("Zero-shot accuracy: evaluate on the Downstream page (with 'full' ticked), then Build summary.")
 healed = run.store.get_artifact(pipeline.heal_name(s["removed"], L))
 if report_path.is_file():  # with the healing stored since the report was built (the file has the one of then)
-    report = summary.to_html(s, healing=healed).encode() if healed is not None else report_path.read_bytes()
+    report = html_report.to_html(s, healing=healed).encode() if healed is not None else report_path.read_bytes()
     st.download_button("Download the HTML report", report, file_name=f"pruning-{run.run_id}.html", mime="text/html")
 
 st.subheader("After healing (LoRA)")
@@ -93,15 +93,15 @@ heal_sampled = h2.number_input("windows sampled from the full model", min_value=
                                help=views.option_help(HealSpec, "generated"))
 healing = HealSpec(steps=int(heal_steps), generated=int(heal_sampled))
 _ui.job_panel(run, "heal", "Heal", dataclasses.replace(mspec, remove=k), healing,
-              extra=("--out", str(heal_out), "--overwrite"),
-              help=f"LoRA on every linear layer of the kept layers ({summary.HEAL_HELP}), then a verified export "
+              extra=tuple(spec_argv(ExportSpec(out=str(heal_out), overwrite=True))),
+              help=f"LoRA on every linear layer of the kept layers ({html_report.HEAL_HELP}), then a verified export "
                    f"to {heal_out} (background job; resumes after a cancel)")
 if healed is None:
     st.caption("No healing stored for this set yet.")
 else:
-    st.dataframe(pd.DataFrame(summary.heal_rows(healed), columns=summary.HEAL_COLUMNS), hide_index=True,
+    st.dataframe(pd.DataFrame(html_report.heal_rows(healed), columns=html_report.HEAL_COLUMNS), hide_index=True,
                  width="stretch")
-    st.caption(summary.heal_caption(healed))
+    st.caption(html_report.heal_caption(healed))
 
 st.subheader("Side by side")
 prompt = st.text_input("prompt", value=(s.get("generation") or {}).get("prompt", ""), key="summary_prompt")

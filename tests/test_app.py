@@ -380,10 +380,10 @@ def test_summary_page_builds_the_report_and_generates(demo_run):
     assert table["healed"].iloc[0] == f"{healed['ppl_after']:,.2f}"
     assert any("2 LoRA steps" in c.value and "4 windows sampled" in c.value for c in at.caption)
     # the HTML report (what the download button offers) carries the same before/after table
-    from engine import summary as summary_lib
+    from engine import html_report
 
-    assert "After healing" not in summary_lib.to_html(record)
-    report = summary_lib.to_html(record, healed)
+    assert "After healing" not in html_report.to_html(record)
+    report = html_report.to_html(record, healed)
     assert "After healing (LoRA)" in report and f"{healed['ppl_after']:,.2f}" in report
 
 
@@ -401,7 +401,8 @@ def test_interactions_heatmap_profile_pairs_measure_and_near_sets(demo_run):
     from engine import pipeline
     from engine.config import MethodSpec
 
-    pipeline.contributions(SPEC, MethodSpec(estimator="exact"), demo_run[0])  # shown in the estimator overlay
+    run = pipeline.open_run(SPEC, demo_run[0], create=False)
+    pipeline.contributions(run, MethodSpec(estimator="exact"))  # shown in the estimator overlay
     at = _app("interactions")
     assert any("No interaction map" in i.value for i in at.info)
     at.checkbox(key="interaction_bias_check").check().run()
@@ -470,7 +471,7 @@ def adaptive_run(demo_run, tmp_path_factory):
     result = pipeline.sample(spec, cache, progress=False, run=run)
     assert result.total == 24 and 0 < result.partial < 24 and len(result.rounds) == 2
     method = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=1))
-    pipeline.fit(spec, method, run=run)
+    pipeline.fit(run, method)
     pipeline.work_curve(run, method)
     return cache, run.run_id, spec, method
 

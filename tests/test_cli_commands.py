@@ -178,7 +178,7 @@ def test_cli_pipeline_and_method_give_the_same_contributions(sampled, capsys):
     mspec = MethodSpec(surrogate=SurrogateSpec(kind="ridge-pairwise", ensemble=2), estimator="paper", budget=5000,
                        mc_seed=3)
     run = pipeline.open_run(spec, sampled / "cache")
-    from_pipeline = pipeline.contributions(spec, mspec, run=run)["contributions"]
+    from_pipeline = pipeline.contributions(run, mspec)["contributions"]
     t = run.store.table()
     samples = method.Samples.from_perplexities(t.masks, t.ppl, run.store.meta()["ppl_full"], spec.sampling)
     from_method = method.contributions(samples, method.fit(samples, mspec.surrogate, curve=False), mspec).values
@@ -244,3 +244,22 @@ def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(samp
     report = [x for x in progress(["report", *_base(sampled, *STAGE2, "--remove", "2")]) if x["stage"] == "report"]
     assert [x["done"] for x in report] == list(range(report[-1]["total"] + 1))
     assert any("generating" in x["step"] for x in report)
+
+
+def test_export_spec_round_trips_through_its_flags():
+    """ExportSpec declares the export flags once: the argv the pages build from it (the hand-written argv
+    they built before, byte for byte) parses back to the same spec, --eval-data repeated in order."""
+    from engine.argv import command_argv
+    from engine.config import ExportSpec, spec_argv
+
+    held = ExportSpec(eval_data=("demo-test", "more.txt"))
+    assert spec_argv(held) == ["--eval-data", "demo-test", "--eval-data", "more.txt"]
+    assert spec_argv(ExportSpec(out="x", overwrite=True)) == ["--out", "x", "--overwrite"]
+    assert spec_argv(ExportSpec()) == []
+    for name, spec in (("prune", held), ("run", ExportSpec(out="x", overwrite=True, eval_data=("a",))),
+                       ("export", ExportSpec(out="m.gguf", format="gguf", quant="q8_0")), ("heal", ExportSpec())):
+        argv = command_argv(name, spec, extra=("--removed", "1") if name == "export" else ())
+        assert cli._spec(ExportSpec, cli.build_parser(argv).parse_args(argv)) == spec
+    # prune, run and heal take no format: their flags are not there
+    argv = command_argv("prune", ExportSpec(format="gguf"))
+    assert "--format" not in argv and cli._spec(ExportSpec, cli.build_parser(argv).parse_args(argv)) == ExportSpec()

@@ -23,8 +23,9 @@ import torch
 from conftest import save_tiny_llama, write_words
 
 from engine.config import DataSpec, EvalSpec, ModelSpec, RunSpec, SamplingSpec
-from engine.evaluate import MaskEvaluator, count_prefix_computations, split_subtrees
+from engine.evaluate import MaskEvaluator, count_prefix_computations
 from engine.fidelity import count_work
+from engine.mask_order import split_subtrees
 from engine.sampling import sample_masks
 
 ray = pytest.importorskip("ray")

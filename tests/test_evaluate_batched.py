@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from engine.evaluate import MaskEvaluator, count_prefix_computations, max_batch_states, state_bytes
+from engine.device_memory import max_batch_states, state_bytes
+from engine.evaluate import MaskEvaluator, count_prefix_computations
 
 
 def masks_for(n_layers: int, n: int, seed: int = 0) -> np.ndarray:

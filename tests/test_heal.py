@@ -61,7 +61,7 @@ def test_a_few_lora_steps_lower_the_training_loss_and_leave_removed_layers_alone
 def test_merged_export_reloads_with_plain_transformers_and_equals_the_in_memory_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.prune import MANIFEST, pruned_view
+    from engine.export import MANIFEST, pruned_view
 
     model_dir, text = _tiny(tmp_path)
     out = tmp_path / "healed"
@@ -194,7 +194,7 @@ def test_an_export_folder_is_healed_as_it_is(tmp_path):
     first = tmp_path / "pruned"
     from engine.config import ModelSpec
     from engine.models import load_model
-    from engine.prune import MANIFEST, prune_model
+    from engine.export import MANIFEST, prune_model
 
     lm = load_model(ModelSpec(name=str(model_dir)))
     prune_model(lm, [3], first, verify=False)
@@ -203,11 +203,11 @@ def test_an_export_folder_is_healed_as_it_is(tmp_path):
     assert r["removed"] == [] and r["n_layers"] == 3 and r["verified"] is True
     m = json.loads((healed / MANIFEST).read_text())
     assert m["healing"]["source_export"]["removed_layers"] == [3]
-    from engine import summary  # what the Summary page shows for a stored healing
+    from engine import html_report  # what the Summary page shows for a stored healing
 
-    rows = summary.heal_rows(r)
+    rows = html_report.heal_rows(r)
     assert len(rows) == 1 and rows[0][3] == f"{r['ppl_after']:,.2f}" and "held back" in rows[0][0]
-    assert "4 LoRA steps" in summary.heal_caption(r) and "passed" in summary.heal_caption(r)
+    assert "4 LoRA steps" in html_report.heal_caption(r) and "passed" in html_report.heal_caption(r)
 
 
 def test_remove_k_heals_the_runs_decision_and_stores_it_for_the_summary_page(tmp_path):
@@ -297,14 +297,14 @@ def test_distillation_on_sampled_windows_lowers_the_kl_and_a_resume_reuses_the_s
 
 
 def test_the_html_report_shows_healing_for_the_same_set():
-    from engine import summary
+    from engine import html_report
 
     record = {"heal_data": "demo", "steps": 4, "train_seconds": 2.0, "out": None, "removed": [1, 2],
               "settings": {"rank": 8, "lr": 1e-3, "objective": "distill", "generated": 64},
               "held_back": {"n_windows": 4, "ppl_full": 30.0, "ppl_before": 40.0, "ppl_after": 35.0, "ratio": 0.875,
                             "ratio_low": 0.85, "ratio_high": 0.9, "level": 0.9, "recovered": 0.5},
               "heldout": {}}
-    html = summary.heal_html(record)
+    html = html_report.heal_html(record)
     assert "After healing" in html and "35.00" in html and "50%" in html and "64 windows sampled" in html
 
 

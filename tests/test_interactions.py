@@ -333,7 +333,7 @@ def test_errors():
 
 
 def test_signed_coefficients_reproduce_the_exact_index():
-    from engine.interactions import signed_coefficients
+    from engine.interaction_intervals import signed_coefficients
 
     L = 6
     f = random_game(L, 8)
@@ -351,7 +351,7 @@ def test_residual_check_is_unbiased_for_a_misspecified_surrogate():
     # the real game has a 3-way term; the "surrogate" is additive (least squares on the mask bits), so
     # its pair values are all 0 and the SII of pairs in the triple (c / 2) is missed; the residual
     # check corrects it from size-uniform draws
-    from engine.interactions import residual_check
+    from engine.interaction_intervals import residual_check
 
     L, c = 7, 1.5
     rng = np.random.default_rng(0)
@@ -389,7 +389,7 @@ def _pairwise_lstsq(X, y):
 
 
 def test_jackknife_interval_matches_the_spread_over_fresh_samples():
-    from engine.interactions import jackknife_interval
+    from engine.interaction_intervals import jackknife_interval
 
     L, n, sd = 5, 60, 0.3
     f, _, _ = pairwise_game(L, seed=1)
@@ -408,7 +408,7 @@ def test_jackknife_interval_matches_the_spread_over_fresh_samples():
 
 
 def test_jackknife_interval_bias_allowance_level_and_exact_fits():
-    from engine.interactions import jackknife_interval
+    from engine.interaction_intervals import jackknife_interval
 
     L = 5
     f, _, B = pairwise_game(L, seed=2)
@@ -433,7 +433,7 @@ def test_jackknife_interval_bias_allowance_level_and_exact_fits():
 def test_jackknife_interval_separates_the_seed_noise_of_the_fits():
     # every fit is exact plus seed noise (independent of the data): the jackknife alone inflates it by
     # (K-1)^2/K; with seed_noise the inflation is removed and the ensemble mean's own sigma^2/k kept
-    from engine.interactions import jackknife_interval
+    from engine.interaction_intervals import jackknife_interval
 
     L, K, k, sigma = 5, 5, 10, 0.05
     f, _, _ = pairwise_game(L, seed=3)
@@ -459,7 +459,7 @@ def test_jackknife_interval_separates_the_seed_noise_of_the_fits():
 
 
 def test_parts_disagreement_is_half_the_gap_between_the_parts():
-    from engine.interactions import parts_disagreement
+    from engine.interaction_intervals import parts_disagreement
 
     L = 4
     g1, _, B1 = pairwise_game(L, seed=4)
@@ -482,7 +482,7 @@ def test_parts_disagreement_is_half_the_gap_between_the_parts():
 
 
 def test_jackknife_interval_passes_each_groups_weights_to_the_fit():
-    from engine.interactions import jackknife_interval
+    from engine.interaction_intervals import jackknife_interval
 
     L = 4
     f, _, _ = pairwise_game(L, seed=6)
@@ -505,7 +505,7 @@ def test_jackknife_interval_passes_each_groups_weights_to_the_fit():
 
 
 def test_index_on_the_sampled_kept_counts():
-    from engine.interactions import restricted_index, restricted_weights
+    from engine.interaction_intervals import restricted_index, restricted_weights
 
     L = 7
     f = random_game(L, 3)
@@ -526,7 +526,7 @@ def test_regression_adjusted_index_is_unbiased_on_the_sampled_counts_and_labels_
     """Stratified draws (kept 4, 5, 6 of 7, the full mask appended); the real game has a 3-way term the
     additive surrogate misses: the restricted index is recovered within its stderr, no bias term."""
     from engine.config import SamplingSpec
-    from engine.interactions import regression_adjusted_index, restricted_index, restricted_weights
+    from engine.interaction_intervals import regression_adjusted_index, restricted_index, restricted_weights
     from engine.sampling import sample_masks
 
     L, c = 7, 1.5
@@ -568,7 +568,7 @@ def test_the_surrogate_index_says_when_it_extrapolates():
 
 
 def test_regression_adjusted_index_is_exact_when_every_mask_of_the_sampled_counts_is_known():
-    from engine.interactions import regression_adjusted_index, restricted_index, restricted_weights
+    from engine.interaction_intervals import regression_adjusted_index, restricted_index, restricted_weights
 
     L = 6
     f = random_game(L, 1)

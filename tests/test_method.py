@@ -45,14 +45,14 @@ def test_fit_reports_heldout_metrics_and_saves_them_under_its_spec(setup):
     assert f.summary["n_masks"] == 48 and "learning_curve" in f.summary
     assert f.summary["report"]["test"]["overall"]["n"] == len(f.fitted.report.split.test)
     # The pipeline stores it keyed by the surrogate spec: another spec's fit never replaces it.
-    out = pipeline.fit(spec, MethodSpec(surrogate=RIDGE), run=run)
-    other = pipeline.fit(spec, MethodSpec(surrogate=dataclasses.replace(RIDGE, seed=1)), run=run)
+    out = pipeline.fit(run, MethodSpec(surrogate=RIDGE))
+    other = pipeline.fit(run, MethodSpec(surrogate=dataclasses.replace(RIDGE, seed=1)))
     saved = pipeline.stored(run, "fit", MethodSpec(surrogate=RIDGE))
     assert saved["r2"] == out["r2"] and saved["n_masks"] == 48 and not saved["stale"]
     assert "learning_curve" in saved
     assert pipeline.stored(run, "fit", MethodSpec(surrogate=dataclasses.replace(RIDGE, seed=1)))["r2"] == other["r2"]
     # Contributions reuse the fit and do not overwrite the stored one (learning curve kept).
-    pipeline.contributions(spec, MethodSpec(surrogate=RIDGE, estimator="exact"), run=run)
+    pipeline.contributions(run, MethodSpec(surrogate=RIDGE, estimator="exact"))
     assert "learning_curve" in pipeline.stored(run, "fit", MethodSpec(surrogate=RIDGE))
 
 
@@ -66,7 +66,7 @@ def test_every_estimator_gives_one_value_per_layer_with_error_bars(setup, estima
     assert c.values.shape == (L,) and np.all(np.isfinite(c.values))
     assert c.stderr is not None and c.stderr.shape == (L,)
     assert c.details["estimand"] in (SHAPLEY_VALUE, STRATA_SEMIVALUE, BANZHAF_VALUE)
-    stored = pipeline.contributions(spec, mspec, run=run)
+    stored = pipeline.contributions(run, mspec)
     assert stored["contributions"] == pytest.approx(list(c.values))  # the pipeline gives the same numbers
     assert pipeline.stored(run, "contributions", mspec)["key"] == estimator
     # every estimator's --json carries a 90% interval around its value, and says what it is for
@@ -163,7 +163,7 @@ def test_decisions_race_on_validation_then_calibration_windows_and_choose_the_be
     _, spec, run = setup
     cal = MaskEvaluator(run.lm, run.windows)
     base = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0, val_windows=0)
-    art = pipeline.decide(spec, base, run=run)
+    art = pipeline.decide(run, base)
     assert art["ks"] == [2]
     for d in art["decisions"]:
         assert d["tie_level"] == 0.9 and "calibration windows" in d["tied_on"]
@@ -172,7 +172,7 @@ def test_decisions_race_on_validation_then_calibration_windows_and_choose_the_be
         assert all(tuple(t) in measured and tuple(t) != tuple(d["removed"]) for t in d["tied"])
         assert d["ppl_measured"] == min(measured.values())  # the best finished set on the calibration windows
     val = MethodSpec(surrogate=RIDGE, estimator="exact", remove=2, n_verify=3, boot=0, val_windows=6)
-    art = pipeline.decide(spec, val, run=run)
+    art = pipeline.decide(run, val)
     v = validation_windows(run.lm.tokenizer, spec.data, 6)
     pool = MaskEvaluator(run.lm, torch.cat([v.input_ids, run.windows.input_ids]))
     ev = MaskEvaluator(run.lm, v)
@@ -190,7 +190,7 @@ def test_decisions_race_on_validation_then_calibration_windows_and_choose_the_be
     assert 6 < free < 10**6
     many = dataclasses.replace(val, val_windows=free + 50)
     assert all(d["tied_on"].startswith(f"{free + 2} windows: {free} validation windows")
-               for d in pipeline.decide(spec, many, run=run)["decisions"])
+               for d in pipeline.decide(run, many)["decisions"])
     assert MethodSpec().val_windows == 64  # the default races on validation windows (README: the rule and why)
 
 

@@ -225,7 +225,7 @@ def test_samples_of_an_active_run_feed_fit_and_the_design_only_correction(tmp_pa
 
 def test_sampling_progress_and_the_cli_report_work_and_rounds(tmp_path, tiny_lm, capsys):
     from engine import pipeline
-    from engine.report import sample_summary, status_summary
+    from engine.terminal import sample_summary, status_summary
 
     lm, windows = tiny_lm("llama", n_layers=6), _windows(4)
     spec, run = _run(tmp_path, lm, windows, SamplingSpec(n_masks=12, first_windows=1, complete=0.5))

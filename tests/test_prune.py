@@ -12,7 +12,7 @@ from engine import _verify_export
 from engine.errors import ExportError
 from engine.masking import keep_only
 from engine.models import wrap_model
-from engine.prune import (
+from engine.export import (
     MANIFEST,
     MODEL_CARD,
     judge,

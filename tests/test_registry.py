@@ -30,7 +30,7 @@ def test_lazy_entries_import_on_first_lookup():
 
 @pytest.mark.parametrize("path", ["engine.estimators:ESTIMATORS", "engine.surrogate:SURROGATES",
                                   "engine.baselines:BASELINES", "engine.models:ADAPTERS",
-                                  "engine.interactions:INDICES", "engine.report:SUMMARIES", "engine.cli:_COMMANDS"])
+                                  "engine.interactions:INDICES", "engine.terminal:SUMMARIES", "engine.cli:_COMMANDS"])
 def test_every_registry_is_a_registry(path):
     import importlib
 

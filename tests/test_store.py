@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from engine import store as store_mod
+from engine import store_writer
 from engine.errors import StoreError, StoreLocked
 from engine.store import RunStore, list_runs
 
@@ -112,7 +113,7 @@ def test_exit_status_on_errors(store):
 
 
 def test_heartbeat_advances(store, monkeypatch):
-    monkeypatch.setattr(store_mod, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(store_writer, "HEARTBEAT_S", 0.05)
     with store.writer():
         t0 = store.lease().heartbeat
         time.sleep(0.3)

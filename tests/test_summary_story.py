@@ -1,6 +1,6 @@
-"""engine.summary's headline sentence, speed warning and default prompt (pure functions over a record)."""
+"""engine.html_report's headline sentence, speed warning and default prompt (pure functions over a record)."""
 
-from engine import summary
+from engine import html_report
 
 
 def _record(busy=False, held=True):
@@ -19,24 +19,24 @@ def _record(busy=False, held=True):
 
 
 def test_story_states_share_interval_and_spread():
-    text = summary.story(_record())
+    text = html_report.story(_record())
     assert text.startswith("Removing 4 of 16 layers (25%) keeps 78% of the parameters")
     assert "held-out perplexity (demo-test, 8 windows) by +15% [90% interval +12% to +18%]" in text
     assert "1.31x as fast" in text and "1.20-1.40x over 5 interleaved repeats" in text
-    assert "calibration perplexity (calibration, 8 windows) by +14%" in summary.story(_record(held=False))
+    assert "calibration perplexity (calibration, 8 windows) by +14%" in html_report.story(_record(held=False))
     two = _record()
     two["ppl"] = {"calibration": two["ppl"]["calibration"], "demo-ood": {**two["ppl"]["demo-test"], "ratio": 1.5},
                   "demo-test": two["ppl"]["demo-test"]}  # stored sorted by name; asked for demo-test first
-    assert "(demo-test, 8 windows) by +15%" in summary.story({**two, "splits_order": ["demo-test", "demo-ood"]})
+    assert "(demo-test, 8 windows) by +15%" in html_report.story({**two, "splits_order": ["demo-test", "demo-ood"]})
 
 
 def test_speed_warning_only_on_a_busy_machine():
-    assert summary.speed_warning(_record()) is None
-    assert "load average 3.0 on 2 cores" in summary.speed_warning(_record(busy=True))
+    assert html_report.speed_warning(_record()) is None
+    assert "load average 3.0 on 2 cores" in html_report.speed_warning(_record(busy=True))
 
 
 def test_rows_show_parameter_share_and_ratio_intervals():
-    rows = {a: c for a, _, c in summary.rows(_record())}
+    rows = {a: c for a, _, c in html_report.rows(_record())}
     assert rows["parameters"] == "78.00 M (78%)"
     assert rows["perplexity, demo-test"] == "46.00 (+15%, 90% interval +12% to +18%)"
 
@@ -44,5 +44,5 @@ def test_rows_show_parameter_share_and_ratio_intervals():
 def test_default_prompt_skips_markup_and_fragments():
     texts = ["0 to 64 for BLAKE2b, 0 to\n====\n.. module:: hashlib\nThe hashlib module implements a common interface "
              "to many different secure hash algorithms.\n"]
-    assert summary.default_prompt(texts) == "The hashlib module implements a common interface to"
-    assert summary.default_prompt(["just three words"]) == "just three words"
+    assert html_report.default_prompt(texts) == "The hashlib module implements a common interface to"
+    assert html_report.default_prompt(["just three words"]) == "just three words"

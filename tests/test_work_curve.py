@@ -74,7 +74,7 @@ def test_pipeline_stores_the_curve_of_a_multi_fidelity_run_in_the_fit_artifact(t
     run = pipeline.OpenRun(spec=spec, lm=lm, windows=windows, run_id="r", store=store)
     pipeline.sample(spec, tmp_path, progress=False, run=run)
     method = MethodSpec(surrogate=RIDGE)
-    pipeline.fit(spec, method, run=run)
+    pipeline.fit(run, method)
     out = pipeline.work_curve(run, method)
     stored = pipeline.stored(run, "fit", method)
     assert stored["work_curve"] == out and not stored["stale"]

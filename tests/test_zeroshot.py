@@ -145,10 +145,10 @@ def test_all_tasks_through_lm_eval_on_a_tiny_model(cache, tiny_folder):
 
 
 def test_in_memory_pruned_model_equals_its_export(cache, tiny_folder, tmp_path):
-    """evaluate_choice deletes the layers in memory (prune.pruned_view): same per-item results and LAMBADA
+    """evaluate_choice deletes the layers in memory (export.pruned_view): same per-item results and LAMBADA
     perplexity as the exported folder evaluated from disk; the model is whole again afterwards."""
     from engine.models import load_model
-    from engine.prune import prune_model
+    from engine.export import prune_model
 
     zs = ZeroShotSpec(tasks=("lambada_openai", "piqa", "winogrande"), limit=N, batch_size=4)
     lm = load_model(ModelSpec(name=str(tiny_folder)))
@@ -168,13 +168,13 @@ def test_in_memory_pruned_model_equals_its_export(cache, tiny_folder, tmp_path):
     again = pipeline.evaluate_choice(lm, pipeline.ModelChoice("removed", (2, 1)), zs, cache)  # stored, by set
     assert again["cached"] and again["tasks"] == {k: v for k, v in pruned["tasks"].items()}
     # the summary report carries the stored pair (full vs this set), with the paired difference
-    from engine import summary
+    from engine import html_report
 
     pair = pipeline.stored_zeroshot_pair(lm, (1, 2), cache)
     assert pair["limit"] == N and set(pair["tasks"]) == set(zs.tasks)
     assert pair["mean"]["pruned"] == pytest.approx(pruned["mean"]) and pair["mean"]["full"] == pytest.approx(full["mean"])
     assert pair["mean"]["diff"]["diff"] == pytest.approx(pruned["mean"] - full["mean"])
-    assert "Zero-shot accuracy" in summary.zeroshot_html(pair) and summary.zeroshot_html(None) == ""
+    assert "Zero-shot accuracy" in html_report.zeroshot_html(pair) and html_report.zeroshot_html(None) == ""
     assert pipeline.stored_zeroshot_pair(lm, (0,), cache) is None  # never evaluated
 
 

@@ -102,7 +102,7 @@ def evaluate_choice(lm, choice: ModelChoice, zs, cache_dir, progress=None, store
     """Zero-shot result of `lm` without `choice.removed` (stored; a stored one is returned as it is).
     The dict is ZeroShotResult.to_json() plus label, removed, n_kept, params, cached, raw."""
     from engine import zeroshot
-    from engine.prune import _kept_from_removed, pruned_view
+    from engine.export import _kept_from_removed, pruned_view
 
     store = store or zeroshot_store(lm, cache_dir)
     name = zeroshot_name(choice.removed, zs)

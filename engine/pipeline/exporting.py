@@ -28,7 +28,7 @@ def export(spec: RunSpec, method: MethodSpec, out_dir, removed=None, overwrite: 
     """Export the model without `removed` (default: the decision for k = method.remove) to `out_dir`,
     with manifest and model card, verified by a reload in a fresh process. `fmt="gguf"`: one GGUF
     file `out_dir` (engine.gguf_export) with `quant` f32 | f16 | q8_0 | q4_1."""
-    from engine.prune import check_export_folder
+    from engine.export import check_export_folder
 
     if fmt == "gguf":
         from engine.gguf_export import check_gguf_out
@@ -60,7 +60,7 @@ def export_run(run: OpenRun, method: MethodSpec, out_dir, removed=None, overwrit
 def _export(run: OpenRun, method: MethodSpec, out_dir, overwrite: bool, ds, k: int, removed=None,
             fmt: str = "folder", quant: str = "f32") -> dict:
     from engine.decision import removal_mask
-    from engine.prune import prune_model
+    from engine.export import prune_model
 
     art = stored(run, "fit", method) or {}
     if removed is None:
@@ -124,7 +124,7 @@ def prune(spec: RunSpec, method: MethodSpec = MethodSpec(), out_dir=None, overwr
           evaluation: EvalSpec = EvalSpec(), progress: bool = False, json_mode: bool = False) -> dict:
     """fit -> contributions -> decide (k = remove, plus --ks / --all-k) -> export (if out_dir) on the run's
     samples; with `progress`, the decision's progress on stderr (StepProgress)."""
-    from engine.prune import check_export_folder
+    from engine.export import check_export_folder
 
     t0 = time.monotonic()
     if run is None:  # every option, the export folder included, before any model is loaded
@@ -226,23 +226,20 @@ def baseline(spec: RunSpec, names, k_max: int | None = None, seed: int = 0, cach
     return out
 
 
-def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, run: OpenRun | None = None,
-              evaluation: EvalSpec = EvalSpec(), prompt: str | None = None, out_html=None,
+def summarize(run: OpenRun, method: MethodSpec = MethodSpec(), prompt: str | None = None, out_html=None,
               progress: bool = False, json_mode: bool = False) -> dict:
-    """The stakeholder summary of the decision for k = method.remove (engine.summary has the record's
+    """The stakeholder summary of the decision for k = method.remove (engine.html_report has the record's
     contract); measures the full and the pruned model here, stores artifact ``summary:<hash>`` and,
-    with `out_html`, writes the self-contained HTML report there. `progress`: one StepProgress line per
-    step (baselines' curves, paired perplexities per split, size and speed, generation)."""
+    with `out_html`, writes the self-contained HTML report there (after the artifact; the caller checks the
+    path first, `atomic.check_output_file`: the CLI, before opening the run). `progress`: one StepProgress
+    line per step (baselines' curves, paired perplexities per split, size and speed, generation)."""
     import platform
 
-    from engine import footprint, summary as summary_lib
+    from engine import footprint, html_report
     from engine.decision import removal_mask
     from engine.estimators import get as estimator
 
     ESTIMATOR_LABEL = lambda name: estimator(name).label  # noqa: E731
-    if out_html is not None:
-        atomic.check_output_file(out_html, "--out")  # a folder, a dangling link, a long name: before the work
-    run = run or open_run(spec, cache_dir, evaluation, create=False)
     decisions = stored(run, "decisions", method)
     k = default_remove(method, run.n_layers)
     if not decisions or k not in decisions["ks"]:
@@ -276,7 +273,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         splits = [name for name in decisions["splits"] if name in ppl]
         source = run.windows if not splits else make_windows(
             run.lm.tokenizer, dataclasses.replace(run.spec.data, source=splits[0]))
-        prompt = summary_lib.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
+        prompt = html_report.default_prompt(run.lm.tokenizer.batch_decode(source.input_ids, skip_special_tokens=True))
     fit = stored(run, "fit", method) or {}
     bar.at(n_steps - 2, n_steps, "size and speed of the full and the pruned model")
     footprints = {"full": footprint.measure(run.lm, ids).to_dict(),
@@ -284,7 +281,7 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
     speed = footprint.compare_speed(run.lm, ids, removed).to_dict()
     bar.at(n_steps - 1, n_steps, "generating from the full and the pruned model")
     record = {
-        "run_id": run.run_id, "model": spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
+        "run_id": run.run_id, "model": run.spec.model.name, "family": run.lm.family, "n_layers": run.n_layers,
         "n_masks": run.store.count(), "k": k, "removed": list(removed), "rule": d["method"],
         "splits_order": [n for n in decisions.get("splits_measured") or decisions["splits"] if n in ppl],
         "estimator": ESTIMATOR_LABEL(method.estimator), "r2": fit.get("r2"),
@@ -297,13 +294,13 @@ def summarize(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, 
         "machine": f"{platform.machine()} {platform.system()}, {run.lm.device}, torch threads "
                    f"{__import__('torch').get_num_threads()}",
         "method_spec": dataclasses.asdict(method),
-        "zeroshot": stored_zeroshot_pair(run.lm, removed, cache_dir),
+        "zeroshot": stored_zeroshot_pair(run.lm, removed, run.store.cache_dir),
         "healing": run.store.get_artifact(heal_name(removed, run.n_layers)),  # the report's before/after healing
     }
     bar.at(n_steps, n_steps, "summary built")
     _put(run, "summary", method, run.store, record)
     if out_html is not None:
-        atomic.write_atomic(out_html, summary_lib.to_html(record))  # a kill or a full disk leaves no half file
+        atomic.write_atomic(out_html, html_report.to_html(record))  # a kill or a full disk leaves no half file
         record = {**record, "html": str(out_html)}
     return record
 

@@ -19,7 +19,7 @@ from engine.pipeline.stages import _decide
 
 def _export_manifest(model_name: str) -> dict | None:
     """The pruning manifest of `model_name` when it is an export folder of this tool, else None."""
-    from engine.prune import MANIFEST
+    from engine.export import MANIFEST
 
     path = Path(model_name) / MANIFEST
     if not path.is_file():
@@ -56,7 +56,7 @@ def heal(spec: RunSpec, method: MethodSpec, healing, out_dir=None, removed=None,
     from engine.decision import removal_mask
     from engine.errors import InputError
     from engine.method import DEMO_EVAL_SPLITS, eval_splits_for
-    from engine.prune import check_export_folder, package_versions, prune_model
+    from engine.export import check_export_folder, package_versions, prune_model
 
     t0 = time.monotonic()
     if out_dir is not None:

@@ -64,7 +64,7 @@ def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec(), c
     `create=False` (what the app's pages use to look) never writes to the cache: a run that was
     never sampled raises EstimationError instead of appearing as an empty run. `checked=True`: the
     caller validated `spec` and `cache_dir` with `validate.check_run` (nothing is validated twice)."""
-    from engine.prune import package_versions
+    from engine.export import package_versions
 
     if not checked:
         validate.check_cache_dir(cache_dir)

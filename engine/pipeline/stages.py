@@ -1,6 +1,6 @@
 """Stage 2 on an opened run: fit, contributions, decide, measure, interactions and near-optimal
 candidates (engine.method's pure functions on the run's samples), each stored as a spec-keyed artifact.
-The spec-taking front doors (`fit(spec, ...)`, ...) open the run when none is given."""
+Every stage takes an opened run (`open_run`, at the edge: the CLI, the pages, a bench)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from engine import atomic
-from engine.config import INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, EvalSpec, MethodSpec, RunSpec, stable_hash
+from engine.config import INTERACTION_FOLDS, INTERACTION_SURROGATE, DataSpec, MethodSpec, stable_hash
 from engine.errors import WorkbenchError
-from engine.pipeline.run import OpenRun, open_run
+from engine.pipeline.run import OpenRun
 from engine.pipeline.artifacts import _interaction_key, _put, _seen, artifact_name, candidates_name, interactions_name, stored
 from engine.pipeline.progress import StepProgress
 from engine.pipeline.collect import samples
@@ -52,12 +52,10 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
     return f
 
 
-def fit(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, compare: bool = False,
-        run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+def fit(run: OpenRun, method: MethodSpec = MethodSpec(), compare: bool = False, progress: bool = False,
         json_mode: bool = False) -> dict:
     """Fit the surrogate on the run's samples: held-out R², Spearman, MAE, per stratum, learning curve
     (and a comparison of every registered surrogate when `compare`); `progress`: StepProgress lines."""
-    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     f = _fit(run, method, curve=True, compare=compare, progress=StepProgress("fit", progress, json_mode))
     out = _fit_json(run, f)
@@ -79,11 +77,9 @@ def _contributions(run: OpenRun, method: MethodSpec, progress: "StepProgress | N
     return f, c
 
 
-def contributions(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None,
-                  run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+def contributions(run: OpenRun, method: MethodSpec = MethodSpec(), progress: bool = False,
                   json_mode: bool = False) -> dict:
     """Per-layer contributions (one per layer, in layer order) with error bars and the ranking."""
-    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     f, c = _contributions(run, method, StepProgress("shapley", progress, json_mode))
     art = stored(run, "contributions", method)
@@ -230,11 +226,9 @@ def default_remove(method: MethodSpec, n_layers: int) -> int:
     return method.remove if method.remove is not None else max(1, n_layers // 4)
 
 
-def decide(spec: RunSpec, method: MethodSpec = MethodSpec(), cache_dir=None, eval_data: tuple[str, ...] = (),
-           run: OpenRun | None = None, ks=None) -> dict:
+def decide(run: OpenRun, method: MethodSpec = MethodSpec(), eval_data: tuple[str, ...] = (), ks=None) -> dict:
     """Decide which layers to remove for k = remove (and --ks, or 1..remove with --all-k), or for the given
     `ks` only; stored as the decisions artifact."""
-    run = run or open_run(spec, cache_dir, create=False)
     _decide(run, method, method.decide_ks(run.n_layers) if ks is None else sorted(set(ks)), eval_data)
     return stored(run, "decisions", method)
 
@@ -283,13 +277,13 @@ def estimand(estimator: str, design) -> str:
     return of(estimator, design)
 
 
-def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
-                 cache_dir=None, run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(),
+def interactions(run: OpenRun, method: MethodSpec = MethodSpec(), index: str = "sii", fit_on: str = "all",
                  csv_path=None, bias_check: bool = False, surrogate: str = INTERACTION_SURROGATE,
                  folds: int = INTERACTION_FOLDS, progress: bool = False, json_mode: bool = False) -> dict:
     """Pairwise interaction index of every layer pair on a surrogate of the run (engine.interactions):
     `matrix`, `stderr`, `pairs` (strongest first), `diagonal` (what the diagonal holds), stored as an
-    artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr).
+    artifact; `csv_path` also writes the pairs and the diagonal as CSV (i, j, kind, value, stderr), after the
+    artifact is stored; the caller checks it first (`atomic.check_output_file`: the CLI, before opening the run).
     `surrogate`: the kind fitted for the map (default mlp+log-pairwise, the most faithful on the demo
     game; ``same`` = the run's `method.surrogate`), with the rest of `method.surrogate`'s settings.
     `folds` > 0: stderr and `details.interval` (level `method.level`) from a `folds`-group jackknife over
@@ -300,9 +294,6 @@ def interactions(spec: RunSpec, method: MethodSpec = MethodSpec(), index: str = 
     `progress`: one StepProgress line per step (fits, the index, the jackknife, the bias check)."""
     from engine import method as method_lib
 
-    if csv_path is not None:
-        atomic.check_output_file(csv_path, "--csv")  # before any fit
-    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     key = _interaction_key(method, index, fit_on, surrogate, folds)
     sspec = method_lib.interaction_spec(method.surrogate, surrogate)
@@ -352,8 +343,7 @@ def write_interactions_csv(result: dict, path) -> Path:
     return path
 
 
-def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, cache_dir=None,
-               run: OpenRun | None = None, evaluation: EvalSpec = EvalSpec(), progress: bool = False,
+def candidates(run: OpenRun, method: MethodSpec = MethodSpec(), top: int = 10, progress: bool = False,
                json_mode: bool = False) -> dict:
     """The near-optimal sets explorer for k = 1..remove (default L/4): the `top` best removal sets per k
     by surrogate prediction with ensemble intervals, the measured perplexity of those the run has
@@ -361,7 +351,6 @@ def candidates(spec: RunSpec, method: MethodSpec = MethodSpec(), top: int = 10, 
     interchangeable pairs; stored as the ``candidates:<hash>`` artifact."""
     from engine import method as method_lib
 
-    run = run or open_run(spec, cache_dir, evaluation, create=False)  # analysis: never creates a run
     t = time.monotonic()
     f = _fit(run, method)
     # Real calibration perplexities are facts of the run, whatever settings decided them: every stored

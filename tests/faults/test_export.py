@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import build_tiny_lm
-from engine import prune
+from engine import export
 from engine.errors import ExportCheckFailed, ExportError
-from engine.prune import MANIFEST, PARTIAL_MARKER, prune_model
+from engine.export import MANIFEST, PARTIAL_MARKER, prune_model
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_failed_check_leaves_no_out_folder(lm, tmp_path, monkeypatch):
         return [{"ppl": 1e9, "kv_max_rel_diff": 0.0, "generated_tokens": 4, "layer_indices": [0, 1, 2],
                  "n_layers_config": 3, "tokenizer_ok": True, "tokenizer_error": None, "seconds": 0.1}]
 
-    monkeypatch.setattr(prune, "verify_exports", wrong)
+    monkeypatch.setattr(export, "verify_exports", wrong)
     import torch
 
     out = tmp_path / "out"
@@ -102,13 +102,13 @@ def test_failure_at_each_export_step_leaves_nothing_at_out(step, tmp_path, monke
     elif step == "tokenizer":
         monkeypatch.setattr(type(lm.tokenizer), "save_pretrained", boom)
     elif step == "card":
-        monkeypatch.setattr(prune, "model_card", boom)
+        monkeypatch.setattr(export, "model_card", boom)
     elif step == "manifest":
-        real = prune._write_json
-        monkeypatch.setattr(prune, "_write_json",
+        real = export._write_json
+        monkeypatch.setattr(export, "_write_json",
                             lambda path, obj: boom() if path.name == MANIFEST else real(path, obj))
     else:
-        monkeypatch.setattr(prune, "_swap_into_place", boom)
+        monkeypatch.setattr(export, "_swap_into_place", boom)
     from engine.errors import DiskFull
 
     with pytest.raises(DiskFull):
@@ -123,5 +123,5 @@ def test_kill_between_the_two_renames_of_a_swap_restores_the_previous_export(lm,
     prune_model(lm, [0], out, verify=False)
     aside = tmp_path / f".out.replaced-{_dead_pid()}-0123abcd"
     os.rename(out, aside)  # the state a SIGKILL after the first rename leaves
-    prune.sweep_leftovers(out)
+    export.sweep_leftovers(out)
     assert json.loads((out / MANIFEST).read_text())["removed_layers"] == [0] and not aside.exists()

@@ -193,7 +193,7 @@ def test_export_check_child_dies_with_its_parent(tmp_path):
     import subprocess
     import sys
 
-    from engine.prune import VERIFY_SCRIPT
+    from engine.export import VERIFY_SCRIPT
 
     parent = subprocess.Popen([sys.executable, "-c", (
         "import os, subprocess, sys, time\n"

@@ -363,8 +363,8 @@ def test_read_only_folder_under_the_report_is_refused_up_front_tmpfs(models, dec
 
 
 # ------------------------------------------------------------------ leftovers of killed exports (#9)
-KILL_IN_VERIFY = ("import os, signal, engine.prune\n"
-                  "engine.prune.verify_exports = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
+KILL_IN_VERIFY = ("import os, signal, engine.export\n"
+                  "engine.export.verify_exports = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
 
 
 def test_export_killed_then_export_to_another_folder_sweeps_its_leftover(models, decided, tmp_path, cli, record):
