@@ -21,13 +21,16 @@ with a hint to re-run with ``--debug``. Ctrl-C exits with 130; SIGTERM is handle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import signal
 import sys
 import traceback
 import typing
+from pathlib import Path
 from typing import Callable
 
 from engine.config import (
@@ -169,7 +172,8 @@ def _heal_layers_option(p: argparse.ArgumentParser) -> None:
 
 def _report_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("report")
-    g.add_argument("--out", default="report.html", help="the HTML file to write (default %(default)s)")
+    g.add_argument("--out", default=None, metavar="FILE",
+                   help="the HTML file to write (default: report-k<K>.html in the run's folder of the cache)")
     g.add_argument("--prompt", default=None, help="text both models continue (default: the start of the calibration text)")
 
 
@@ -337,9 +341,12 @@ def _report(args) -> dict:
     from engine import atomic, pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    atomic.check_output_file(args.out, "--out")  # a folder, a dangling link, a long name: before the model loads
-    return pipeline.summarize(_open_existing(spec, args, evaluation), method, prompt=args.prompt,
-                              out_html=args.out, progress=True, json_mode=args.json)
+    if args.out is not None:
+        atomic.check_output_file(args.out, "--out")  # a folder, a dangling link, a long name: before the model loads
+    run = _open_existing(spec, args, evaluation)
+    out = args.out if args.out is not None else (  # nothing written outside the folder the user chose
+        run.store.dir / f"report-k{pipeline.default_remove(method, run.n_layers)}.html")
+    return pipeline.summarize(run, method, prompt=args.prompt, out_html=out, progress=True, json_mode=args.json)
 
 
 @command("interactions", "pairwise interaction index of every layer pair on the surrogate (SII, STII, FSII, "
@@ -427,7 +434,6 @@ def _evaluate(args) -> dict:
          "preset smollm2, the zero-shot task data)")
 def _fetch(args) -> dict:
     from engine.config import default_cache_dir
-    from pathlib import Path
 
     module, _, name = FETCHABLE[args.what].partition(":")
     cache = Path(args.cache_dir).resolve() if args.cache_dir else default_cache_dir()
@@ -439,7 +445,7 @@ def _common_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on the last stdout line")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
-    g.add_argument("--cache-dir", default=None, help="run stores (default $LAYERPRUNE_CACHE or ./cache)")
+    g.add_argument("--cache-dir", default=None, help="run stores, model presets and task data (default $LAYERPRUNE_CACHE or ./cache)")
     return p
 
 
@@ -493,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
         name = args.command
-        result = _COMMANDS[name][2](args)
+        with _cache_dir_as_default(args.cache_dir):
+            result = _COMMANDS[name][2](args)
         stopped = isinstance(result, dict) and result.get("stopped") == "interrupted"
         if stopped:  # a non-zero exit: the result line also carries error, kind, message
             failure = describe(KeyboardInterrupt(), bool(_SIGTERM_SEEN))
@@ -509,6 +516,25 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     sys.stdout.flush()
     return describe(KeyboardInterrupt(), bool(_SIGTERM_SEEN)).exit_code if stopped else 0
+
+
+@contextlib.contextmanager
+def _cache_dir_as_default(cache_dir):
+    """--cache-dir is $LAYERPRUNE_CACHE for the whole command, so what resolves the default cache (the
+    presets' model folders, the zero-shot task data, Ray workers started from here) reads the folder the
+    user named, not ./cache; the previous value comes back afterwards (main may run many times in one process)."""
+    if cache_dir is None:
+        yield
+        return
+    before = os.environ.get("LAYERPRUNE_CACHE")
+    os.environ["LAYERPRUNE_CACHE"] = str(Path(cache_dir).resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LAYERPRUNE_CACHE", None)
+        else:
+            os.environ["LAYERPRUNE_CACHE"] = before
 
 
 def _main_thread() -> bool:

@@ -5,6 +5,7 @@ bench/compare calls) for the same specs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,11 @@ def test_export_by_hand_and_report(sampled, tmp_path, capsys):
     text = html.read_text()
     assert "Removing 2 of" in text  # the one-sentence story heads the report
     assert "<html>" in text and "Plotly" in text and '<script src="http' not in text  # plotly.js inlined
+    # without --out the report goes into the run's folder of the cache, never the working directory
+    _, js2 = _both(capsys, ["report", *_base(sampled, *STAGE2, "--remove", "2")])
+    written = Path(js2["html"])
+    assert written.name == "report-k2.html" and written.parent == (sampled / "cache" / js2["run_id"]).resolve()
+    assert "Removing 2 of" in written.read_text()
 
 
 def test_long_stages_report_step_total_eta_and_words_in_json_progress_lines(sampled, capsys):

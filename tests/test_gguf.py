@@ -5,6 +5,7 @@ every weight row is a whole number of 32-value quant blocks."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -251,3 +252,26 @@ def test_preset_converts_once_from_a_wheel(model_files, tmp_path, monkeypatch):
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert presets.ensure_preset("tiny") == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert not any(".partial-" in p.name for p in folder.parent.iterdir())
+
+
+def test_cli_cache_dir_is_where_presets_resolve(model_files, tmp_path, monkeypatch, capsys):
+    """`--cache-dir C` finds a preset fetched into C (not only in $LAYERPRUNE_CACHE), and the variable is
+    restored after the command (main runs many times in one process)."""
+    wheel = tmp_path / "tiny_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(model_files / "one" / "tiny.gguf", "tiny_pkg/tiny.gguf")
+    pin = fetch.PinnedWheel("tiny-pkg", "1.0", fetch.sha256_file(wheel), "MIT", "fetch-tiny")
+    monkeypatch.setitem(presets.PRESETS, "tiny", presets.Preset("tiny", "tiny", pin, "tiny_pkg/tiny.gguf",
+                                                                "tiny-hf", L, "a tiny test model"))
+    chosen = tmp_path / "chosen"
+    (chosen / "models").mkdir(parents=True)
+    wheel.rename(chosen / "models" / wheel.name)
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(elsewhere))
+    monkeypatch.delenv(fetch.WHEELHOUSE_ENV, raising=False)
+    code = cli.main(["info", "--model", "tiny", "--windows", "2", "--seq-len", "16", "--cache-dir", str(chosen),
+                     "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out["n_layers"] == L
+    assert (chosen / "models" / "tiny-hf" / presets.MARKER).is_file() and not (elsewhere / "models").exists()
+    assert os.environ["LAYERPRUNE_CACHE"] == str(elsewhere)
