@@ -51,10 +51,12 @@ chosen = dataclasses.replace(spec.sampling, first_windows=int(first_windows), co
 if chosen != spec.sampling:
     spec = st.session_state.spec = dataclasses.replace(spec, sampling=chosen)
 _ui.spec_caption(spec)
-if st.session_state.pop("sync_n_masks", False):  # a run's settings were just taken: its mask count too
+# The widget's value lives in session state only (a default beside it makes streamlit warn): set from the
+# spec when a run's settings were just taken (its mask count too) or on first show.
+if st.session_state.pop("sync_n_masks", False) or "n_masks_run" not in st.session_state:
     st.session_state.n_masks_run = spec.sampling.n_masks
 c1, c2, c3 = st.columns([2, 1, 1])
-n_masks = c1.number_input("masks in the run", 1, 1_000_000, spec.sampling.n_masks, key="n_masks_run",
+n_masks = c1.number_input("masks in the run", 1, 1_000_000, key="n_masks_run",
                           help="evaluated masks are kept: asking for more extends the run, asking again resumes it")
 start = c2.button("Start / resume", type="primary")
 cancel = c3.button("Cancel")
