@@ -17,6 +17,21 @@ from engine.errors import EstimationError, WorkbenchError
 from engine.store import RunStore
 
 
+def _run_through_the_app() -> None:
+    """Streamlit runs a file of pages/ on its own (its legacy multipage mode: no app.py, so no restored
+    session, no navigation, `_ui` listed as a page) when the first request a fresh server gets is a deep link
+    (/summary?run=...), because a `pages/` folder exists and app.py has not called st.navigation yet. Leave
+    that mode once and rerun: the rerun goes through app.py's st.navigation to the same page."""
+    from streamlit.runtime.pages_manager import PagesManager  # streamlit is pinned (requirements.txt)
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_run_through_the_app()
+
+
 def cache_dir():
     """$LAYERPRUNE_CACHE (or ./cache), fixed for the session."""
     if "cache_dir" not in st.session_state:

@@ -237,3 +237,25 @@ def test_the_whole_flow_in_a_browser(server, tmp_path):
             assert (_cpu_seconds(server_pid) - cpu) / 20 < 0.05  # idle on the Sampling page: under 5% of a core
         finally:
             browser.close()
+
+
+def test_a_deep_link_as_the_servers_first_request_goes_through_the_app(server):
+    """A fresh server whose first request is /summary (a shared link) still runs app.py's navigation: the
+    sidebar lists the app's pages by title, not the files of pages/ (streamlit's legacy mode would run
+    pages/summary.py alone, list `_ui` as a page and skip the restored session)."""
+    from playwright.sync_api import sync_playwright
+
+    url, _, _ = server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}/summary", timeout=60_000)
+            page.locator("h1", has_text="Summary").first.wait_for(timeout=60_000)
+            nav = page.locator("[data-testid='stSidebarNav'] a")
+            nav.first.wait_for(timeout=30_000)
+            titles = [t.strip().splitlines()[-1].strip() for t in nav.all_inner_texts()]  # after the icon
+            assert "Setup" in titles and "Prune & export" in titles, titles
+            assert not {"ui", "app", "setup"} & set(titles), titles
+        finally:
+            browser.close()
