@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import save_tiny_llama
-from engine import cli, method, pipeline
+from engine import cli, estimators, method, pipeline
 from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.estimators import BANZHAF_VALUE, ESTIMATORS, SHAPLEY_VALUE, STRATA_SEMIVALUE
@@ -217,4 +217,4 @@ def test_window_boot_without_per_window_losses_says_what_to_do(setup):
     f = method.fit(s, RIDGE, curve=False)
     with pytest.raises(EstimationError, match="per calibration window"):
         method.contributions(s, f, MethodSpec(surrogate=RIDGE, estimator="regression-adjusted", window_boot=10))
-    assert method.window_scores(s, MethodSpec(window_boot=0)) is None
+    assert estimators.window_scores(s, 0, 0) is None  # window_boot 0: no window part
