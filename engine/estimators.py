@@ -118,15 +118,15 @@ class Estimator:
         c.details['interval']) and when x.n_boot is 0."""
         if self.uses_real_evaluations or not x.n_boot:
             return None
-        from engine import uncertainty
+        from engine import contribution_intervals as intervals
 
         s = x.samples
-        reference = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, x.weighting, x.level, seed=x.seed,
-                                                    n_boot=0, **real_rows(s), window_scores=x.window_scores)
+        reference = intervals.regression_adjusted(s.masks, s.scores, x.fit_one, x.weighting, x.level, seed=x.seed,
+                                                  n_boot=0, **real_rows(s), window_scores=x.window_scores)
         members = c.details.get("members")
-        return uncertainty.surrogate_interval(s.masks, s.scores, x.fit_one, x.weighting, c.values,
-                                              None if members is None else np.asarray(members), self.name,
-                                              x.level, x.n_boot, x.seed, reference)
+        return intervals.surrogate_interval(s.masks, s.scores, x.fit_one, x.weighting, c.values,
+                                            None if members is None else np.asarray(members), self.name,
+                                            x.level, x.n_boot, x.seed, reference)
 
 
 ESTIMATORS: Registry[Estimator] = Registry("estimator", error=EstimationError)
@@ -149,7 +149,7 @@ def strata_of(design, L: int) -> tuple[int, ...]:
 
 
 def window_scores(samples, n_boot: int, seed: int) -> np.ndarray | None:
-    """float[n_boot, n]: the samples' scores on window resamples (uncertainty.window_resampled_scores,
+    """float[n_boot, n]: the samples' scores on window resamples (contribution_intervals.window_resampled_scores,
     seeded by `seed`), or None when n_boot is 0 (MethodSpec.window_boot). EstimationError when the run
     lacks the per-window losses (a version-1 store's rows, or rows evaluated by Ray workers).
     (Was engine.method.window_scores.)"""
@@ -162,9 +162,9 @@ def window_scores(samples, n_boot: int, seed: int) -> np.ndarray | None:
             "every mask (masks evaluated before store schema 2, by Ray workers, or on some windows only in a "
             "multi-fidelity run). Drop --window-boot, or sample "
             "into a new run (another --cache-dir) without --workers.")
-    from engine import uncertainty
+    from engine import contribution_intervals as intervals
 
-    return uncertainty.window_resampled_scores(samples.window_nll, samples.window_tokens, samples.full_window_nll,
+    return intervals.window_resampled_scores(samples.window_nll, samples.window_tokens, samples.full_window_nll,
                                                samples.full_window_tokens, n_boot, seed)
 
 
@@ -213,7 +213,7 @@ def _regression_adjusted(x: EstimationInput):
     have a sampled kept count), so every mask it weighs is one the correction sees and the interval needs
     no bias allowance. (The paper's own estimand also weighs the kept count below the lowest stratum,
     never sampled: there the surrogate extrapolates and no stated allowance held on held-out games,
-    bench/README.md.) engine.uncertainty.regression_adjusted:
+    bench/README.md.) engine.contribution_intervals.regression_adjusted:
     post-stratified by kept count, fully evaluated kept counts summed exactly, its own interval.
 
     Runs with active rounds (engine.active) or partial rows (multi-fidelity): the surrogates are
@@ -221,14 +221,14 @@ def _regression_adjusted(x: EstimationInput):
     the complete design-drawn rows (source == "design", every window evaluated) enter the
     correction term (`real_rows`): its post-stratification assumes uniform draws within each kept
     count, which the actively chosen masks are not, and exact scores, which partial rows lack."""
-    from engine import shapley, uncertainty
+    from engine import contribution_intervals as intervals, shapley
 
     s, L, weighting = x.samples, x.n_layers, x.weighting
-    iv = uncertainty.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed,
-                                         n_boot=0,  # the analytic variance; bench.uncertainty checks it
-                                         **real_rows(s), window_scores=x.window_scores)
+    iv = intervals.regression_adjusted(s.masks, s.scores, x.fit_one, weighting, level=x.level, seed=x.seed,
+                                       n_boot=0,  # the analytic variance; bench.uncertainty checks it
+                                       **real_rows(s), window_scores=x.window_scores)
     folds = iv.details["n_folds"]
-    per_fit = (1 << L) if L <= shapley.EXACT_MAX_L else uncertainty.MC_PER_SIZE * (L + 1)  # surrogate calls
+    per_fit = (1 << L) if L <= shapley.EXACT_MAX_L else intervals.MC_PER_SIZE * (L + 1)  # surrogate calls
     details = {**iv.details, "interval": iv.to_dict(),
                "stderr_is": "standard error of the cross-fitted correction (stratified by kept count)"}
     return shapley.Contributions(iv.values, iv.se, f"{weighting.name}, regression-adjusted (cross-fitted)",
@@ -239,7 +239,7 @@ MIN_CORRECTION_ROWS = 20  # complete design rows below which partial rows join t
 
 
 def real_rows(samples) -> dict:
-    """Keyword arguments of uncertainty.regression_adjusted for a Samples record: `train_only` (rows
+    """Keyword arguments of contribution_intervals.regression_adjusted for a Samples record: `train_only` (rows
     that train the surrogates but stay out of the correction: those an active round chose and the
     partially evaluated ones, whose scores are estimates; None when there are none) and
     `sample_weight` (the fit weights of partially evaluated rows; None when there are none). The

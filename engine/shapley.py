@@ -158,7 +158,7 @@ class Weighting:
             return pi / pi.sum()
         if self.kind == "sampled_strata":
             raise EstimationError("the sampled-strata semivalue has no Monte Carlo sampler: compute it by enumeration "
-                                  "(semivalue with n_samples=None, L <= 22, or uncertainty.semivalue_by_size)")
+                                  "(semivalue with n_samples=None, L <= 22, or contribution_intervals.semivalue_by_size)")
         raise EstimationError(f"unknown semivalue weighting {self.kind!r}")
 
 
