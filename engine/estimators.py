@@ -103,7 +103,7 @@ class Estimator:
     def input(self, samples, members, fit_one, spec) -> EstimationInput:
         """The EstimationInput for `samples` (method.Samples) and the ensemble `members` under `spec`
         (config.MethodSpec: budget, mc_seed, level, window_boot, boot); `fit_one` refits one surrogate."""
-        L = samples.n_layers
+        L = int(samples.masks.shape[1])  # masks bool (n, L)
         return EstimationInput(members, samples, L, self.budget_for(L, spec.budget) or 0, spec.mc_seed, fit_one,
                                self.weighting(samples.design, L), spec.level,
                                window_scores(samples, spec.window_boot, spec.mc_seed), spec.boot)
