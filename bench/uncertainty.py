@@ -7,7 +7,7 @@ For each sampling design and each of `--seeds` independent sampling seeds, `--ma
 drawn with `engine.sampling.sample_masks` and scored from the ground truth (all 2^16 masks of the
 demo model evaluated: `bench/ground_truth.py`), so no model runs. Then, per seed:
 
-* regression-adjusted (`uncertainty.regression_adjusted`, the default estimator): the estimand
+* regression-adjusted (`contribution_intervals.regression_adjusted`, the default estimator): the estimand
   the design supports best (`DEFAULT_ESTIMAND`: the paper's restricted-strata semivalue on
   stratified masks, Shapley on size-uniform masks);
 * paper: the restricted-strata semivalue of the surrogate ensemble (exact enumeration per member:
@@ -49,6 +49,7 @@ import numpy as np
 from bench import ground_truth as gtm
 from bench.common import run_script
 from engine import shapley
+from engine import contribution_intervals as ci
 from engine import uncertainty as unc
 from engine.config import SamplingSpec, SurrogateSpec
 from engine.sampling import default_strata, sample_masks
@@ -62,7 +63,7 @@ def default_estimand(scheme: str, L: int) -> str:
     """The estimand the product's default estimator (regression-adjusted) targets on `scheme` at L layers."""
     from engine import estimators
 
-    return unc.estimand_of(estimators.weighting_for("regression-adjusted", SamplingSpec(scheme=scheme), L))
+    return ci.estimand_of(estimators.weighting_for("regression-adjusted", SamplingSpec(scheme=scheme), L))
 
 
 def _weighted_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -115,24 +116,24 @@ def one_seed(gt: gtm.GroundTruth, scheme: str, seed: int, n_masks: int, level: f
     other = "shapley" if default != "shapley" else "strata"
     need_ra = ({default} | ({other} if "regression-adjusted:other" in estimators else set())
                | ({"strata", "shapley"} if {"paper", "exact"} & set(estimators) else set()))
-    ra = {name: unc.regression_adjusted(masks, y, fit, weightings[name], level, seed=seed, n_boot=0)
+    ra = {name: ci.regression_adjusted(masks, y, fit, weightings[name], level, seed=seed, n_boot=0)
           for name in weightings if name in need_ra}
     intervals = {"regression-adjusted": ra[default]}
     if "regression-adjusted:other" in estimators:
         intervals["regression-adjusted:other"] = ra[other]
     if {"paper", "exact"} & set(estimators):
-        X, t = unc._with_full_mask(masks, y, 1.0)
+        X, t = ci._with_full_mask(masks, y, 1.0)
         ens = Ensemble(dataclasses.replace(surrogate, seed=seed)).fit(X, t)  # the pipeline's ensemble, all masks
-        members = {name: np.stack([unc.semivalue_by_size(g, L, weightings[name]).sum(axis=0)
+        members = {name: np.stack([ci.semivalue_by_size(g, L, weightings[name]).sum(axis=0)
                                    for g in ens.value_functions()]) for name in ("strata", "shapley")}  # (k, L)
-        boots = unc.bootstrap_semivalues(masks, y, fit, {k: weightings[k] for k in ("strata", "shapley")}, n_boot, seed)
+        boots = ci.bootstrap_semivalues(masks, y, fit, {k: weightings[k] for k in ("strata", "shapley")}, n_boot, seed)
         for est, name in (("paper", "strata"), ("exact", "shapley")):
-            intervals[est] = unc.surrogate_interval(masks, y, fit, weightings[name], members[name].mean(axis=0),
+            intervals[est] = ci.surrogate_interval(masks, y, fit, weightings[name], members[name].mean(axis=0),
                                                     members[name], est, level, reference=ra[name], boots=boots[name])
     row = {"seed": seed, "scheme": scheme}
     for est in [e for e in ESTIMATORS if e in intervals]:
         iv = intervals[est]
-        z = unc._z(level)
+        z = ci._z(level)
         row[est] = {
             "estimand": iv.estimand,
             "covered": iv.covers(truth[iv.estimand]).tolist(),
@@ -268,7 +269,7 @@ def game_row(r: dict) -> dict:
 def truths(gt: gtm.GroundTruth, weightings: dict) -> dict:
     """{estimand: float[L]}: the exact value of each weighting's semivalue on the real game (every mask)."""
     f = gt.value_function()
-    return {name: unc.semivalue_by_size(f, gt.n_layers, w).sum(axis=0) for name, w in weightings.items()}
+    return {name: ci.semivalue_by_size(f, gt.n_layers, w).sum(axis=0) for name, w in weightings.items()}
 
 
 def coverage(a, gt) -> dict:
@@ -368,7 +369,7 @@ def parse(argv=None):
     p.add_argument("--no-metrics", action="store_true", help="skip the held-out R²/Spearman check (faster)")
     p.add_argument("--seeds", type=int, default=10, help="independent sampling seeds 0..N-1")
     p.add_argument("--masks", type=int, default=256)
-    p.add_argument("--level", type=float, default=unc.LEVEL)
+    p.add_argument("--level", type=float, default=ci.LEVEL)
     p.add_argument("--boot", type=int, default=20, help="bootstrap refits of the surrogate per seed")
     p.add_argument("--designs", nargs="+", default=["stratified", "size-uniform"],
                    choices=["stratified", "size-uniform"], help="the first one is the default in `coverage`")

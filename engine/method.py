@@ -1,7 +1,8 @@
 """Stage 2 of the method as pure functions over `(Samples, specs)`: no store, no files, no model.
 
 * ``fit(samples, surrogate_spec)``               -> Fit (ensemble, held-out diagnostics, curve, comparison)
-* ``contributions(samples, fit, method_spec)``   -> shapley.Contributions (estimator from the registry)
+* ``contributions(samples, fit, method_spec)``   -> shapley.Contributions (the estimator from the registry
+  makes the estimate and its interval; window resamples and surrogate-only intervals live in engine.estimators)
 * ``decide(fit, contributions, ks, measure, ...)`` -> Decisions (rank-and-cut or verified search per k)
 
 `measure` (real perplexities of keep-masks) is passed in, so the same code runs on a loaded
@@ -194,61 +195,26 @@ def committee(samples: Samples, spec: SurrogateSpec = SurrogateSpec()) -> Callab
 
 
 def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> shapley.Contributions:
-    """Per-layer contributions by `spec.estimator` (registry), budget and Monte Carlo seed from the spec.
+    """Per-layer contributions by `spec.estimator`, looked up once in the registry (engine.estimators);
+    the estimator builds its input (budget, Monte Carlo seed, level and window resamples from the spec),
+    makes its point estimate and its interval. This function assembles the record: details gain
+    `efficiency` (sum of values against f(all) - f(none): Shapley values close the gap, semivalues need
+    not), `budget`, `estimand` and, for surrogate-only estimators with `spec.boot`, `interval`.
 
-    details gains `efficiency` (sum of values against f(all) - f(none): Shapley values close the
-    gap, semivalues need not), `estimand` and `budget`."""
+    Moved: the window resamples (was `method.window_scores`) are `estimators.window_scores`; the
+    surrogate-only interval (was `method.contribution_interval`) is `estimators.Estimator.interval`."""
     L = samples.n_layers
     est = estimators.get(spec.estimator)
-    budget = est.budget_for(L, spec.budget)
     fit_one = SingleFit(dataclasses.replace(f.fitted.report.spec, ensemble=1))  # refits; cross-fits batched
-
-    ws = window_scores(samples, spec)
-    x = estimators.EstimationInput(f.members, samples, L, budget or 0, spec.mc_seed, fit_one, spec.level, ws)
+    x = est.input(samples, f.members, fit_one, spec)
     result = est.run(x)
     eff = shapley.efficiency_check(result.values, f.predict, L)
-    details = {**result.details, "efficiency": eff.to_dict(), "budget": budget,
-               "estimand": estimators.estimand(spec.estimator, samples.design)}
-    if "interval" not in details and spec.boot:
-        details["interval"] = contribution_interval(samples, result, spec, fit_one, ws).to_dict()
+    details = {**result.details, "efficiency": eff.to_dict(), "budget": est.budget_for(L, spec.budget),
+               "estimand": est.estimand_on(samples.design)}
+    interval = est.interval(x, result)
+    if interval is not None:
+        details["interval"] = interval.to_dict()
     return dataclasses.replace(result, details=details)
-
-
-def window_scores(samples: Samples, spec: MethodSpec) -> np.ndarray | None:
-    """float[spec.window_boot, n]: the samples' scores on window resamples (uncertainty.window_resampled_scores,
-    seeded by spec.mc_seed), or None when spec.window_boot is 0. EstimationError when the run lacks the
-    per-window losses (a version-1 store's rows, or rows evaluated by Ray workers)."""
-    from engine import uncertainty
-
-    if not spec.window_boot:
-        return None
-    partial = samples.complete is not None and not np.all(samples.complete)
-    if samples.window_nll is None or samples.full_window_nll is None or partial:
-        raise EstimationError(
-            "window resampling needs each mask's loss per calibration window, and this run does not have them for "
-            "every mask (masks evaluated before store schema 2, by Ray workers, or on some windows only in a "
-            "multi-fidelity run). Drop --window-boot, or sample "
-            "into a new run (another --cache-dir) without --workers.")
-    return uncertainty.window_resampled_scores(samples.window_nll, samples.window_tokens, samples.full_window_nll,
-                                               samples.full_window_tokens, spec.window_boot, spec.mc_seed)
-
-
-def contribution_interval(samples: Samples, c: shapley.Contributions, spec: MethodSpec, fit_one, ws=None):
-    """uncertainty.Intervals for a surrogate-only estimate `c` (paper, exact, permutation, banzhaf):
-    `spec.boot` bootstrap refits over the masks, the ensemble spread (c.details['members']) and the
-    bias estimated by cross-fitted regression adjustment toward the same estimand. `ws` (window_scores):
-    the reference is re-evaluated on the window resamples and that spread joins the noise (the estimate
-    and its reference move together with the windows, so it is the estimate's own window noise)."""
-    from engine import uncertainty
-
-    L = samples.n_layers
-    weighting = estimators.weighting_for(spec.estimator, samples.design, L)
-    reference = uncertainty.regression_adjusted(samples.masks, samples.scores, fit_one, weighting, spec.level,
-                                                seed=spec.mc_seed, n_boot=0, **estimators.real_rows(samples), window_scores=ws)
-    members = c.details.get("members")
-    return uncertainty.surrogate_interval(samples.masks, samples.scores, fit_one, weighting, c.values,
-                                          None if members is None else np.asarray(members), spec.estimator,
-                                          spec.level, spec.boot, spec.mc_seed, reference)
 
 
 # ---------------------------------------------------------------- decision

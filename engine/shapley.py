@@ -158,7 +158,7 @@ class Weighting:
             return pi / pi.sum()
         if self.kind == "sampled_strata":
             raise EstimationError("the sampled-strata semivalue has no Monte Carlo sampler: compute it by enumeration "
-                                  "(semivalue with n_samples=None, L <= 22, or uncertainty.semivalue_by_size)")
+                                  "(semivalue with n_samples=None, L <= 22, or contribution_intervals.semivalue_by_size)")
         raise EstimationError(f"unknown semivalue weighting {self.kind!r}")
 
 
@@ -445,13 +445,13 @@ def permutation_shapley(
 # ---------------------------------------------------------------- ensembles, checks
 
 
-def with_ensemble(estimator: Callable[[ValueFn], Contributions], members: Sequence[ValueFn]) -> Contributions:
-    """Run `estimator` (e.g. ``lambda f: exact_shapley(f, L)``) on each ensemble member's value
-    function; values = mean, stderr = standard deviation over members (the spread of the fits)."""
-    members = list(members)
-    if not members:
-        raise EstimationError("with_ensemble needs at least one value function")
-    results = [estimator(g) for g in members]
+def ensemble_mean(results: Sequence[Contributions]) -> Contributions:
+    """One estimate from the same estimator run on each ensemble member's value function (`results`, one
+    Contributions per member): values = mean, stderr = standard deviation over members (the spread of the
+    fits); details keep the members' values and standard errors."""
+    results = list(results)
+    if not results:
+        raise EstimationError("an ensemble estimate needs at least one value function")
     vals = np.stack([r.values for r in results])  # (k, L)
     spread = vals.std(axis=0, ddof=1) if len(results) > 1 else np.zeros(vals.shape[1])
     return Contributions(

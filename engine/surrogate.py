@@ -222,7 +222,7 @@ class Ensemble(ValueFunction):
         return self.predict_all(masks).mean(axis=0)
 
     def value_functions(self) -> list:
-        """Each fitted member (a callable value function), for shapley.with_ensemble."""
+        """Each fitted member (a callable value function), for the estimators (engine.estimators, shapley.ensemble_mean)."""
         return list(self.members)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import save_tiny_llama
-from engine import cli, method, pipeline
+from engine import cli, estimators, method, pipeline
 from engine.config import DataSpec, MethodSpec, ModelSpec, RunSpec, SamplingSpec, SurrogateSpec
 from engine.errors import EstimationError, WorkbenchError
 from engine.estimators import BANZHAF_VALUE, ESTIMATORS, SHAPLEY_VALUE, STRATA_SEMIVALUE
@@ -217,4 +217,30 @@ def test_window_boot_without_per_window_losses_says_what_to_do(setup):
     f = method.fit(s, RIDGE, curve=False)
     with pytest.raises(EstimationError, match="per calibration window"):
         method.contributions(s, f, MethodSpec(surrogate=RIDGE, estimator="regression-adjusted", window_boot=10))
-    assert method.window_scores(s, MethodSpec(window_boot=0)) is None
+    assert estimators.window_scores(s, 0, 0) is None  # window_boot 0: no window part
+
+
+def test_each_estimator_owns_its_estimand_weighting_estimate_and_interval(setup):
+    from engine import contribution_intervals as ci
+    from engine.estimators import SAMPLED_STRATA_SEMIVALUE
+    from engine.surrogate import SingleFit
+
+    _, _, run = setup
+    s = pipeline.samples(run)
+    f = method.fit(s, RIDGE, curve=False)
+    fit_one = SingleFit(dataclasses.replace(RIDGE, ensemble=1))
+    key = {SHAPLEY_VALUE: "shapley", STRATA_SEMIVALUE: "strata", BANZHAF_VALUE: "banzhaf",
+           SAMPLED_STRATA_SEMIVALUE: "sampled-strata"}
+    for name, est in ESTIMATORS.items():
+        spec = MethodSpec(surrogate=RIDGE, estimator=name, boot=2)
+        x = est.input(s, f.members, fit_one, spec)
+        assert x.weighting == est.weighting(s.design, L) and x.n_layers == L and x.n_boot == 2
+        assert ci.estimand_of(x.weighting) == key[est.estimand_on(s.design, L)]
+        c = est.run(x)
+        iv = est.interval(x, c)
+        if est.uses_real_evaluations:  # regression-adjusted: its estimate carries its own interval
+            assert iv is None and c.details["interval"]["estimand"] == key[est.estimand_on(s.design, L)]
+        else:
+            assert iv.estimator == name and iv.estimand == key[est.estimand_on(s.design, L)]
+            np.testing.assert_allclose(iv.values, c.values)
+            assert est.interval(dataclasses.replace(x, n_boot=0), c) is None  # no bootstrap asked: no interval

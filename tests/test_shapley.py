@@ -23,7 +23,7 @@ from engine.shapley import (
     restricted_strata_semivalue,
     semivalue,
     weighted_banzhaf,
-    with_ensemble,
+    ensemble_mean,
 )
 
 
@@ -316,13 +316,15 @@ def test_large_L_needs_sampling():
 # ---------------------------------------------------------------- ensembles
 
 
-def test_with_ensemble_mean_and_spread():
+def test_ensemble_mean_and_spread():
     L = 6
     f, a, Bs = pairwise_game(L)
     truth = a + 0.5 * Bs.sum(axis=1)
     members = [f, lambda m: 2 * f(m), lambda m: 3 * f(m)]
-    c = with_ensemble(lambda g: exact_shapley(g, L), members)
+    c = ensemble_mean([exact_shapley(g, L) for g in members])
     np.testing.assert_allclose(c.values, 2 * truth, atol=1e-10)
     np.testing.assert_allclose(c.stderr, np.abs(truth), atol=1e-10)  # std of (1, 2, 3) * x is |x|
     assert isinstance(c, Contributions) and c.n_evaluations == 3 * 2**L
     json.dumps(c.to_dict())
+    with pytest.raises(EstimationError, match="at least one"):
+        ensemble_mean([])

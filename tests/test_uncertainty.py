@@ -1,4 +1,4 @@
-"""engine.uncertainty on synthetic games whose semivalues are known in closed form."""
+"""engine.contribution_intervals and engine.uncertainty on synthetic games whose semivalues are known in closed form."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine import shapley
+from engine import contribution_intervals as ci
 from engine import uncertainty as unc
 from engine.config import SamplingSpec
 from engine.errors import EstimationError
@@ -47,21 +48,21 @@ def zero_fit(X, y):
 
 def test_semivalue_by_size_sums_to_the_semivalue():
     for w in (shapley.SHAPLEY, shapley.BANZHAF, shapley.restricted_strata((6, 5, 3))):
-        per = unc.semivalue_by_size(pairwise_game, L, w)  # (L+1, L)
+        per = ci.semivalue_by_size(pairwise_game, L, w)  # (L+1, L)
         np.testing.assert_allclose(per.sum(axis=0), shapley.semivalue(pairwise_game, L, w).values, atol=1e-12)
-    np.testing.assert_allclose(unc.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY).sum(0), SHAPLEY_TRUE,
+    np.testing.assert_allclose(ci.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY).sum(0), SHAPLEY_TRUE,
                                atol=1e-12)
 
 
 def test_size_weight_mass_is_zero_exactly_where_the_strata_do_not_reach():
-    mass = unc.size_weight_mass(shapley.restricted_strata((6, 3)), L)
+    mass = ci.size_weight_mass(shapley.restricted_strata((6, 3)), L)
     assert set(np.flatnonzero(mass)) == {2, 3, 4, 5, 6, 7}
-    assert np.all(unc.size_weight_mass(shapley.SHAPLEY, L) > 0)
+    assert np.all(ci.size_weight_mass(shapley.SHAPLEY, L) > 0)
 
 
 def test_folds_by_size_put_each_kept_count_in_every_fold():
     masks = sample_masks(SamplingSpec(n_masks=100, strata=(6, 5, 3), seed=0), L)
-    folds = unc.folds_by_size(masks, 5, seed=1)
+    folds = ci.folds_by_size(masks, 5, seed=1)
     for j in np.unique(masks.sum(1)):
         assert set(folds[masks.sum(1) == j]) == set(range(5))
 
@@ -69,7 +70,7 @@ def test_folds_by_size_put_each_kept_count_in_every_fold():
 def test_every_mask_evaluated_gives_the_exact_value_with_zero_noise():
     codes = np.arange(1 << L)
     masks = shapley._masks_from_codes(codes, L)
-    iv = unc.regression_adjusted(masks, pairwise_game(masks), zero_fit, shapley.SHAPLEY, n_boot=5)
+    iv = ci.regression_adjusted(masks, pairwise_game(masks), zero_fit, shapley.SHAPLEY, n_boot=5)
     np.testing.assert_allclose(iv.values, SHAPLEY_TRUE, atol=1e-12)
     np.testing.assert_allclose(iv.se, 0.0, atol=1e-15)
     assert iv.details["uncovered_kept_counts"] == [] and np.all(iv.bias_allowance == 0)
@@ -84,13 +85,13 @@ def test_cross_fitting_holds_each_row_out_of_one_fit_and_refuses_bad_input():
         return linear_fit(X, y)
 
     masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=60, seed=0), L)
-    unc.regression_adjusted(masks, pairwise_game(masks), counting_fit, shapley.SHAPLEY, folds=3, n_boot=0)
+    ci.regression_adjusted(masks, pairwise_game(masks), counting_fit, shapley.SHAPLEY, folds=3, n_boot=0)
     rows = len(masks) + 1  # the full mask's known score is appended as a row
     assert len(sizes) == 3 and sum(rows - s for s in sizes) == rows  # each row is held out of exactly one fit
     with pytest.raises(EstimationError, match="NaN"):
-        unc.regression_adjusted(masks, np.where(np.arange(60) == 3, np.nan, pairwise_game(masks)), linear_fit, n_boot=0)
+        ci.regression_adjusted(masks, np.where(np.arange(60) == 3, np.nan, pairwise_game(masks)), linear_fit, n_boot=0)
     with pytest.raises(EstimationError, match="folds"):
-        unc.regression_adjusted(masks[:4], pairwise_game(masks[:4]), linear_fit, folds=5, n_boot=0)
+        ci.regression_adjusted(masks[:4], pairwise_game(masks[:4]), linear_fit, folds=5, n_boot=0)
 
 
 def test_regression_adjustment_removes_the_surrogate_bias_and_its_intervals_cover():
@@ -99,7 +100,7 @@ def test_regression_adjustment_removes_the_surrogate_bias_and_its_intervals_cove
     errors, surrogate_errors, covered = [], [], []
     for seed in range(24):
         masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=120, seed=seed), L)
-        iv = unc.regression_adjusted(masks, pairwise_game(masks), shrunk_fit, shapley.SHAPLEY, seed=seed, n_boot=0,
+        iv = ci.regression_adjusted(masks, pairwise_game(masks), shrunk_fit, shapley.SHAPLEY, seed=seed, n_boot=0,
                                      full_score=float(pairwise_game(np.ones((1, L)))[0]))
         errors.append(iv.values - SHAPLEY_TRUE)
         surrogate_errors.append(iv.details["surrogate_part"] - SHAPLEY_TRUE)
@@ -117,18 +118,18 @@ def test_stratified_design_names_the_uncovered_sizes_and_widens_for_them():
     masks = sample_masks(SamplingSpec(n_masks=90, strata=(6, 5, 3), seed=0), L)
     y = pairwise_game(masks)
     full = float(pairwise_game(np.ones((1, L)))[0])
-    strata = unc.regression_adjusted(masks, y, linear_fit, shapley.restricted_strata((6, 5, 3)), full_score=full,
+    strata = ci.regression_adjusted(masks, y, linear_fit, shapley.restricted_strata((6, 5, 3)), full_score=full,
                                      n_boot=0)
     assert strata.estimand == "strata"
     assert strata.details["uncovered_kept_counts"] == [2, 4, 7]
     assert 0 < strata.details["uncovered_weight_fraction"] < 1
     assert np.all(strata.bias_allowance > 0)
-    plain = unc.regression_adjusted(masks, y, linear_fit, shapley.restricted_strata((6, 5, 3)), full_score=full,
+    plain = ci.regression_adjusted(masks, y, linear_fit, shapley.restricted_strata((6, 5, 3)), full_score=full,
                                     n_boot=0, allowance=False)
     np.testing.assert_allclose(plain.values, strata.values)
     assert np.all(plain.bias_allowance == 0) and np.all(plain.ci_high - plain.ci_low < strata.ci_high - strata.ci_low)
     # Shapley weights every size: 0, 1, 2, 4 and 7 kept are uncovered here (8 = the full mask is known)
-    sh = unc.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, full_score=full, n_boot=0)
+    sh = ci.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, full_score=full, n_boot=0)
     assert sh.details["uncovered_kept_counts"] == [0, 1, 2, 4, 7]
     assert sh.details["uncovered_weight_fraction"] > strata.details["uncovered_weight_fraction"]
 
@@ -136,7 +137,7 @@ def test_stratified_design_names_the_uncovered_sizes_and_widens_for_them():
 def test_bootstrap_over_masks_agrees_with_the_analytic_noise():
     masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=150, seed=3), L)
     noisy = pairwise_game(masks) + np.random.default_rng(0).normal(0, 0.02, len(masks))
-    iv = unc.regression_adjusted(masks, noisy, linear_fit, shapley.SHAPLEY, n_boot=300, seed=3)
+    iv = ci.regression_adjusted(masks, noisy, linear_fit, shapley.SHAPLEY, n_boot=300, seed=3)
     ratio = iv.details["se_masks_bootstrap"] / iv.se
     assert np.all((ratio > 0.6) & (ratio < 1.7))
 
@@ -145,8 +146,8 @@ def test_surrogate_interval_adds_the_estimated_bias():
     masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=150, seed=1), L)
     y = pairwise_game(masks)
     full = float(pairwise_game(np.ones((1, L)))[0])
-    ref = unc.regression_adjusted(masks, y, shrunk_fit, shapley.SHAPLEY, full_score=full, n_boot=0)
-    iv = unc.surrogate_interval(masks, y, shrunk_fit, shapley.SHAPLEY, estimator="exact", n_boot=10,
+    ref = ci.regression_adjusted(masks, y, shrunk_fit, shapley.SHAPLEY, full_score=full, n_boot=0)
+    iv = ci.surrogate_interval(masks, y, shrunk_fit, shapley.SHAPLEY, estimator="exact", n_boot=10,
                                 reference=ref, full_score=full)
     bias = iv.details["bias_estimate"]
     np.testing.assert_allclose(bias, iv.values - ref.values)
@@ -157,7 +158,7 @@ def test_surrogate_interval_adds_the_estimated_bias():
     assert iv.covers(SHAPLEY_TRUE).mean() >= 0.75
     assert np.all(iv.ci_high - iv.ci_low > 2 * np.abs(bias))
     with pytest.raises(EstimationError, match="reference targets"):
-        unc.surrogate_interval(masks, y, linear_fit, shapley.BANZHAF, reference=ref, n_boot=2)
+        ci.surrogate_interval(masks, y, linear_fit, shapley.BANZHAF, reference=ref, n_boot=2)
 
 
 def test_bootstrap_semivalues_refits_on_resamples():
@@ -168,7 +169,7 @@ def test_bootstrap_semivalues_refits_on_resamples():
         calls.append(len(X))
         return linear_fit(X, y)
 
-    out = unc.bootstrap_semivalues(masks, pairwise_game(masks), counting_fit,
+    out = ci.bootstrap_semivalues(masks, pairwise_game(masks), counting_fit,
                                    {"shapley": shapley.SHAPLEY, "banzhaf": shapley.BANZHAF}, n_boot=6, seed=0)
     assert len(calls) == 6  # one fit per resample serves both weightings
     assert out["shapley"].shape == (6, L) and np.all(out["shapley"].std(0) > 0)
@@ -179,26 +180,26 @@ def test_window_resampled_scores():
     nll = rng.uniform(200, 400, (5, 6))  # (n, W)
     tokens = np.full((5, 6), 100)
     full = nll.min(axis=0) - 10  # (W,)
-    s = unc.window_resampled_scores(nll, tokens, full, tokens[0], n_boot=50, seed=0)
+    s = ci.window_resampled_scores(nll, tokens, full, tokens[0], n_boot=50, seed=0)
     assert s.shape == (50, 5) and np.all((s > 0) & (s < 1))
     # windows that all agree: every resample gives the same scores, equal to the whole-sample ones
     flat = np.tile(nll[:, :1], (1, 6))
-    same = unc.window_resampled_scores(flat, tokens, np.full(6, full[0]), tokens[0], n_boot=5)
+    same = ci.window_resampled_scores(flat, tokens, np.full(6, full[0]), tokens[0], n_boot=5)
     np.testing.assert_allclose(same, np.tile(np.exp((full[0] - flat[:, 0]) / 100), (5, 1)))
     inf = nll.copy()
     inf[2, 3] = np.inf
-    assert np.all(unc.window_resampled_scores(inf, tokens, full, tokens[0], n_boot=30)[:, 2] >= 0)
+    assert np.all(ci.window_resampled_scores(inf, tokens, full, tokens[0], n_boot=30)[:, 2] >= 0)
 
 
 def test_window_noise_adds_to_the_interval():
     masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=100, seed=4), L)
     y = pairwise_game(masks)
     ws = y[None, :] * np.random.default_rng(1).normal(1.0, 0.05, (40, 1))  # (B, n): a shared window effect
-    base = unc.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, n_boot=0)
-    wide = unc.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, n_boot=0, window_scores=ws)
+    base = ci.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, n_boot=0)
+    wide = ci.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, n_boot=0, window_scores=ws)
     assert np.all(wide.se > base.se) and "windows" in wide.details["se"]
     with pytest.raises(EstimationError, match="window_scores"):
-        unc.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, n_boot=0, window_scores=ws[:, :5])
+        ci.regression_adjusted(masks, y, linear_fit, shapley.SHAPLEY, n_boot=0, window_scores=ws[:, :5])
 
 
 def test_metric_intervals():
@@ -239,24 +240,24 @@ def test_compare_candidates_chooses_the_best_and_lists_the_ties():
 
 
 def test_estimand_names_and_levels():
-    assert unc.estimand_of(shapley.SHAPLEY) == "shapley"
-    assert unc.estimand_of(shapley.restricted_strata((3,))) == "strata"
+    assert ci.estimand_of(shapley.SHAPLEY) == "shapley"
+    assert ci.estimand_of(shapley.restricted_strata((3,))) == "strata"
     with pytest.raises(EstimationError):
-        unc.estimand_of(shapley.weighted_banzhaf(0.3))
+        ci.estimand_of(shapley.weighted_banzhaf(0.3))
     with pytest.raises(EstimationError):
-        unc._z(1.5)
+        ci._z(1.5)
     masks = sample_masks(SamplingSpec(scheme="size-uniform", n_masks=60, seed=0), L)
-    iv = unc.regression_adjusted(masks, pairwise_game(masks), linear_fit, shapley.BANZHAF, level=0.5, n_boot=0)
+    iv = ci.regression_adjusted(masks, pairwise_game(masks), linear_fit, shapley.BANZHAF, level=0.5, n_boot=0)
     assert iv.estimand == "banzhaf" and iv.to_dict()["estimand_text"].startswith("Banzhaf")
-    np.testing.assert_allclose(iv.ci_high - iv.values, unc._z(0.5) * iv.se + iv.bias_allowance)
+    np.testing.assert_allclose(iv.ci_high - iv.values, ci._z(0.5) * iv.se + iv.bias_allowance)
 
 
 def test_semivalue_by_size_monte_carlo_above_the_enumeration_limit(monkeypatch):
     """Past EXACT_MAX_L the per-kept-count parts are Monte Carlo with a control variate: on the
     pairwise game (L = 8, limit lowered to 4) they land close to the exact parts."""
-    exact = unc.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY)
+    exact = ci.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY)
     monkeypatch.setattr(shapley, "EXACT_MAX_L", 4)
-    mc = unc.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY, n_mc=20, seed=1)  # C(8, j) > 20 for 2 <= j <= 6
+    mc = ci.semivalue_by_size(pairwise_game, L, shapley.SHAPLEY, n_mc=20, seed=1)  # C(8, j) > 20 for 2 <= j <= 6
     np.testing.assert_allclose(mc[[0, 1, 7, 8]], exact[[0, 1, 7, 8]], atol=1e-12)  # small counts enumerated
     assert np.abs(mc.sum(0) - SHAPLEY_TRUE).max() < 0.1 * np.abs(SHAPLEY_TRUE).max()
     assert not np.allclose(mc[4], exact[4])  # really sampled
@@ -299,9 +300,9 @@ def test_sampled_strata_weighs_only_coalitions_whose_two_masks_were_sampled():
     w = shapley.sampled_strata(strata).vector(L)  # (L,) over the other players' coalition size s
     assert np.flatnonzero(w).tolist() == [5]  # s = 5: masks keeping 5 and 6 layers, both strata
     assert sum(math.comb(L - 1, s) * w[s] for s in range(L)) == pytest.approx(1.0)
-    mass = unc.size_weight_mass(shapley.sampled_strata(strata), L)
+    mass = ci.size_weight_mass(shapley.sampled_strata(strata), L)
     assert set(np.flatnonzero(mass)) == {5, 6}
-    assert unc.estimand_of(shapley.sampled_strata(strata)) == "sampled-strata"
+    assert ci.estimand_of(shapley.sampled_strata(strata)) == "sampled-strata"
     assert shapley.sampled_strata((7, 5)).vector(L)[7] > 0  # 7 and the full mask, 8
     with pytest.raises(EstimationError, match="adjacent"):
         shapley.sampled_strata((6, 4)).vector(L)
@@ -317,7 +318,7 @@ def test_regression_adjusted_sampled_strata_is_unbiased_and_needs_no_allowance()
     errors, covered = [], []
     for seed in range(24):
         masks = sample_masks(SamplingSpec(n_masks=90, strata=(7, 6, 5), seed=seed), L)
-        iv = unc.regression_adjusted(masks, pairwise_game(masks), shrunk_fit, weighting, seed=seed, n_boot=0,
+        iv = ci.regression_adjusted(masks, pairwise_game(masks), shrunk_fit, weighting, seed=seed, n_boot=0,
                                      full_score=full)
         assert iv.details["uncovered_kept_counts"] == [] and np.all(iv.bias_allowance == 0)
         errors.append(iv.values - truth)
@@ -338,3 +339,14 @@ def test_the_default_estimator_targets_the_sampled_strata_on_stratified_runs():
     lone = SamplingSpec(strata=(10, 7))  # no two adjacent kept counts: the paper's estimand, with its allowance
     assert estimators.estimand("regression-adjusted", lone, 12) == estimators.STRATA_SEMIVALUE
     assert estimators.weighting_for("regression-adjusted", lone, 12).kind == "restricted_strata"
+
+
+def test_resampling_draws_within_groups_and_counts_every_window_draw():
+    from engine.resampling import stratified_resample, window_counts
+
+    groups = np.array([3, 3, 3, 5, 5, 7])
+    idx = stratified_resample(groups, np.random.default_rng(0), fixed={7})
+    np.testing.assert_array_equal(np.sort(groups[idx]), np.sort(groups))  # each group keeps its size
+    assert idx[-1] == 5  # a fixed group stays as it is
+    counts = window_counts(np.random.default_rng(0), 9, 40)  # (40, 9)
+    assert counts.shape == (40, 9) and np.all(counts.sum(axis=1) == 9) and counts.std() > 0
