@@ -56,9 +56,8 @@ from engine.sampling import default_strata, sample_masks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIDELITY_ESTIMATORS = ("paper", "exact", "permutation", "regression-adjusted")
-# Which exact value each estimator estimates on a stratified run (method._regression_adjusted
-# targets the restricted-strata semivalue there, not Shapley).
-# Which exact value each estimator estimates on a stratified run (the registry's estimand).
+# Which exact value each estimator estimates on a stratified run (the registry's estimand; the
+# regression-adjusted estimator targets the restricted-strata semivalue there, not Shapley).
 _TARGET_NAMES = {SHAPLEY_VALUE: "shapley", STRATA_SEMIVALUE: "strata", BANZHAF_VALUE: "banzhaf",
                  SAMPLED_STRATA_SEMIVALUE: "sampled-strata"}
 TARGET = {name: _TARGET_NAMES[estimand(name, SamplingSpec())] for name in ESTIMATORS}

@@ -246,7 +246,7 @@ class MethodSpec:
     level: float = option(0.9, "level of the contribution intervals and of the ties between candidate sets")
     boot: int = option(20, "bootstrap refits of the surrogate behind the intervals of surrogate-only estimators "
                        "(0: no intervals for them)")
-    # Resampling the calibration windows (uncertainty.window_resampled_scores) adds the noise of which
+    # Resampling the calibration windows (contribution_intervals.window_resampled_scores) adds the noise of which
     # text the windows happen to hold: the interval is then for the game on the text they were drawn from.
     window_boot: int = option(0, "bootstrap resamples over the calibration windows whose spread is added to the "
                               "contribution intervals (needs the per-window losses a schema-2 store keeps; "

@@ -289,7 +289,7 @@ def regression_adjusted_index(
     sample_weight: np.ndarray | None = None,
 ) -> Interactions:
     """The index on the sampled kept counts (`restricted_weights`), estimated by cross-fitted regression
-    adjustment post-stratified by kept count (engine.uncertainty.regression_adjusted, for pairs): per
+    adjustment post-stratified by kept count (engine.contribution_intervals.regression_adjusted, for pairs): per
     fold k a surrogate g_k fitted on the other folds gives its exact per-count index C_j(g_k) plus
     (N_j / n_jk) x the sum over fold k's masks of count j of c(T) (f(T) - g_k(T)). Every mask the
     index weighs has a sampled kept count, so this is unbiased whatever the surrogate's bias; kept
