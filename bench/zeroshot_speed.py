@@ -56,11 +56,11 @@ def token_stats(lm, instances, batch_size: int) -> dict:
     reqs = [lm._encode_pair(*i.args) if i.args[0] else None for i in instances]
     reqs = [r for r in reqs if r is not None]
     keys = [(i.task_name, i.doc_id) for i in instances if i.args[0]]
-    # HFLM: one input (ctx + cont)[:-1] per request, except one-token continuations of the same context,
-    # which its logits cache runs once; sorted longest first and cut into batches of batch_size.
+    # HFLM: one input (ctx + cont)[:-1] per request, except that its logits cache (Collator group_by="contexts")
+    # runs requests with the same ctx + cont[:-1] once; sorted longest first and cut into batches of batch_size.
     seen, lens = set(), []
     for c, k in reqs:
-        key = tuple(c + k[:-1]) if len(k) == 1 else (tuple(c), tuple(k))
+        key = tuple(c + k[:-1])
         if key not in seen:
             seen.add(key)
             lens.append(len(c) + len(k) - 1)
@@ -69,7 +69,7 @@ def token_stats(lm, instances, batch_size: int) -> dict:
     trees = zsc.build_trees(reqs, keys)
     batches = zsc.batch_rows(zsc.pack_rows(trees, zeroshot.ROW_TOKENS), zeroshot.BATCH_TOKENS)
     widths = [len(b) * max(sum(t.n_tokens for t in r) for r in b) for b in batches]
-    return {"requests": len(instances), "docs": len(set(keys)),
+    return {"requests": len(instances), "docs": len(set(keys)), "trees": len(trees),
             "context_tokens": sum(len(c) for c, _ in reqs), "continuation_tokens": sum(len(k) for _, k in reqs),
             "hflm_tokens": sum(lens), "hflm_padded_tokens": padded, "hflm_forwards": -(-len(lens) // batch_size),
             "hflm_lm_head_positions": padded,

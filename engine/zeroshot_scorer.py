@@ -91,26 +91,34 @@ def build_trees(requests, keys=None) -> list[Tree]:
     `requests[i]` = (context_tokens, continuation_tokens). The prefix is the requests' longest
     common prefix of (context + continuation)[:-1], at most min(len(context)) - 1 tokens, so the
     positions scored (the last len(continuation) of each input) all lie in the branches.
-    Identical requests share one branch."""
+    Identical requests (same context and continuation tokens, in any document) share one branch,
+    as HFLM's logits cache shares one forward between them."""
+    first_of: dict = {}  # (context, continuation) -> the first request with those tokens (duplicates reuse it)
+    alias: dict[int, int] = {}
     groups: dict = {}
     for i, (ctx, cont) in enumerate(requests):
+        bk = (tuple(ctx), tuple(cont))
+        if bk in first_of:
+            alias[i] = first_of[bk]
+            continue
+        first_of[bk] = i
         k = keys[i] if keys is not None else tuple(ctx)
         groups.setdefault(k, []).append(i)
-    trees = []
+    trees, branch_of = [], {}
     for k, idx in groups.items():
         inputs = {i: (list(requests[i][0]) + list(requests[i][1]))[:-1] for i in idx}
         first = inputs[idx[0]]
         p = min(len(requests[i][0]) for i in idx) - 1
         for i in idx[1:]:
             p = min(p, _lcp(first, inputs[i]))
-        branches: dict = {}
+        branches = []
         for i in idx:
-            ctx, cont = requests[i]
-            bk = (tuple(ctx), tuple(cont))
-            if bk not in branches:
-                branches[bk] = Branch(inputs[i][p:], len(cont), list(cont))
-            branches[bk].requests.append(i)
-        trees.append(Tree(first[:p], list(branches.values()), k))
+            br = Branch(inputs[i][p:], len(requests[i][1]), list(requests[i][1]), [i])
+            branches.append(br)
+            branch_of[i] = br
+        trees.append(Tree(first[:p], branches, k))
+    for i, j in alias.items():
+        branch_of[j].requests.append(i)
     return trees
 
 

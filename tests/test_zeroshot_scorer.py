@@ -61,16 +61,20 @@ def test_trees_share_the_context_and_score_after_it(cache):
     reqs = [lm._encode_pair(*i.args) for i in inst]
     keys = [(i.task_name, i.doc_id) for i in inst]
     trees = zsc.build_trees(reqs, keys)
-    assert len(trees) == 6
+    assert len(trees) == 2  # the test's 3 documents of each task are the same text: duplicates share branches
+    assert sorted(i for t in trees for b in t.branches for i in b.requests) == list(range(len(reqs)))
     hs = [t for t in trees if t.key[0] == "hellaswag"]
     assert all(len(t.branches) == 4 and len(t.prefix) == len(reqs[0][0]) - 1 for t in hs)
+    assert [len(b.requests) for b in hs[0].branches] == [3, 3, 3, 3]
     wg = [t for t in trees if t.key[0] == "winogrande"][0]
     assert len(wg.branches) == 2 and len(wg.prefix) == len("Ann beat Bo so ")  # byte tokens, up to the option
     for t in trees:
         for b in t.branches:
             assert 1 <= b.n_scored <= len(b.suffix)
-    dup = zsc.build_trees([reqs[0], reqs[0]], [("x", 0), ("x", 0)])
-    assert len(dup[0].branches) == 1 and dup[0].branches[0].requests == [0, 1]
+    dup = zsc.build_trees([reqs[0], reqs[0], reqs[1]], [("x", 0), ("y", 1), ("y", 1)])
+    assert [[b.requests for b in t.branches] for t in dup] == [[[0, 1]], [[2]]]  # the duplicate joins the first
+    apart = zsc.build_trees([reqs[0], reqs[1]], [("x", 0), ("y", 1)])  # different documents: one tree each
+    assert len(apart) == 2 and all(len(t.prefix) == len(reqs[0][0]) - 1 for t in apart)
     rows = zsc.pack_rows(trees, 64)
     assert sorted(id(t) for r in rows for t in r) == sorted(id(t) for t in trees)
     assert all(sum(t.n_tokens for t in r) <= max(64, max(t.n_tokens for t in trees)) for r in rows)
@@ -152,3 +156,22 @@ def test_layout_mask_blocks_other_branches_and_trees():
     assert ok[3] == [1, 1, 1, 1, 0, 0, 0]
     assert ok[6] == [0, 0, 0, 0, 0, 1, 1]  # tree b sees nothing of tree a
     assert lay.cols.tolist() == [2, 3, 4, 6] and lay.targets.tolist() == [4, 5, 7, 10]
+
+
+def test_cli_scorer_flag_same_numbers(cache, tmp_path, capsys):
+    """`engine evaluate` uses the shared scorer by default; `--scorer hflm` selects lm-eval's path: same results."""
+    from conftest import save_tiny_llama
+    from engine import cli
+
+    folder = save_tiny_llama(tmp_path / "tiny", n_layers=3)
+    base = ["evaluate", "--model", str(folder), "--tasks", "hellaswag,winogrande", "--cache-dir", str(cache),
+            "--recompute", "--json"]
+    out = {}
+    for flag in ([], ["--scorer", "hflm"]):
+        assert cli.main([*base, *flag]) == 0
+        js = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        out[js["scorer"]] = js
+    assert set(out) == {"shared", "hflm"}
+    for t in ("hellaswag", "winogrande"):
+        assert out["shared"]["tasks"][t]["acc"] == out["hflm"]["tasks"][t]["acc"]
+    assert cli.main([*base, "--scorer", "nope"]) != 0
