@@ -214,7 +214,6 @@ def _lm(model, tokenizer, batch_size: int, progress: Progress | None, scorer: st
                 progress.step(1, items)
 
     class _LM(HFLM):
-        scorer_name = scorer
         fallback_reason: str | None = None
         scoring_seconds = 0.0
 
@@ -274,8 +273,9 @@ def _lm(model, tokenizer, batch_size: int, progress: Progress | None, scorer: st
     return lm
 
 
-# Shared scorer's packing (bench/zeroshot_speed.py measured these on SmolLM2, 2 CPU cores): trees packed
-# into rows of ROW_TOKENS tokens, rows batched while rows x longest row <= BATCH_TOKENS.
+# Shared scorer's packing: trees packed into rows of ROW_TOKENS tokens, rows batched while rows x longest
+# row <= BATCH_TOKENS. Chosen, not tuned: short rows keep the masked-out attention small (a row's
+# attention is L x L whatever the mask); bench/zeroshot_speed.py's figures were measured with these.
 ROW_TOKENS = 256
 BATCH_TOKENS = 2048
 
