@@ -518,7 +518,10 @@ class ZeroShotSpec:
 
     tasks: tuple[str, ...] = option(ZEROSHOT_TASKS, "zero-shot tasks, comma-separated", parse=parse_names)
     limit: int | None = option(None, "items per task: the first N documents of each task's split (default: all)")
-    batch_size: int = option(16, "lm-eval requests per forward pass", flag="--lm-batch-size")
+    batch_size: int = option(16, "lm-eval requests per forward pass (the hflm scorer)", flag="--lm-batch-size")
+    scorer: str = option("shared", "loglikelihood path: shared (each document's requests as one tree: shared "
+                         "context run once) or hflm (lm-eval's HFLM as it is); same numbers",
+                         choices=("shared", "hflm"))
     pair_boot: int = option(2000, "paired bootstrap resamples behind each comparison's interval")
     pair_level: float = option(0.95, "level of the paired comparison intervals")
 
@@ -529,6 +532,9 @@ class ZeroShotSpec:
             raise SpecError(f"the zero-shot tasks {need}", "tasks", need)
         _at_least("limit", self.limit, 1)
         _at_least("batch_size", self.batch_size, 1)
+        if self.scorer not in ("shared", "hflm"):
+            need = f"must be shared or hflm; got {self.scorer!r}."
+            raise SpecError(f"the zero-shot scorer {need}", "scorer", need)
         _at_least("pair_boot", self.pair_boot, 2)
         if not 0 < self.pair_level < 1:
             need = f"must be a fraction between 0 and 1; got {self.pair_level}."

@@ -308,7 +308,8 @@ def zeroshot_summary(r: dict) -> str:
         lines.append(f"vs {b}: mean acc difference {m['diff']:+.3f}, {m['level']:.0%} paired interval "
                      f"[{m['lo']:+.3f}, {m['hi']:+.3f}] ({verdict}); per task: "
                      + ", ".join(f"{t} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for t, d in c["tasks"].items()))
-    lines.append(f"stored in {r['store']}" + (f"; lm-eval results JSON: {r['out']}" if r.get("out") else ""))
+    scored = "" if r.get("cached") or not r.get("scorer") else f"scored by the {r['scorer']} scorer; "
+    lines.append(f"{scored}stored in {r['store']}" + (f"; lm-eval results JSON: {r['out']}" if r.get("out") else ""))
     return "\n".join(lines)
 
 

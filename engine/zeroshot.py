@@ -16,9 +16,15 @@ standard error sqrt(var(a_i - b_i) / n). `compare(result_a, result_b)` does it p
 matched by doc_id) and for the mean over tasks (a stratified bootstrap: items resampled within
 each task, the tasks' differences averaged).
 
+Scoring: by default each document's requests are scored as one tree (`scorer="shared"`,
+engine.zeroshot_scorer: the shared context runs once, the LM head only on scored positions);
+`scorer="hflm"` keeps lm-eval's HFLM path as it is. Both give lm-eval's loglikelihoods (to float
+rounding; tests/test_zeroshot_scorer.py), so the stored result's key does not include it.
+
 Why a progress hook by hand: lm-eval's own progress is a tqdm bar; the CLI's JSON mode needs
-one `{"event": "progress", "done", "total", "eta_s"}` line a second (what engine.jobs reads), so
-the HFLM subclass counts the requests lm-eval scores (its cache hook sees each one).
+one `{"event": "progress", "done", "total", "items_done", "items_total", "eta_s"}` line a second
+(what engine.jobs reads), so the HFLM subclass counts the requests lm-eval scores (its cache hook
+sees each one) and the documents whose requests are all scored.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class ZeroShotResult:
     n_requests: int  # loglikelihood requests lm-eval scored
     lm_eval_version: str
     raw: dict = field(default_factory=dict, compare=False)  # lm-eval's results JSON (without samples)
+    scorer: str = "hflm"  # which loglikelihood path scored it (results stored before the field: HFLM's)
+    scoring_seconds: float = 0.0  # of `seconds`, inside the LM's loglikelihood (the rest: lm-eval's task work)
 
     @property
     def mean(self) -> float:
@@ -88,29 +96,36 @@ class ZeroShotResult:
     def to_json(self, items: bool = True) -> dict:
         return {"tasks": {k: v.to_json(items) for k, v in self.tasks.items()}, "mean": self.mean,
                 "mean_stderr": self.mean_stderr, "limit": self.limit, "seconds": self.seconds,
-                "n_requests": self.n_requests, "lm_eval_version": self.lm_eval_version}
+                "n_requests": self.n_requests, "lm_eval_version": self.lm_eval_version, "scorer": self.scorer,
+                "scoring_seconds": self.scoring_seconds}
 
     @classmethod
     def from_json(cls, d: dict) -> "ZeroShotResult":
         return cls(tasks={k: TaskScore.from_json(v) for k, v in d["tasks"].items()}, limit=d.get("limit"),
                    seconds=float(d.get("seconds", 0.0)), n_requests=int(d.get("n_requests", 0)),
-                   lm_eval_version=d.get("lm_eval_version", ""))
+                   lm_eval_version=d.get("lm_eval_version", ""), scorer=d.get("scorer", "hflm"),
+                   scoring_seconds=float(d.get("scoring_seconds", 0.0)))
 
 
 # ---------------------------------------------------------------- running lm-eval
 
 
 class Progress:
-    """Requests scored so far: a JSON line a second on stderr (json_mode) or a tqdm bar."""
+    """Requests and items (documents) scored so far: a JSON line a second on stderr (json_mode) or a
+    tqdm bar. `done`/`total` count lm-eval's loglikelihood requests, `items_done`/`items_total` the
+    documents all of whose requests are scored; `eta_s` comes from the work done so far: tokens when
+    the scorer reports them (the shared scorer does), else requests."""
 
     def __init__(self, enabled: bool, json_mode: bool, label: str = "zero-shot"):
         self.enabled, self.json_mode, self.label = enabled, json_mode, label
         self.total = self.done = 0
+        self.items_total = self.items_done = 0
+        self.work_total = self.work_done = 0  # tokens, when the scorer says
         self.t0 = self.last = time.monotonic()
         self.bar = None
 
-    def start(self, total: int) -> None:
-        self.total, self.done = self.total + total, self.done
+    def start(self, total: int, items: int = 0) -> None:
+        self.total, self.items_total = self.total + total, self.items_total + items
         if self.enabled and not self.json_mode:
             from tqdm import tqdm
 
@@ -120,8 +135,15 @@ class Progress:
                 self.bar.total = self.total
                 self.bar.refresh()
 
-    def step(self, n: int = 1) -> None:
+    def add_work(self, total: int) -> None:
+        self.work_total += total
+
+    def credit(self, work: int) -> None:
+        self.work_done += work
+
+    def step(self, n: int = 1, items: int = 0) -> None:
         self.done += n
+        self.items_done += items
         if not self.enabled:
             return
         if self.bar is not None:
@@ -130,10 +152,16 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= 1.0 or self.done >= self.total:
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            line = {"event": "progress", "step": self.label, "done": self.done, "total": self.total,
-                    "eta_s": round((self.total - self.done) / max(rate, 1e-9), 1)}
-            print(json.dumps(line), file=sys.stderr, flush=True)
+            print(json.dumps(self.line(now)), file=sys.stderr, flush=True)
+
+    def line(self, now: float | None = None) -> dict:
+        now = time.monotonic() if now is None else now
+        by_work = self.work_total > 0 and self.work_done > 0
+        done, total = (self.work_done, self.work_total) if by_work else (self.done, self.total)
+        rate = done / max(now - self.t0, 1e-9)
+        return {"event": "progress", "step": self.label, "done": self.done, "total": self.total,
+                "items_done": self.items_done, "items_total": self.items_total,
+                "eta_s": round(max(total - done, 0) / max(rate, 1e-9), 1)}
 
     def close(self) -> None:
         if self.bar is not None:
@@ -141,28 +169,115 @@ class Progress:
             self.bar = None
 
 
-def _hflm(model, tokenizer, batch_size: int, progress: Progress | None):
-    """lm-eval's HFLM over an in-memory model, reporting each scored request to `progress`."""
+SCORERS = ("shared", "hflm")  # shared: engine.zeroshot_scorer (default); hflm: lm-eval's HFLM as it is
+
+
+def _lm(model, tokenizer, batch_size: int, progress: Progress | None, scorer: str = "shared"):
+    """lm-eval's HFLM over an in-memory model, reporting each scored request to `progress`.
+
+    scorer "shared": `_loglikelihood_tokens` scores the requests of each document as one tree
+    (engine.zeroshot_scorer); what the tree scorer cannot take goes to HFLM's own method. "hflm":
+    HFLM unchanged (batches of `batch_size` requests)."""
     from lm_eval.api.model import CacheHook
     from lm_eval.models.huggingface import HFLM
 
+    from engine import zeroshot_scorer as zsc
+
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}")
+
     class _Hook(CacheHook):
+        """Sees each scored request (both paths call it once per request): counts requests and items."""
+
         def __init__(self):
             super().__init__(None)
+            self.owner: dict = {}  # request args -> [doc key, ...] not yet scored
+            self.left: dict = {}  # doc key -> requests not yet scored
+
+        def expect(self, requests) -> int:
+            for r in requests:
+                k = (r.task_name, r.doc_id)
+                self.owner.setdefault(tuple(r.args), []).append(k)
+                self.left[k] = self.left.get(k, 0) + 1
+            return len({(r.task_name, r.doc_id) for r in requests})
 
         def add_partial(self, attr, req, res):  # called once per scored loglikelihood request
-            if progress is not None and attr == "loglikelihood":
-                progress.step()
-
-    class _CountingHFLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            if attr != "loglikelihood":
+                return
+            items = 0
+            keys = self.owner.get(tuple(req))
+            if keys:
+                k = keys.pop()
+                self.left[k] -= 1
+                items = int(self.left[k] == 0)
             if progress is not None:
-                progress.start(len(requests))
-            return super().loglikelihood(requests, disable_tqdm=True)
+                progress.step(1, items)
 
-    lm = _CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    class _LM(HFLM):
+        fallback_reason: str | None = None
+        scoring_seconds = 0.0
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            items = self.cache_hook.expect(requests)
+            if progress is not None:
+                progress.start(len(requests), items)
+            self._doc_keys = [(r.task_name, r.doc_id) for r in requests]
+            t0 = time.monotonic()
+            try:
+                return super().loglikelihood(requests, disable_tqdm=True)
+            finally:
+                self._doc_keys = None
+                self.scoring_seconds += time.monotonic() - t0
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if scorer == "hflm" or override_bs is not None:  # override_bs: loglikelihood_rolling's windows
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            reason = zsc.unsupported_reason(self.model)
+            if reason is not None:
+                self.fallback_reason = reason
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True)
+            return self._shared(requests)
+
+        def _shared(self, requests):
+            keys = getattr(self, "_doc_keys", None)
+            keys = keys if keys is not None and len(keys) == len(requests) else None
+            # HFLM truncates longer inputs from the left; a sliding window masks what the tree mask would not
+            w = zsc.window(self.model)
+            cap = min(self.max_length, w if w is not None else self.max_length)
+            fits = [len(c) + len(k) - 1 <= cap for _, c, k in requests]
+            res: list = [None] * len(requests)
+            idx = [i for i, ok in enumerate(fits) if ok]
+            long = [i for i, ok in enumerate(fits) if not ok]
+            if long:
+                for i, r in zip(long, super()._loglikelihood_tokens([requests[i] for i in long], disable_tqdm=True)):
+                    res[i] = r
+            trees = zsc.build_trees([(requests[i][1], requests[i][2]) for i in idx],
+                                    None if keys is None else [keys[i] for i in idx])
+            if progress is not None:
+                progress.add_work(sum(t.n_tokens for t in trees))
+            dtype = next(self.model.parameters()).dtype
+            for batch in zsc.batch_rows(zsc.pack_rows(trees, ROW_TOKENS), BATCH_TOKENS):
+                lay = zsc.layout(batch, dtype, self.device)
+                scored = zsc.score_batch(self.model, lay, self.softmax_dtype)
+                if progress is not None:
+                    progress.credit(lay.n_real)  # before the requests' steps, which print the line
+                for br, ll, greedy in scored:
+                    for j in br.requests:
+                        i = idx[j]
+                        res[i] = (ll, greedy)
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], res[i])
+            return res
+
+    lm = _LM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     lm.set_cache_hook(_Hook())
     return lm
+
+
+# Shared scorer's packing: trees packed into rows of ROW_TOKENS tokens, rows batched while rows x longest
+# row <= BATCH_TOKENS. Chosen, not tuned: short rows keep the masked-out attention small (a row's
+# attention is L x L whatever the mask); bench/zeroshot_speed.py's figures were measured with these.
+ROW_TOKENS = 256
+BATCH_TOKENS = 2048
 
 
 def _quiet_lm_eval() -> None:
@@ -180,8 +295,13 @@ def _quiet_lm_eval() -> None:
 
 
 def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None, batch_size: int = 16,
-                   progress: Progress | None = None) -> ZeroShotResult:
-    """lm-eval on `model` (in memory, as it is now) for `tasks`; the first `limit` items of each."""
+                   progress: Progress | None = None, scorer: str = "shared",
+                   samples_out: dict | None = None) -> ZeroShotResult:
+    """lm-eval on `model` (in memory, as it is now) for `tasks`; the first `limit` items of each.
+    `scorer`: "shared" (each document's requests as one tree, engine.zeroshot_scorer; HFLM's path
+    for what it cannot take) or "hflm" (lm-eval's HFLM unchanged); both give lm-eval's numbers.
+    `samples_out`: filled with lm-eval's per-document logs ({task: [sample]}, each request's
+    (loglikelihood, greedy) in "resps"), for benches that compare scorers request by request."""
     configs = task_configs(tasks, cache_dir)  # TaskDataMissing before anything heavy
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -193,7 +313,7 @@ def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None,
     saved = os.environ.get("HF_DATASETS_OFFLINE")
     os.environ["HF_DATASETS_OFFLINE"] = "1"  # our task files are local; never reach a hub (restored below)
     try:
-        lm = _hflm(model, tokenizer, batch_size, progress)
+        lm = _lm(model, tokenizer, batch_size, progress, scorer)
         # Our tasks are inline dicts: indexing lm-eval's ~14,000 bundled YAMLs (28 s here) is not needed.
         tm = TaskManager(include_defaults=False)
         # bootstrap_iters=0: lm-eval's bootstrap forks a multiprocessing Pool, which deadlocks in a process
@@ -210,11 +330,15 @@ def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None,
         if progress is not None:
             progress.close()
     seconds = time.monotonic() - t0
+    if samples_out is not None:
+        samples_out.update(out["samples"])
     scores = {name: _task_score(name, out["results"][name], out["samples"][name]) for name in tasks}
     raw = {k: v for k, v in out.items() if k != "samples"}
     n_req = int(sum(len(s.get("arguments", ())) for v in out["samples"].values() for s in v))
+    used = scorer if lm.fallback_reason is None else f"hflm (shared scorer off: {lm.fallback_reason})"
     return ZeroShotResult(tasks=scores, limit=limit, seconds=round(seconds, 2), n_requests=n_req,
-                          lm_eval_version=_version(), raw=_jsonable(raw))
+                          lm_eval_version=_version(), raw=_jsonable(raw), scorer=used,
+                          scoring_seconds=round(lm.scoring_seconds, 2))
 
 
 def _version() -> str:

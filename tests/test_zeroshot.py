@@ -228,11 +228,13 @@ def test_cli_evaluate_human_and_json(cache, tiny_folder, capsys, tmp_path):
     assert cli.main([*base, "--json"]) == 0
     js = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert js["removed"] == [3] and js["limit"] == 2 and js["cached"] is True  # the first call stored it
+    assert js["scorer"] == "shared"  # the default path
     assert cli.main([*base, "--json", "--recompute"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["cached"] is False
     progress = [json.loads(x) for x in captured.err.splitlines() if x.startswith('{"event": "progress"')]
     assert progress and progress[-1]["done"] == progress[-1]["total"] > 0 and "eta_s" in progress[-1]
+    assert progress[-1]["items_done"] == progress[-1]["items_total"] == 2 * 2 * 2  # 2 models x 2 tasks x --limit 2 documents
     assert set(js["tasks"]) == {"piqa", "arc_easy"} and all(v["n"] == 2 for v in js["tasks"].values())
     assert set(js["tasks"]["piqa"]) >= {"acc", "stderr", "n"} and 0 <= js["mean"] <= 1
     (c,) = js["comparisons"]

@@ -113,7 +113,7 @@ def evaluate_choice(lm, choice: ModelChoice, zs, cache_dir, progress=None, store
     with pruned_view(lm.model, lm.adapter, kept):
         params = sum(p.numel() for p in lm.model.parameters())
         r = zeroshot.evaluate_model(lm.model, lm.tokenizer, zs.tasks, cache_dir=_cache_root(cache_dir),
-                                    limit=zs.limit, batch_size=zs.batch_size, progress=progress)
+                                    limit=zs.limit, batch_size=zs.batch_size, progress=progress, scorer=zs.scorer)
     art = {**r.to_json(), "removed": list(removed), "n_layers": lm.n_layers, "n_kept": len(kept), "params": params,
            "params_full": lm.n_params, "model": getattr(lm.spec, "name", None), "model_identity": lm.identity,
            "spec": zs.key(), "raw": r.raw}
@@ -177,6 +177,7 @@ def zeroshot_eval(model: ModelSpec, zs, choose=None, against=(), k: int | None =
         "tasks": {t: {kk: v[kk] for kk in ("acc", "stderr", "n", "split", "acc_norm", "acc_norm_stderr", "perplexity",
                                             "perplexity_stderr")} for t, v in main["tasks"].items()},
         "mean": main["mean"], "mean_stderr": main["mean_stderr"], "limit": zs.limit, "cached": main["cached"],
+        "scorer": main.get("scorer", "hflm"),
         "evaluated": [{kk: v for kk, v in strip(r).items() if kk != "tasks"} |
                       {"tasks": {t: {"acc": s["acc"], "stderr": s["stderr"], "n": s["n"]} for t, s in r["tasks"].items()}}
                       for r in results],
