@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def profile_one(run, method, f, c, extra, ks, overrides: dict) -> dict:
 
     def progress(e):
         events.append({k: e[k] for k in ("stage", "look", "looks", "windows", "sets", "evaluations")})
+        if len(events) > 1:
+            print(f"    {events[-2]['stage']} look {events[-2]['look']}: {events[-2]['sets']} sets x "
+                  f"{events[-2]['windows']} windows, {events[-2].get('seconds', 0):.0f} s", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
     ds = decision_lib.race_decide(f.predict, c.values, run.n_layers, ks, pool, f.samples.ppl_full, cal_cols,

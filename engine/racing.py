@@ -32,8 +32,9 @@ nothing beyond its interval ends the search for that k; the chosen set is still 
 finished set. Error rate: when the new winner is in truth no better than the incumbent, the search goes on
 with probability at most alpha (one wasted round); when it is better, the search stops early with a
 probability that falls with the gain (the power of the paired bound over W windows), and then the chosen
-set is the new winner, tied with the incumbent on the pool. On SmolLM2-135M at k = 8 (30 layers, 72
-windows) the second round gained nothing and cost ~40% of the decision (bench/decide_profile.py).
+set is the new winner, tied with the incumbent on the pool. It saves a round only where one gains nothing:
+on SmolLM2-135M at k = 8 (30 layers, 72 windows, 11 candidates) round 1's winner was shown better, so
+round 2 (39% of the evaluations) still ran and found the chosen set (bench/README.md, `decide_profile`).
 
 Cost: sum over looks of (survivors x windows new to them) set-window evaluations, with ONE
 `measure` call per look and window range for all groups (the evaluator's trie shares prefixes
