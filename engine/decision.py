@@ -305,7 +305,9 @@ def race_decide(
     """The verified decision, raced (engine.racing): for each k the candidates (rank-and-cut, the top
     `n_verify` beam-search sets, the sets in `extra[k]` ({set: source}, e.g. the baselines') race on
     `pool` (a racing.WindowPool); then each of `swap_rounds` rounds races the `swap_neighbours` of each
-    k's winner not raced before against it (all k in one race), and stops for a k once its winner stays.
+    k's winner not raced before against it (all k in one race), and stops for a k once its winner stays
+    or (`rule.stop_tied`, the default) once a round's winner is not shown better than the set it replaced
+    (racing.shown_better: paired bound on all the pool's windows).
 
     The chosen set has the lowest mean loss over all the pool's windows among every set that finished a
     race (so at worst the best of the `extra` sets there); `tied` lists the finished sets whose paired
@@ -370,7 +372,8 @@ def race_decide(
         if not groups:
             break
         out = run(groups, keep, stage=f"swap round {r + 1}")
-        searching = [k for k in groups if out[k].winner != won[k].winner]
+        searching = [k for k in groups if out[k].winner != won[k].winner
+                     and (not rule.stop_tied or racing.shown_better(pool, out[k].winner, won[k].winner, rule.alpha))]
         won.update(out)
         if not searching:
             break

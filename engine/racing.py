@@ -25,6 +25,17 @@ shown worse, only while more than `finalists` survive, always keeping the best h
 sets are counted apart (`Outcome.halved`). The winner is the lowest mean over all W windows among
 the sets that reached the last look.
 
+Stopping the swap search (`RaceRule.stop_tied`, decision.race_decide): after a swap round, the search goes
+on around the round's winner only when that winner is **shown better** than the incumbent it replaced, by
+the same one-sided paired t bound on all W windows at level 1 - alpha (`shown_better`). A round that gains
+nothing beyond its interval ends the search for that k; the chosen set is still the lowest mean among every
+finished set. Error rate: when the new winner is in truth no better than the incumbent, the search goes on
+with probability at most alpha (one wasted round); when it is better, the search stops early with a
+probability that falls with the gain (the power of the paired bound over W windows), and then the chosen
+set is the new winner, tied with the incumbent on the pool. It saves a round only where one gains nothing:
+on SmolLM2-135M at k = 8 (30 layers, 72 windows, 11 candidates) round 1's winner was shown better, so
+round 2 (39% of the evaluations) still ran and found the chosen set (bench/README.md, `decide_profile`).
+
 Cost: sum over looks of (survivors x windows new to them) set-window evaluations, with ONE
 `measure` call per look and window range for all groups (the evaluator's trie shares prefixes
 across the sets of every k). `budget` (set-window evaluations) caps it: when a look does not fit,
@@ -55,6 +66,7 @@ class RaceRule:
     first: int = 4  # windows of the first look
     alpha: float = 0.05  # chance that the bound drops a set better than the leader, over all looks
     finalists: int = 10  # halving never cuts a group below this many survivors
+    stop_tied: bool = True  # decision.race_decide: no further swap round around a winner not shown better
 
     def __post_init__(self):
         if self.first < 2:
@@ -94,6 +106,7 @@ class WindowPool:
         self.have: dict[Set, int] = {}  # set -> windows measured (a prefix of the pool)
         self.evaluations = 0
         self.calls = 0
+        self.layer_calls = 0  # trie nodes the measure function computed (engine.pipeline's pool counts them)
 
     def measured(self, s: Set) -> int:
         return self.have.get(s, 0)
@@ -184,6 +197,14 @@ def shown_worse(pool: WindowPool, sets: Sequence[Set], leader: Set, n: int, leve
         sd = float(d.std(ddof=1)) if n >= 2 else math.inf
         out.append(bool(d.mean() - q * sd / math.sqrt(n) > 0))
     return out
+
+
+def shown_better(pool: WindowPool, new: Set, old: Set, alpha: float) -> bool:
+    """Paired one-sided t bound on every pool window (both sets measured on all of them): True when `new`
+    has a lower mean loss per token than `old` at error rate `alpha` (decision.race_decide's stopping rule)."""
+    if pool.measured(new) < pool.W or pool.measured(old) < pool.W or pool.W < 2:
+        return False
+    return shown_worse(pool, [old], new, pool.W, 1 - alpha)[0]
 
 
 def race(groups: Mapping[Hashable, Sequence[Set]], pool: WindowPool, rule: RaceRule = RaceRule(),

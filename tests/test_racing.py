@@ -147,3 +147,31 @@ def test_raced_decision_budget_is_respected_and_reported():
     full, pool2 = _decide(game, [2, 3], f, np.linspace(0.1, 0.8, L), swap_rounds=3)
     assert not any(d.budget_hit for d in full) and pool2.evaluations > pool.evaluations
     assert all(removal_mask(d.removed, L).sum() == L - d.k for d in ds)
+
+
+def test_shown_better_needs_a_paired_gain_beyond_the_noise():
+    L, W = 6, 64
+    game = Game(L, W, additive([0.0, 0.2, 0.2002, 1, 1, 1]), noise=0.05)
+    pool = racing.WindowPool(L, W, game.measure)
+    pool.extend([(0,), (1,), (2,)], W)
+    assert racing.shown_better(pool, (0,), (1,), 0.05)  # 0.2 per token better on every window
+    assert not racing.shown_better(pool, (1,), (0,), 0.05)
+    assert not racing.shown_better(pool, (1,), (2,), 0.05)  # 0.0002: within the noise
+    part = racing.WindowPool(L, W, game.measure)
+    part.extend([(0,), (1,)], 8)
+    assert not racing.shown_better(part, (0,), (1,), 0.05)  # only on every pool window
+
+
+def test_swap_rounds_stop_once_a_round_gains_nothing_beyond_its_interval():
+    """A flat game (every set costs the same): round 1's winner is tied with the incumbent, so with stop_tied
+    no second round is raced; without, the rounds go on while the winner changes."""
+    L, W = 10, 32
+    game = Game(L, W, lambda s: 0.0, noise=0.05)
+    f = lambda masks: np.asarray(masks, float).mean(1)  # noqa: E731
+    c = np.linspace(0.1, 0.8, L)
+    stop, p_stop = _decide(game, [3], f, c, swap_rounds=4, rule=racing.RaceRule(first=4, finalists=2))
+    go, p_go = _decide(game, [3], f, c, swap_rounds=4, rule=racing.RaceRule(first=4, finalists=2, stop_tied=False))
+    assert p_stop.evaluations < p_go.evaluations
+    n_swap = lambda d: sum(x.source == "swap" for x in d.candidates)  # noqa: E731
+    assert n_swap(stop[0]) <= 3 * (L - 3)  # one round of swaps at most
+    assert n_swap(go[0]) > 3 * (L - 3)

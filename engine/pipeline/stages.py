@@ -168,12 +168,14 @@ def _decision_pool(run: OpenRun, method: MethodSpec, progress: StepProgress | No
         if (start, stop) not in evaluators:
             evaluators[start, stop] = MaskEvaluator(run.lm, ids[start:stop])
         ev = evaluators[start, stop]
+        before = ev.layer_calls
         nll = np.full((masks.shape[0], stop - start), np.nan)
         tok = np.zeros((masks.shape[0], stop - start), dtype=np.int64)
         for i, _, v, t, _ in ev.iter_window_losses(masks):
             nll[i], tok[i] = v, t
             if progress is not None:
                 progress.tick()
+        pool.layer_calls += ev.layer_calls - before
         return nll, tok
 
     W = int(ids.shape[0])
@@ -181,7 +183,8 @@ def _decision_pool(run: OpenRun, method: MethodSpec, progress: StepProgress | No
     on = (f"{W} windows: {n_val} validation windows of the calibration text + the {n_cal} calibration windows"
           if n_val else f"the {n_cal} calibration windows (the surrogate was fitted on them)"
           + (f"; the text has too few windows outside them to validate on" if method.val_windows else ""))
-    return racing.WindowPool(run.n_layers, W, measure), list(range(n_val, W)), list(range(n_val)), on
+    pool = racing.WindowPool(run.n_layers, W, measure)
+    return pool, list(range(n_val, W)), list(range(n_val)), on
 
 
 def _decide(run: OpenRun, method: MethodSpec, ks, eval_data: tuple[str, ...] = (), fc=None,
