@@ -283,3 +283,26 @@ def test_pipeline_sample_stops_on_cancel_request_and_resumes(files, tmp_path, mo
     again = pipeline.sample(spec, tmp_path, progress=False)  # rowids > 3 now: no further cancel
     assert again.evaluated == 27 and again.total == 30 and again.stopped is None
     assert store.results()[:3] == before
+
+
+def test_resuming_a_cancelled_run_to_fewer_masks_than_it_holds_finishes_it(files, tmp_path, capsys):
+    """Cancel while asking for many masks, then ask for fewer than the store holds: the sample's first masks
+    that the cancel left out are evaluated and the run's status says finished (it stayed 'cancelled')."""
+    from engine.store import RunStore
+
+    argv = ["sample", "--model", str(files / "tiny12"), "--data", str(files / "text.txt"), "--windows", "2",
+            "--seq-len", "32", "--cache-dir", str(tmp_path), "--json", "--threads", "1"]
+    assert cli.main([*argv, "--masks", "12"]) == 0
+    run_id = _last_json(capsys.readouterr().out)["run_id"]
+    db = tmp_path / run_id / "run.sqlite"
+    con = sqlite3.connect(db)
+    with con:  # what a cancel at mask 12 of 400 leaves, minus one of the sample's first 8 masks
+        first = con.execute("SELECT mask FROM samples ORDER BY rowid LIMIT 1").fetchone()[0]
+        con.execute("DELETE FROM samples WHERE mask = ?", (first,))
+        con.execute("UPDATE lease SET status = 'cancelled', target = 400")
+    con.close()
+    assert cli.main([*argv, "--masks", "8"]) == 0
+    out = _last_json(capsys.readouterr().out)
+    lease = RunStore(tmp_path, run_id).lease()
+    assert lease.status == "finished" and lease.target == 8
+    assert out["evaluated"] == 1 and first in RunStore(tmp_path, run_id).done_masks()
