@@ -264,10 +264,7 @@ class MethodSpec:
     # halving the rest while more than n_compare survive; the last look is every validation + calibration window.
     decide_budget: int | None = option(None, "set-window evaluations (one removal set on one window) the decision may "
                                        "spend in all; the output says when it was hit (default: no cap)")
-    # 2: on SmolLM2 (30 layers, 256 masks) at k = 8 the 2-window first look spent 1,768 set-window evaluations
-    # against 2,272 with 4 (decide 245 s vs 310 s on a quiet 2-core machine, sampling 256 s), same chosen set
-    # and held-out perplexity (bench/README.md, decide_profile); the first look drops fewer sets but costs half.
-    race_first: int = option(2, "windows of the race's first look (each later look doubles them)")
+    race_first: int = option(4, "windows of the race's first look (each later look doubles them)")
     race_alpha: float = option(0.05, "chance that the race's paired bound drops a set better than the leader, over all "
                                "its looks")
     # 2: on the demo at k = 4 the race finished 8 sets within 1.2% of each other on 72 windows with 10 finalists,

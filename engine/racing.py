@@ -63,7 +63,7 @@ ProgressFn = Callable[[dict], None]
 class RaceRule:
     """How a race looks at its sets (see the module docstring)."""
 
-    first: int = 2  # windows of the first look (MethodSpec.race_first)
+    first: int = 4  # windows of the first look
     alpha: float = 0.05  # chance that the bound drops a set better than the leader, over all looks
     finalists: int = 10  # halving never cuts a group below this many survivors
     stop_tied: bool = True  # decision.race_decide: no further swap round around a winner not shown better
