@@ -109,7 +109,7 @@ def sample(
     # A run stopped (cancelled, failed, died) then asked for no more masks than it holds still takes the
     # writer: the sample's first `target` masks may lack some (a stop mid-chunk keeps part of a chunk, in
     # trie order), and the run's status must say finished once they are all there.
-    stopped_before = lease is not None and (lease.status != "finished" or lease.target != target)
+    stopped_before = lease is not None and lease.status != "finished"
     if len(done) < target or ppl_full is None or _completion_pending(run) or stopped_before:
         try:
             with store.writer(target=target) as writer, evaluators:
