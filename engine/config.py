@@ -264,7 +264,7 @@ class MethodSpec:
     # halving the rest while more than n_compare survive; the last look is every validation + calibration window.
     decide_budget: int | None = option(None, "set-window evaluations (one removal set on one window) the decision may "
                                        "spend in all; the output says when it was hit (default: no cap)")
-    race_first: int = option(4, "windows of the race's first look (each later look doubles them)")
+    race_first: int = option(2, "windows of the race's first look (each later look doubles them)")
     race_alpha: float = option(0.05, "chance that the race's paired bound drops a set better than the leader, over all "
                                "its looks")
     # 2: on the demo at k = 4 the race finished 8 sets within 1.2% of each other on 72 windows with 10 finalists,

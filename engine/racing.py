@@ -63,7 +63,7 @@ ProgressFn = Callable[[dict], None]
 class RaceRule:
     """How a race looks at its sets (see the module docstring)."""
 
-    first: int = 4  # windows of the first look
+    first: int = 2  # windows of the first look (MethodSpec.race_first)
     alpha: float = 0.05  # chance that the bound drops a set better than the leader, over all looks
     finalists: int = 10  # halving never cuts a group below this many survivors
     stop_tied: bool = True  # decision.race_decide: no further swap round around a winner not shown better
@@ -211,8 +211,9 @@ def race(groups: Mapping[Hashable, Sequence[Set]], pool: WindowPool, rule: RaceR
          budget: int | None = None, progress: ProgressFn | None = None,
          keep: Mapping[Hashable, Set] | None = None) -> dict[Hashable, Outcome]:
     """Race each group's sets on `pool` (module docstring); `budget`: set-window evaluations this race may
-    spend (None: no cap); `keep`: per group, a set (the incumbent of an earlier race) that halving and
-    the budget never cut (the bound still may). `progress(event)` is called before each look's
+    spend (None: no cap); `keep`: per group, a set (the incumbent of an earlier race, measured on every
+    window) that neither the bound nor halving nor the budget cuts, so the group's winner is the lowest
+    mean over all W windows among the incumbent and the new sets that finish. `progress(event)` is called before each look's
     measurement with {look, looks, windows, sets, evaluations (this look), spent (so far in this race)}."""
     keep = dict(keep or {})
 
@@ -222,11 +223,11 @@ def race(groups: Mapping[Hashable, Sequence[Set]], pool: WindowPool, rule: RaceR
         n = min(pool.measured(s) for s in ss) if n is None else n
         return sorted(ss, key=lambda s: (pool.mean(s, n) if n else 0.0, s != keep.get(g), position[g, s]))
 
-    def cut(g, ss, cap, n=None):  # the best `cap` by mean, plus the kept set wherever it ranks
+    def cut(g, ss, cap, n=None):  # the best `cap` by mean, plus the kept set (measured already: free) wherever it ranks
         order = ranked(g, ss, n)
         top = order[:cap]
         if keep.get(g) in ss and keep[g] not in top:
-            top = order[: max(0, cap - 1)] + [keep[g]]
+            top = top + [keep[g]]
         return top, [s for s in order if s not in top]
 
     alive = {g: list(dict.fromkeys(tuple(sorted(int(i) for i in s)) for s in ss)) for g, ss in groups.items()}
@@ -260,7 +261,9 @@ def race(groups: Mapping[Hashable, Sequence[Set]], pool: WindowPool, rule: RaceR
             if len(ss) == 1:
                 continue
             leader = ranked(g, ss, n)[0]
-            worse = shown_worse(pool, ss, leader, n, level)
+            # the kept set is never dropped: it finished an earlier race (measured on every window, so it
+            # costs nothing), and the round's winner must beat it over the whole pool, not on a few windows
+            worse = [w and s != keep.get(g) for s, w in zip(ss, shown_worse(pool, ss, leader, n, level))]
             for s, w in zip(ss, worse):
                 if w:
                     dropped[g][s] = n
