@@ -78,16 +78,18 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
         flags = (flag, *meta.get("aliases", ()))
         choices = meta["choices"] or (tuple(_registry(meta["registry"])) if meta["registry"] else None)
         help_text = meta["help"]
+        metavar = flag.lstrip("-").upper().replace("-", "_")  # --seq-len SEQ_LEN (argparse would print the dest)
         if meta["registry"]:
             help_text += ": " + _describe(_registry(meta["registry"]))
         if default not in (None, False, ()):
             help_text += " (default %(default)s)"
         if meta.get("many"):  # comma-separated names, each from the registry
-            g.add_argument(*flags, dest=dest, required=meta["required"], type=_names(choices), help=help_text)
+            g.add_argument(*flags, dest=dest, required=meta["required"], type=_names(choices), help=help_text,
+                           metavar=metavar)
             continue
         if meta.get("repeat"):  # the flag given once per value
             g.add_argument(*flags, dest=dest, action="append", default=[], choices=choices, help=help_text,
-                           type=meta["parse"] or str)
+                           type=meta["parse"] or str, metavar=None if choices else metavar)
             continue
         if meta["off_flag"]:
             both = g.add_mutually_exclusive_group()
@@ -98,7 +100,8 @@ def _add_spec_options(parser: argparse.ArgumentParser, cls, title: str, only: tu
             g.add_argument(flag, dest=dest, action="store_true", help=help_text)
         else:
             g.add_argument(*flags, dest=dest, default=default, choices=choices, help=help_text,
-                           required=meta.get("required", False), type=meta["parse"] or _scalar_type(hints[f.name]))
+                           required=meta.get("required", False), type=meta["parse"] or _scalar_type(hints[f.name]),
+                           metavar=None if choices else metavar)
 
 
 def _describe(registry) -> str:

@@ -210,7 +210,7 @@ def contributions(samples: Samples, f: Fit, spec: MethodSpec = MethodSpec()) -> 
     result = est.run(x)
     eff = shapley.efficiency_check(result.values, f.predict, L)
     details = {**result.details, "efficiency": eff.to_dict(), "budget": est.budget_for(L, spec.budget),
-               "estimand": est.estimand_on(samples.design)}
+               "estimand": est.estimand_on(samples.design, L)}
     interval = est.interval(x, result)
     if interval is not None:
         details["interval"] = interval.to_dict()

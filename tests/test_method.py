@@ -244,3 +244,16 @@ def test_each_estimator_owns_its_estimand_weighting_estimate_and_interval(setup)
             assert iv.estimator == name and iv.estimand == key[est.estimand_on(s.design, L)]
             np.testing.assert_allclose(iv.values, c.values)
             assert est.interval(dataclasses.replace(x, n_boot=0), c) is None  # no bootstrap asked: no interval
+
+
+def test_the_stored_estimand_follows_the_design_and_its_depth(setup):
+    """Strata with no two adjacent kept counts: regression adjustment targets the paper's restricted-strata
+    semivalue, and the contributions' record says so (it said 'sampled kept counts' without L)."""
+    from engine.config import SamplingSpec
+
+    _, _, run = setup
+    s = pipeline.samples(run)
+    lone = dataclasses.replace(s, design=SamplingSpec(strata=(L - 2, L - 4)))
+    f = method.fit(lone, RIDGE, curve=False)
+    c = method.contributions(lone, f, MethodSpec(surrogate=RIDGE, estimator="regression-adjusted", boot=0))
+    assert c.details["estimand"] == STRATA_SEMIVALUE == estimators.get("regression-adjusted").estimand_on(lone.design, L)
