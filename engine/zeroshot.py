@@ -29,6 +29,7 @@ sees each one) and the documents whose requests are all scored.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -312,6 +313,12 @@ def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None,
     model.eval()
     saved = os.environ.get("HF_DATASETS_OFFLINE")
     os.environ["HF_DATASETS_OFFLINE"] = "1"  # our task files are local; never reach a hub (restored below)
+    # lm-eval's per-task bar while it builds requests (lm_eval.api.task's module-level tqdm, no switch in
+    # simple_evaluate) is off: our own progress (a bar, or --json lines) says how far it is. Restored below.
+    import lm_eval.api.task as lm_task
+
+    task_tqdm = lm_task.tqdm
+    lm_task.tqdm = functools.partial(task_tqdm, disable=True)
     try:
         lm = _lm(model, tokenizer, batch_size, progress, scorer)
         # Our tasks are inline dicts: indexing lm-eval's ~14,000 bundled YAMLs (28 s here) is not needed.
@@ -322,6 +329,7 @@ def evaluate_model(model, tokenizer, tasks, cache_dir, limit: int | None = None,
         out = lm_eval.simple_evaluate(model=lm, tasks=configs, limit=limit, log_samples=True, verbosity="ERROR",
                                       bootstrap_iters=0, task_manager=tm)
     finally:
+        lm_task.tqdm = task_tqdm
         if saved is None:
             os.environ.pop("HF_DATASETS_OFFLINE", None)
         else:

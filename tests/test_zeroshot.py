@@ -234,6 +234,7 @@ def test_cli_evaluate_human_and_json(cache, tiny_folder, capsys, tmp_path):
     assert json.loads(captured.out.strip().splitlines()[-1])["cached"] is False
     progress = [json.loads(x) for x in captured.err.splitlines() if x.startswith('{"event": "progress"')]
     assert progress and progress[-1]["done"] == progress[-1]["total"] > 0 and "eta_s" in progress[-1]
+    assert "it/s" not in captured.err and "%|" not in captured.err  # no lm-eval tqdm bar among the JSON lines
     assert progress[-1]["items_done"] == progress[-1]["items_total"] == 2 * 2 * 2  # 2 models x 2 tasks x --limit 2 documents
     assert set(js["tasks"]) == {"piqa", "arc_easy"} and all(v["n"] == 2 for v in js["tasks"].values())
     assert set(js["tasks"]["piqa"]) >= {"acc", "stderr", "n"} and 0 <= js["mean"] <= 1
