@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 
 from engine.errors import EstimationError
 from engine.jsonable import jsonable
-from engine.resampling import LEVEL, stratified_resample, window_counts
+from engine.resampling import LEVEL, stratified_resamples, window_counts
 
 
 # ---------------------------------------------------------------- surrogate metrics
@@ -84,7 +84,7 @@ def metric_intervals(y_true, y_pred, strata=None, level: float = LEVEL, n_boot: 
     groups = np.zeros(len(y), dtype=np.int64) if strata is None else np.asarray(strata)
     rng = np.random.default_rng([seed, 4])
     out = {}
-    idx = np.stack([stratified_resample(groups, rng) for _ in range(n_boot)]) if n_boot else np.zeros((0, len(y)), int)
+    idx = stratified_resamples(groups, rng, n_boot)  # (n_boot, n)
     boots = {"r2": _r2_rows(y[idx], p[idx]), "spearman": _spearman_rows(y[idx], p[idx])}  # (n_boot,) each
     a = (1 - level) / 2
     for name, fn in (("r2", _r2), ("spearman", _spearman)):
