@@ -214,8 +214,7 @@ def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarr
         pre = torch.baddbmm(theta[:, L * H : L * H + H].view(b, 1, H), Xt.expand(b, n, L),
                             theta[:, : L * H].view(b, L, H))  # (b, n, H)
         hid = torch.nn.functional.celu(pre)  # (b, n, H)
-        out = torch.sigmoid(torch.baddbmm(theta[:, P - 1 :].view(b, 1, 1), hid,
-                                          theta[:, L * H + H : P - 1].view(b, H, 1)))[..., 0]  # (b, n)
+        out = torch.sigmoid((hid * theta[:, L * H + H : P - 1].view(b, 1, H)).sum(-1) + theta[:, P - 1 :])  # (b, n)
         return pre, hid, out, out - yt  # ..., (b, n) errors
 
     with torch.no_grad(), few_threads(X.size * k):
@@ -226,7 +225,7 @@ def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarr
             dpre = torch.ops.aten.elu_backward(dz[..., None] * theta[:, L * H + H : P - 1].view(b, 1, H),
                                                1.0, 1, 1.0, False, pre)  # (b, n, H): CELU(alpha=1) backward
             grad = torch.cat([torch.bmm(XT.expand(b, L, n), dpre).view(b, -1), dpre.sum(1),
-                              torch.bmm(hid.transpose(1, 2), dz[..., None]).view(b, -1), dz.sum(1, keepdim=True)],
+                              (hid * dz[..., None]).sum(1), dz.sum(1, keepdim=True)],
                              dim=1)  # (b, P), in theta's layout
             exp_avg.lerp_(grad, 1 - beta1)  # torch.optim.Adam's single-tensor update, step `step`
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
