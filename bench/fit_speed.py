@@ -7,13 +7,21 @@ DIR must hold the run (sample it first, e.g. `python -m engine sample --cache-di
 seconds of what `engine fit` runs (pipeline.fit with the comparison of every kind, then
 pipeline.work_curve) and of pipeline.contributions (regression-adjusted: 5 cross-fits), the held-out R²
 and the contributions; the ratio sequential / batched and the largest contribution difference beside
-the ensemble's own spread (the seed noise). The last stdout line (with --json) is one JSON object.
+the ensemble's own spread (the seed noise), and the load average before and after (1, 5, 15 min). The
+last stdout line (with --json) is one JSON object.
+
+What the batched mode changes: fit_mlps_batched (one network for the ensemble, the learning curve, the
+work curve and the cross-fits), the comparison's mlp:adam / mlp+log-pairwise and the work curve's last
+point reusing the ensemble's first member. What both modes share (so the sequential mode is today's code
+with batching off, a little faster than the code before issue 23): small predictions on one thread
+(GBT, MLP) and the work curve's bootstrap resamples drawn with the groups found once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -53,12 +61,14 @@ def main(argv=None) -> dict:
     spec = RunSpec(model=ModelSpec(name=a.model), data=DataSpec(source=a.data), sampling=SamplingSpec(n_masks=a.masks))
     run = pipeline.open_run(spec, a.cache_dir, create=False)
     method = MethodSpec()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     old, new = measure(run, spec, method, False), measure(run, spec, method, True)
     diff = float(np.max(np.abs(np.subtract(old["contributions"], new["contributions"]))))
     out = {"run_id": run.run_id, "n_masks": int(run.store.count()), "sequential": old, "batched": new,
            "fit_speedup": round(old["fit_seconds"] / new["fit_seconds"], 2),
            "contributions_speedup": round(old["contributions_seconds"] / new["contributions_seconds"], 2),
-           "max_contribution_diff": diff, "r2_diff": new["r2"] - old["r2"]}
+           "max_contribution_diff": diff, "r2_diff": new["r2"] - old["r2"],
+           "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}}
     print(f"engine fit: sequential {old['fit_seconds']} s, batched {new['fit_seconds']} s "
           f"({out['fit_speedup']}x); contributions (cross-fit): {old['contributions_seconds']} s vs "
           f"{new['contributions_seconds']} s ({out['contributions_speedup']}x)")

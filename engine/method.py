@@ -133,6 +133,15 @@ class Fit:
     def members(self) -> list:
         return self.fitted.ensemble.value_functions()
 
+    def first_member_fit(self):
+        """(its training rows, the ensemble's first member) where that member is the plain fit a curve point
+        of spec with ensemble = 1 on those rows would make (adam MLP kinds, batched fits: same seed, rows,
+        order and weights; bootstrap kinds' members are resamples), else None: `work_curve` reuses it."""
+        spec = self.fitted.report.spec
+        if not (surrogate.BATCHED_FITS and spec.preset == "adam" and spec.kind in ("mlp", "mlp+log-pairwise")):
+            return None
+        return np.asarray(self.fitted.report.split.train), self.members[0]
+
     def predict(self, masks) -> np.ndarray:
         return self.fitted.ensemble.predict(masks)
 

@@ -20,6 +20,19 @@ def stratified_resample(groups: np.ndarray, rng: np.random.Generator, fixed=()) 
     return np.concatenate(out)
 
 
+def stratified_resamples(groups: np.ndarray, rng: np.random.Generator, n_boot: int, fixed=()) -> np.ndarray:
+    """int[n_boot, n]: `n_boot` calls of `stratified_resample(groups, rng, fixed)`, the same draws in the same
+    order (rng.choice with replacement draws rng.integers(0, len(idx), len(idx))), the groups found once."""
+    parts = [(np.flatnonzero(groups == j), j in fixed) for j in np.unique(groups)]
+    out = np.empty((int(n_boot), sum(len(idx) for idx, _ in parts)), dtype=np.int64)
+    for b in range(int(n_boot)):
+        a = 0
+        for idx, keep in parts:
+            out[b, a : a + len(idx)] = idx if keep else idx[rng.integers(0, len(idx), len(idx))]
+            a += len(idx)
+    return out
+
+
 def window_counts(rng: np.random.Generator, n_windows: int, n_boot: int) -> np.ndarray:
     """float[n_boot, n_windows]: how many times each window is drawn in each of `n_boot` resamples of the
     windows with replacement (a resampled sum over windows is counts @ per_window)."""

@@ -51,8 +51,8 @@ from engine.surrogate_sklearn import (LOG_FLOOR, GBTSurrogate, LogPairwiseSurrog
                                       RidgePairwiseSurrogate)
 
 # Ensembles, learning curves, work curves and cross-fits fit their adam MLPs as one batched network
-# (fit_mlps_batched) and the comparison reuses the ensemble's first MLP; False: one after another, each
-# fitted anew (the code before issue 23, which bench/fit_speed.py times against).
+# (fit_mlps_batched), and the comparison and the work curve's last point reuse the ensemble's first member;
+# False: one after another, each fitted anew (the code before issue 23, which bench/fit_speed.py times against).
 BATCHED_FITS = True
 
 

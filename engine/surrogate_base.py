@@ -65,6 +65,21 @@ def few_threads(work: int):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def few_torch_threads(work: int):
+    """`few_threads` for torch alone (predicting with a small network): torch's thread setting is free to
+    change, threadpoolctl's scan of the loaded libraries costs about a millisecond per use."""
+    if work >= SINGLE_THREAD_WORK:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Surrogate(Protocol):
     # sample_weight float[n] (None: all 1): each row's weight in the loss (partially evaluated rows
     # count less, engine.fidelity.fit_weights).

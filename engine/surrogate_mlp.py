@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.errors import EstimationError
-from engine.surrogate_base import ValueFunction, check_weight, check_xy, few_threads
+from engine.surrogate_base import ValueFunction, check_weight, check_xy, few_threads, few_torch_threads
 
 PRESETS = ("adam", "paper")
 
@@ -122,7 +122,8 @@ class MLPSurrogate(ValueFunction):
         return self.net is not None
 
     def _predict_chunk(self, X: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
+        # small inputs on one thread: on busy cores 51 masks took ~10 ms on two threads, ~0.2 ms on one
+        with torch.no_grad(), few_torch_threads(X.size):
             return self.net(torch.as_tensor(X, dtype=torch.float32)).numpy()  # (c, L) -> (c,)
 
     def flip_values(self, base) -> np.ndarray:
@@ -144,13 +145,19 @@ class MLPSurrogate(ValueFunction):
 def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarray,
                      rows: Sequence[np.ndarray] | None = None, sample_weight: np.ndarray | None = None) -> list:
     """Fit several adam-preset MLPSurrogates at once as ONE batched network: their weights stacked
-    (k, 2L, L) ..., one forward (einsum over members), one backward of the summed losses, one Adam step
+    (k, L, 2L) ..., one forward (baddbmm over members), one backward of the summed losses, one Adam step
     for all. Member j trains on X[rows[j]] (default: every row) exactly as `MLPSurrogate.fit` would:
     its own seeded init, validation slice and early stopping (a stopped member's best weights stay
-    frozen while the others go on). Adam is per element and the members' losses share no parameter, so
-    each member follows its own sequential fit up to floating-point summation order (within seed noise).
-    Written by hand because torch.func.stack_module_state + vmap does not batch per-member early
-    stopping and row subsets; this is the paper network's two layers, nothing more."""
+    frozen; it leaves the batch, which the others' numbers do not depend on). Adam is per element and
+    the members' losses share no parameter, so each member follows its own sequential fit up to
+    floating-point summation order (within seed noise).
+
+    Written by hand for speed (the fit is ~3,000 steps of tiny tensors, so per-step overhead is what
+    costs): the backward is the two layers' gradients written out (autograd's own sigmoid and CELU
+    backward kernels), Adam is torch's single-tensor update on one (k, P) parameter block (what
+    `torch.optim.Adam` does to each member's tensors), the early-stopping bookkeeping is numpy on k
+    numbers, and one forward per step serves as this step's validation check and the next step's
+    training forward."""
     X, y = check_xy(X, y)
     w = check_weight(sample_weight, len(y))
     n, L = X.shape
@@ -160,15 +167,25 @@ def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarr
     k = len(members)
     if k == 0:
         return []
+    lrs = {m.lr for m in members}
+    if len(lrs) != 1:
+        raise EstimationError("fit_mlps_batched needs one learning rate for all members")
+    lr = lrs.pop()
+    H = 2 * L
+    P = L * H + 2 * H + 1  # one member's parameters: W1 (L, H), b1 (H,), w2 (H,), b2 ()
     Xt = torch.as_tensor(X, dtype=torch.float32)  # (n, L)
+    XT = Xt.T.contiguous()  # (L, n)
     yt = torch.as_tensor(y, dtype=torch.float32)  # (n,)
     base = torch.ones(n) if w is None else torch.as_tensor(w, dtype=torch.float32)  # (n,)
     tr_w, val_w, n_vals = torch.zeros(k, n), torch.zeros(k, n), []  # (k, n): each member's row weights
-    nets = []
+    nets, theta = [], torch.empty(k, P)  # (k, P): every member's parameters, one row each
     for j, (m, r) in enumerate(zip(members, rows)):
         with torch.random.fork_rng(devices=[]):  # the init MLPSurrogate.fit draws
             torch.manual_seed(m.seed)
             nets.append(_Net(L))
+        body = nets[-1].body
+        with torch.no_grad():
+            theta[j] = torch.cat([body[0].weight.T.reshape(-1), body[0].bias, body[2].weight[0], body[2].bias])
         gen = torch.Generator().manual_seed(m.seed)
         n_j = len(r)
         n_val = int(round(n_j * m.val_fraction)) if n_j >= 10 else 0
@@ -178,62 +195,70 @@ def fit_mlps_batched(members: Sequence[MLPSurrogate], X: np.ndarray, y: np.ndarr
         tr_w[j].index_add_(0, tr, base[tr])
         val_w[j].index_add_(0, val, base[val])
         n_vals.append(n_val)
-    W1 = torch.stack([net.body[0].weight.detach().T for net in nets]).contiguous().requires_grad_()  # (k, L, H)
-    b1 = torch.stack([net.body[0].bias.detach()[None] for net in nets]).requires_grad_()  # (k, 1, H)
-    w2 = torch.stack([net.body[2].weight.detach().T for net in nets]).contiguous().requires_grad_()  # (k, H, 1)
-    b2 = torch.stack([net.body[2].bias.detach() for net in nets]).requires_grad_()  # (k, 1)
-    params = [W1, b1, w2, b2]
-    lr = {m.lr for m in members}
-    if len(lr) != 1:
-        raise EstimationError("fit_mlps_batched needs one learning rate for all members")
-    try:  # the fused kernel: the same update, one call for all parameters
-        opt = torch.optim.Adam(params, lr=lr.pop(), fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(params, lr=min(m.lr for m in members))
-    tr_sum, val_sum = tr_w.sum(1).clamp_min(1e-12), val_w.sum(1).clamp_min(1e-12)  # (k,)
-    Xk = Xt.expand(k, n, L)  # (k, n, L), a view
-
-    def forward():  # (k, n): every member on every row
-        h = torch.nn.functional.celu(torch.baddbmm(b1, Xk, W1))  # (k, n, H)
-        return torch.sigmoid(torch.bmm(h, w2)[..., 0] + b2)  # (k, n)
-
-    max_steps = max(m.max_steps for m in members)
-    patience = torch.tensor([m.patience for m in members])
-    limit = torch.tensor([m.max_steps for m in members])
-    best = torch.full((k,), math.inf, dtype=torch.float64)
-    best_step = torch.zeros(k, dtype=torch.long)
-    stopped_at = torch.zeros(k, dtype=torch.long)
-    active = torch.ones(k, dtype=torch.bool)
-    best_state = [p.detach().clone() for p in params]
+    coef = 2 * tr_w / tr_w.sum(1, keepdim=True).clamp_min(1e-12)  # (k, n): d(training loss) / d(out - y) per error
+    val_sum = val_w.sum(1).clamp_min(1e-12).numpy()  # (k,) float32
+    patience = np.array([m.patience for m in members])  # (k,)
+    limit = np.array([m.max_steps for m in members])  # (k,)
+    best = np.full(k, math.inf)  # (k,) float64: each member's best validation loss
+    best_step = np.zeros(k, dtype=np.int64)
+    stopped_at = np.zeros(k, dtype=np.int64)
+    best_theta = theta.clone()  # (k, P)
+    ids = np.arange(k)  # the batch's rows -> members (stopped members leave the batch)
+    exp_avg, exp_avg_sq = torch.zeros(k, P), torch.zeros(k, P)  # (k, P): Adam's moments
+    beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, what MLPSurrogate uses
+    max_steps = int(limit.max())
     step = 0
-    with few_threads(X.size * k):
-        out = forward()
+
+    def forward():  # every member of the batch on every row
+        b = len(theta)
+        pre = torch.baddbmm(theta[:, L * H : L * H + H].view(b, 1, H), Xt.expand(b, n, L),
+                            theta[:, : L * H].view(b, L, H))  # (b, n, H)
+        hid = torch.nn.functional.celu(pre)  # (b, n, H)
+        out = torch.sigmoid((hid * theta[:, L * H + H : P - 1].view(b, 1, H)).sum(-1) + theta[:, P - 1 :])  # (b, n)
+        return pre, hid, out, out - yt  # ..., (b, n) errors
+
+    with torch.no_grad(), few_threads(X.size * k):
+        pre, hid, out, err = forward()
         for step in range(1, max_steps + 1):
-            opt.zero_grad()
-            ((tr_w * (out - yt) ** 2).sum(1) / tr_sum).sum().backward()
-            opt.step()
-            out = forward()  # the parameters after this step: next step's training forward and this step's check
-            with torch.no_grad():
-                v = ((val_w * (out.detach() - yt) ** 2).sum(1) / val_sum).double()  # (k,)
-                better = active & (v < best - 1e-12)
-                if better.any():
-                    best = torch.where(better, v, best)
-                    best_step = torch.where(better, torch.tensor(step), best_step)
-                    for p, b in zip(params, best_state):
-                        b[better] = p.detach()[better]
-                done = active & ~better & (step - best_step >= patience)
-                done |= active & (step >= limit)
-                stopped_at = torch.where(done, torch.tensor(step), stopped_at)
-                active &= ~done
-            if not active.any():
-                break
-    stopped_at = torch.where(stopped_at == 0, torch.tensor(step), stopped_at)
+            b = len(theta)
+            dz = torch.ops.aten.sigmoid_backward(coef * err, out)  # (b, n): d loss / d pre-sigmoid
+            dpre = torch.ops.aten.elu_backward(dz[..., None] * theta[:, L * H + H : P - 1].view(b, 1, H),
+                                               1.0, 1, 1.0, False, pre)  # (b, n, H): CELU(alpha=1) backward
+            grad = torch.cat([torch.bmm(XT.expand(b, L, n), dpre).view(b, -1), dpre.sum(1),
+                              (hid * dz[..., None]).sum(1), dz.sum(1, keepdim=True)],
+                             dim=1)  # (b, P), in theta's layout
+            exp_avg.lerp_(grad, 1 - beta1)  # torch.optim.Adam's single-tensor update, step `step`
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            theta.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+            pre, hid, out, err = forward()  # after this step: its validation check and the next step's forward
+            v = ((err * err * val_w).sum(1).numpy() / val_sum[ids]).astype(np.float64)  # (b,) validation MSE
+            better = v < best[ids] - 1e-12
+            if better.any():
+                best[ids[better]] = v[better]
+                best_step[ids[better]] = step
+                if better.all():
+                    best_theta[torch.from_numpy(ids)] = theta
+                else:
+                    best_theta[torch.from_numpy(ids[better])] = theta[torch.from_numpy(better)]
+            done = (~better & (step - best_step[ids] >= patience[ids])) | (step >= limit[ids])
+            if done.any():
+                stopped_at[ids[done]] = step
+                if done.all():
+                    break
+                keep = torch.from_numpy(~done)
+                ids = ids[~done]
+                theta, exp_avg, exp_avg_sq = theta[keep], exp_avg[keep], exp_avg_sq[keep]
+                val_w, coef = val_w[keep], coef[keep]
+                pre, hid, out, err = pre[keep], hid[keep], out[keep], err[keep]
+    stopped_at[ids[stopped_at[ids] == 0]] = step
     for j, (m, net) in enumerate(zip(members, nets)):
+        t = best_theta[j]
         with torch.no_grad():
-            net.body[0].weight.copy_(best_state[0][j].T)
-            net.body[0].bias.copy_(best_state[1][j, 0])
-            net.body[2].weight.copy_(best_state[2][j].T)
-            net.body[2].bias.copy_(best_state[3][j])
+            net.body[0].weight.copy_(t[: L * H].view(L, H).T)
+            net.body[0].bias.copy_(t[L * H : L * H + H])
+            net.body[2].weight.copy_(t[L * H + H : P - 1][None])
+            net.body[2].bias.copy_(t[P - 1 :])
         m.net = net.eval()
         m.history = {"steps": int(stopped_at[j]), "best_step": int(best_step[j]), "val_mse": float(best[j]),
                      "n_val": n_vals[j], "batched": k}

@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 
 from engine.errors import EstimationError
 from engine.jsonable import jsonable
-from engine.resampling import LEVEL, stratified_resample, window_counts
+from engine.resampling import LEVEL, stratified_resamples, window_counts
 
 
 # ---------------------------------------------------------------- surrogate metrics
@@ -84,7 +84,7 @@ def metric_intervals(y_true, y_pred, strata=None, level: float = LEVEL, n_boot: 
     groups = np.zeros(len(y), dtype=np.int64) if strata is None else np.asarray(strata)
     rng = np.random.default_rng([seed, 4])
     out = {}
-    idx = np.stack([stratified_resample(groups, rng) for _ in range(n_boot)]) if n_boot else np.zeros((0, len(y)), int)
+    idx = stratified_resamples(groups, rng, n_boot)  # (n_boot, n)
     boots = {"r2": _r2_rows(y[idx], p[idx]), "spearman": _spearman_rows(y[idx], p[idx])}  # (n_boot,) each
     a = (1 - level) / 2
     for name, fn in (("r2", _r2), ("spearman", _spearman)):
@@ -171,7 +171,7 @@ def compare_candidates(candidates: Sequence[Sequence[int]], window_nll: np.ndarr
 
 
 def work_curve(masks, scores, work, spec, ppl_full: float = 1.0, sample_weight=None, testable=None,
-               n_points: int = 5, level: float = LEVEL, n_boot: int = 500, seed: int = 0) -> dict:
+               n_points: int = 5, level: float = LEVEL, n_boot: int = 500, seed: int = 0, reuse=None) -> dict:
     """Held-out quality of the surrogate against the real evaluation work spent on the rows it was
     fitted on, the rows taken in store order (the order the run evaluated them in).
 
@@ -187,7 +187,11 @@ def work_curve(masks, scores, work, spec, ppl_full: float = 1.0, sample_weight=N
     x of a point: ``work`` = the work of every row stored up to its last training row (held-out rows
     included: the run had spent that much when the row was stored); ``work_fitted`` = the work of
     the fitted rows alone. A row completed later (multi-fidelity) counts with its completion, as
-    stored now. Returns a JSON-able dict: points, n_test, level, work_total, note."""
+    stored now. Returns a JSON-able dict: points, n_test, level, work_total, note.
+
+    reuse: (rows, value function) already fitted with that spec (seed spec.seed, ensemble 1) on X[rows]
+    (`method.Fit.first_member_fit`: the fit's first ensemble member, on every training row): the point
+    whose training rows are exactly `rows` takes it instead of refitting."""
     from dataclasses import replace as _replace
 
     from engine import surrogate as sg
@@ -214,7 +218,12 @@ def work_curve(masks, scores, work, spec, ppl_full: float = 1.0, sample_weight=N
     if np.unique(strata, return_counts=True)[1].min(initial=2) < 2:  # one holds a single mask (its interval
         strata = None  # would collapse to the point): then over all held-out masks
     cumulative = np.cumsum(cost)  # (n,) work of the store up to each row
-    models = sg.fit_on_rows(one, X, y, [train[:size] for size in sizes], w)  # one batched fit for the MLP
+    models = [None] * len(sizes)
+    if reuse is not None:
+        models = [reuse[1] if np.array_equal(train[:size], reuse[0]) else None for size in sizes]
+    todo = [i for i, m in enumerate(models) if m is None]
+    for i, m in zip(todo, sg.fit_on_rows(one, X, y, [train[:sizes[i]] for i in todo], w)):  # one batched fit
+        models[i] = m  # for the MLP
     for size, model in zip(sizes, models):
         rows = train[:size]
         pred = model.predict(X[sp.test])  # (n_test,)

@@ -350,3 +350,16 @@ def test_resampling_draws_within_groups_and_counts_every_window_draw():
     assert idx[-1] == 5  # a fixed group stays as it is
     counts = window_counts(np.random.default_rng(0), 9, 40)  # (40, 9)
     assert counts.shape == (40, 9) and np.all(counts.sum(axis=1) == 9) and counts.std() > 0
+
+
+def test_many_stratified_resamples_are_the_same_draws_as_one_call_each():
+    """resampling.stratified_resamples (metric_intervals' bootstrap) = n_boot calls of stratified_resample."""
+    from engine.resampling import stratified_resample, stratified_resamples
+
+    groups = np.random.default_rng(1).integers(0, 6, 57)
+    for fixed in ((), {2}):
+        a, b = np.random.default_rng(3), np.random.default_rng(3)
+        one_by_one = np.stack([stratified_resample(groups, a, fixed) for _ in range(50)])
+        np.testing.assert_array_equal(stratified_resamples(groups, b, 50, fixed), one_by_one)
+        assert a.random() == b.random()  # the generators are left in the same state
+    assert stratified_resamples(groups, b, 0).shape == (0, 57)

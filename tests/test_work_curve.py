@@ -47,6 +47,43 @@ def test_points_are_store_order_prefixes_with_their_cumulative_work():
     assert out == work_curve(masks, scores, work, RIDGE, level=0.9)  # seeded: the same curve again
 
 
+def test_a_fit_already_made_on_a_points_rows_is_reused_for_that_point():
+    """`reuse=(rows, model)`: the point whose training rows are exactly `rows` takes the model (the same curve
+    when it is the fit that point would make); other rows are refitted."""
+    from engine.surrogate import make_surrogate, split
+
+    masks, scores, work = _game()
+    train = np.sort(split(masks, scores, RIDGE.holdout, RIDGE.seed).train)
+    full = make_surrogate(RIDGE).fit(masks[train], scores[train])
+    calls = []
+
+    class Counted:
+        def predict(self, X):
+            calls.append(len(X))
+            return full.predict(X)
+
+    out = work_curve(masks, scores, work, RIDGE, level=0.9, reuse=(train, Counted()))
+    assert out == work_curve(masks, scores, work, RIDGE, level=0.9) and len(calls) == 1
+    calls.clear()
+    assert work_curve(masks, scores, work, RIDGE, level=0.9, reuse=(train[1:], Counted())) == out and not calls
+
+
+def test_the_fits_first_member_is_reusable_only_where_it_is_a_plain_fit(monkeypatch):
+    """method.Fit.first_member_fit: batched adam MLP kinds give (the split's training rows, members[0]); bootstrap
+    kinds and the sequential path (surrogate.BATCHED_FITS off, the code before issue 23) give None."""
+    from engine import method as method_lib, surrogate as sg
+
+    masks, scores, _ = _game(60)
+    s = method_lib.Samples(masks=masks, scores=scores, ppl=20.0 / scores, nonfinite=np.zeros(60, bool), ppl_full=20.0,
+                           design=SamplingSpec())
+    mlp = method_lib.fit(s, SurrogateSpec(kind="mlp", ensemble=2), curve=False)
+    rows, member = mlp.first_member_fit()
+    assert member is mlp.members[0] and list(rows) == list(mlp.fitted.report.split.train)
+    assert method_lib.fit(s, RIDGE, curve=False).first_member_fit() is None
+    monkeypatch.setattr(sg, "BATCHED_FITS", False)
+    assert mlp.first_member_fit() is None
+
+
 def test_testable_rows_only_are_held_out_and_no_work_gives_a_note():
     masks, scores, work = _game(60)
     testable = np.arange(60) % 2 == 0

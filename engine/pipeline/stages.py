@@ -26,6 +26,11 @@ _FITS: dict[tuple, object] = {}  # (run_id, n_masks[, windows evaluated], surrog
 _FITS_MAX = 4
 
 
+def _fit_key(run: OpenRun, method: MethodSpec, s) -> tuple:
+    """The `_FITS` key of `method`'s fit on the run's samples `s`."""
+    return (run.run_id, *_seen(s).values(), stable_hash(method.key("fit")))
+
+
 def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = False,
          progress: "StepProgress | None" = None):
     """The fitted surrogate for `method.surrogate` on the run's current samples (fitting is seeded
@@ -35,7 +40,7 @@ def _fit(run: OpenRun, method: MethodSpec, curve: bool = False, compare: bool = 
     from engine.surrogate import variants
 
     s = samples(run)
-    key = (run.run_id, *_seen(s).values(), stable_hash(method.key("fit")))
+    key = _fit_key(run, method, s)
     f = _FITS.get(key)
     have = f.summary if f is not None else {}
     if f is None or (curve and "learning_curve" not in have) or (compare and "comparison" not in have):
@@ -421,8 +426,11 @@ def work_curve(run: OpenRun, method: MethodSpec = MethodSpec()) -> dict:
 
     s = samples(run)
     work = run.store.table().work[:s.n]  # rows only ever append: the first s.n are the rows of s
+    f = _FITS.get(_fit_key(run, method, s))  # the fit `engine fit` just made, when cached (never refitted here):
+    same = f is not None and np.array_equal(f.samples.masks, s.masks) and np.array_equal(f.samples.scores, s.scores)
     result = {**curve(s.masks, s.scores, work, method.surrogate, ppl_full=s.ppl_full, sample_weight=s.weights,
-                      testable=s.testable, level=method.level, seed=method.surrogate.seed), **_seen(s)}
+                      testable=s.testable, level=method.level, seed=method.surrogate.seed,  # its first member is
+                      reuse=f.first_member_fit() if same else None), **_seen(s)}  # the curve's last point
     name = artifact_name("fit", method)
     art = run.store.get_artifact(name)
     if art is not None:
