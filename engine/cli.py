@@ -259,12 +259,13 @@ def _status(args) -> dict:
     return {"runs": pipeline.status(args.cache_dir)}
 
 
-def _open_existing(spec: RunSpec, args, evaluation: EvalSpec):
+def _open_existing(spec: RunSpec, args, evaluation: EvalSpec, weights: bool = True):
     """The run of `spec`, opened once at the edge for an analysis stage (never creates a run: one that was
-    never sampled is an error saying so)."""
+    never sampled is an error saying so). weights=False for stages on the stored samples alone (fit,
+    shapley, interactions, candidates): the model's config and tokenizer, not its weights."""
     from engine import pipeline
 
-    return pipeline.open_run(spec, args.cache_dir, evaluation, create=False)
+    return pipeline.open_run(spec, args.cache_dir, evaluation, create=False, weights=weights)
 
 
 @command("fit", "fit the surrogate to the run's samples; held-out R², Spearman, MAE, learning curve, quality "
@@ -273,7 +274,7 @@ def _fit(args) -> dict:
     from engine import pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    run = _open_existing(spec, args, evaluation)
+    run = _open_existing(spec, args, evaluation, weights=False)
     out = pipeline.fit(run, method, compare=not args.no_compare, progress=True, json_mode=args.json)
     return {**out, "work_curve": pipeline.work_curve(run, method)}  # stored in the fit artifact too
 
@@ -283,7 +284,7 @@ def _shapley(args) -> dict:
     from engine import pipeline
 
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    return pipeline.contributions(_open_existing(spec, args, evaluation), method, progress=True,
+    return pipeline.contributions(_open_existing(spec, args, evaluation, weights=False), method, progress=True,
                                   json_mode=args.json)
 
 
@@ -361,7 +362,7 @@ def _interactions(args) -> dict:
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
     if ispec.csv is not None:
         atomic.check_output_file(ispec.csv, "--csv")  # before the model loads
-    return pipeline.interactions(_open_existing(spec, args, evaluation), method, ispec.index, ispec.fit_on,
+    return pipeline.interactions(_open_existing(spec, args, evaluation, weights=False), method, ispec.index, ispec.fit_on,
                                  csv_path=ispec.csv, bias_check=ispec.bias_check, surrogate=ispec.surrogate,
                                  folds=ispec.folds, progress=True, json_mode=args.json)
 
@@ -376,7 +377,7 @@ def _candidates(args) -> dict:
     if cspec.top < 1:
         raise WorkbenchError("--top must be at least 1.")
     spec, method, evaluation = run_spec(args), method_spec(args), eval_spec(args)
-    return _with_extrapolation(pipeline.candidates(_open_existing(spec, args, evaluation), method, cspec.top,
+    return _with_extrapolation(pipeline.candidates(_open_existing(spec, args, evaluation, weights=False), method, cspec.top,
                                                    progress=True, json_mode=args.json), args)
 
 

@@ -276,6 +276,13 @@ def gguf_in(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
+def is_gguf(spec: ModelSpec) -> bool:
+    """True for a .gguf file or a folder holding one (and no config.json): `_resolve`'s GGUF cases."""
+    path = Path(spec.name).expanduser()
+    return path.suffix == GGUF_SUFFIX or (path.is_dir() and not (path / "config.json").is_file()
+                                          and any(path.glob("*" + GGUF_SUFFIX)))
+
+
 def pretrained_args(source: str) -> tuple[str, dict]:
     """(path for from_pretrained, extra kwargs): a .gguf file is its folder + gguf_file=<name>."""
     if source.endswith(GGUF_SUFFIX) and Path(source).is_file():

@@ -306,3 +306,26 @@ def test_resuming_a_cancelled_run_to_fewer_masks_than_it_holds_finishes_it(files
     lease = RunStore(tmp_path, run_id).lease()
     assert lease.status == "finished" and lease.target == 8
     assert out["evaluated"] == 1 and first in RunStore(tmp_path, run_id).done_masks()
+
+
+def test_analysis_stages_on_the_stored_samples_never_load_the_weights(files, tmp_path, capsys, monkeypatch):
+    """fit, shapley, candidates, interactions open the run from the model's config and tokenizer: the same
+    run id, no weights read (models.load_model is not called); sample still loads them."""
+    from engine import models
+
+    cache = tmp_path / "c"
+    assert _run_main(capsys, ["sample", *_args(files, "tiny12", "--masks", "24", cache=cache), "--json"])[0] == 0
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    ids = set()
+    for cmd in (["fit", "--no-compare"], ["shapley"], ["candidates", "--remove", "2", "--top", "2"],
+                ["interactions", "--folds", "0"]):
+        code, out, err = _run_main(capsys, [cmd[0], *_args(files, "tiny12", "--masks", "24", cache=cache), *cmd[1:],
+                                            "--json"])
+        assert code == 0, (cmd, out[-400:], err[-400:])
+        ids.add(_last_json(out).get("run_id"))
+    assert len(ids - {None}) == 1
+    assert _run_main(capsys, ["sample", *_args(files, "tiny12", "--masks", "26", cache=cache), "--json"])[0] != 0

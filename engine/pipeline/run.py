@@ -39,8 +39,9 @@ class OpenRun:
 
 def load(spec: RunSpec, evaluation: EvalSpec = EvalSpec(), weights: bool = True, checked: bool = False) -> tuple:
     """(LoadedModel, Windows) of a spec; checks the sampling settings against L. Writes nothing.
-    weights=False: the model without weights (distributed.driver_model), for a driver whose Ray
-    workers load the model themselves. checked=True: the caller has run `validate.check_run` on
+    weights=False: the model without weights (distributed.driver_model; a GGUF file, which has no
+    config to build an empty model from, is loaded whole), for a driver whose Ray workers load the
+    model themselves, or a stage that never runs it. checked=True: the caller has run `validate.check_run` on
     `spec` already (a run is validated once)."""
     if not checked:
         validate.check_run(spec)  # every option against the model's config, before any weight is loaded
@@ -57,18 +58,21 @@ def check_sampling(sampling, n_layers: int) -> None:
 
 
 def open_run(spec: RunSpec, cache_dir=None, evaluation: EvalSpec = EvalSpec(), create: bool = True,
-             loaded: tuple | None = None, checked: bool = False) -> OpenRun:
+             loaded: tuple | None = None, checked: bool = False, weights: bool = True) -> OpenRun:
     """Load model and windows (or take `loaded` from `load`), derive the run id (model identity,
     data hash, sampling), open the store.
 
     `create=False` (what the app's pages use to look) never writes to the cache: a run that was
     never sampled raises EstimationError instead of appearing as an empty run. `checked=True`: the
-    caller validated `spec` and `cache_dir` with `validate.check_run` (nothing is validated twice)."""
+    caller validated `spec` and `cache_dir` with `validate.check_run` (nothing is validated twice).
+    `weights=False`: the model without its weights (`load`), for stages that work on the stored samples
+    only (fit, contributions, interactions, candidates): the same run id, no minutes of loading a large
+    model that nothing runs; a stage that then tries to run it fails on the meta device."""
     from engine.export import package_versions
 
     if not checked:
         validate.check_cache_dir(cache_dir)
-    lm, windows = loaded or load(spec, evaluation, checked=checked)
+    lm, windows = loaded or load(spec, evaluation, weights=weights, checked=checked)
     run_id = spec.run_id(lm.identity, windows.data_hash)
     if not create and not RunStore(cache_dir, run_id).exists():
         raise EstimationError(f"run {run_id} has no evaluated masks yet: start sampling first (Sampling page, or "
@@ -91,7 +95,7 @@ def info(model_spec: ModelSpec, data_spec: DataSpec, evaluation: EvalSpec = Eval
     """Model family, size, class, dtype, device, identity and its perplexity on the data's windows."""
     from engine.data import make_windows
     from engine.evaluate import MaskEvaluator
-    from engine.models import load_model
+    from engine.models import is_gguf, load_model
 
     set_threads(evaluation.threads)
     validate.check_run(RunSpec(model=model_spec, data=data_spec))
@@ -124,10 +128,10 @@ def status(cache_dir=None) -> list[dict]:
 
 def _load(spec: RunSpec, evaluation: EvalSpec, weights: bool = True):
     from engine.data import make_windows
-    from engine.models import load_model
+    from engine.models import is_gguf, load_model
 
     set_threads(evaluation.threads)
-    if weights:
+    if weights or is_gguf(spec.model):
         lm = load_model(spec.model)
     else:
         from engine.distributed import driver_model
