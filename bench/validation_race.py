@@ -1,17 +1,18 @@
 """The product's raced decision over sampling seeds, on real per-window losses (issue 23).
 
     .venv/bin/python -m bench.validation_race [--seeds 0 1 2 3 4] [--ks 2 4 6 8] [--firsts 2 4]
-        [--cache-dir DIR] [--fresh] [--near 10] [--out FILE] [--json]
+        [--cache-dir DIR] [--fresh] [--near 10] [--no-prerace] [--out FILE] [--json]
 
 (`python -m bench.validation_draws --race ...` runs the same.) For each sampling seed: 256 stratified
 masks with their ground-truth calibration perplexities (bench.compare.lookup_samples, free), the default
 fit and contributions (MethodSpec with surrogate seed = mc_seed = the sampling seed, boot 0, as
 bench.validation_draws' older rows), then for each k alone (what `engine run --remove k` decides) and
-each race first look in `--firsts` (interleaved, the order alternating with the seed), the pipeline's
-own decision: engine.pipeline.stages._decision_pool's pool (the 64 validation windows of the calibration
+each race first look in `--firsts`, the pipeline's own decision: engine.pipeline.stages._decision_pool's pool (the 64 validation windows of the calibration
 text, then the 8 calibration windows, each shuffled with mc_seed) and engine.method.decide, with the
 baselines' sets (engine.pipeline.stages.CANDIDATE_BASELINES, computed once on the calibration windows, as
-the pipeline computes them for a run that has none stored) among the candidates.
+the pipeline computes them for a run that has none stored) among the candidates; and (unless
+`--no-prerace`) the decision before the race (`prerace_decision`), all interleaved per k, the order
+rotated by the seed.
 
 Measurement: the demo model's per-window losses, cached per removal set and window in
 `DIR/race_losses.npz` (72 columns: the validation windows in `data.validation_windows` order, then the
