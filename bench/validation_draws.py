@@ -2,6 +2,12 @@
 
     .venv/bin/python -m bench.validation_draws [--losses /tmp/validation_losses.npz] [--draws 300]
         [--counts 16 32 64 128] [--near 10] [--json]
+    .venv/bin/python -m bench.validation_draws --race [bench.validation_race's options]
+
+`--race` runs bench/validation_race.py instead: the product's raced decision (engine/racing.py, the
+pipeline's pool and method.decide) per sampling seed on real per-window losses, its set-window evaluations
+and wall seconds beside the decision before the race; the rest of this docstring is the older study,
+whose `engine` rows apply the engine's rule with ground-truth lookups (no race).
 
 For each k in 2 4 6 8, the `--near` best removal sets on the calibration windows (ground truth) are the
 candidates. Their per-window losses are computed once with the demo model (saved to `--losses` and
@@ -30,6 +36,7 @@ from bench.common import run_script
 from engine.config import MethodSpec
 
 KS = (2, 4, 6, 8)
+SPLITS = ("val", "test8", "testall")
 
 
 def _free(lm, spec) -> int:
@@ -38,19 +45,22 @@ def _free(lm, spec) -> int:
     return int(validation_windows(lm.tokenizer, spec, 10**9, at_most=True).input_ids.shape[0])
 
 
-def _splits(lm, gt: gtm.GroundTruth) -> dict:
+def _splits(lm, gt: gtm.GroundTruth, splits=SPLITS) -> dict:
     from engine.config import DataSpec
     from engine.data import make_windows, validation_windows
 
     cal = DataSpec(source=gt.meta["data"], n_windows=gt.meta["n_windows"], seq_len=gt.meta["seq_len"])
     test = dataclasses.replace(cal, source="demo-test")
-    return {"val": validation_windows(lm.tokenizer, cal, _free(lm, cal)), "test8": make_windows(lm.tokenizer, test),
-            "testall": validation_windows(lm.tokenizer, test, _free(lm, test))}
+    make = {"val": lambda: validation_windows(lm.tokenizer, cal, _free(lm, cal)),
+            "test8": lambda: make_windows(lm.tokenizer, test),
+            "testall": lambda: validation_windows(lm.tokenizer, test, _free(lm, test))}
+    return {name: make[name]() for name in splits}
 
 
-def losses(gt: gtm.GroundTruth, sets, path: Path) -> dict:
+def losses(gt: gtm.GroundTruth, sets, path: Path, splits=SPLITS) -> dict:
     """{split + '_nll' / '_tok': float/int[c, W], 'sets': str[c]} for the removal `sets` (and any the cache
-    already holds): read from the cache at `path`, the missing sets computed with the demo model and added."""
+    already holds): read from the cache at `path`, the missing sets computed with the demo model on `splits`
+    (a cache holds the same splits for every set: use one path per choice of splits) and added."""
     import torch
 
     from engine import decision as decision_lib
@@ -67,7 +77,7 @@ def losses(gt: gtm.GroundTruth, sets, path: Path) -> dict:
     lm = load_model(ModelSpec(name=gt.meta["model"]))
     masks = np.stack([decision_lib.removal_mask(s, gt.n_layers) for s in todo])  # (c, L)
     new = {"sets": np.array([",".join(map(str, s)) for s in todo])}
-    for name, w in _splits(lm, gt).items():
+    for name, w in _splits(lm, gt, splits).items():
         new[name + "_nll"], new[name + "_tok"] = MaskEvaluator(lm, w).window_losses(masks)
         print(f"{name}: {new[name + '_nll'].shape}", file=sys.stderr, flush=True)
     d = {k: np.concatenate([d[k], v]) if k in d else v for k, v in new.items()}
@@ -166,6 +176,11 @@ def draws(gt: gtm.GroundTruth, d: dict, near: int, counts, n_draws: int) -> list
 def main(argv=None) -> dict:
     from bench.common import emit
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--race" in argv:  # the product's raced decision over sampling seeds (bench/validation_race.py)
+        from bench import validation_race
+
+        return validation_race.main([x for x in argv if x != "--race"])
     p = argparse.ArgumentParser(prog="python -m bench.validation_draws", description=__doc__.split("\n\n")[0])
     p.add_argument("--ground-truth", default=str(gtm.DEFAULT_OUT))
     p.add_argument("--losses", default="/tmp/validation_losses.npz", help="cache of the per-window losses")
@@ -176,6 +191,8 @@ def main(argv=None) -> dict:
                    help="sampling seeds of the engine's own decision, with and without swaps (0: skip)")
     p.add_argument("--val-windows", type=int, default=MethodSpec().val_windows,
                    help="the engine's validation windows (its default)")
+    p.add_argument("--race", action="store_true", help="instead: the raced decision over sampling seeds on real "
+                   "per-window losses (python -m bench.validation_race --help for its options)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     gt = gtm.load(a.ground_truth)

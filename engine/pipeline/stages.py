@@ -149,15 +149,13 @@ def baseline_candidates(run: OpenRun, ks) -> tuple[dict, int]:
     return out, spent
 
 
-def _decision_pool(run: OpenRun, method: MethodSpec, progress: StepProgress | None):
-    """The race's window pool (racing.WindowPool): the validation windows, then the calibration windows, each
-    shuffled (seed method.mc_seed); one MaskEvaluator per window range the race asks for. Returns (pool,
-    calibration columns, validation columns, words for `tied_on`)."""
+def decision_windows(run: OpenRun, method: MethodSpec):
+    """(ids int[W, T], n_val): the race's pool in its order, the `n_val` validation windows of the calibration
+    text (method.val_windows, none when fewer than MIN_VAL_WINDOWS are free), then the calibration windows,
+    each shuffled (seed method.mc_seed)."""
     import torch
 
-    from engine import racing
     from engine.data import validation_windows
-    from engine.evaluate import MaskEvaluator
 
     val = validation_windows(run.lm.tokenizer, run.spec.data, method.val_windows, at_most=True)
     n_val = int(val.input_ids.shape[0])
@@ -166,7 +164,16 @@ def _decision_pool(run: OpenRun, method: MethodSpec, progress: StepProgress | No
     rng = np.random.default_rng([method.mc_seed, 23])
     cal = run.windows.input_ids
     parts = [val.input_ids[rng.permutation(n_val)]] if n_val else []
-    ids = torch.cat(parts + [cal[rng.permutation(cal.shape[0])]])  # (W, T)
+    return torch.cat(parts + [cal[rng.permutation(cal.shape[0])]]), n_val  # (W, T)
+
+
+def _decision_pool(run: OpenRun, method: MethodSpec, progress: StepProgress | None):
+    """The race's window pool (racing.WindowPool) over `decision_windows`; one MaskEvaluator per window range
+    the race asks for. Returns (pool, calibration columns, validation columns, words for `tied_on`)."""
+    from engine import racing
+    from engine.evaluate import MaskEvaluator
+
+    ids, n_val = decision_windows(run, method)
     evaluators: dict[tuple[int, int], object] = {}
 
     def measure(masks, start, stop):
