@@ -29,7 +29,10 @@ import numpy as np
 VARIANTS = {
     "old": {"rule": {"stop_tied": False}},  # every swap round while the winner changes (before issue 23's cuts)
     "new": {},  # the defaults: swap rounds stop once a winner is not shown better than its incumbent
-    "first2": {"rule": {"first": 2}},  # the defaults with a 2-window first look
+    "first2": {"rule": {"first": 2}},  # a 2-window first look (the default since issue 23's last change)
+    "first4": {"rule": {"first": 4}},  # a 4-window first look (the default before)
+    "finalists4": {"rule": {"finalists": 4}},  # halving never below 4 survivors per k (default 2)
+    "finalists10": {"rule": {"finalists": 10}},
 }
 
 

@@ -214,7 +214,8 @@ def raced_decision(ctx: Context, f, c, spec, k: int, cache: RaceCache, fresh: bo
         r = cache.rows(sets)
         gt_nll = ctx.gt.lookup_window_nll(np.stack([removal_mask(s, ctx.gt.n_layers) for s in sets]))
         stats["calibration_max_abs_diff_vs_ground_truth"] = float(np.abs(cache.nll[np.ix_(r, cal)] - gt_nll).max())
-    return {"k": k, "decision": "race", "race_first": spec.race_first, "chosen": list(d.removed), "source": d.source,
+    return {"k": k, "decision": "race", "race_first": spec.race_first, "race_finalists": spec.race_finalists,
+            "chosen": list(d.removed), "source": d.source,
             "evaluations": int(pool.evaluations), "seconds": round(seconds, 2),
             "sets_raced": d.n_measured, "tied": len(d.tied), "budget_hit": d.budget_hit,
             "ppl_pool": pool.ppl(d.removed), "ppl_calibration": d.ppl_measured,
@@ -281,9 +282,10 @@ def prerace_decision(ctx: Context, f, c, spec, k: int, cache: RaceCache, fresh: 
 
 
 def seed_rows(ctx: Context, seed: int, ks, firsts, cache: RaceCache, fresh: bool, log=None,
-              prerace: bool = True) -> list[dict]:
+              prerace: bool = True, finalists: int | None = None) -> list[dict]:
     """Every (k, first look) raced decision for sampling seed `seed`, and the pre-race decision (`prerace`),
-    interleaved per k (their order rotated by the seed); the fit and contributions shared, timed once."""
+    interleaved per k (their order rotated by the seed); the fit and contributions shared, timed once.
+    `finalists`: the races' MethodSpec.race_finalists (None: the default)."""
     from bench.compare import lookup_samples
     from engine import method as method_lib
     from engine.config import MethodSpec, SamplingSpec, SurrogateSpec
@@ -291,6 +293,8 @@ def seed_rows(ctx: Context, seed: int, ks, firsts, cache: RaceCache, fresh: bool
     t = time.monotonic()
     samples = lookup_samples(ctx.gt, SamplingSpec(seed=seed))
     base = MethodSpec(surrogate=SurrogateSpec(seed=seed), mc_seed=seed, boot=0)
+    if finalists is not None:
+        base = dataclasses.replace(base, race_finalists=finalists)
     f = method_lib.fit(samples, base.surrogate, curve=False)
     c = method_lib.contributions(samples, f, base)
     fit_s = round(time.monotonic() - t, 1)
@@ -332,7 +336,9 @@ def testall_ratios(gt: gtm.GroundTruth, rows: list[dict], near: int, path: Path)
 
 
 def label(r: dict) -> str:
-    return PRE_RACE if r["decision"] == PRE_RACE else f"race_first={r['race_first']}"
+    if r["decision"] == PRE_RACE:
+        return PRE_RACE
+    return f"race_first={r['race_first']}" + (f" finalists={r['race_finalists']}" if "race_finalists" in r else "")
 
 
 def summary(rows: list[dict], ks) -> dict:
@@ -382,6 +388,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--ks", type=int, nargs="+", default=list(KS))
     p.add_argument("--firsts", type=int, nargs="+", default=[2, 4], help="race first looks (MethodSpec.race_first)")
+    p.add_argument("--finalists", type=int, default=None,
+                   help="the races' MethodSpec.race_finalists (default: MethodSpec's)")
     p.add_argument("--near", type=int, default=10)
     p.add_argument("--no-prerace", action="store_true", help="leave out the decision before the race")
     p.add_argument("--fresh", action="store_true", help="measure every look with the model (real wall time)")
@@ -406,7 +414,8 @@ def run_race(a, emit) -> dict:
     rows: list[dict] = []
     obj: dict = {}
     for seed in a.seeds:
-        rows += seed_rows(ctx, seed, a.ks, a.firsts, cache, a.fresh, log, prerace=not a.no_prerace)
+        rows += seed_rows(ctx, seed, a.ks, a.firsts, cache, a.fresh, log, prerace=not a.no_prerace,
+                          finalists=a.finalists)
         obj = {"rows": rows, "ks": a.ks, "firsts": a.firsts, "seeds": a.seeds, "fresh": a.fresh,
                "baseline_evaluations": ctx.baseline_evaluations, "pool_windows": cache.W, "validation_windows": ctx.n_val}
         if a.out:
