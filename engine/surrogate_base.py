@@ -47,11 +47,13 @@ SINGLE_THREAD_WORK = 400_000  # n_masks * L below which the MLP fits on one thre
 
 
 @contextlib.contextmanager
-def few_threads(work: int):
-    """Fit small problems on one thread (torch, BLAS and OpenMP); restored afterwards.
+def few_threads(work: int, blas: bool = True):
+    """Fit small problems on one thread (torch, and with `blas` BLAS and OpenMP too); restored afterwards.
 
     Thread start-up dominates such small problems (several times slower on two busy cores than on
-    one); the numbers are the same either way.
+    one); the numbers are the same either way. blas=False (`few_torch_threads`, predicting with a small
+    network): torch's thread setting is free to change, threadpoolctl's scan of the loaded libraries
+    costs about a millisecond per use.
     """
     if work >= SINGLE_THREAD_WORK:
         yield
@@ -59,25 +61,15 @@ def few_threads(work: int):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(1):
+        with threadpool_limits(1) if blas else contextlib.nullcontext():
             yield
     finally:
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
 def few_torch_threads(work: int):
-    """`few_threads` for torch alone (predicting with a small network): torch's thread setting is free to
-    change, threadpoolctl's scan of the loaded libraries costs about a millisecond per use."""
-    if work >= SINGLE_THREAD_WORK:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """`few_threads` for torch alone (see there)."""
+    return few_threads(work, blas=False)
 
 
 class Surrogate(Protocol):
